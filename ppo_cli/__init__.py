@@ -1,0 +1,3 @@
+"""ppo-cli: Proximal Policy Optimization from Hydra config files."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,93 @@
+"""Checkpoints: versioned, written atomically, read with torch.load(weights_only=True).
+
+A checkpoint is a dict of tensors and plain Python values only, so loading it cannot run code. Its keys:
+
+    format            "ppo-cli-checkpoint"
+    format_version    FORMAT_VERSION (an integer; bumped when a key changes meaning)
+    ppo_cli_version   the package version that wrote it
+    config_yaml       the resolved run config, as YAML text
+    observation_space, action_space   plain descriptions, to rebuild the policy without the env
+    policy            the ActorCritic state_dict
+    optimizer         the optimizer state_dict
+    global_step       environment steps taken; update: updates done
+    rng               torch generator state (ByteTensor) used for sampling and shuffling
+    env_state         the envs' saved state (or None), last_obs: the observation the next step acts on
+    wall_time         seconds trained so far
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppo_cli import __version__
+from ppo_cli.errors import UserError
+
+FORMAT = "ppo-cli-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("config_yaml", "observation_space", "action_space", "policy", "global_step")
+
+
+def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
+
+    A crash or SIGKILL at any moment leaves either the previous file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check a checkpoint; every failure is one UserError naming the file and the problem."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {str(p)!r} does not exist")
+    if p.is_dir():
+        hint = " (did you mean checkpoints/checkpoint.pt inside it?)" if (p / "checkpoints").is_dir() else ""
+        raise UserError(f"checkpoint {str(p)!r} is a directory, not a file{hint}")
+    if p.stat().st_size == 0:
+        raise UserError(f"checkpoint {str(p)!r} is empty")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"checkpoint {str(p)!r} contains Python objects that could run code when loaded; "
+                            f"refused ({first[:160]})") from None
+        raise UserError(f"checkpoint {str(p)!r} is not a readable checkpoint ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"checkpoint {str(p)!r} is truncated or corrupt ({first[:160]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"checkpoint {str(p)!r} is not a ppo-cli checkpoint (no '{FORMAT}' format tag)")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {str(p)!r} has format version {version!r}, newer than this ppo-cli reads "
+                        f"({FORMAT_VERSION}); upgrade ppo-cli (it was written by {data.get('ppo_cli_version')})")
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UserError(f"checkpoint {str(p)!r} is incomplete: missing {', '.join(missing)}")
+    return data

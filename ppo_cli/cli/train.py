@@ -1,0 +1,122 @@
+"""`ppo-train`: compose the config with Hydra, check it, train, and report.
+
+Everything the user can fix arrives here as a UserError and leaves as one line on stderr with exit code 2;
+Hydra would print a traceback for any exception escaping the task function, so none may.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli import checkpoint
+from ppo_cli.config import GROUPS, TrainConfig, register_configs, validate
+from ppo_cli.errors import UserError
+from ppo_cli.trainer import Interrupted, Trainer, TrainResult
+
+register_configs()
+
+
+def config_for_resume(data: dict, composed: DictConfig, overridden: list[str]) -> DictConfig:
+    """The checkpoint's config, with the keys the user set on this command line taken from `composed`."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(data["config_yaml"]))
+    for key in overridden:
+        if key == "resume":
+            continue
+        if key in GROUPS:
+            raise UserError(f"cannot change the config group {key!r} when resuming; override single keys "
+                            f"(e.g. {key}.<name>=...) or start a new run")
+        OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
+    cfg.resume = composed.resume
+    return cfg  # type: ignore[return-value]
+
+
+def _overridden_keys() -> list[str]:
+    keys = []
+    for item in HydraConfig.get().overrides.task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        keys.append(key)
+    return keys
+
+
+def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
+    data = None
+    if cfg.resume:
+        data = checkpoint.load(cfg.resume)
+        cfg = config_for_resume(data, cfg, _overridden_keys())
+    validate(cfg)
+    trainer = Trainer(cfg, run_dir, resume=data)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    return result
+
+
+def _report(result: TrainResult, run_dir: Path) -> float:
+    ev = result.final_eval
+    objective = ev.mean_return if ev is not None else float("nan")
+    m, s = divmod(int(result.wall_time), 60)
+    print(f"done: {result.global_step:,} steps in {m}m{s:02d}s ({result.sps:,.0f} SPS)")
+    if ev is not None:
+        print(f"final evaluation ({len(ev.returns)} episodes, deterministic): "
+              f"{ev.mean_return:.2f} +/- {ev.std_return:.2f}")
+    print(f"run dir:    {run_dir}")
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"evaluate:   ppo-eval {result.checkpoint}")
+    (run_dir / "result.json").write_text(json.dumps({
+        "objective": objective,
+        "global_step": result.global_step,
+        "wall_time": result.wall_time,
+        "sps": result.sps,
+        "final_eval": ev.summary() if ev is not None else None,
+        "overrides": list(HydraConfig.get().overrides.task),
+        "checkpoint": str(result.checkpoint),
+    }, indent=2) + "\n")
+    return objective
+
+
+@hydra.main(version_base="1.3", config_path="pkg://ppo_cli.conf", config_name="config")
+def _task(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        return _report(run(cfg, run_dir), run_dir)
+    except UserError as exc:
+        print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
+        if multirun:  # one bad job must not end the sweep
+            return float("nan")
+        sys.exit(2)
+    except Interrupted as exc:
+        print(f"ppo-train: {exc} to {exc.path}\n"
+              f"resume with: ppo-train resume={exc.path}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
+
+
+def _resume_run_dir(argv: list[str]) -> list[str]:
+    """`resume=.../<run>/checkpoints/checkpoint.pt` continues in <run>: same TensorBoard curves, same folder.
+
+    Hydra's own .hydra/ record is not rewritten there: the config of a resumed run is the checkpoint's.
+    """
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("resume=")), None)
+    if not resume or any(a.startswith("hydra.run.dir=") for a in argv) or "-m" in argv or "--multirun" in argv:
+        return argv
+    ckpt = Path(resume)
+    if ckpt.parent.name != "checkpoints" or not ckpt.is_file():
+        return argv
+    return [*argv, f"hydra.run.dir={ckpt.parent.parent}", "hydra.output_subdir=null"]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_resume_run_dir(sys.argv[1:])]
+    _task()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Structured configs (the schema Hydra validates types and key names against) and range checks.
+
+Hydra rejects unknown keys and wrong types while composing, because every group is backed by one of the
+dataclasses below. What a type cannot say (ranges, batch sizes that fit the rollout, env ids) is checked by
+`validate`, which returns every problem as a sentence naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli.errors import UserError
+
+
+GROUPS = ("algo", "network", "env")
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+
+
+class Activation(str, Enum):
+    tanh = "tanh"
+    relu = "relu"
+    leaky_relu = "leaky_relu"
+
+
+class Init(str, Enum):
+    orthogonal = "orthogonal"
+    xavier = "xavier"
+    kaiming = "kaiming"
+
+
+class Vectorization(str, Enum):
+    sync = "sync"
+    async_ = "async"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@dataclass
+class AlgoConfig:
+    gamma: float = 0.99
+    clip_range: float = 0.1
+    gae_lambda: float = 0.9
+    K_epochs: int = 3
+    n_steps: int = 1024
+    batch_size: int = 64
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    lr_schedule: Schedule = Schedule.constant
+    ent_coef: float = 0.01
+    ent_schedule: Schedule = Schedule.constant
+    ent_coef_final: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    total_timesteps: int = 1_000_000
+    optimizer: OptimizerName = OptimizerName.adam
+    weight_decay: float = 0.0
+    eps: float = 1e-5
+    normalize_advantage: bool = True
+    target_kl: Optional[float] = None
+    clip_range_vf: Optional[float] = None
+
+
+@dataclass
+class NetworkConfig:
+    net_arch: list[int] = field(default_factory=lambda: [64, 64])
+    activation_fn: Activation = Activation.tanh
+    init: Init = Init.orthogonal
+    bias: float = 0.0
+    shared_trunk: bool = False
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+    num_envs: int = 8
+    vectorization: Vectorization = Vectorization.sync
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_episode_steps: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    seed: int = 1
+    device: Device = Device.auto
+    torch_threads: int = 1
+    log_interval: int = 1
+    checkpoint_interval: int = 10
+    eval_episodes: int = 10
+    resume: Optional[str] = None
+
+
+def choice(value: Any) -> str:
+    """The plain string of an enum-typed config value (str() of a str-Enum gives 'Class.member')."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
+def register_configs() -> None:
+    """Back conf/config.yaml with the schema; its defaults list `base_config` first."""
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+
+
+def _problems(cfg: DictConfig) -> list[str]:
+    a, n, e = cfg.algo, cfg.network, cfg.env
+    out: list[str] = []
+
+    def need(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            value = OmegaConf.select(cfg, key)
+            out.append(f"{key}={value!r}: {rule}")
+
+    finite = ("gamma", "clip_range", "gae_lambda", "lr_actor", "lr_critic", "ent_coef", "vf_coef")
+    for k in finite:
+        need(math.isfinite(a[k]), f"algo.{k}", "must be a finite number")
+    need(0.0 < a.gamma <= 1.0, "algo.gamma", "must be in (0, 1]")
+    need(0.0 <= a.gae_lambda <= 1.0, "algo.gae_lambda", "must be in [0, 1]")
+    need(a.clip_range > 0, "algo.clip_range", "must be > 0")
+    need(a.clip_range_vf is None or a.clip_range_vf > 0, "algo.clip_range_vf", "must be > 0 or null")
+    need(a.lr_actor > 0, "algo.lr_actor", "must be > 0")
+    need(a.lr_critic > 0, "algo.lr_critic", "must be > 0")
+    need(a.K_epochs >= 1, "algo.K_epochs", "must be >= 1")
+    need(a.n_steps >= 1, "algo.n_steps", "must be >= 1")
+    need(a.batch_size >= 1, "algo.batch_size", "must be >= 1")
+    need(a.ent_coef >= 0, "algo.ent_coef", "must be >= 0")
+    need(a.ent_coef_final >= 0, "algo.ent_coef_final", "must be >= 0")
+    need(a.vf_coef >= 0, "algo.vf_coef", "must be >= 0")
+    need(a.max_grad_norm > 0, "algo.max_grad_norm", "must be > 0")
+    need(a.total_timesteps >= 1, "algo.total_timesteps", "must be >= 1")
+    need(a.weight_decay >= 0, "algo.weight_decay", "must be >= 0")
+    need(a.eps > 0, "algo.eps", "must be > 0")
+    need(a.target_kl is None or a.target_kl > 0, "algo.target_kl", "must be > 0 or null")
+    need(len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch), "network.net_arch",
+         "must list at least one layer width, each >= 1")
+    need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
+    need(e.max_episode_steps is None or e.max_episode_steps >= 1, "env.max_episode_steps",
+         "must be >= 1 or null")
+    need(bool(str(e.id).strip()), "env.id", "must name a gymnasium environment")
+    need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0 (0 keeps torch's default)")
+    need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
+    need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
+    need(cfg.eval_episodes >= 0, "eval_episodes", "must be >= 0")
+    if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
+        rollout = a.n_steps * e.num_envs
+        if a.batch_size > rollout:
+            out.append(f"algo.batch_size={a.batch_size}: larger than the rollout "
+                       f"(algo.n_steps x env.num_envs = {a.n_steps} x {e.num_envs} = {rollout})")
+        elif rollout % a.batch_size:
+            out.append(f"algo.batch_size={a.batch_size}: must divide the rollout "
+                       f"(algo.n_steps x env.num_envs = {rollout}) so every sample is used once per epoch")
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one UserError listing every range problem of a composed config."""
+    problems = _problems(cfg)
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))

@@ -1,0 +1,69 @@
+"""Where numbers go: TensorBoard event files in the run directory, and the console.
+
+On a terminal the console shows a rich progress bar (steps, SPS, recent mean return, ETA); otherwise
+(a pipe, a file, CI, a Slurm log) it prints one plain line every `log_interval` updates.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+
+def _fmt_duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Logger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, config_yaml: str,
+                 log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None) -> None:
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        if purge_step is None:
+            self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
+        self.total, self.start_step = total_steps, start_step
+        self.log_interval = log_interval
+        self.console = Console(stderr=False)
+        use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
+        self.progress: Progress | None = None
+        self.started = time.perf_counter()
+        if use_rich:
+            self.progress = Progress(
+                TextColumn("[bold]ppo-train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
+            self.progress.start()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
+        ret = "n/a" if mean_return is None else f"{mean_return:.1f}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(step, self.total),
+                                 info=f"SPS {sps:,.0f} | return {ret}")
+        elif update % self.log_interval == 0:
+            done = max(step - self.start_step, 1)
+            eta = (time.perf_counter() - self.started) * max(self.total - step, 0) / done
+            print(f"step {step:>9,}/{self.total:,} | update {update} | SPS {sps:,.0f} | "
+                  f"mean return {ret} | ETA {_fmt_duration(eta)}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        self.writer.flush()
+        self.writer.close()

@@ -1,0 +1,116 @@
+"""The PPO update: the clipped-surrogate loss of one minibatch, and the epoch/minibatch loop around it.
+
+Minimised: -L_clip + vf_coef * L_vf - ent_coef * S, with ratio r = pi_new(a|s) / pi_old(a|s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ppo_cli.rollout import Batch
+
+
+@dataclass
+class UpdateSettings:
+    clip_range: float
+    clip_range_vf: float | None
+    ent_coef: float
+    vf_coef: float
+    max_grad_norm: float
+    K_epochs: int
+    batch_size: int
+    normalize_advantage: bool
+    target_kl: float | None
+
+
+STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm")
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_clip to maximise, ratio). r = exp(logp_new - logp_old): new over old."""
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages)
+    return surrogate.mean(), ratio
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip_range_vf: float | None) -> torch.Tensor:
+    """MSE(V, R); with clip_range_vf, the larger of the clipped and unclipped errors (PPO2's pessimistic form)."""
+    err = (values - returns) ** 2
+    if clip_range_vf is None:
+        return err.mean()
+    clipped = old_values + torch.clamp(values - old_values, -clip_range_vf, clip_range_vf)
+    return torch.max(err, (clipped - returns) ** 2).mean()
+
+
+def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total loss of one minibatch and its statistics [policy_loss, value_loss, entropy, approx_kl, clip_frac].
+
+    Plain tensors in, a loss out: the hot path, kept in one function so a faster version can replace it.
+    """
+    logp, entropy, values = policy.evaluate(mb.obs, mb.actions)
+    adv = mb.advantages
+    if s.normalize_advantage and adv.numel() > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    l_clip, ratio = clipped_surrogate(logp, mb.logp, adv, s.clip_range)
+    l_vf = value_loss(values, mb.values, mb.returns, s.clip_range_vf)
+    ent = entropy.mean()
+    loss = -l_clip + s.vf_coef * l_vf - s.ent_coef * ent
+    with torch.no_grad():
+        log_ratio = logp - mb.logp
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clip_frac = ((ratio - 1.0).abs() > s.clip_range).float().mean()
+        stats = torch.stack([-l_clip, l_vf, ent, approx_kl, clip_frac])
+    return loss, stats
+
+
+def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s: UpdateSettings,
+           generator: torch.Generator) -> dict[str, float]:
+    """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
+
+    Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop never
+    waits on a device sync for logging.
+    """
+    n = len(batch)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    totals = torch.zeros(len(STAT_NAMES), device=batch.obs.device)
+    steps, epochs_done, stopped_early = 0, 0, False
+    for _ in range(s.K_epochs):
+        perm = torch.randperm(n, generator=generator).to(batch.obs.device)
+        for start in range(0, n, s.batch_size):
+            loss, stats = minibatch_loss(policy, batch[perm[start:start + s.batch_size]], s)
+            if s.target_kl is not None and stats[3].item() > 1.5 * s.target_kl:
+                stopped_early = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            totals[:5] += stats
+            totals[5] += grad_norm.detach()
+            steps += 1
+        if stopped_early:
+            break
+        epochs_done += 1
+    out = dict(zip(STAT_NAMES, (totals / max(steps, 1)).tolist()))
+    out.update(minibatch_steps=float(steps), epochs=float(epochs_done), stopped_early=float(stopped_early))
+    return out
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R): 1 is a perfect critic, 0 no better than a constant; nan if R is constant."""
+    var = returns.var()
+    return float("nan") if var == 0 else float(1.0 - (returns - values).var() / var)
+
+
+def make_optimizer(policy: nn.Module, name: str, lr_actor: float, lr_critic: float, eps: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """Adam or AdamW with two parameter groups: 'actor' at lr_actor and 'critic' at lr_critic."""
+    groups = [{"params": policy.actor_parameters(), "lr": lr_actor, "name": "actor"},
+              {"params": policy.critic_parameters(), "lr": lr_critic, "name": "critic"}]
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(groups, eps=eps, weight_decay=weight_decay)

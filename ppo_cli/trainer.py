@@ -1,0 +1,254 @@
+"""The training loop: rollout -> advantages -> update -> log -> checkpoint, until total_timesteps.
+
+It also owns the schedules (derived from the global step, so a resumed run is at the same point of them),
+when to log and checkpoint, and what SIGINT/SIGTERM do: stop at the current step, save, and say how to
+resume.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli import checkpoint
+from ppo_cli.config import choice
+from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
+from ppo_cli.errors import UserError
+from ppo_cli.evaluation import EvalResult, evaluate
+from ppo_cli.logger import Logger
+from ppo_cli.policy import ActorCritic, build_policy
+from ppo_cli.ppo import UpdateSettings, explained_variance, make_optimizer, update
+from ppo_cli.rollout import RolloutBuffer
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step:,}; checkpoint saved")
+        self.signum, self.step, self.path = signum, step, path
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    global_step: int
+    wall_time: float
+    sps: float
+    final_eval: EvalResult | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda': torch sees no CUDA GPU here (use device=cpu or device=auto)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def schedule_value(start: float, end: float, kind: str, progress: float) -> float:
+    """constant: start; linear: from start at progress 0 to end at progress 1."""
+    return start if kind == "constant" else start + (end - start) * min(max(progress, 0.0), 1.0)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
+                 rich_progress: bool | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        a = cfg.algo
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.device = resolve_device(choice(cfg.device))
+        torch.manual_seed(cfg.seed)
+        # One generator for everything random in training (action sampling, minibatch shuffles): its state
+        # goes into the checkpoint, and nothing else (evaluation, logging) draws from it.
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.envs = make_vec_env(cfg.env, seed=cfg.seed)
+        self.obs_space = describe_space(self.envs.single_observation_space)
+        self.action_space = describe_space(self.envs.single_action_space)
+        self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg.network).to(self.device)
+        self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
+                                        a.weight_decay)
+        obs_dtype = torch.long if self.obs_space["type"] == "Discrete" else torch.float32
+        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, self.envs.single_observation_space.shape,
+                                    obs_dtype, (), torch.long, self.device)
+        self.obs_dtype = obs_dtype
+        self.global_step, self.update_idx, self.wall_time = 0, 0, 0.0
+        self.obs = torch.as_tensor(self.envs.reset(seed=cfg.seed)[0], device=self.device).to(obs_dtype)
+        self.recent_returns: deque[float] = deque(maxlen=100)
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self._stop_signal: int | None = None
+        self.notes: list[str] = []
+        if resume is not None:
+            self._restore(resume)
+        self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,
+                             cfg.log_interval, purge_step=self.global_step if resume else None,
+                             rich_progress=rich_progress)
+
+    # --- checkpoint state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        env_state, _ = snapshot(self.envs)
+        return {
+            "config_yaml": self.config_yaml,
+            "observation_space": self.obs_space,
+            "action_space": self.action_space,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "update": self.update_idx,
+            "rng": self.generator.get_state(),
+            "env_state": env_state,
+            "last_obs": self.obs.cpu(),
+            "recent_returns": list(self.recent_returns),
+            "wall_time": self.wall_time,
+        }
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        if data["observation_space"] != self.obs_space or data["action_space"] != self.action_space:
+            raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
+                            f"{data['action_space']}) differ from env.id={self.cfg.env.id!r}'s")
+        try:
+            self.policy.load_state_dict(data["policy"])
+            self.optimizer.load_state_dict(data["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot resume: the checkpoint's network does not match the config "
+                            f"({str(exc).splitlines()[0]})") from None
+        for group in self.optimizer.param_groups:  # the config (maybe overridden on resume) decides these
+            group["eps"], group["weight_decay"] = self.cfg.algo.eps, self.cfg.algo.weight_decay
+        self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
+        self.wall_time = float(data.get("wall_time", 0.0))
+        self.generator.set_state(data["rng"])
+        self.recent_returns.extend(data.get("recent_returns", []))
+        env_state = data.get("env_state")
+        last_obs = data.get("last_obs")
+        if env_state is not None and last_obs is not None and len(last_obs) == self.cfg.env.num_envs:
+            restore(self.envs, env_state)
+            self.obs = last_obs.to(self.device, self.obs_dtype)
+        else:
+            _, why = snapshot(self.envs)
+            self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset "
+                              f"({why or 'the checkpoint holds no env state'})")
+            reset_obs = self.envs.reset(seed=self.cfg.seed + self.global_step)[0]
+            self.obs = torch.as_tensor(reset_obs, device=self.device).to(self.obs_dtype)
+
+    def save(self, name: str = CHECKPOINT_NAME) -> Path:
+        return checkpoint.save(self.state(), self.run_dir / "checkpoints" / name)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    def _set_schedules(self) -> float:
+        a = self.cfg.algo
+        progress = self.global_step / a.total_timesteps
+        lr_kind = choice(a.lr_schedule)
+        for group in self.optimizer.param_groups:
+            base = a.lr_actor if group["name"] == "actor" else a.lr_critic
+            group["lr"] = schedule_value(base, 0.0, lr_kind, progress)
+        return schedule_value(a.ent_coef, a.ent_coef_final, choice(a.ent_schedule), progress)
+
+    def _collect(self) -> bool:
+        """Fill the buffer with n_steps steps per env; False if a stop signal arrived first."""
+        policy, envs, buf, gen, dev = self.policy, self.envs, self.buffer, self.generator, self.device
+        obs = self.obs
+        for _ in range(buf.n_steps):
+            if self._stop_signal is not None:
+                return False
+            action, logp, value = policy.act(obs, gen)
+            next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            ended = terminated | truncated
+            buf.add(obs, action, logp, value, torch.as_tensor(reward, device=dev),
+                    torch.as_tensor(terminated, device=dev), torch.as_tensor(ended, device=dev))
+            cut = np.flatnonzero(truncated & ~terminated)
+            if cut.size:
+                final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=dev).to(self.obs_dtype)
+                buf.set_final_values(torch.as_tensor(cut, device=dev), policy.value(final_obs))
+            if "_episode" in info:
+                finished = info["_episode"]
+                self._episode_returns.extend(info["episode"]["r"][finished].tolist())
+                self._episode_lengths.extend(info["episode"]["l"][finished].tolist())
+            obs = torch.as_tensor(next_obs, device=dev).to(self.obs_dtype)
+            self.obs = obs
+            self.global_step += envs.num_envs
+        return True
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> TrainResult:
+        a = self.cfg.algo
+        settings = UpdateSettings(a.clip_range, a.clip_range_vf, a.ent_coef, a.vf_coef, a.max_grad_norm,
+                                  a.K_epochs, a.batch_size, a.normalize_advantage, a.target_kl)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        for note in self.notes:
+            self.logger.message(note)
+        try:
+            while self.global_step < a.total_timesteps:
+                t0 = time.perf_counter()
+                step0 = self.global_step
+                settings.ent_coef = self._set_schedules()
+                self._episode_returns: list[float] = []
+                self._episode_lengths: list[int] = []
+                if not self._collect():
+                    self.wall_time += time.perf_counter() - t0
+                    path = self.save()
+                    raise Interrupted(self._stop_signal, self.global_step, path)  # type: ignore[arg-type]
+                with torch.no_grad():
+                    batch = self.buffer.advantages(self.policy.value(self.obs), a.gamma, a.gae_lambda)
+                stats = update(self.policy, self.optimizer, batch, settings, self.generator)
+                self.update_idx += 1
+                elapsed = time.perf_counter() - t0
+                self.wall_time += elapsed
+                sps = (self.global_step - step0) / elapsed
+                self.recent_returns.extend(self._episode_returns)
+                self._log(stats, batch.values, batch.returns, settings.ent_coef, sps)
+                if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
+                    self.save()
+            path = self.save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.close()
+        final_eval = self._final_eval()
+        return TrainResult(self.run_dir, path, self.global_step, self.wall_time,
+                           self.global_step / max(self.wall_time, 1e-9), final_eval)
+
+    def _log(self, stats: dict[str, float], values: torch.Tensor, returns: torch.Tensor, ent_coef: float,
+             sps: float) -> None:
+        step = self.global_step
+        groups = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        scalars = {f"losses/{k}": stats[k] for k in
+                   ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm")}
+        scalars.update({
+            "losses/explained_variance": explained_variance(values, returns),
+            "losses/epochs": stats["epochs"],
+            "charts/lr_actor": groups["actor"], "charts/lr_critic": groups["critic"],
+            "charts/ent_coef": ent_coef, "charts/SPS": sps,
+        })
+        if self._episode_returns:
+            scalars["charts/episodic_return"] = float(np.mean(self._episode_returns))
+            scalars["charts/episodic_length"] = float(np.mean(self._episode_lengths))
+        self.logger.scalars(step, scalars)
+        mean_ret = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        self.logger.update_done(self.update_idx, step, sps, mean_ret)
+
+    def _final_eval(self) -> EvalResult | None:
+        episodes = self.cfg.eval_episodes
+        if not episodes:
+            return None
+        envs = make_vec_env(self.cfg.env, seed=self.cfg.seed + 10_000, num_envs=min(episodes, self.cfg.env.num_envs))
+        try:
+            return evaluate(self.policy, envs, episodes, seed=self.cfg.seed + 10_000, device=self.device)
+        finally:
+            envs.close()
+
+    def close(self) -> None:
+        self.envs.close()
