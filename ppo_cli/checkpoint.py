@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__, **payload}
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -71,14 +73,19 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if p.stat().st_size == 0:
         raise UserError(f"checkpoint {str(p)!r} is empty")
     try:
-        data = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore")
+            data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        blocked = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported global" in ln), None)
+        if blocked:
             raise UserError(f"checkpoint {str(p)!r} contains Python objects that could run code when loaded; "
-                            f"refused ({first[:160]})") from None
-        raise UserError(f"checkpoint {str(p)!r} is not a readable checkpoint ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+                            f"refused, nothing was run ({blocked[:160]})") from None
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else type(exc).__name__)
+        raise UserError(f"checkpoint {str(p)!r} is truncated or corrupt, or not a torch file "
+                        f"({detail[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary bytes can fail in any way; all mean "corrupt"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"checkpoint {str(p)!r} is truncated or corrupt ({first[:160]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
-
 
 GROUPS = ("algo", "network", "env")
 
@@ -75,8 +74,8 @@ class AlgoConfig:
     weight_decay: float = 0.0
     eps: float = 1e-5
     normalize_advantage: bool = True
-    target_kl: Optional[float] = None
-    clip_range_vf: Optional[float] = None
+    target_kl: float | None = None
+    clip_range_vf: float | None = None
 
 
 @dataclass
@@ -94,7 +93,7 @@ class EnvConfig:
     num_envs: int = 8
     vectorization: Vectorization = Vectorization.sync
     kwargs: dict[str, Any] = field(default_factory=dict)
-    max_episode_steps: Optional[int] = None
+    max_episode_steps: int | None = None
 
 
 @dataclass
@@ -108,7 +107,7 @@ class TrainConfig:
     log_interval: int = 1
     checkpoint_interval: int = 10
     eval_episodes: int = 10
-    resume: Optional[str] = None
+    resume: str | None = None
 
 
 def choice(value: Any) -> str:

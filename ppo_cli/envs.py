@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any
 
 import gymnasium as gym
@@ -46,7 +47,8 @@ def resolve_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
         raise UserError(f"env.id={env_id!r}: not a registered gymnasium environment{hint}") from None
 
 
-def _env_fn(env_cfg: DictConfig, render_mode: str | None = None) -> Callable[[], gym.Env]:
+def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
+            wrappers: Sequence[Callable[[gym.Env], gym.Env]] = ()) -> Callable[[], gym.Env]:
     spec = resolve_env_id(env_cfg.id)
     kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
     if env_cfg.max_episode_steps is not None:
@@ -55,18 +57,21 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None) -> Callable[[],
         kwargs["render_mode"] = render_mode
 
     def make() -> gym.Env:
-        return gym.make(spec, **kwargs)
+        env = gym.make(spec, **kwargs)
+        for wrap in wrappers:
+            env = wrap(env)
+        return env
 
     return make
 
 
-def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None,
-                 render_mode: str | None = None) -> gym.vector.VectorEnv:
+def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, render_mode: str | None = None,
+                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = ()) -> gym.vector.VectorEnv:
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env."""
     n = env_cfg.num_envs if num_envs is None else num_envs
-    fn = _env_fn(env_cfg, render_mode)
+    fn = _env_fn(env_cfg, render_mode, wrappers)
     try:
-        probe = fn()
+        probe = _env_fn(env_cfg)()
     except gym.error.DependencyNotInstalled as exc:
         raise UserError(f"env.id={env_cfg.id!r}: a dependency is missing: {exc}") from None
     except TypeError as exc:
@@ -104,7 +109,8 @@ def describe_space(space: gym.Space) -> dict[str, Any]:
 # way; such runs resume from freshly reset envs and say so.
 
 _PLAIN = (bool, int, float, str, type(None))
-_SKIP_TYPES = (gym.Space, gym.envs.registration.EnvSpec, deque)  # deques: logging history only
+# Settings rather than state, rebuilt from the config: spaces, specs, modes; deques hold logging history only.
+_SKIP_TYPES = (gym.Space, gym.envs.registration.EnvSpec, Enum, deque)
 _SKIP_KEYS = {"env", "metadata", "spec", "_np_random", "_cached_spec"}
 
 
@@ -118,6 +124,8 @@ def _plain(value: Any) -> Any:
         return {"__ndarray__": torch.from_numpy(value.copy())}
     if isinstance(value, (tuple, list)):
         return {"__seq__": [_plain(v) for v in value], "tuple": isinstance(value, tuple)}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__dict__": {k: _plain(v) for k, v in value.items()}}
     raise TypeError(type(value).__name__)
 
 
@@ -127,6 +135,8 @@ def _unplain(value: Any) -> Any:
     if isinstance(value, dict) and "__seq__" in value:
         items = [_unplain(v) for v in value["__seq__"]]
         return tuple(items) if value["tuple"] else items
+    if isinstance(value, dict) and "__dict__" in value:
+        return {k: _unplain(v) for k, v in value["__dict__"].items()}
     return value
 
 
@@ -166,9 +176,10 @@ def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
 
 def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
-    for obj, saved in [(envs, stats)] + [
-        pair for e, layers in zip(envs.unwrapped.envs, per_env) for pair in zip(_layers(e), layers)
-    ]:
+    pairs = [(envs, stats)]
+    for env, layers in zip(envs.unwrapped.envs, per_env, strict=True):
+        pairs += list(zip(_layers(env), layers, strict=True))
+    for obj, saved in pairs:
         for key, value in saved.items():
             if key == "_np_random":
                 obj._np_random.bit_generator.state = value

@@ -96,7 +96,7 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
         if stopped_early:
             break
         epochs_done += 1
-    out = dict(zip(STAT_NAMES, (totals / max(steps, 1)).tolist()))
+    out = dict(zip(STAT_NAMES, (totals / max(steps, 1)).tolist(), strict=True))
     out.update(minibatch_steps=float(steps), epochs=float(epochs_done), stopped_early=float(stopped_early))
     return out
 

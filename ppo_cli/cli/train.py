@@ -6,12 +6,14 @@ Hydra would print a traceback for any exception escaping the task function, so n
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -113,8 +115,67 @@ def _resume_run_dir(argv: list[str]) -> list[str]:
     return [*argv, f"hydra.run.dir={ckpt.parent.parent}", "hydra.output_subdir=null"]
 
 
+FREE_FORM = ("env.kwargs.",)  # dicts whose keys the schema cannot know
+
+
+def _open_free_form(argv: list[str]) -> list[str]:
+    """`env.kwargs.continuous=true` means add-or-set; Hydra would demand a `+` for a key not in the preset."""
+    return [f"++{a}" if a.startswith(FREE_FORM) and "=" in a else a for a in argv]
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Reject unknown keys and wrong types in one line, with a suggestion, before Hydra composes.
+
+    Hydra would catch these too, but with several lines of context; group choices (env=...), hydra.* keys,
+    sweeps and +/~ edits are left to Hydra.
+    """
+    schema = OmegaConf.structured(TrainConfig)
+    parser = OverridesParser.create()
+    known = _leaf_keys(schema)
+    for arg in argv:
+        if arg.startswith(("-", "+", "~", "hydra.", "hydra/")) or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - malformed syntax: Hydra's own message explains it best
+            continue
+        key = override.key_or_group
+        if key in GROUPS or key.startswith(FREE_FORM):
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else " (see the config key table in README.md)"
+            raise UserError(f"unknown config key {key!r}{hint}")
+        if override.is_sweep_override():
+            continue
+        try:
+            OmegaConf.update(schema, key, override.value(), merge=False)
+        except Exception as exc:  # noqa: BLE001 - OmegaConf's validation errors have no common base we can name
+            first = str(exc).strip().splitlines()[0]
+            if "Integer" in first and isinstance(override.value(), float):
+                first = "must be an integer (write 100000 or 100_000, not 1e5)"
+            raise UserError(f"{arg}: {first}") from None
+
+
+def _leaf_keys(node: DictConfig, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for k in node.keys():
+        full = f"{prefix}{k}"
+        keys.add(full)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not full.startswith("env.kwargs"):
+            keys |= _leaf_keys(child, full + ".")
+    return keys
+
+
 def main() -> None:
-    sys.argv = [sys.argv[0], *_resume_run_dir(sys.argv[1:])]
+    argv = _open_free_form(_resume_run_dir(sys.argv[1:]))
+    try:
+        check_overrides(argv)
+    except UserError as exc:
+        print(f"ppo-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0], *argv]
     _task()
 
 

@@ -1,0 +1,128 @@
+"""`ppo-eval CHECKPOINT`: score a saved policy, rebuilt from the checkpoint alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_cli import checkpoint
+from ppo_cli.config import TrainConfig
+from ppo_cli.envs import describe_space, make_vec_env
+from ppo_cli.errors import UserError
+from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random
+from ppo_cli.policy import ActorCritic, build_policy
+
+
+def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
+    """The policy and run config stored in a loaded checkpoint (no config files needed)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(data["config_yaml"]))
+    policy = build_policy(data["observation_space"], data["action_space"], cfg.network)
+    try:
+        policy.load_state_dict(data["policy"])
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint weights do not fit its own network config ({str(exc).splitlines()[0]})") from None
+    policy.eval()
+    return policy, cfg  # type: ignore[return-value]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppo-eval", description="Evaluate a ppo-cli checkpoint: run whole episodes "
+                                "and report the return, next to a uniformly random policy on the same seeds.")
+    p.add_argument("checkpoint", help="path to a checkpoint.pt written by ppo-train")
+    p.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default: 0)")
+    p.add_argument("--stochastic", action="store_true",
+                   help="sample actions from the policy instead of taking the most likely one")
+    p.add_argument("--env", metavar="ID", help="evaluate on another env id with the same spaces")
+    p.add_argument("--num-envs", type=int, default=None,
+                   help="parallel envs (default: min(episodes, the run's env.num_envs))")
+    p.add_argument("--video", metavar="DIR", help="record every episode as mp4 into DIR (needs the 'video' extra)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-policy reference run")
+    return p
+
+
+def _video_wrappers(folder: str) -> list:
+    try:
+        import moviepy  # noqa: F401
+    except ImportError:
+        raise UserError("--video needs moviepy: pip install 'ppo-cli[video]'") from None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    counter = iter(range(1_000_000))
+
+    def wrap(env: gym.Env) -> gym.Env:
+        return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda _: True,
+                                        name_prefix=f"eval-{next(counter)}", disable_logger=True)
+
+    return [wrap]
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.episodes < 1:
+        raise UserError(f"--episodes={args.episodes}: must be >= 1")
+    if args.num_envs is not None and args.num_envs < 1:
+        raise UserError(f"--num-envs={args.num_envs}: must be >= 1")
+    data = checkpoint.load(args.checkpoint)
+    policy, cfg = load_policy(data)
+    env_cfg = cfg.env.copy()
+    if args.env:
+        env_cfg.id = args.env
+    num_envs = args.num_envs or min(args.episodes, cfg.env.num_envs)
+    wrappers = _video_wrappers(args.video) if args.video else []
+    envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
+                        render_mode="rgb_array" if args.video else None, wrappers=wrappers)
+    try:
+        spaces = (describe_space(envs.single_observation_space), describe_space(envs.single_action_space))
+        if spaces != (data["observation_space"], data["action_space"]):
+            raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was trained "
+                            f"for {data['observation_space']} / {data['action_space']}")
+        with torch.inference_mode():
+            result = evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
+    finally:
+        envs.close()
+    baseline: EvalResult | None = None
+    if not args.no_random_baseline:
+        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs)
+        try:
+            baseline = evaluate_random(rand_envs, args.episodes, args.seed)
+        finally:
+            rand_envs.close()
+    return {**result.summary(), "returns": result.returns, "global_step": int(data["global_step"]),
+            "env_id": str(env_cfg.id), "deterministic": not args.stochastic, "seed": args.seed,
+            "random_mean_return": baseline.mean_return if baseline else None,
+            "random_std_return": baseline.std_return if baseline else None,
+            "checkpoint": str(args.checkpoint)}
+
+
+def _print(r: dict) -> None:
+    mode = "deterministic" if r["deterministic"] else "stochastic"
+    print(f"checkpoint:   {r['checkpoint']} (trained {r['global_step']:,} steps)")
+    print(f"env:          {r['env_id']}, {r['episodes']} episodes, {mode}, seed {r['seed']}")
+    print(f"return:       {r['mean_return']:.2f} +/- {r['std_return']:.2f} "
+          f"(min {r['min_return']:.2f}, max {r['max_return']:.2f})")
+    print(f"mean length:  {r['mean_length']:.1f}")
+    if r["random_mean_return"] is not None:
+        print(f"random policy: {r['random_mean_return']:.2f} +/- {r['random_std_return']:.2f} (same seeds)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        result = run(args)
+    except UserError as exc:
+        print(f"ppo-eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from ppo_cli.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small, fast runs: 2 envs x 64 steps per update.
+TINY = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32", "algo.total_timesteps=256",
+        "eval_episodes=2", "checkpoint_interval=1"]
+
+
+def cli(tool: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+        check: bool = False) -> subprocess.CompletedProcess:
+    """Run `ppo-train` / `ppo-eval` as a user would, in a subprocess, from `cwd`."""
+    module = {"ppo-train": "ppo_cli.cli.train", "ppo-eval": "ppo_cli.cli.evaluate"}[tool]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_cfg(*overrides: str) -> DictConfig:
+    register_configs()
+    with initialize_config_module("ppo_cli.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def _tiny_run_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("tiny")
+    cli("ppo-train", *TINY, f"hydra.run.dir={base / 'run'}", cwd=base, check=True)
+    return base / "run"
+
+
+@pytest.fixture
+def tiny_run(_tiny_run_once: Path, tmp_path: Path) -> Path:
+    """A finished tiny CartPole run (trained once per session), copied so each test may change it."""
+    return Path(shutil.copytree(_tiny_run_once, tmp_path / "run"))

@@ -1,0 +1,79 @@
+"""End-to-end `ppo-train` / `ppo-eval` runs: event tags, checkpoint contents, evaluation output."""
+
+import json
+import re
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ppo_cli import checkpoint
+from ppo_cli.cli.evaluate import load_policy
+
+from .conftest import TINY, cli
+
+TAGS = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/clip_fraction",
+        "losses/explained_variance", "losses/grad_norm", "charts/episodic_return", "charts/episodic_length",
+        "charts/lr_actor", "charts/lr_critic", "charts/ent_coef", "charts/SPS"]
+
+
+def _events(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_train_writes_every_tag_one_point_per_update(tiny_run):
+    acc = _events(tiny_run)
+    scalars = acc.Tags()["scalars"]
+    for tag in TAGS:
+        assert tag in scalars, tag
+    steps = [e.step for e in acc.Scalars("losses/policy_loss")]
+    assert steps == [128, 256]  # x = environment steps, 2 envs x 64 steps per update
+    assert "config/text_summary" in acc.Tags()["tensors"]
+
+
+def test_checkpoint_is_self_contained(tiny_run):
+    data = checkpoint.load(tiny_run / "checkpoints" / "checkpoint.pt")
+    assert data["format_version"] == checkpoint.FORMAT_VERSION and data["global_step"] == 256
+    assert data["action_space"] == {"type": "Discrete", "n": 2}
+    policy, cfg = load_policy(data)
+    assert cfg.algo.n_steps == 64 and cfg.env.num_envs == 2
+    assert torch.equal(policy.state_dict()["policy_head.weight"], data["policy"]["policy_head.weight"])
+    assert "state" in data["optimizer"] and data["env_state"] is not None
+    assert not list((tiny_run / "checkpoints").glob("*.tmp"))
+
+
+def test_summary_and_result_file(tmp_path):
+    proc = cli("ppo-train", *TINY, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, check=True)
+    assert re.search(r"done: 256 steps in .* SPS\)", proc.stdout)
+    assert "checkpoint: " + str(tmp_path / "r" / "checkpoints" / "checkpoint.pt") in proc.stdout
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["global_step"] == 256 and result["final_eval"]["episodes"] == 2
+
+
+def test_default_run_dir_is_under_runs(tmp_path):
+    cli("ppo-train", *TINY, "eval_episodes=0", cwd=tmp_path, check=True)
+    ckpts = list((tmp_path / "runs").glob("*/*/checkpoints/checkpoint.pt"))
+    assert len(ckpts) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d", ckpts[0].parents[2].name)
+
+
+def test_ppo_eval_json_and_text(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "checkpoint.pt"
+    proc = cli("ppo-eval", str(ckpt), "--json", "--episodes", "3", "--seed", "7", cwd=tmp_path, check=True)
+    result = json.loads(proc.stdout)  # nothing but one JSON object on stdout
+    assert result["episodes"] == 3 and len(result["returns"]) == 3 and result["global_step"] == 256
+    assert result["random_mean_return"] > 0 and result["deterministic"] is True
+    again = json.loads(cli("ppo-eval", str(ckpt), "--json", "--episodes", "3", "--seed", "7", cwd=tmp_path).stdout)
+    assert again["returns"] == result["returns"]  # same seed, same episodes
+    text = cli("ppo-eval", str(ckpt), "--stochastic", "--episodes", "2", cwd=tmp_path, check=True).stdout
+    assert "stochastic" in text and "random policy:" in text and "(trained 256 steps)" in text
+
+
+def test_ppo_eval_survives_missing_config_files(tiny_run, tmp_path):
+    """The checkpoint alone is enough: delete the run's Hydra record and move the file elsewhere."""
+    moved = tmp_path / "elsewhere.pt"
+    (tiny_run / "checkpoints" / "checkpoint.pt").rename(moved)
+    for f in (tiny_run / ".hydra").iterdir():
+        f.unlink()
+    proc = cli("ppo-eval", str(moved), "--episodes", "1", cwd=tmp_path, check=True)
+    assert "return:" in proc.stdout
