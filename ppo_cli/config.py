@@ -96,17 +96,33 @@ class EnvConfig:
     max_episode_steps: int | None = None
 
 
+class Objective(str, Enum):
+    final = "final"
+    best = "best"
+    train = "train"
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 50_000
+    episodes: int = 10
+    deterministic: bool = True
+    final: bool = True
+    stop_at_return: float | None = None
+    objective: Objective = Objective.final
+
+
 @dataclass
 class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
     device: Device = Device.auto
     torch_threads: int = 1
     log_interval: int = 1
     checkpoint_interval: int = 10
-    eval_episodes: int = 10
     resume: str | None = None
 
 
@@ -127,7 +143,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     def need(ok: bool, key: str, rule: str) -> None:
         if not ok:
             value = OmegaConf.select(cfg, key)
-            out.append(f"{key}={value!r}: {rule}")
+            shown = repr(choice(value)) if isinstance(value, Enum) else repr(value)
+            out.append(f"{key}={shown}: {rule}")
 
     finite = ("gamma", "clip_range", "gae_lambda", "lr_actor", "lr_critic", "ent_coef", "vf_coef")
     for k in finite:
@@ -158,7 +175,14 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0 (0 keeps torch's default)")
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
-    need(cfg.eval_episodes >= 0, "eval_episodes", "must be >= 0")
+    need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no periodic evaluation)")
+    need(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
+    need(cfg.eval.stop_at_return is None or cfg.eval.every_steps > 0, "eval.stop_at_return",
+         "needs periodic evaluation (eval.every_steps > 0)")
+    need(cfg.eval.objective != "best" or cfg.eval.every_steps > 0, "eval.objective",
+         "'best' needs periodic evaluation (eval.every_steps > 0)")
+    need(cfg.eval.objective != "final" or cfg.eval.final, "eval.objective",
+         "'final' needs eval.final=true")
     if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
         rollout = a.n_steps * e.num_envs
         if a.batch_size > rollout:

@@ -29,6 +29,8 @@ from ppo_cli.ppo import UpdateSettings, explained_variance, make_optimizer, upda
 from ppo_cli.rollout import RolloutBuffer
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the training envs' seed + i
 
 
 class Interrupted(Exception):
@@ -44,9 +46,14 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     global_step: int
-    wall_time: float
+    wall_time: float  # training only; evaluation time is eval_seconds
     sps: float
     final_eval: EvalResult | None
+    best_eval: dict[str, Any] | None  # summary of the best periodic evaluation, with its global_step
+    eval_seconds: float
+    stopped_at: tuple[int, float] | None  # (step, training seconds) where eval.stop_at_return was met
+    recent_return: float | None  # mean return of the last 100 training episodes
+    objective: float  # what eval.objective names: final eval, best eval or recent training return
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +97,9 @@ class Trainer:
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._stop_signal: int | None = None
         self.notes: list[str] = []
+        self.eval_envs: Any = None
+        self.best_eval: dict[str, Any] | None = None
+        self.eval_seconds = 0.0
         if resume is not None:
             self._restore(resume)
         self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,
@@ -112,6 +122,7 @@ class Trainer:
             "last_obs": self.obs.cpu(),
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
+            "best_eval": self.best_eval,
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -130,6 +141,7 @@ class Trainer:
         self.wall_time = float(data.get("wall_time", 0.0))
         self.generator.set_state(data["rng"])
         self.recent_returns.extend(data.get("recent_returns", []))
+        self.best_eval = data.get("best_eval")
         env_state = data.get("env_state")
         last_obs = data.get("last_obs")
         if env_state is not None and last_obs is not None and len(last_obs) == self.cfg.env.num_envs:
@@ -184,12 +196,14 @@ class Trainer:
         self._stop_signal = signum
 
     def run(self) -> TrainResult:
-        a = self.cfg.algo
+        a, ev = self.cfg.algo, self.cfg.eval
         settings = UpdateSettings(a.clip_range, a.clip_range_vf, a.ent_coef, a.vf_coef, a.max_grad_norm,
                                   a.K_epochs, a.batch_size, a.normalize_advantage, a.target_kl)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         for note in self.notes:
             self.logger.message(note)
+        last_eval: tuple[int, EvalResult] | None = None
+        stopped_at: tuple[int, float] | None = None
         try:
             while self.global_step < a.total_timesteps:
                 t0 = time.perf_counter()
@@ -210,16 +224,61 @@ class Trainer:
                 sps = (self.global_step - step0) / elapsed
                 self.recent_returns.extend(self._episode_returns)
                 self._log(stats, batch.values, batch.returns, settings.ent_coef, sps)
+                if ev.every_steps and self.global_step // ev.every_steps > step0 // ev.every_steps:
+                    last_eval = (self.global_step, self._periodic_eval())
+                    target = ev.stop_at_return
+                    if target is not None and last_eval[1].mean_return >= target:
+                        stopped_at = (self.global_step, self.wall_time)
+                        self.logger.message(f"stopping: evaluated mean return {last_eval[1].mean_return:.2f} "
+                                            f">= {target} at step {self.global_step:,} after "
+                                            f"{self.wall_time:.1f} s of training")
+                        break
                 if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
                     self.save()
             path = self.save()
+            final_eval = None
+            if ev.final:
+                same_step = last_eval is not None and last_eval[0] == self.global_step
+                final_eval = last_eval[1] if same_step else self._evaluate()  # type: ignore[index]
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
-        final_eval = self._final_eval()
+        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        objective = {"final": final_eval.mean_return if final_eval else None,
+                     "best": self.best_eval["mean_return"] if self.best_eval else None,
+                     "train": recent}[choice(ev.objective)]
         return TrainResult(self.run_dir, path, self.global_step, self.wall_time,
-                           self.global_step / max(self.wall_time, 1e-9), final_eval)
+                           self.global_step / max(self.wall_time, 1e-9), final_eval, self.best_eval,
+                           self.eval_seconds, stopped_at, recent,
+                           float("nan") if objective is None else float(objective))
+
+    def _evaluate(self) -> EvalResult:
+        """Score the current policy on the evaluation envs: the same function ppo-eval uses."""
+        ev = self.cfg.eval
+        t0 = time.perf_counter()
+        seed = self.cfg.seed + EVAL_SEED_OFFSET
+        if self.eval_envs is None:
+            self.eval_envs = make_vec_env(self.cfg.env, seed=seed, num_envs=min(ev.episodes, self.cfg.env.num_envs))
+        result = evaluate(self.policy, self.eval_envs, ev.episodes, seed=seed, deterministic=ev.deterministic,
+                          device=self.device)
+        self.eval_seconds += time.perf_counter() - t0
+        return result
+
+    def _periodic_eval(self) -> EvalResult:
+        result = self._evaluate()
+        step = self.global_step
+        self.logger.scalars(step, {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return,
+                                   "eval/mean_length": result.mean_length, "charts/eval_seconds": self.eval_seconds})
+        improved = self.best_eval is None or result.mean_return > self.best_eval["mean_return"]
+        if improved:
+            self.best_eval = {**result.summary(), "global_step": step}
+            checkpoint.save({**self.state(), "eval": self.best_eval}, self.run_dir / "checkpoints" / BEST_NAME)
+        best = self.best_eval["mean_return"]  # type: ignore[index]
+        saved = ", saved best.pt" if improved else ""
+        self.logger.message(f"eval @ {step:,}: mean return {result.mean_return:.2f} +/- {result.std_return:.2f} "
+                            f"over {len(result.returns)} episodes (best {best:.2f}{saved})")
+        return result
 
     def _log(self, stats: dict[str, float], values: torch.Tensor, returns: torch.Tensor, ent_coef: float,
              sps: float) -> None:
@@ -240,15 +299,7 @@ class Trainer:
         mean_ret = float(np.mean(self.recent_returns)) if self.recent_returns else None
         self.logger.update_done(self.update_idx, step, sps, mean_ret)
 
-    def _final_eval(self) -> EvalResult | None:
-        episodes = self.cfg.eval_episodes
-        if not episodes:
-            return None
-        envs = make_vec_env(self.cfg.env, seed=self.cfg.seed + 10_000, num_envs=min(episodes, self.cfg.env.num_envs))
-        try:
-            return evaluate(self.policy, envs, episodes, seed=self.cfg.seed + 10_000, device=self.device)
-        finally:
-            envs.close()
-
     def close(self) -> None:
         self.envs.close()
+        if self.eval_envs is not None:
+            self.eval_envs.close()

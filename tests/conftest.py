@@ -15,7 +15,7 @@ from ppo_cli.config import register_configs
 ROOT = Path(__file__).resolve().parents[1]
 # Small, fast runs: 2 envs x 64 steps per update.
 TINY = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32", "algo.total_timesteps=256",
-        "eval_episodes=2", "checkpoint_interval=1"]
+        "eval.episodes=2", "eval.every_steps=0", "checkpoint_interval=1"]
 
 
 def cli(tool: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None,

@@ -20,7 +20,7 @@ def test_console_scripts_from_an_unrelated_directory(tmp_path, tool):
         assert proc.returncode == 0 and "--episodes" in proc.stdout
         return
     proc = subprocess.run([str(exe), "env.num_envs=2", "algo.n_steps=32", "algo.batch_size=32",
-                           "algo.total_timesteps=64", "eval_episodes=1"],
+                           "algo.total_timesteps=64", "eval.episodes=1"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.glob("runs/*/*/checkpoints/checkpoint.pt"))

@@ -18,7 +18,8 @@ from ppo_cli.trainer import Interrupted, Trainer
 from .conftest import ROOT, TINY, cli, make_cfg
 
 RESUME_CFG = ["env.num_envs=4", "algo.n_steps=32", "algo.batch_size=32", "algo.total_timesteps=512",
-              "algo.lr_schedule=linear", "algo.ent_schedule=linear", "eval_episodes=0", "checkpoint_interval=0"]
+              "algo.lr_schedule=linear", "algo.ent_schedule=linear", "eval.final=false", "eval.every_steps=0",
+              "eval.objective=train", "checkpoint_interval=0"]
 
 
 def _train(cfg, run_dir, resume=None, interrupt_after=None):
@@ -72,7 +73,7 @@ def _wait_for(path: Path, proc, timeout=120):
 
 
 LONG = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32", "algo.total_timesteps=10_000_000",
-        "checkpoint_interval=1", "eval_episodes=0"]
+        "checkpoint_interval=1", "eval.final=false", "eval.every_steps=0", "eval.objective=train"]
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -52,7 +52,7 @@ def test_summary_and_result_file(tmp_path):
 
 
 def test_default_run_dir_is_under_runs(tmp_path):
-    cli("ppo-train", *TINY, "eval_episodes=0", cwd=tmp_path, check=True)
+    cli("ppo-train", *TINY, "eval.final=false", "eval.objective=train", cwd=tmp_path, check=True)
     ckpts = list((tmp_path / "runs").glob("*/*/checkpoints/checkpoint.pt"))
     assert len(ckpts) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d", ckpts[0].parents[2].name)
 

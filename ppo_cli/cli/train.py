@@ -63,25 +63,35 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
 
 def _report(result: TrainResult, run_dir: Path) -> float:
     ev = result.final_eval
-    objective = ev.mean_return if ev is not None else float("nan")
     m, s = divmod(int(result.wall_time), 60)
-    print(f"done: {result.global_step:,} steps in {m}m{s:02d}s ({result.sps:,.0f} SPS)")
+    print(f"done: {result.global_step:,} steps in {m}m{s:02d}s of training ({result.sps:,.0f} SPS)"
+          + (f", plus {result.eval_seconds:.1f} s evaluating" if result.eval_seconds else ""))
+    if result.stopped_at:
+        step, secs = result.stopped_at
+        print(f"stopped early: eval.stop_at_return reached at step {step:,} after {secs:.1f} s of training")
+    if result.best_eval:
+        b = result.best_eval
+        print(f"best evaluation: {b['mean_return']:.2f} +/- {b['std_return']:.2f} at step {b['global_step']:,} "
+              f"(checkpoints/best.pt)")
     if ev is not None:
-        print(f"final evaluation ({len(ev.returns)} episodes, deterministic): "
-              f"{ev.mean_return:.2f} +/- {ev.std_return:.2f}")
+        print(f"final evaluation ({len(ev.returns)} episodes): {ev.mean_return:.2f} +/- {ev.std_return:.2f}")
     print(f"run dir:    {run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"evaluate:   ppo-eval {result.checkpoint}")
     (run_dir / "result.json").write_text(json.dumps({
-        "objective": objective,
+        "objective": result.objective,
         "global_step": result.global_step,
         "wall_time": result.wall_time,
+        "eval_seconds": result.eval_seconds,
         "sps": result.sps,
         "final_eval": ev.summary() if ev is not None else None,
+        "best_eval": result.best_eval,
+        "stopped_at_step": result.stopped_at[0] if result.stopped_at else None,
+        "recent_train_return": result.recent_return,
         "overrides": list(HydraConfig.get().overrides.task),
         "checkpoint": str(result.checkpoint),
     }, indent=2) + "\n")
-    return objective
+    return result.objective
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ppo_cli.conf", config_name="config")
