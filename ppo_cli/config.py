@@ -92,7 +92,10 @@ class EnvConfig:
     id: str = "CartPole-v1"
     num_envs: int = 8
     vectorization: Vectorization = Vectorization.sync
+    entry_point: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    wrappers: list[Any] = field(default_factory=list)
+    check: bool = False
     max_episode_steps: int | None = None
 
 
@@ -171,7 +174,9 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
     need(e.max_episode_steps is None or e.max_episode_steps >= 1, "env.max_episode_steps",
          "must be >= 1 or null")
-    need(bool(str(e.id).strip()), "env.id", "must name a gymnasium environment")
+    need(bool(str(e.id).strip()) or bool(e.entry_point), "env.id", "must name a gymnasium environment")
+    need(all(isinstance(w, (dict, DictConfig)) and "_target_" in w for w in e.wrappers), "env.wrappers",
+         "must be a list of {_target_: module.WrapperClass, ...} entries")
     need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0 (0 keeps torch's default)")
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -18,8 +19,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.envs.registration import EnvSpec
+from gymnasium.utils.env_checker import check_env as gym_check_env
 from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
@@ -28,17 +32,22 @@ SUPPORTED_ACTIONS = (gym.spaces.Discrete,)
 SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete)
 
 
-def resolve_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
-    """Find the registered spec for `env_id` ("Id-v0" or gymnasium's "module:Id-v0"), or explain why not."""
+def _import(module: str, key: str, value: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - user code may fail to import in any way
+        raise UserError(f"{key}={value!r}: cannot import module {module!r} ({type(exc).__name__}: {exc}); make it "
+                        f"importable (pip install it, or add its folder to PYTHONPATH)") from None
+
+
+def resolve_env_id(env_id: str) -> EnvSpec:
+    """Find the registered spec for `env_id` ("Id-v0" or gymnasium's "module:Id-v0"), or explain why not.
+
+    gymnasium.spec() alone does not import the module of a "module:Id" id, so it is imported here first.
+    """
     module, _, name = env_id.rpartition(":")
     if module:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise UserError(
-                f"env.id={env_id!r}: cannot import module {module!r} ({exc}); make it importable "
-                f"(pip install it, or add its folder to PYTHONPATH)"
-            ) from None
+        _import(module, "env.id", env_id)
     try:
         return gym.spec(name)
     except gym.error.Error:
@@ -47,17 +56,48 @@ def resolve_env_id(env_id: str) -> gym.envs.registration.EnvSpec:
         raise UserError(f"env.id={env_id!r}: not a registered gymnasium environment{hint}") from None
 
 
+def env_spec(env_cfg: DictConfig) -> EnvSpec:
+    """The spec to build: a registered id, or `env.entry_point` ("module:ClassOrFactory") for an unregistered env."""
+    entry_point = env_cfg.get("entry_point")
+    if not entry_point:
+        return resolve_env_id(env_cfg.id)
+    module, _, attr = entry_point.rpartition(":")
+    if not module or not attr:
+        raise UserError(f"env.entry_point={entry_point!r}: write it as 'module.path:ClassOrFunction'")
+    _import(module, "env.entry_point", entry_point)
+    if not hasattr(importlib.import_module(module), attr):
+        raise UserError(f"env.entry_point={entry_point!r}: module {module!r} has no attribute {attr!r}")
+    return EnvSpec(id=attr, entry_point=entry_point)
+
+
+def env_label(env_cfg: DictConfig) -> str:
+    return env_cfg.get("entry_point") or env_cfg.id
+
+
+def _user_wrappers(env_cfg: DictConfig) -> list[Any]:
+    wrappers = env_cfg.get("wrappers")
+    return [] if wrappers is None else list(OmegaConf.to_container(wrappers, resolve=True))  # type: ignore[arg-type]
+
+
 def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
             wrappers: Sequence[Callable[[gym.Env], gym.Env]] = ()) -> Callable[[], gym.Env]:
-    spec = resolve_env_id(env_cfg.id)
+    """A factory of one env: the base env, then env.wrappers in order, then `wrappers` (ours, e.g. video)."""
+    spec = env_spec(env_cfg)
     kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
     if env_cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = env_cfg.max_episode_steps
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
+    user_wrappers = _user_wrappers(env_cfg)
 
     def make() -> gym.Env:
         env = gym.make(spec, **kwargs)
+        for i, wrapper_cfg in enumerate(user_wrappers):
+            try:
+                env = instantiate(wrapper_cfg, env=env)
+            except Exception as exc:  # noqa: BLE001 - Hydra wraps any failure of the target
+                raise UserError(f"env.wrappers[{i}]={wrapper_cfg}: cannot apply it "
+                                f"({str(exc).strip().splitlines()[0]})") from None
         for wrap in wrappers:
             env = wrap(env)
         return env
@@ -70,13 +110,17 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     fn = _env_fn(env_cfg, render_mode, wrappers)
+    label = env_label(env_cfg)
     try:
         probe = _env_fn(env_cfg)()
+    except UserError:
+        raise
     except gym.error.DependencyNotInstalled as exc:
-        raise UserError(f"env.id={env_cfg.id!r}: a dependency is missing: {exc}") from None
-    except TypeError as exc:
-        raise UserError(f"env.id={env_cfg.id!r}: the env rejected its arguments (env.kwargs): {exc}") from None
-    check_spaces(probe.observation_space, probe.action_space, env_cfg.id)
+        raise UserError(f"{label!r}: a dependency is missing: {exc} (Box2D envs: pip install '.[box2d]')") from None
+    except Exception as exc:  # noqa: BLE001 - constructing a (user's) env can fail in any way
+        raise UserError(f"{label!r}: the env could not be created with env.kwargs="
+                        f"{dict(env_cfg.kwargs)} ({type(exc).__name__}: {exc})") from None
+    check_spaces(probe.observation_space, probe.action_space, label)
     probe.close()
     vec_cls = gym.vector.AsyncVectorEnv if env_cfg.vectorization == "async" else gym.vector.SyncVectorEnv
     envs = vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP)
@@ -85,12 +129,28 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     return envs
 
 
+def check_env(env_cfg: DictConfig) -> list[str]:
+    """Run gymnasium's env checker on one instance of the user's env; its warnings, or UserError if it fails."""
+    env = _env_fn(env_cfg)()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            gym_check_env(env.unwrapped, skip_render_check=True)
+        except Exception as exc:  # noqa: BLE001 - the checker raises assertion and type errors alike
+            raise UserError(f"env.check: {env_label(env_cfg)!r} fails gymnasium's env checker: "
+                            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                            ) from None
+        finally:
+            env.close()
+    return sorted({str(w.message).strip() for w in caught})
+
+
 def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
     if not isinstance(act_space, SUPPORTED_ACTIONS):
-        raise UserError(f"env.id={env_id!r}: action space {act_space} is not supported "
+        raise UserError(f"{env_id!r}: action space {act_space} is not supported "
                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_ACTIONS)})")
     if not isinstance(obs_space, SUPPORTED_OBS):
-        raise UserError(f"env.id={env_id!r}: observation space {obs_space} is not supported "
+        raise UserError(f"{env_id!r}: observation space {obs_space} is not supported "
                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_OBS)})")
 
 
@@ -110,7 +170,7 @@ def describe_space(space: gym.Space) -> dict[str, Any]:
 
 _PLAIN = (bool, int, float, str, type(None))
 # Settings rather than state, rebuilt from the config: spaces, specs, modes; deques hold logging history only.
-_SKIP_TYPES = (gym.Space, gym.envs.registration.EnvSpec, Enum, deque)
+_SKIP_TYPES = (gym.Space, EnvSpec, Enum, deque)
 _SKIP_KEYS = {"env", "metadata", "spec", "_np_random", "_cached_spec"}
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import checkpoint
 from ppo_cli.config import GROUPS, TrainConfig, register_configs, validate
+from ppo_cli.envs import check_env, env_label
 from ppo_cli.errors import UserError
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
 
@@ -53,6 +54,12 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
         data = checkpoint.load(cfg.resume)
         cfg = config_for_resume(data, cfg, _overridden_keys())
     validate(cfg)
+    if cfg.env.check:
+        findings = check_env(cfg.env)
+        print(f"env.check: {env_label(cfg.env)!r} passes gymnasium's env checker"
+              + (" with warnings:" if findings else ""), flush=True)
+        for line in findings:
+            print(f"  - {line}", flush=True)
     trainer = Trainer(cfg, run_dir, resume=data)
     try:
         result = trainer.run()
