@@ -134,6 +134,15 @@ def choice(value: Any) -> str:
     return value.value if isinstance(value, Enum) else str(value)
 
 
+def config_from_yaml(text: str) -> DictConfig:
+    """A run config stored in a checkpoint, typed by the schema (keys it lacks take today's defaults)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))  # type: ignore[return-value]
+    except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
+        raise UserError(f"the checkpoint's config does not fit this ppo-cli version "
+                        f"({str(exc).strip().splitlines()[0]})") from None
+
+
 def register_configs() -> None:
     """Back conf/config.yaml with the schema; its defaults list `base_config` first."""
     ConfigStore.instance().store(name="base_config", node=TrainConfig)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ppo_cli import checkpoint
+from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.errors import UserError
 from ppo_cli.trainer import Interrupted, Trainer
 
@@ -134,6 +135,10 @@ def bad_files(tmp_path, tiny_run):
     newer["format_version"] = checkpoint.FORMAT_VERSION + 1
     torch.save(newer, tmp_path / "newer.pt")
     files["newer"] = tmp_path / "newer.pt"
+    alien = checkpoint.load(good)
+    alien["config_yaml"] += "bogus_key: 1\n"
+    torch.save(alien, tmp_path / "alien_config.pt")
+    files["alien_config"] = tmp_path / "alien_config.pt"
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -150,7 +155,8 @@ def bad_files(tmp_path, tiny_run):
 
 EXPECTED = {"missing": "does not exist", "directory": "is a directory", "empty": "is empty",
             "truncated": "truncated or corrupt", "text": "truncated or corrupt",
-            "foreign": "not a ppo-cli checkpoint", "newer": "newer than this ppo-cli reads",
+            "foreign": "not a ppo-cli checkpoint",
+            "alien_config": "config does not fit this ppo-cli version", "newer": "newer than this ppo-cli reads",
             "evil": "could run code", "evil_raw": "truncated or corrupt, or not a torch file"}
 
 
@@ -158,11 +164,11 @@ def test_bad_checkpoints_each_get_one_clear_error(bad_files):
     files, marker = bad_files
     for name, path in files.items():
         with pytest.raises(UserError, match=EXPECTED[name]):
-            checkpoint.load(path)
+            load_policy(checkpoint.load(path))
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", ["missing", "truncated", "evil", "newer"])
+@pytest.mark.parametrize("name", ["missing", "truncated", "evil", "newer", "alien_config"])
 def test_ppo_eval_bad_checkpoint_is_one_line_exit_2(bad_files, tmp_path, name):
     files, marker = bad_files
     proc = cli("ppo-eval", str(files[name]), cwd=tmp_path)

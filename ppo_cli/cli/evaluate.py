@@ -9,10 +9,10 @@ from pathlib import Path
 
 import gymnasium as gym
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ppo_cli import checkpoint
-from ppo_cli.config import TrainConfig
+from ppo_cli.config import config_from_yaml
 from ppo_cli.envs import describe_space, make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random
@@ -21,7 +21,7 @@ from ppo_cli.policy import ActorCritic, build_policy
 
 def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
     """The policy and run config stored in a loaded checkpoint (no config files needed)."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(data["config_yaml"]))
+    cfg = config_from_yaml(data["config_yaml"])
     policy = build_policy(data["observation_space"], data["action_space"], cfg.network)
     try:
         policy.load_state_dict(data["policy"])

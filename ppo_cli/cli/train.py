@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import checkpoint
-from ppo_cli.config import GROUPS, TrainConfig, register_configs, validate
+from ppo_cli.config import GROUPS, TrainConfig, config_from_yaml, register_configs, validate
 from ppo_cli.envs import check_env, env_label
 from ppo_cli.errors import UserError
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
@@ -28,7 +28,7 @@ register_configs()
 
 def config_for_resume(data: dict, composed: DictConfig, overridden: list[str]) -> DictConfig:
     """The checkpoint's config, with the keys the user set on this command line taken from `composed`."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(data["config_yaml"]))
+    cfg = config_from_yaml(data["config_yaml"])
     for key in overridden:
         if key == "resume":
             continue
