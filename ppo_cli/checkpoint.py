@@ -45,7 +45,10 @@ def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints unreadable to teammates
         with os.fdopen(fd, "wb") as f:
             torch.save(data, f)
             f.flush()

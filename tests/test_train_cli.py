@@ -77,3 +77,12 @@ def test_ppo_eval_survives_missing_config_files(tiny_run, tmp_path):
         f.unlink()
     proc = cli("ppo-eval", str(moved), "--episodes", "1", cwd=tmp_path, check=True)
     assert "return:" in proc.stdout
+
+
+def test_ppo_eval_records_one_video_per_episode(tiny_run, tmp_path):
+    videos = tmp_path / "videos"
+    cli("ppo-eval", str(tiny_run / "checkpoints" / "checkpoint.pt"), "--video", str(videos), "--episodes", "2",
+        "--no-random-baseline", cwd=tmp_path, check=True, env={"SDL_VIDEODRIVER": "dummy"})
+    files = sorted(p.name for p in videos.glob("*.mp4"))
+    assert files == ["eval-episode-1.mp4", "eval-episode-2.mp4"]
+    assert all((videos / f).stat().st_size > 1000 for f in files)

@@ -48,17 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _video_wrappers(folder: str) -> list:
+def _video_wrappers(folder: str, episodes: int) -> list:
     try:
         import moviepy  # noqa: F401
     except ImportError:
         raise UserError("--video needs moviepy: pip install 'ppo-cli[video]'") from None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    counter = iter(range(1_000_000))
 
     def wrap(env: gym.Env) -> gym.Env:
-        return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda _: True,
-                                        name_prefix=f"eval-{next(counter)}", disable_logger=True)
+        # Recording runs on one env. Its episode 0 is the env factory's seeding reset; episodes 1..N are the
+        # evaluated ones; the one the autoreset starts after the last is not recorded.
+        return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda e: 1 <= e <= episodes,
+                                        name_prefix="eval", disable_logger=True)
 
     return [wrap]
 
@@ -74,18 +75,23 @@ def run(args: argparse.Namespace) -> dict:
     if args.env:
         env_cfg.id = args.env
     num_envs = args.num_envs or min(args.episodes, cfg.env.num_envs)
-    wrappers = _video_wrappers(args.video) if args.video else []
-    envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
-                        render_mode="rgb_array" if args.video else None, wrappers=wrappers)
+    if args.video:
+        num_envs = 1  # one recorder, so the files are exactly the evaluated episodes, in order
+    wrappers = _video_wrappers(args.video, args.episodes) if args.video else []
     try:
-        spaces = (describe_space(envs.single_observation_space), describe_space(envs.single_action_space))
-        if spaces != (data["observation_space"], data["action_space"]):
-            raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was trained "
-                            f"for {data['observation_space']} / {data['action_space']}")
-        with torch.inference_mode():
-            result = evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
-    finally:
-        envs.close()
+        envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
+                            render_mode="rgb_array" if args.video else None, wrappers=wrappers)
+        try:
+            spaces = (describe_space(envs.single_observation_space), describe_space(envs.single_action_space))
+            if spaces != (data["observation_space"], data["action_space"]):
+                raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
+                                f"trained for {data['observation_space']} / {data['action_space']}")
+            with torch.inference_mode():
+                result = evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
+        finally:
+            envs.close()
+    except gym.error.DependencyNotInstalled as exc:  # rendering for --video needs extra packages
+        raise UserError(f"{exc} (for --video: pip install 'ppo-cli[video]')") from None
     baseline: EvalResult | None = None
     if not args.no_random_baseline:
         rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs)
