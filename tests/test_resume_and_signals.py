@@ -16,7 +16,7 @@ from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.errors import UserError
 from ppo_cli.trainer import Interrupted, Trainer
 
-from .conftest import ROOT, TINY, cli, make_cfg
+from .conftest import ROOT, cli, make_cfg
 
 RESUME_CFG = ["env.num_envs=4", "algo.n_steps=32", "algo.batch_size=32", "algo.total_timesteps=512",
               "algo.lr_schedule=linear", "algo.ent_schedule=linear", "eval.final=false", "eval.every_steps=0",
@@ -195,7 +195,3 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
         checkpoint.save({"global_step": 2}, path)
     assert checkpoint.load(path)["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
-
-
-def test_tiny_flags_are_in_sync():
-    assert "checkpoint_interval=1" in TINY
