@@ -85,6 +85,7 @@ class NetworkConfig:
     init: Init = Init.orthogonal
     bias: float = 0.0
     shared_trunk: bool = False
+    log_std_init: float = 0.0  # Box actions: initial log std of the Gaussian (0.0: std 1)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class EnvConfig:
     wrappers: list[Any] = field(default_factory=list)
     check: bool = False
     max_episode_steps: int | None = None
+    normalize_obs: bool = False
+    clip_obs: float = 10.0
+    normalize_reward: bool = False
+    clip_reward: float = 10.0
 
 
 class Objective(str, Enum):
@@ -181,6 +186,9 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch), "network.net_arch",
          "must list at least one layer width, each >= 1")
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
+    need(e.clip_obs > 0, "env.clip_obs", "must be > 0")
+    need(e.clip_reward > 0, "env.clip_reward", "must be > 0")
+    need(math.isfinite(n.log_std_init), "network.log_std_init", "must be a finite number")
     need(e.max_episode_steps is None or e.max_episode_steps >= 1, "env.max_episode_steps",
          "must be >= 1 or null")
     need(bool(str(e.id).strip()) or bool(e.entry_point), "env.id", "must name a gymnasium environment")

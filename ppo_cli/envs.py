@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
 
-SUPPORTED_ACTIONS = (gym.spaces.Discrete,)
+SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete)
 
 
@@ -116,7 +116,7 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     except UserError:
         raise
     except gym.error.DependencyNotInstalled as exc:
-        raise UserError(f"{label!r}: a dependency is missing: {exc} (Box2D envs: pip install '.[box2d]')") from None
+        raise UserError(f"{label!r}: a dependency is missing: {_missing_extra(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001 - constructing a (user's) env can fail in any way
         raise UserError(f"{label!r}: the env could not be created with env.kwargs="
                         f"{dict(env_cfg.kwargs)} ({type(exc).__name__}: {exc})") from None
@@ -127,6 +127,15 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     envs = RecordEpisodeStatistics(envs)
     envs.reset(seed=seed)
     return envs
+
+
+def _missing_extra(message: str) -> str:
+    """gymnasium's message names its own extras; name ours, which pin the same packages."""
+    lowered = message.lower()
+    for extra, words in (("mujoco", ("mujoco",)), ("box2d", ("box2d", "swig")), ("video", ("pygame",))):
+        if any(w in lowered for w in words):
+            return f"{message.split(',')[0].rstrip('.')}; install ppo-cli's extra: pip install 'ppo-cli[{extra}]'"
+    return message
 
 
 def check_env(env_cfg: DictConfig) -> list[str]:
@@ -146,7 +155,8 @@ def check_env(env_cfg: DictConfig) -> list[str]:
 
 
 def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
-    if not isinstance(act_space, SUPPORTED_ACTIONS):
+    if not isinstance(act_space, SUPPORTED_ACTIONS) or (
+            isinstance(act_space, gym.spaces.Box) and not np.issubdtype(act_space.dtype, np.floating)):
         raise UserError(f"{env_id!r}: action space {act_space} is not supported "
                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_ACTIONS)})")
     if not isinstance(obs_space, SUPPORTED_OBS):
@@ -154,12 +164,26 @@ def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> Non
                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_OBS)})")
 
 
-def describe_space(space: gym.Space) -> dict[str, Any]:
-    """A plain-data description of a space, stored in checkpoints to rebuild the policy without the env."""
+def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
+    """A plain-data description of a space, stored in checkpoints to rebuild the policy without the env.
+
+    `bounds`: also record a Box's low/high (action spaces: the policy clips to them; observation bounds are
+    not needed and can be large).
+    """
     if isinstance(space, gym.spaces.Discrete):
+        if int(space.start) != 0:
+            return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
         return {"type": "Discrete", "n": int(space.n)}
     if isinstance(space, gym.spaces.Box):
-        return {"type": "Box", "shape": list(space.shape)}
+        out: dict[str, Any] = {"type": "Box", "shape": list(space.shape)}
+        if bounds:
+            out.update(low=space.low.flatten().tolist(), high=space.high.flatten().tolist())
+        return out
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "shape": list(space.shape), "nvec": space.nvec.flatten().tolist(),
+                "start": space.start.flatten().tolist()}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "shape": list(np.atleast_1d(space.n).tolist())}
     return {"type": type(space).__name__}
 
 
@@ -176,10 +200,13 @@ _SKIP_KEYS = {"env", "metadata", "spec", "_np_random", "_cached_spec"}
 
 def _plain(value: Any) -> Any:
     """Value as checkpoint-safe data, or raise TypeError."""
-    if isinstance(value, _PLAIN):
-        return value
+    # numpy scalars first: np.float64 is also a float, but torch's safe loader refuses it inside a checkpoint.
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return {"__npscalar__": torch.from_numpy(np.asarray(value).copy())}
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, _PLAIN):
+        return value
     if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
         return {"__ndarray__": torch.from_numpy(value.copy())}
     if isinstance(value, (tuple, list)):
@@ -190,6 +217,8 @@ def _plain(value: Any) -> Any:
 
 
 def _unplain(value: Any) -> Any:
+    if isinstance(value, dict) and "__npscalar__" in value:
+        return value["__npscalar__"].numpy()[()]
     if isinstance(value, dict) and "__ndarray__" in value:
         return value["__ndarray__"].numpy().copy()
     if isinstance(value, dict) and "__seq__" in value:

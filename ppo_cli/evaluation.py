@@ -61,12 +61,13 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndar
 
 def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, seed: int,
              deterministic: bool = True, device: torch.device | str = "cpu") -> EvalResult:
-    """Deterministic (argmax) by default; stochastic samples from a generator seeded with `seed`."""
+    """Deterministic (the most likely action; a Gaussian's mean) by default; stochastic samples from a
+    generator seeded with `seed`."""
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def act(obs: np.ndarray) -> np.ndarray:
         action, _, _ = policy.act(torch.as_tensor(obs, device=device), generator, deterministic)
-        return action.cpu().numpy()
+        return policy.env_action(action)
 
     return run_episodes(envs, act, episodes, seed)
 

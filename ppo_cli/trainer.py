@@ -24,7 +24,8 @@ from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, evaluate
 from ppo_cli.logger import Logger
-from ppo_cli.policy import ActorCritic, build_policy
+from ppo_cli.normalize import RewardScaler
+from ppo_cli.policy import ActorCritic, build_policy, observation_dim
 from ppo_cli.ppo import UpdateSettings, explained_variance, make_optimizer, update
 from ppo_cli.rollout import RolloutBuffer
 
@@ -83,16 +84,18 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.envs = make_vec_env(cfg.env, seed=cfg.seed)
         self.obs_space = describe_space(self.envs.single_observation_space)
-        self.action_space = describe_space(self.envs.single_action_space)
-        self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg.network).to(self.device)
+        self.action_space = describe_space(self.envs.single_action_space, bounds=True)
+        self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)
         self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
                                         a.weight_decay)
-        obs_dtype = torch.long if self.obs_space["type"] == "Discrete" else torch.float32
-        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, self.envs.single_observation_space.shape,
-                                    obs_dtype, (), torch.long, self.device)
-        self.obs_dtype = obs_dtype
+        self.obs_dtype = torch.long if self.obs_space["type"] == "Discrete" else torch.float32
+        # The buffer stores features (what the network saw), not raw observations: see policy.features.
+        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (observation_dim(self.obs_space),),
+                                    torch.float32, self.policy.action_shape, self.policy.action_dtype, self.device)
+        self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
+                              if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.wall_time = 0, 0, 0.0
-        self.obs = torch.as_tensor(self.envs.reset(seed=cfg.seed)[0], device=self.device).to(obs_dtype)
+        self.obs = torch.as_tensor(self.envs.reset(seed=cfg.seed)[0], device=self.device).to(self.obs_dtype)
         self.recent_returns: deque[float] = deque(maxlen=100)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._stop_signal: int | None = None
@@ -123,6 +126,7 @@ class Trainer:
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
             "best_eval": self.best_eval,
+            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -142,6 +146,8 @@ class Trainer:
         self.generator.set_state(data["rng"])
         self.recent_returns.extend(data.get("recent_returns", []))
         self.best_eval = data.get("best_eval")
+        if self.reward_scaler is not None and data.get("reward_scaler") is not None:
+            self.reward_scaler.load_state_dict(data["reward_scaler"])
         env_state = data.get("env_state")
         last_obs = data.get("last_obs")
         if env_state is not None and last_obs is not None and len(last_obs) == self.cfg.env.num_envs:
@@ -171,13 +177,18 @@ class Trainer:
         """Fill the buffer with n_steps steps per env; False if a stop signal arrived first."""
         policy, envs, buf, gen, dev = self.policy, self.envs, self.buffer, self.generator, self.device
         obs = self.obs
+        scale_reward = self.reward_scaler
         for _ in range(buf.n_steps):
             if self._stop_signal is not None:
                 return False
-            action, logp, value = policy.act(obs, gen)
-            next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            policy.update_obs_stats(obs)
+            x = policy.features(obs)
+            action, logp, value = policy.act_features(x, gen)
+            next_obs, reward, terminated, truncated, info = envs.step(policy.env_action(action))
             ended = terminated | truncated
-            buf.add(obs, action, logp, value, torch.as_tensor(reward, device=dev),
+            if scale_reward is not None:
+                reward = scale_reward(reward, ended)
+            buf.add(x, action, logp, value, torch.as_tensor(reward, device=dev),
                     torch.as_tensor(terminated, device=dev), torch.as_tensor(ended, device=dev))
             cut = np.flatnonzero(truncated & ~terminated)
             if cut.size:
@@ -292,6 +303,8 @@ class Trainer:
             "charts/lr_actor": groups["actor"], "charts/lr_critic": groups["critic"],
             "charts/ent_coef": ent_coef, "charts/SPS": sps,
         })
+        if self.policy.kind == "Box":
+            scalars["charts/action_std"] = float(self.policy.log_std.detach().exp().mean())
         if self._episode_returns:
             scalars["charts/episodic_return"] = float(np.mean(self._episode_returns))
             scalars["charts/episodic_length"] = float(np.mean(self._episode_lengths))

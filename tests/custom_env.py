@@ -34,4 +34,74 @@ class BrokenCorridor(Corridor):
         return np.array([5.0], dtype=np.float32)
 
 
+
+
+class Reach(gym.Env):
+    """Continuous control: move a point on [-1, 1] to a target and hold it there (20-step time limit).
+
+    obs = [position, target]; action in [-1, 1] moves the point by 0.25 * action; reward = -|position - target|.
+    A random policy scores about -11 per episode, a good one about -2.
+    """
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+
+    def _obs(self):
+        return np.array([self.pos, self.target], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos, self.target = self.np_random.uniform(-1.0, 1.0, size=2)
+        return self._obs(), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, dtype=np.float32)), action  # the policy must clip
+        self.pos = float(np.clip(self.pos + 0.25 * float(action[0]), -1.0, 1.0))
+        return self._obs(), -abs(self.pos - self.target), False, False, {}
+
+
+class MatchBits(gym.Env):
+    """One-step episodes: copy the observed bits (MultiBinary actions); reward = number of matching bits."""
+
+    def __init__(self, n: int = 3):
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(n,), dtype=np.float32)
+        self.action_space = gym.spaces.MultiBinary(n)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.bits = self.np_random.integers(0, 2, size=self.observation_space.shape[0])
+        return self.bits.astype(np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        return self.bits.astype(np.float32), float((action == self.bits).sum()), True, False, {}
+
+
+class MatchDigits(gym.Env):
+    """One-step episodes: repeat the observed digits (MultiDiscrete actions, starting at 1); reward = matches."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([3, 4], start=[1, 1])
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.digits = np.array([self.np_random.integers(1, 4), self.np_random.integers(1, 5)])
+        return (self.digits / 4.0).astype(np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(np.asarray(action, dtype=np.int64)), action
+        return (self.digits / 4.0).astype(np.float32), float((action == self.digits).sum()), True, False, {}
+
+
+class DictActions(Corridor):
+    """Actions in a Dict space, which ppo-cli does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = gym.spaces.Dict({"move": gym.spaces.Discrete(2)})
+
+
 gym.register("Corridor-v0", entry_point="tests.custom_env:Corridor", max_episode_steps=40)
+gym.register("Reach-v0", entry_point="tests.custom_env:Reach", max_episode_steps=20)

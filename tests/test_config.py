@@ -82,8 +82,9 @@ def test_unknown_env_suggests_close_ids():
 
 
 def test_unsupported_action_space():
-    with pytest.raises(UserError, match=r"action space Box.* is not supported"):
-        make_vec_env(make_cfg("env.id=Pendulum-v1").env, seed=0)
+    with pytest.raises(UserError, match=r"action space Dict.* is not supported \(supported: Discrete, Box, "
+                       r"MultiDiscrete, MultiBinary\)"):
+        make_vec_env(make_cfg("env.entry_point=tests.custom_env:DictActions").env, seed=0)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -91,7 +92,7 @@ def test_unsupported_action_space():
     (["algo.gamma=1.5"], "algo.gamma=1.5: must be in (0, 1]"),
     (["algo.batch_size=100"], "must divide the rollout"),
     (["env.id=CartPol-v1"], "did you mean CartPole-v1"),
-    (["env.id=Pendulum-v1"], "is not supported"),
+    (["env.entry_point=tests.custom_env:DictActions"], "action space Dict('move': Discrete(2)) is not supported"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, fragment):
     proc = cli("ppo-train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

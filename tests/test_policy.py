@@ -70,5 +70,5 @@ def test_act_and_evaluate_agree_with_torch_distributions():
 
 def test_discrete_observations_are_one_hot():
     pol = ActorCritic({"type": "Discrete", "n": 5}, ACT, [8])
-    x = pol.preprocess(torch.tensor([0, 3]))
+    x = pol.features(torch.tensor([0, 3]))
     torch.testing.assert_close(x, torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 0]]))

@@ -22,7 +22,7 @@ from ppo_cli.policy import ActorCritic, build_policy
 def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
     """The policy and run config stored in a loaded checkpoint (no config files needed)."""
     cfg = config_from_yaml(data["config_yaml"])
-    policy = build_policy(data["observation_space"], data["action_space"], cfg.network)
+    policy = build_policy(data["observation_space"], data["action_space"], cfg)
     try:
         policy.load_state_dict(data["policy"])
     except RuntimeError as exc:
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> dict:
         envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
                             render_mode="rgb_array" if args.video else None, wrappers=wrappers)
         try:
-            spaces = (describe_space(envs.single_observation_space), describe_space(envs.single_action_space))
+            spaces = (describe_space(envs.single_observation_space),
+                      describe_space(envs.single_action_space, bounds=True))
             if spaces != (data["observation_space"], data["action_space"]):
                 raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
                                 f"trained for {data['observation_space']} / {data['action_space']}")
