@@ -118,6 +118,7 @@ class EvalConfig:
     final: bool = True
     stop_at_return: float | None = None
     objective: Objective = Objective.final
+    train_window: int = 100  # objective 'train': mean return of this many last training episodes
 
 
 @dataclass
@@ -199,6 +200,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no periodic evaluation)")
     need(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
+    need(cfg.eval.train_window >= 1, "eval.train_window", "must be >= 1")
     need(cfg.eval.stop_at_return is None or cfg.eval.every_steps > 0, "eval.stop_at_return",
          "needs periodic evaluation (eval.every_steps > 0)")
     need(cfg.eval.objective != "best" or cfg.eval.every_steps > 0, "eval.objective",

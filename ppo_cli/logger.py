@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -42,6 +43,15 @@ class Logger:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float], step: int) -> None:
+        """The run's hyperparameters and results for TensorBoard's HPARAMS tab, which lines up the jobs of a
+        sweep (`tensorboard --logdir runs/multirun/...`). Written into this run's own event file, unlike
+        SummaryWriter.add_hparams, which would open a new sub-run for it."""
+        for summary in hparams_summary(params, metrics):
+            self.writer._get_file_writer().add_summary(summary)
+        for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
 
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:

@@ -7,6 +7,7 @@ resume.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
 
 from ppo_cli import checkpoint
 from ppo_cli.config import choice
@@ -26,12 +28,16 @@ from ppo_cli.evaluation import EvalResult, evaluate
 from ppo_cli.logger import Logger
 from ppo_cli.normalize import RewardScaler
 from ppo_cli.policy import ActorCritic, build_policy, observation_dim
-from ppo_cli.ppo import UpdateSettings, explained_variance, make_optimizer, update
+from ppo_cli.ppo import STAT_NAMES, UpdateSettings, explained_variance, make_optimizer, update
 from ppo_cli.rollout import RolloutBuffer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the training envs' seed + i
+
+
+class Diverged(UserError):
+    """The update produced non-finite losses; parameters after it are garbage, so nothing more is saved."""
 
 
 class Interrupted(Exception):
@@ -57,6 +63,20 @@ class TrainResult:
     objective: float  # what eval.objective names: final eval, best eval or recent training return
 
 
+def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
+    """The run's settings as flat scalars for TensorBoard's hparams (lists and nulls as strings)."""
+    flat: dict[str, float | int | str | bool] = {}
+    for group in ("algo", "network", "env"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():  # type: ignore[union-attr]
+            value = choice(value)  # type: ignore[assignment]
+            if key in ("kwargs", "wrappers") and not value:
+                continue
+            ok = isinstance(value, (bool, int, float, str))
+            flat[f"{group}.{key}"] = value if ok else str(value)
+    flat["seed"] = int(cfg.seed)
+    return flat
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device='cuda': torch sees no CUDA GPU here (use device=cpu or device=auto)")
@@ -77,6 +97,8 @@ class Trainer:
         a = cfg.algo
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+            # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
+            threadpool_limits(cfg.torch_threads)
         self.device = resolve_device(choice(cfg.device))
         torch.manual_seed(cfg.seed)
         # One generator for everything random in training (action sampling, minibatch shuffles): its state
@@ -96,7 +118,7 @@ class Trainer:
                               if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.wall_time = 0, 0, 0.0
         self.obs = torch.as_tensor(self.envs.reset(seed=cfg.seed)[0], device=self.device).to(self.obs_dtype)
-        self.recent_returns: deque[float] = deque(maxlen=100)
+        self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._stop_signal: int | None = None
         self.notes: list[str] = []
@@ -229,6 +251,11 @@ class Trainer:
                 with torch.no_grad():
                     batch = self.buffer.advantages(self.policy.value(self.obs), a.gamma, a.gae_lambda)
                 stats = update(self.policy, self.optimizer, batch, settings, self.generator)
+                bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]
+                if bad:
+                    raise Diverged(f"training diverged in the update at step {self.global_step:,}: "
+                                   f"{', '.join(bad)} became non-finite; lower algo.lr_actor / algo.lr_critic, "
+                                   f"algo.clip_range or algo.gae_lambda (checkpoints written before it are kept)")
                 self.update_idx += 1
                 elapsed = time.perf_counter() - t0
                 self.wall_time += elapsed
@@ -251,18 +278,22 @@ class Trainer:
             if ev.final:
                 same_step = last_eval is not None and last_eval[0] == self.global_step
                 final_eval = last_eval[1] if same_step else self._evaluate()  # type: ignore[index]
+            recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+            objective = {"final": final_eval.mean_return if final_eval else None,
+                         "best": self.best_eval["mean_return"] if self.best_eval else None,
+                         "train": recent}[choice(ev.objective)]
+            objective = float("nan") if objective is None else float(objective)
+            sps = self.global_step / max(self.wall_time, 1e-9)
+            metrics = {"hparam/objective": objective, "hparam/sps": sps}
+            if final_eval is not None:
+                metrics["hparam/final_return"] = final_eval.mean_return
+            self.logger.hparams(hparams_of(self.cfg), metrics, self.global_step)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
-        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
-        objective = {"final": final_eval.mean_return if final_eval else None,
-                     "best": self.best_eval["mean_return"] if self.best_eval else None,
-                     "train": recent}[choice(ev.objective)]
-        return TrainResult(self.run_dir, path, self.global_step, self.wall_time,
-                           self.global_step / max(self.wall_time, 1e-9), final_eval, self.best_eval,
-                           self.eval_seconds, stopped_at, recent,
-                           float("nan") if objective is None else float(objective))
+        return TrainResult(self.run_dir, path, self.global_step, self.wall_time, sps, final_eval, self.best_eval,
+                           self.eval_seconds, stopped_at, recent, objective)
 
     def _evaluate(self) -> EvalResult:
         """Score the current policy on the evaluation envs: the same function ppo-eval uses."""

@@ -21,7 +21,8 @@ TINY = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32", "algo.total_t
 def cli(tool: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
         check: bool = False) -> subprocess.CompletedProcess:
     """Run `ppo-train` / `ppo-eval` as a user would, in a subprocess, from `cwd`."""
-    module = {"ppo-train": "ppo_cli.cli.train", "ppo-eval": "ppo_cli.cli.evaluate"}[tool]
+    module = {"ppo-train": "ppo_cli.cli.train", "ppo-eval": "ppo_cli.cli.evaluate",
+              "ppo-sweep-report": "ppo_cli.cli.sweep_report"}[tool]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

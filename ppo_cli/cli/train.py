@@ -7,8 +7,12 @@ Hydra would print a traceback for any exception escaping the task function, so n
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -85,8 +89,9 @@ def _report(result: TrainResult, run_dir: Path) -> float:
     print(f"run dir:    {run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"evaluate:   ppo-eval {result.checkpoint}")
-    (run_dir / "result.json").write_text(json.dumps({
-        "objective": result.objective,
+    _write_result(run_dir, {
+        "status": "ok",
+        "objective": result.objective if math.isfinite(result.objective) else None,
         "global_step": result.global_step,
         "wall_time": result.wall_time,
         "eval_seconds": result.eval_seconds,
@@ -95,23 +100,48 @@ def _report(result: TrainResult, run_dir: Path) -> float:
         "best_eval": result.best_eval,
         "stopped_at_step": result.stopped_at[0] if result.stopped_at else None,
         "recent_train_return": result.recent_return,
-        "overrides": list(HydraConfig.get().overrides.task),
         "checkpoint": str(result.checkpoint),
-    }, indent=2) + "\n")
+    })
     return result.objective
+
+
+def _write_result(run_dir: Path, fields: dict) -> None:
+    """result.json: what ppo-sweep-report reads. Written whole to a temp file and renamed, so a reader of a
+    sweep still in progress never sees half a file."""
+    hydra_cfg = HydraConfig.get()
+    payload = {**fields, "overrides": list(hydra_cfg.overrides.task), "job": hydra_cfg.job.get("num")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, run_dir / "result.json")
+
+
+def _failed(run_dir: Path, reason: str, started: float) -> float:
+    _write_result(run_dir, {"status": "failed", "error": reason, "objective": None,
+                            "wall_time": time.perf_counter() - started})
+    return float("nan")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ppo_cli.conf", config_name="config")
 def _task(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    started = time.perf_counter()
     try:
         return _report(run(cfg, run_dir), run_dir)
     except UserError as exc:
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
-        if multirun:  # one bad job must not end the sweep
+        _failed(run_dir, str(exc), started)
+        if multirun:  # one bad job must not end the sweep: a NaN objective marks the trial failed
             return float("nan")
         sys.exit(2)
+    except Exception as exc:
+        if not multirun:
+            raise
+        # In a sweep, an unexpected crash of one job is recorded as that job's failure, and the sweep goes on.
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"ppo-train: job failed: {reason}", file=sys.stderr, flush=True)
+        return _failed(run_dir, reason, started)
     except Interrupted as exc:
         print(f"ppo-train: {exc} to {exc.path}\n"
               f"resume with: ppo-train resume={exc.path}", file=sys.stderr, flush=True)
@@ -185,9 +215,32 @@ def _leaf_keys(node: DictConfig, prefix: str = "") -> set[str]:
     return keys
 
 
+# Config groups that exist only with the sweep extra installed: (override prefix, plugin module).
+SWEEP_PLUGINS = (("hydra/sweeper=ppo_", "hydra_plugins.hydra_optuna_sweeper"),
+                 ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper"),
+                 ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher"),
+                 ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher"))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # no hydra_plugins namespace at all
+        return False
+
+
+def check_sweep_plugins(argv: list[str]) -> None:
+    for arg in argv:
+        for prefix, module in SWEEP_PLUGINS:
+            if arg.startswith(prefix) and not _installed(module):
+                raise UserError(f"{arg} needs a Hydra plugin that is not installed ({module.split('.')[-1]}); "
+                                f"install the sweep extra: pip install 'ppo-cli[sweep]'")
+
+
 def main() -> None:
     argv = _open_free_form(_resume_run_dir(sys.argv[1:]))
     try:
+        check_sweep_plugins(argv)
         check_overrides(argv)
     except UserError as exc:
         print(f"ppo-train: error: {exc}", file=sys.stderr)

@@ -1,0 +1,228 @@
+"""`ppo-sweep-report DIR`: rank the jobs of a multirun directory (grid or Optuna), aggregate seeds, plot.
+
+Reads each job's result.json (written whole by ppo-train, so a sweep still running is fine to read: jobs
+without one are listed as running), its overrides, and its TensorBoard events for the curves. Writes
+summary.csv and curves.png into DIR (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ppo_cli.errors import UserError
+
+
+@dataclass
+class Job:
+    name: str
+    path: Path
+    status: str  # ok | failed | running
+    overrides: list[str]
+    objective: float | None = None
+    steps: int | None = None
+    wall_time: float | None = None
+    error: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, str]:
+    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+
+
+def read_job(path: Path) -> Job:
+    result = path / "result.json"
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides: list[str] = []
+    if overrides_file.is_file():
+        try:
+            overrides = list(yaml.safe_load(overrides_file.read_text()) or [])
+        except yaml.YAMLError:
+            overrides = []
+    if not result.is_file():
+        return Job(path.name, path, "running", overrides, params=_parse_overrides(overrides))
+    try:
+        data = json.loads(result.read_text())
+    except (json.JSONDecodeError, OSError):
+        return Job(path.name, path, "running", overrides, params=_parse_overrides(overrides))
+    overrides = list(data.get("overrides") or overrides)
+    objective = data.get("objective")
+    status = data.get("status", "ok")
+    error = data.get("error")
+    if status == "ok" and (objective is None or not math.isfinite(objective)):
+        status, error = "failed", error or "no objective (nan)"
+    return Job(path.name, path, status, overrides, objective if status == "ok" else None, data.get("global_step"),
+               data.get("wall_time"), error, _parse_overrides(overrides))
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job folder of a multirun directory: numbered subfolders (Hydra's default subdir) or any folder
+    holding a Hydra record or a result."""
+    if not sweep_dir.is_dir():
+        raise UserError(f"{sweep_dir} is not a directory (give the multirun folder, e.g. runs/multirun/<date>/<time>)")
+    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and ((d / ".hydra").is_dir() or (d / "result.json").is_file())]
+    if not dirs:
+        raise UserError(f"{sweep_dir} holds no sweep jobs (no subfolder with .hydra/ or result.json)")
+    return [read_job(d) for d in sorted(dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
+                                                             else 0, d.name))]
+
+
+def varying_keys(jobs: list[Job]) -> list[str]:
+    """Keys whose value differs between jobs: what the sweep is about (fixed overrides are noise here)."""
+    keys = sorted({k for j in jobs for k in j.params})
+    return [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
+
+
+def aggregate(jobs: list[Job], keys: list[str]) -> list[dict]:
+    """Mean, std and count of the objective over jobs that differ only in seed."""
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        if j.status == "ok":
+            groups.setdefault(tuple((k, j.params.get(k)) for k in keys if k != "seed"), []).append(j)
+    rows = []
+    for key, members in groups.items():
+        values = [m.objective for m in members]  # type: ignore[misc]
+        rows.append({"params": dict(key), "mean": statistics.fmean(values),  # type: ignore[arg-type]
+                     "std": statistics.pstdev(values) if len(values) > 1 else 0.0,  # type: ignore[arg-type]
+                     "count": len(values), "jobs": [m.name for m in members]})
+    return sorted(rows, key=lambda r: -r["mean"])
+
+
+def _curve(job: Job) -> tuple[list[int], list[float], str] | None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
+    try:
+        events.Reload()
+    except Exception:  # noqa: BLE001 - an event file being written may end mid-record
+        return None
+    tags = events.Tags().get("scalars", [])
+    for tag in ("eval/mean_return", "charts/episodic_return"):
+        if tag in tags:
+            points = events.Scalars(tag)
+            return [p.step for p in points], [p.value for p in points], tag
+    return None
+
+
+def plot(jobs: list[Job], keys: list[str], path: Path, top: int) -> str:
+    try:
+        import matplotlib
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'ppo-cli[sweep]')"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tags = set()
+    for job in [j for j in jobs if j.status == "ok"][:top]:
+        curve = _curve(job)
+        if curve is None:
+            continue
+        steps, values, tag = curve
+        tags.add(tag)
+        label = f"#{job.name} " + " ".join(f"{k.split('.')[-1]}={job.params.get(k)}" for k in keys)
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label[:80])
+    if not tags:
+        plt.close(fig)
+        return "no plot: no finished job has return curves yet"
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(" / ".join(sorted(tags)))
+    ax.set_title(f"top {min(top, len(jobs))} jobs by objective")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def _headers(keys: list[str]) -> list[str]:
+    """Column titles: the last part of each key (clip_range), unless two keys would then look the same."""
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    return short if len(set(short)) == len(short) else keys
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Console | None = None) -> dict:
+    console = console or Console()
+    jobs = find_jobs(sweep_dir)
+    keys = varying_keys(jobs)
+    ranked = sorted(jobs, key=lambda j: (j.status != "ok", -(j.objective or 0.0) if j.status == "ok" else 0.0))
+    out = out or sweep_dir
+
+    console.print(f"{sweep_dir}: {len(jobs)} jobs, ranked by objective", soft_wrap=True)
+    table = Table()
+    for col in ("rank", "job", *_headers(keys), "objective", "steps", "wall s", "status"):
+        table.add_column(col, justify="right" if col in ("rank", "objective", "steps", "wall s") else "left")
+    for i, j in enumerate(ranked, 1):
+        table.add_row(str(i) if j.status == "ok" else "-", j.name, *(str(j.params.get(k, "")) for k in keys),
+                      _fmt(j.objective, ".2f"), _fmt(j.steps, ","), _fmt(j.wall_time, ".1f"), j.status)
+    console.print(table)
+
+    groups = aggregate(jobs, keys)
+    if any(g["count"] > 1 for g in groups):
+        console.print("over seeds (jobs whose overrides differ only in seed):")
+        agg = Table()
+        for col in (*_headers([k for k in keys if k != "seed"]), "mean", "std", "n"):
+            agg.add_column(col)
+        for g in groups:
+            agg.add_row(*(str(g["params"].get(k, "")) for k in keys if k != "seed"), f"{g['mean']:.2f}",
+                        f"{g['std']:.2f}", str(g["count"]))
+        console.print(agg)
+
+    failed = [j for j in jobs if j.status == "failed"]
+    for j in failed:
+        console.print(f"failed: job {j.name}: {j.error}", markup=False, highlight=False, soft_wrap=True)
+    running = [j.name for j in jobs if j.status == "running"]
+    if running:
+        console.print(f"still running or crashed without a result: jobs {', '.join(running)}", soft_wrap=True)
+    optuna_file = sweep_dir / "optimization_results.yaml"
+    best_params = None
+    if optuna_file.is_file():
+        best = yaml.safe_load(optuna_file.read_text()) or {}
+        best_params = best.get("best_params")
+        console.print(f"optuna best: {best.get('best_value')} with {best_params}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "job", *keys, "objective", "steps", "wall_time", "status", "error", "overrides"])
+        for i, j in enumerate(ranked, 1):
+            writer.writerow([i if j.status == "ok" else "", j.name, *(j.params.get(k, "") for k in keys),
+                             j.objective, j.steps, j.wall_time, j.status, j.error or "", " ".join(j.overrides)])
+    console.print(f"table: {out / 'summary.csv'}", soft_wrap=True)
+    console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True)
+    best_job = ranked[0] if ranked and ranked[0].status == "ok" else None
+    return {"jobs": jobs, "ranked": ranked, "keys": keys, "groups": groups, "best": best_job,
+            "optuna_best_params": best_params}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="ppo-sweep-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. runs/multirun/2026-11-27/10-00-00")
+    p.add_argument("--out", type=Path, help="where summary.csv and curves.png go (default: the sweep folder)")
+    p.add_argument("--top", type=int, default=5, help="jobs to plot (default: 5 best)")
+    args = p.parse_args(argv)
+    try:
+        # A pipe or a file gets a wide table instead of rich's 80-column default.
+        report(args.sweep_dir, args.out, args.top, Console(width=None if sys.stdout.isatty() else 160))
+    except UserError as exc:
+        print(f"ppo-sweep-report: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
