@@ -151,6 +151,17 @@ def _headers(keys: list[str]) -> list[str]:
     return short if len(set(short)) == len(short) else keys
 
 
+def _short(value: str | None) -> str:
+    """Sampled floats at 4 significant digits (full precision stays in summary.csv)."""
+    if value is None:
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if len(value) <= 8 or not math.isfinite(number) else f"{number:.4g}"
+
+
 def _fmt(value: float | int | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -167,7 +178,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
     for col in ("rank", "job", *_headers(keys), "objective", "steps", "wall s", "status"):
         table.add_column(col, justify="right" if col in ("rank", "objective", "steps", "wall s") else "left")
     for i, j in enumerate(ranked, 1):
-        table.add_row(str(i) if j.status == "ok" else "-", j.name, *(str(j.params.get(k, "")) for k in keys),
+        table.add_row(str(i) if j.status == "ok" else "-", j.name, *(_short(j.params.get(k)) for k in keys),
                       _fmt(j.objective, ".2f"), _fmt(j.steps, ","), _fmt(j.wall_time, ".1f"), j.status)
     console.print(table)
 
@@ -178,7 +189,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
         for col in (*_headers([k for k in keys if k != "seed"]), "mean", "std", "n"):
             agg.add_column(col)
         for g in groups:
-            agg.add_row(*(str(g["params"].get(k, "")) for k in keys if k != "seed"), f"{g['mean']:.2f}",
+            agg.add_row(*(_short(g["params"].get(k)) for k in keys if k != "seed"), f"{g['mean']:.2f}",
                         f"{g['std']:.2f}", str(g["count"]))
         console.print(agg)
 
