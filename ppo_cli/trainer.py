@@ -125,6 +125,9 @@ class Trainer:
         self.eval_envs: Any = None
         self.best_eval: dict[str, Any] | None = None
         self.eval_seconds = 0.0
+        # Where training time goes (seconds since this process started training); `storage` is the rest of
+        # the rollout loop: tensor conversions, buffer writes, episode bookkeeping, truncation bootstraps.
+        self.stage_seconds = dict.fromkeys(("env", "policy", "storage", "advantages", "update", "log_checkpoint"), 0.0)
         if resume is not None:
             self._restore(resume)
         self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,
@@ -200,13 +203,21 @@ class Trainer:
         policy, envs, buf, gen, dev = self.policy, self.envs, self.buffer, self.generator, self.device
         obs = self.obs
         scale_reward = self.reward_scaler
+        clock, times = time.perf_counter, self.stage_seconds
+        t_policy = t_env = 0.0
         for _ in range(buf.n_steps):
             if self._stop_signal is not None:
                 return False
+            t0 = clock()
             policy.update_obs_stats(obs)
             x = policy.features(obs)
             action, logp, value = policy.act_features(x, gen)
-            next_obs, reward, terminated, truncated, info = envs.step(policy.env_action(action))
+            env_action = policy.env_action(action)
+            t1 = clock()
+            next_obs, reward, terminated, truncated, info = envs.step(env_action)
+            t2 = clock()
+            t_policy += t1 - t0
+            t_env += t2 - t1
             ended = terminated | truncated
             if scale_reward is not None:
                 reward = scale_reward(reward, ended)
@@ -223,6 +234,8 @@ class Trainer:
             obs = torch.as_tensor(next_obs, device=dev).to(self.obs_dtype)
             self.obs = obs
             self.global_step += envs.num_envs
+        times["policy"] += t_policy
+        times["env"] += t_env
         return True
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -244,24 +257,34 @@ class Trainer:
                 settings.ent_coef = self._set_schedules()
                 self._episode_returns: list[float] = []
                 self._episode_lengths: list[int] = []
+                inner = self.stage_seconds["env"] + self.stage_seconds["policy"]
                 if not self._collect():
                     self.wall_time += time.perf_counter() - t0
                     path = self.save()
                     raise Interrupted(self._stop_signal, self.global_step, path)  # type: ignore[arg-type]
+                t_collected = time.perf_counter()
+                self.stage_seconds["storage"] += (t_collected - t0) - (
+                    self.stage_seconds["env"] + self.stage_seconds["policy"] - inner)
                 with torch.no_grad():
                     batch = self.buffer.advantages(self.policy.value(self.obs), a.gamma, a.gae_lambda)
+                t_adv = time.perf_counter()
+                self.stage_seconds["advantages"] += t_adv - t_collected
                 stats = update(self.policy, self.optimizer, batch, settings, self.generator)
+                t_update = time.perf_counter()
+                self.stage_seconds["update"] += t_update - t_adv
                 bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]
                 if bad:
                     raise Diverged(f"training diverged in the update at step {self.global_step:,}: "
                                    f"{', '.join(bad)} became non-finite; lower algo.lr_actor / algo.lr_critic, "
                                    f"algo.clip_range or algo.gae_lambda (checkpoints written before it are kept)")
                 self.update_idx += 1
-                elapsed = time.perf_counter() - t0
-                self.wall_time += elapsed
-                sps = (self.global_step - step0) / elapsed
                 self.recent_returns.extend(self._episode_returns)
+                t_log = time.perf_counter()
+                sps = (self.global_step - step0) / (t_log - t0)
                 self._log(stats, batch.values, batch.returns, settings.ent_coef, sps)
+                t_logged = time.perf_counter()
+                self.stage_seconds["log_checkpoint"] += t_logged - t_log
+                self.wall_time += t_logged - t0  # evaluation time is counted apart, in eval_seconds
                 if ev.every_steps and self.global_step // ev.every_steps > step0 // ev.every_steps:
                     last_eval = (self.global_step, self._periodic_eval())
                     target = ev.stop_at_return
@@ -271,8 +294,13 @@ class Trainer:
                                             f">= {target} at step {self.global_step:,} after "
                                             f"{self.wall_time:.1f} s of training")
                         break
+                # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
                 if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
+                    t_save = time.perf_counter()
                     self.save()
+                    saved = time.perf_counter() - t_save
+                    self.stage_seconds["log_checkpoint"] += saved
+                    self.wall_time += saved
             path = self.save()
             final_eval = None
             if ev.final:

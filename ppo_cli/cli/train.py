@@ -131,10 +131,13 @@ def _task(cfg: DictConfig) -> float | None:
         return _report(run(cfg, run_dir), run_dir)
     except UserError as exc:
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
-        _failed(run_dir, str(exc), started)
         if multirun:  # one bad job must not end the sweep: a NaN objective marks the trial failed
-            return float("nan")
+            return _failed(run_dir, str(exc), started)
         sys.exit(2)
+    except Interrupted as exc:
+        print(f"ppo-train: {exc} to {exc.path}\n"
+              f"resume with: ppo-train resume={exc.path}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         if not multirun:
             raise
@@ -142,10 +145,6 @@ def _task(cfg: DictConfig) -> float | None:
         reason = f"{type(exc).__name__}: {exc}"
         print(f"ppo-train: job failed: {reason}", file=sys.stderr, flush=True)
         return _failed(run_dir, reason, started)
-    except Interrupted as exc:
-        print(f"ppo-train: {exc} to {exc.path}\n"
-              f"resume with: ppo-train resume={exc.path}", file=sys.stderr, flush=True)
-        sys.exit(128 + exc.signum)
 
 
 def _resume_run_dir(argv: list[str]) -> list[str]:
