@@ -130,6 +130,7 @@ class TrainConfig:
     seed: int = 1
     device: Device = Device.auto
     torch_threads: int = 1
+    fast_rollout: bool = True  # act in numpy where the policy allows it (CPU, plain MLP); false: always torch
     log_interval: int = 1
     checkpoint_interval: int = 10
     resume: str | None = None

@@ -53,6 +53,11 @@ class Batch:
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx],
                      self.advantages[idx], self.returns[idx])
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows start:stop as views (no copy)."""
+        return Batch(self.obs[start:stop], self.actions[start:stop], self.logp[start:stop],
+                     self.values[start:stop], self.advantages[start:stop], self.returns[start:stop])
+
 
 class RolloutBuffer:
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,

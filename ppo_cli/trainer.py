@@ -25,6 +25,7 @@ from ppo_cli.config import choice
 from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, evaluate
+from ppo_cli.fastpath import NumpyActor
 from ppo_cli.logger import Logger
 from ppo_cli.normalize import RewardScaler
 from ppo_cli.policy import ActorCritic, build_policy, observation_dim
@@ -114,6 +115,10 @@ class Trainer:
         # The buffer stores features (what the network saw), not raw observations: see policy.features.
         self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (observation_dim(self.obs_space),),
                                     torch.float32, self.policy.action_shape, self.policy.action_dtype, self.device)
+        # The rollout acts in numpy where it can (CPU, plain MLP; see fastpath.NumpyActor), drawing its action
+        # samples from np_rng; otherwise it acts through torch with `generator`. Both states are checkpointed.
+        self.numpy_actor = NumpyActor.build(self.policy) if cfg.fast_rollout else None
+        self.np_rng = np.random.default_rng(cfg.seed)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.wall_time = 0, 0, 0.0
@@ -146,6 +151,7 @@ class Trainer:
             "global_step": self.global_step,
             "update": self.update_idx,
             "rng": self.generator.get_state(),
+            "np_rng": self.np_rng.bit_generator.state,
             "env_state": env_state,
             "last_obs": self.obs.cpu(),
             "recent_returns": list(self.recent_returns),
@@ -169,6 +175,8 @@ class Trainer:
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
         self.wall_time = float(data.get("wall_time", 0.0))
         self.generator.set_state(data["rng"])
+        if data.get("np_rng") is not None:
+            self.np_rng.bit_generator.state = data["np_rng"]
         self.recent_returns.extend(data.get("recent_returns", []))
         self.best_eval = data.get("best_eval")
         if self.reward_scaler is not None and data.get("reward_scaler") is not None:
@@ -200,6 +208,8 @@ class Trainer:
 
     def _collect(self) -> bool:
         """Fill the buffer with n_steps steps per env; False if a stop signal arrived first."""
+        if self.numpy_actor is not None:
+            return self._collect_numpy()
         policy, envs, buf, gen, dev = self.policy, self.envs, self.buffer, self.generator, self.device
         obs = self.obs
         scale_reward = self.reward_scaler
@@ -234,6 +244,58 @@ class Trainer:
             obs = torch.as_tensor(next_obs, device=dev).to(self.obs_dtype)
             self.obs = obs
             self.global_step += envs.num_envs
+        times["policy"] += t_policy
+        times["env"] += t_env
+        return True
+
+    def _collect_numpy(self) -> bool:
+        """_collect with the policy's forward pass and the buffer writes in numpy (same data, less overhead)."""
+        actor, envs, buf, rng = self.numpy_actor, self.envs, self.buffer, self.np_rng
+        assert actor is not None
+        b_obs, b_act, b_logp, b_val = (t.numpy() for t in (buf.obs, buf.actions, buf.logp, buf.values))
+        b_rew, b_term, b_end, b_final = (t.numpy() for t in (buf.rewards, buf.terminated, buf.episode_end,
+                                                              buf.final_values))
+        box = actor.kind == "Box"
+        low, high = (self.policy._low, self.policy._high) if box else (None, None)
+        shape = (envs.num_envs, *self.action_space["shape"]) if box else None
+        scale_reward = self.reward_scaler
+        clock, times = time.perf_counter, self.stage_seconds
+        t_policy = t_env = 0.0
+        n = envs.num_envs
+        raw = self.obs.numpy()
+        obs = raw.reshape(n, -1).astype(np.float32, copy=False)
+        for _ in range(buf.n_steps):
+            if self._stop_signal is not None:
+                self.obs = torch.from_numpy(np.array(raw, dtype=np.float32)).to(self.obs_dtype)
+                return False
+            t0 = clock()
+            action, logp, value = actor.act(obs, rng)
+            env_action = np.clip(action, low, high).reshape(shape) if box else action
+            t1 = clock()
+            next_obs, reward, terminated, truncated, info = envs.step(env_action)
+            t2 = clock()
+            t_policy += t1 - t0
+            t_env += t2 - t1
+            ended = terminated | truncated
+            if scale_reward is not None:
+                reward = scale_reward(reward, ended)
+            t = buf.step
+            b_obs[t], b_act[t], b_logp[t], b_val[t] = obs, action, logp, value
+            b_rew[t], b_term[t], b_end[t] = reward, terminated, ended
+            b_final[t] = 0.0
+            buf.step += 1
+            cut = np.flatnonzero(truncated & ~terminated)
+            if cut.size:
+                final_obs = np.stack(info["final_obs"][cut]).reshape(cut.size, -1).astype(np.float32)
+                b_final[t, cut] = actor.value(final_obs)
+            if "_episode" in info:
+                finished = info["_episode"]
+                self._episode_returns.extend(info["episode"]["r"][finished].tolist())
+                self._episode_lengths.extend(info["episode"]["l"][finished].tolist())
+            raw = next_obs
+            obs = next_obs.reshape(n, -1).astype(np.float32, copy=False)
+            self.global_step += n
+        self.obs = torch.from_numpy(np.array(raw, dtype=np.float32)).to(self.obs_dtype)
         times["policy"] += t_policy
         times["env"] += t_env
         return True

@@ -1,0 +1,117 @@
+"""The hand-written loss and gradients (fastpath.FastLoss) against autograd on the same minibatch."""
+
+import pytest
+import torch
+
+from ppo_cli.fastpath import FastLoss
+from ppo_cli.policy import ActorCritic
+from ppo_cli.ppo import UpdateSettings, minibatch_loss, update
+from ppo_cli.rollout import Batch
+
+OBS = {"type": "Box", "shape": [5]}
+SPACES = {"Discrete": {"type": "Discrete", "n": 3},
+          "Box": {"type": "Box", "shape": [2], "low": [-1.0, -1.0], "high": [1.0, 1.0]}}
+
+
+def _setup(kind, activation, widths=(16, 8), seed=0):
+    torch.manual_seed(seed)
+    policy = ActorCritic(OBS, SPACES[kind], list(widths), activation, "orthogonal", log_std_init=-0.3)
+    for p in policy.parameters():  # move away from the init so every gradient is non-trivial
+        p.data.add_(0.3 * torch.randn_like(p))
+    n = 64
+    x = torch.randn(n, 5)
+    with torch.no_grad():
+        actions, logp, values = policy.act_features(x, torch.Generator().manual_seed(seed))
+        # Old log-probs off by up to +-0.3: ratios inside and outside the clip range, both signs of advantage.
+        old_logp = logp + 0.3 * (2 * torch.rand(n) - 1)
+    batch = Batch(x, actions, old_logp, values, torch.randn(n), values + torch.randn(n))
+    return policy, batch
+
+
+@pytest.mark.parametrize("kind", ["Discrete", "Box"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
+@pytest.mark.parametrize("normalize_advantage", [True, False])
+def test_gradients_equal_autograd(kind, activation, normalize_advantage):
+    policy, mb = _setup(kind, activation)
+    s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 1, 64, normalize_advantage, None)
+    loss, ref_stats = minibatch_loss(policy, mb, s)
+    policy.zero_grad(set_to_none=True)
+    loss.backward()
+    ref = {name: p.grad.clone() for name, p in policy.named_parameters()}
+    assert 0.05 < float(ref_stats[4]) < 0.95  # some ratios clipped, some not: both gradient branches run
+    policy.zero_grad(set_to_none=True)
+    fast = FastLoss.build(policy, None)
+    stats = fast.loss_and_grads(mb.obs, mb.actions, mb.logp, mb.advantages, mb.returns, s.clip_range,
+                                s.ent_coef, s.vf_coef, s.normalize_advantage)
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-7)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_full_update_matches_autograd_update():
+    s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 3, 16, True, None)
+    results = []
+    for fast in (False, True):
+        policy, batch = _setup("Discrete", "tanh")
+        opt = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
+        stats = update(policy, opt, batch, s, torch.Generator().manual_seed(0), fast=fast)
+        results.append((stats, [p.detach().clone() for p in policy.parameters()]))
+    (ref_stats, ref_params), (stats, params) = results
+    for a, b in zip(ref_params, params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert stats == pytest.approx(ref_stats, rel=1e-4, abs=1e-6)
+
+
+def test_unsupported_cases_fall_back_to_autograd():
+    shared = ActorCritic(OBS, SPACES["Discrete"], [8], shared_trunk=True)
+    multi = ActorCritic(OBS, {"type": "MultiBinary", "shape": [3]}, [8])
+    plain = ActorCritic(OBS, SPACES["Discrete"], [8])
+    assert FastLoss.build(shared, None) is None
+    assert FastLoss.build(multi, None) is None
+    assert FastLoss.build(plain, 0.2) is None  # clip_range_vf
+    assert FastLoss.build(plain, None) is not None
+
+
+@pytest.mark.parametrize("kind", ["Discrete", "Box"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
+def test_numpy_actor_agrees_with_the_torch_policy(kind, activation):
+    import numpy as np
+
+    from ppo_cli.fastpath import NumpyActor
+
+    policy, mb = _setup(kind, activation)
+    actor = NumpyActor.build(policy)
+    x = mb.obs.numpy()
+    action, logp, value = actor.act(x, np.random.default_rng(0))
+    ref_logp, _, ref_value = policy.evaluate(mb.obs, torch.as_tensor(action))
+    np.testing.assert_allclose(logp, ref_logp.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, ref_value.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(actor.value(x), ref_value.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for p in policy.parameters():  # the arrays are views: an in-place optimizer step is seen at once
+        p.data.mul_(0.5)
+    _, _, halved = actor.act(x, np.random.default_rng(0))
+    np.testing.assert_allclose(halved, policy.evaluate(mb.obs, torch.as_tensor(action))[2].detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_actor_samples_from_the_policy_distribution():
+    import numpy as np
+
+    from ppo_cli.fastpath import NumpyActor
+
+    policy, mb = _setup("Discrete", "tanh")
+    actor = NumpyActor.build(policy)
+    x = np.repeat(mb.obs[:1].numpy(), 60_000, axis=0)
+    action, _, _ = actor.act(x, np.random.default_rng(1))
+    freq = np.bincount(action, minlength=3) / len(action)
+    probs = torch.softmax(policy.policy_head(policy.actor_trunk(mb.obs[:1])), -1)[0].detach().numpy()
+    np.testing.assert_allclose(freq, probs, atol=0.01)
+
+
+def test_numpy_actor_is_not_used_where_it_does_not_apply():
+    from ppo_cli.fastpath import NumpyActor
+
+    assert NumpyActor.build(ActorCritic(OBS, SPACES["Box"], [8], normalize_obs=True)) is None
+    assert NumpyActor.build(ActorCritic({"type": "Discrete", "n": 4}, SPACES["Discrete"], [8])) is None
+    assert NumpyActor.build(ActorCritic(OBS, {"type": "MultiDiscrete", "shape": [1], "nvec": [2], "start": [0]},
+                                        [8])) is None
