@@ -33,6 +33,7 @@ class FastLoss:
         self.activation = activation
         self.kind = policy.kind
         self.log_std = policy.log_std if policy.kind == "Box" else None
+        self._one = torch.ones((), device=policy.value_head.weight.device)
 
     @classmethod
     def build(cls, policy: nn.Module, clip_range_vf: float | None) -> FastLoss | None:
@@ -57,8 +58,8 @@ class FastLoss:
 
     def _act_grad(self, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """dL/d(pre-activation) from dL/d(output), using the output (sign and tanh are recoverable from it)."""
-        if self.activation == "tanh":
-            return g.mul_(1.0 - out * out)
+        if self.activation == "tanh":  # 1 - out^2 in one op
+            return g.mul_(torch.addcmul(self._one, out, out, value=-1.0))
         if self.activation == "relu":
             return g.mul_(out > 0)
         return g.mul_(torch.where(out > 0, 1.0, _SLOPE))
@@ -111,9 +112,9 @@ class FastLoss:
         clipped = ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
         surr2 = clipped * adv
         policy_loss = -torch.minimum(surr1, surr2).mean()
-        inside = clipped == ratio
-        weight = torch.where(surr1 <= surr2, 1.0, inside.to(ratio.dtype))
-        g_logp = weight.mul_(ratio).mul_(adv).mul_(-1.0 / n)  # d policy_loss / d logp
+        # d policy_loss / d logp = -(1/n) * r * A where the unclipped term counts, else 0 (see the module doc)
+        counts = (surr1 <= surr2).logical_or_(clipped == ratio)
+        g_logp = surr1.mul(counts).mul_(-1.0 / n)
 
         if self.kind == "Discrete":
             # d logp / d logits = onehot(a) - p;  d(-c mean H)/d logits = (c / n) p (log p + H)
@@ -130,8 +131,9 @@ class FastLoss:
         value_loss = (err * err).mean()
         self._backward(self.critic, c_inputs, (err * (2.0 * vf_coef / n)).unsqueeze(-1))
 
-        approx_kl = ((ratio - 1.0) - log_ratio).mean()
-        clip_frac = ((ratio - 1.0).abs() > clip_range).float().mean()
+        ratio_m1 = ratio - 1.0
+        approx_kl = (ratio_m1 - log_ratio).mean()
+        clip_frac = (ratio_m1.abs() > clip_range).float().mean()
         return torch.stack([policy_loss, value_loss, entropy.mean(), approx_kl, clip_frac])
 
 

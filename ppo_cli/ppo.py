@@ -100,7 +100,7 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
             if fast_loss is None:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, s.max_grad_norm, foreach=True)
+            grad_norm = clip_grad_norm(params, s.max_grad_norm)
             optimizer.step()
             totals[:5] += stats
             totals[5] += grad_norm.detach()
@@ -111,6 +111,15 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
     out = dict(zip(STAT_NAMES, (totals / max(steps, 1)).tolist(), strict=True))
     out.update(minibatch_steps=float(steps), epochs=float(epochs_done), stopped_early=float(stopped_early))
     return out
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """nn.utils.clip_grad_norm_ (2-norm over all gradients, scaled by max_norm / (norm + 1e-6) when larger) in
+    four ops: one concatenation instead of a norm per tensor, which is what costs on small networks."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.cat([g.reshape(-1) for g in grads]).norm()
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+    return total
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:

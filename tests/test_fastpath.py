@@ -115,3 +115,19 @@ def test_numpy_actor_is_not_used_where_it_does_not_apply():
     assert NumpyActor.build(ActorCritic({"type": "Discrete", "n": 4}, SPACES["Discrete"], [8])) is None
     assert NumpyActor.build(ActorCritic(OBS, {"type": "MultiDiscrete", "shape": [1], "nvec": [2], "start": [0]},
                                         [8])) is None
+
+
+def test_clip_grad_norm_matches_torch():
+    from torch import nn
+
+    from ppo_cli.ppo import clip_grad_norm
+
+    for scale in (0.01, 100.0):  # below and above the limit
+        a = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(5))]
+        b = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(5))]
+        for p, q in zip(a, b, strict=True):
+            p.grad = torch.randn_like(p) * scale
+            q.grad = p.grad.clone()
+        torch.testing.assert_close(clip_grad_norm(a, 0.5), nn.utils.clip_grad_norm_(b, 0.5))
+        for p, q in zip(a, b, strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
