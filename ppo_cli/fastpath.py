@@ -91,7 +91,8 @@ class FastLoss:
         out, a_inputs = self._forward(self.actor, x)
         v_out, c_inputs = self._forward(self.critic, x)
         if normalize_advantage and n > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            std, mean = torch.std_mean(adv)
+            adv = (adv - mean) / (std + 1e-8)
 
         if self.kind == "Discrete":
             logp_all = torch.log_softmax(out, dim=-1)

@@ -82,10 +82,10 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
     n = len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     fast_loss = FastLoss.build(policy, s.clip_range_vf) if fast else None
-    totals = torch.zeros(len(STAT_NAMES), device=batch.obs.device)
+    taken: list[torch.Tensor] = []  # per minibatch step: its 5 statistics and its gradient norm
     steps, epochs_done, stopped_early = 0, 0, False
     for _ in range(s.K_epochs):
-        perm = torch.randperm(n, generator=generator).to(batch.obs.device)
+        perm = torch.randperm(n, generator=generator, device=generator.device)  # a CUDA generator shuffles on the GPU
         shuffled = batch[perm]
         for start in range(0, n, s.batch_size):
             mb = shuffled.slice(start, start + s.batch_size)
@@ -102,13 +102,13 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
                 loss.backward()
             grad_norm = clip_grad_norm(params, s.max_grad_norm)
             optimizer.step()
-            totals[:5] += stats
-            totals[5] += grad_norm.detach()
+            taken += (stats, grad_norm.detach().reshape(1))
             steps += 1
         if stopped_early:
             break
         epochs_done += 1
-    out = dict(zip(STAT_NAMES, (totals / max(steps, 1)).tolist(), strict=True))
+    means = torch.cat(taken).view(steps, len(STAT_NAMES)).mean(0).tolist() if steps else [0.0] * len(STAT_NAMES)
+    out = dict(zip(STAT_NAMES, means, strict=True))
     out.update(minibatch_steps=float(steps), epochs=float(epochs_done), stopped_early=float(stopped_early))
     return out
 
