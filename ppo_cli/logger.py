@@ -9,9 +9,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -30,14 +29,16 @@ class Logger:
             self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
         self.total, self.start_step = total_steps, start_step
         self.log_interval = log_interval
-        self.console = Console(stderr=False)
         use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
-        self.progress: Progress | None = None
+        self.progress: Any = None
         self.started = time.perf_counter()
-        if use_rich:
+        if use_rich:  # imported only here: a run without a terminal (sweeps, CI) does not pay for it
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
             self.progress = Progress(
                 TextColumn("[bold]ppo-train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(stderr=False))
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
 
