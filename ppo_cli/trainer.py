@@ -212,7 +212,6 @@ class Trainer:
             return self._collect_numpy()
         policy, envs, buf, gen, dev = self.policy, self.envs, self.buffer, self.generator, self.device
         obs = self.obs
-        scale_reward = self.reward_scaler
         clock, times = time.perf_counter, self.stage_seconds
         t_policy = t_env = 0.0
         for _ in range(buf.n_steps):
@@ -224,13 +223,10 @@ class Trainer:
             action, logp, value = policy.act_features(x, gen)
             env_action = policy.env_action(action)
             t1 = clock()
-            next_obs, reward, terminated, truncated, info = envs.step(env_action)
+            next_obs, reward, terminated, truncated, ended, info = self._step_envs(env_action)
             t2 = clock()
             t_policy += t1 - t0
             t_env += t2 - t1
-            ended = terminated | truncated
-            if scale_reward is not None:
-                reward = scale_reward(reward, ended)
             buf.add(x, action, logp, value, torch.as_tensor(reward, device=dev),
                     torch.as_tensor(terminated, device=dev), torch.as_tensor(ended, device=dev))
             cut = np.flatnonzero(truncated & ~terminated)
@@ -238,15 +234,26 @@ class Trainer:
                 final_obs = torch.as_tensor(np.stack(info["final_obs"][cut]), device=dev).to(self.obs_dtype)
                 buf.set_final_values(torch.as_tensor(cut, device=dev), policy.value(final_obs))
             if "_episode" in info:
-                finished = info["_episode"]
-                self._episode_returns.extend(info["episode"]["r"][finished].tolist())
-                self._episode_lengths.extend(info["episode"]["l"][finished].tolist())
+                self._record_episodes(info)
             obs = torch.as_tensor(next_obs, device=dev).to(self.obs_dtype)
             self.obs = obs
             self.global_step += envs.num_envs
         times["policy"] += t_policy
         times["env"] += t_env
         return True
+
+    def _record_episodes(self, info: dict[str, Any]) -> None:
+        finished = info["_episode"]
+        self._episode_returns.extend(info["episode"]["r"][finished].tolist())
+        self._episode_lengths.extend(info["episode"]["l"][finished].tolist())
+
+    def _step_envs(self, env_action: np.ndarray) -> tuple[Any, ...]:
+        """envs.step, plus the reward scaling (training rewards only) and the episode-end mask."""
+        next_obs, reward, terminated, truncated, info = self.envs.step(env_action)
+        ended = terminated | truncated
+        if self.reward_scaler is not None:
+            reward = self.reward_scaler(reward, ended)
+        return next_obs, reward, terminated, truncated, ended, info
 
     def _collect_numpy(self) -> bool:
         """_collect with the policy's forward pass and the buffer writes in numpy (same data, less overhead)."""
@@ -258,7 +265,6 @@ class Trainer:
         box = actor.kind == "Box"
         low, high = (self.policy._low, self.policy._high) if box else (None, None)
         shape = (envs.num_envs, *self.action_space["shape"]) if box else None
-        scale_reward = self.reward_scaler
         clock, times = time.perf_counter, self.stage_seconds
         t_policy = t_env = 0.0
         n = envs.num_envs
@@ -272,13 +278,10 @@ class Trainer:
             action, logp, value = actor.act(obs, rng)
             env_action = np.clip(action, low, high).reshape(shape) if box else action
             t1 = clock()
-            next_obs, reward, terminated, truncated, info = envs.step(env_action)
+            next_obs, reward, terminated, truncated, ended, info = self._step_envs(env_action)
             t2 = clock()
             t_policy += t1 - t0
             t_env += t2 - t1
-            ended = terminated | truncated
-            if scale_reward is not None:
-                reward = scale_reward(reward, ended)
             t = buf.step
             b_obs[t], b_act[t], b_logp[t], b_val[t] = obs, action, logp, value
             b_rew[t], b_term[t], b_end[t] = reward, terminated, ended
@@ -289,9 +292,7 @@ class Trainer:
                 final_obs = np.stack(info["final_obs"][cut]).reshape(cut.size, -1).astype(np.float32)
                 b_final[t, cut] = actor.value(final_obs)
             if "_episode" in info:
-                finished = info["_episode"]
-                self._episode_returns.extend(info["episode"]["r"][finished].tolist())
-                self._episode_lengths.extend(info["episode"]["l"][finished].tolist())
+                self._record_episodes(info)
             raw = next_obs
             obs = next_obs.reshape(n, -1).astype(np.float32, copy=False)
             self.global_step += n
