@@ -20,10 +20,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.envs.registration import EnvSpec
-from gymnasium.utils.env_checker import check_env as gym_check_env
 from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.errors import UserError
@@ -92,6 +90,8 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
 
     def make() -> gym.Env:
         env = gym.make(spec, **kwargs)
+        if user_wrappers:
+            from hydra.utils import instantiate  # only runs with env.wrappers need Hydra's instantiate
         for i, wrapper_cfg in enumerate(user_wrappers):
             try:
                 env = instantiate(wrapper_cfg, env=env)
@@ -140,6 +140,8 @@ def _missing_extra(message: str) -> str:
 
 def check_env(env_cfg: DictConfig) -> list[str]:
     """Run gymnasium's env checker on one instance of the user's env; its warnings, or UserError if it fails."""
+    from gymnasium.utils.env_checker import check_env as gym_check_env  # only env.check=true needs it
+
     env = _env_fn(env_cfg)()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

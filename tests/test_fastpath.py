@@ -112,6 +112,7 @@ def test_numpy_actor_is_not_used_where_it_does_not_apply():
     from ppo_cli.fastpath import NumpyActor
 
     assert NumpyActor.build(ActorCritic(OBS, SPACES["Box"], [8], normalize_obs=True)) is None
+    assert NumpyActor.build(ActorCritic(OBS, SPACES["Box"], [256, 256])) is None  # wide: torch acts
     assert NumpyActor.build(ActorCritic({"type": "Discrete", "n": 4}, SPACES["Discrete"], [8])) is None
     assert NumpyActor.build(ActorCritic(OBS, {"type": "MultiDiscrete", "shape": [1], "nvec": [2], "start": [0]},
                                         [8])) is None
