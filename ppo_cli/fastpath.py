@@ -89,7 +89,6 @@ class FastLoss:
         approx_kl, clip_fraction], the same statistics as ppo.minibatch_loss."""
         n = x.shape[0]
         out, a_inputs = self._forward(self.actor, x)
-        v_out, c_inputs = self._forward(self.critic, x)
         if normalize_advantage and n > 1:
             std, mean = torch.std_mean(adv)
             adv = (adv - mean) / (std + 1e-8)
@@ -126,7 +125,9 @@ class FastLoss:
             g_out = g_logp_col * z * inv_std
             self.log_std.grad = (g_logp_col * (z * z - 1.0)).sum(0) - ent_coef
         self._backward(self.actor, a_inputs, g_out)
+        del a_inputs, g_out  # the critic's pass runs after the actor's is freed: half the peak memory
 
+        v_out, c_inputs = self._forward(self.critic, x)
         values = v_out.squeeze(-1)
         err = values - returns
         value_loss = (err * err).mean()
