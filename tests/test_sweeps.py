@@ -131,3 +131,9 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path):
                env={"PYTHONPATH": f"{sitecustomize.parent}:{__import__('tests.conftest').conftest.ROOT}"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "pip install 'ppo-cli[sweep]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_slurm_launcher_without_slurm_is_one_line(tmp_path):
+    proc = cli("ppo-train", "-m", "hydra/launcher=submitit_slurm", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "srun is not on this machine's PATH" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -234,6 +235,9 @@ def check_sweep_plugins(argv: list[str]) -> None:
             if arg.startswith(prefix) and not _installed(module):
                 raise UserError(f"{arg} needs a Hydra plugin that is not installed ({module.split('.')[-1]}); "
                                 f"install the sweep extra: pip install 'ppo-cli[sweep]'")
+        if arg.startswith("hydra/launcher=submitit_slurm") and shutil.which("srun") is None:
+            raise UserError(f"{arg}: Slurm's srun is not on this machine's PATH; run the sweep from a Slurm login "
+                            f"node (hydra/launcher=submitit_local runs the same jobs here)")
 
 
 def main() -> None:
