@@ -279,7 +279,13 @@ def main() -> None:
     EXTRA.extend(args.extra or [])
     if args.worker:
         worker(args)
-    elif args.scaling:
+        return
+    if not args.scaling:
+        try:
+            import stable_baselines3  # noqa: F401
+        except ImportError:
+            raise SystemExit("speed.py compares against Stable-Baselines3: pip install '.[bench]'") from None
+    if args.scaling:
         scaling()
     else:
         compare(args.settings, args.pairs)
