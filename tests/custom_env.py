@@ -105,3 +105,16 @@ class DictActions(Corridor):
 
 gym.register("Corridor-v0", entry_point="tests.custom_env:Corridor", max_episode_steps=40)
 gym.register("Reach-v0", entry_point="tests.custom_env:Reach", max_episode_steps=20)
+
+
+class NoDisplay(Corridor):
+    """Claims rgb_array rendering but fails to render, like MuJoCo without an OpenGL context."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, render_mode=None):
+        super().__init__()
+        self.render_mode = render_mode
+
+    def render(self):
+        raise RuntimeError("no OpenGL context on this machine")

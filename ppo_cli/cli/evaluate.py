@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -90,9 +91,20 @@ def run(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 result = evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
         finally:
-            envs.close()
+            with warnings.catch_warnings():  # a failed recording warns about zero frames; the error says more
+                warnings.simplefilter("ignore")
+                envs.close()
     except gym.error.DependencyNotInstalled as exc:  # rendering for --video needs extra packages
         raise UserError(f"{exc} (for --video: pip install 'ppo-cli[video]')") from None
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - renderers (OpenGL for MuJoCo) fail in many ways
+        if not args.video:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        hint = (" (MuJoCo renders without a display with MUJOCO_GL=egl or MUJOCO_GL=osmesa, which need the "
+                "system's EGL or OSMesa library)" if "OpenGL" in first or "mujoco" in type(exc).__module__ else "")
+        raise UserError(f"--video: {env_cfg.id!r} could not render ({type(exc).__name__}: {first}){hint}") from None
     baseline: EvalResult | None = None
     if not args.no_random_baseline:
         rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs)
