@@ -24,7 +24,7 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, extra_hint
 
 SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete)
@@ -134,7 +134,7 @@ def _missing_extra(message: str) -> str:
     lowered = message.lower()
     for extra, words in (("mujoco", ("mujoco",)), ("box2d", ("box2d", "swig")), ("video", ("pygame",))):
         if any(w in lowered for w in words):
-            return f"{message.split(',')[0].rstrip('.')}; install ppo-cli's extra: pip install 'ppo-cli[{extra}]'"
+            return f"{message.split(',')[0].rstrip('.')}; {extra_hint(extra)}"
     return message
 
 

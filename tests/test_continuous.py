@@ -161,9 +161,9 @@ def test_every_env_preset_trains_a_few_updates(env, tmp_path):
 
 def test_missing_extras_are_named():
     assert _missing_extra('MuJoCo is not installed, run `pip install "gymnasium[mujoco]"`') == \
-        "MuJoCo is not installed; install ppo-cli's extra: pip install 'ppo-cli[mujoco]'"
+        "MuJoCo is not installed; install the 'mujoco' extra: pip install \".[mujoco]\" in the ppo-cli folder"
     assert _missing_extra("Box2D is not installed, you can install it by run `pip install swig` followed by "
-                          '`pip install "gymnasium[box2d]"`').endswith("pip install 'ppo-cli[box2d]'")
+                          '`pip install "gymnasium[box2d]"`').endswith("pip install \".[box2d]\" in the ppo-cli folder")
 
 
 def test_continuous_reach_learns_and_evaluates(tmp_path):

@@ -130,7 +130,7 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path):
     proc = cli("ppo-train", "-m", "hydra/sweeper=ppo_bayes", cwd=tmp_path,
                env={"PYTHONPATH": f"{sitecustomize.parent}:{__import__('tests.conftest').conftest.ROOT}"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "pip install 'ppo-cli[sweep]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "pip install \".[sweep]\"" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_slurm_launcher_without_slurm_is_one_line(tmp_path):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from ppo_cli import checkpoint
 from ppo_cli.config import config_from_yaml
 from ppo_cli.envs import describe_space, make_vec_env
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random
 from ppo_cli.policy import ActorCritic, build_policy
 
@@ -53,7 +53,7 @@ def _video_wrappers(folder: str, episodes: int) -> list:
     try:
         import moviepy  # noqa: F401
     except ImportError:
-        raise UserError("--video needs moviepy: pip install 'ppo-cli[video]'") from None
+        raise UserError(f"--video needs moviepy: {extra_hint('video')}") from None
     Path(folder).mkdir(parents=True, exist_ok=True)
 
     def wrap(env: gym.Env) -> gym.Env:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
                 warnings.simplefilter("ignore")
                 envs.close()
     except gym.error.DependencyNotInstalled as exc:  # rendering for --video needs extra packages
-        raise UserError(f"{exc} (for --video: pip install 'ppo-cli[video]')") from None
+        raise UserError(f"{exc} (for --video: {extra_hint('video')})") from None
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - renderers (OpenGL for MuJoCo) fail in many ways

@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, extra_hint
 
 
 @dataclass
@@ -118,7 +118,7 @@ def plot(jobs: list[Job], keys: list[str], path: Path, top: int) -> str:
     try:
         import matplotlib
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'ppo-cli[sweep]')"
+        return f"no plot: matplotlib is not installed ({extra_hint('sweep')})"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import checkpoint
 from ppo_cli.config import GROUPS, TrainConfig, config_from_yaml, register_configs, validate
 from ppo_cli.envs import check_env, env_label
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
 
 register_configs()
@@ -234,7 +234,7 @@ def check_sweep_plugins(argv: list[str]) -> None:
         for prefix, module in SWEEP_PLUGINS:
             if arg.startswith(prefix) and not _installed(module):
                 raise UserError(f"{arg} needs a Hydra plugin that is not installed ({module.split('.')[-1]}); "
-                                f"install the sweep extra: pip install 'ppo-cli[sweep]'")
+                                f"{extra_hint('sweep')}")
         if arg.startswith("hydra/launcher=submitit_slurm") and shutil.which("srun") is None:
             raise UserError(f"{arg}: Slurm's srun is not on this machine's PATH; run the sweep from a Slurm login "
                             f"node (hydra/launcher=submitit_local runs the same jobs here)")
