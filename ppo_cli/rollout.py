@@ -28,10 +28,15 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     not_end = 1.0 - episode_end
     deltas = rewards + gamma * next_values * not_term - values
     advantages = torch.empty_like(rewards)
-    running = torch.zeros_like(rewards[0])
+    # The backward recursion is T small steps over N envs: on the CPU it runs on numpy views of the same
+    # memory, where each step costs about a microsecond instead of torch's several.
+    on_cpu = rewards.device.type == "cpu"
+    adv, delta, carry = (advantages.numpy(), deltas.numpy(), (gamma * gae_lambda * not_end).numpy()) if on_cpu \
+        else (advantages, deltas, gamma * gae_lambda * not_end)
+    running = delta[-1] * 0
     for t in range(rewards.shape[0] - 1, -1, -1):
-        running = deltas[t] + gamma * gae_lambda * not_end[t] * running
-        advantages[t] = running
+        running = delta[t] + carry[t] * running
+        adv[t] = running
     return advantages, advantages + values
 
 
