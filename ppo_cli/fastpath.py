@@ -139,11 +139,6 @@ class FastLoss:
         return torch.stack([policy_loss, value_loss, entropy.mean(), approx_kl, clip_frac])
 
 
-def total_loss(stats: torch.Tensor, ent_coef: float, vf_coef: float) -> float:
-    """The scalar the gradients belong to, from the statistics (for tests)."""
-    return float(stats[0] + vf_coef * stats[1] - ent_coef * stats[2])
-
-
 
 class NumpyActor:
     """The rollout's forward pass in numpy, on views of the policy's own parameters (CPU only).
