@@ -88,7 +88,7 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
         perm = torch.randperm(n, generator=generator, device=generator.device)  # a CUDA generator shuffles on the GPU
         shuffled = batch[perm]
         for start in range(0, n, s.batch_size):
-            mb = shuffled.slice(start, start + s.batch_size)
+            mb = shuffled[start:start + s.batch_size]
             if fast_loss is not None:
                 stats = fast_loss.loss_and_grads(mb.obs, mb.actions, mb.logp, mb.advantages, mb.returns,
                                                  s.clip_range, s.ent_coef, s.vf_coef, s.normalize_advantage)

@@ -54,14 +54,10 @@ class Batch:
     def __len__(self) -> int:
         return self.obs.shape[0]
 
-    def __getitem__(self, idx: torch.Tensor) -> Batch:
+    def __getitem__(self, idx: torch.Tensor | slice) -> Batch:
+        """Rows by index tensor (a copy) or by slice (views, no copy)."""
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx],
                      self.advantages[idx], self.returns[idx])
-
-    def slice(self, start: int, stop: int) -> Batch:
-        """Rows start:stop as views (no copy)."""
-        return Batch(self.obs[start:stop], self.actions[start:stop], self.logp[start:stop],
-                     self.values[start:stop], self.advantages[start:stop], self.returns[start:stop])
 
 
 class RolloutBuffer:
