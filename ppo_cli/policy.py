@@ -215,9 +215,11 @@ class ActorCritic(nn.Module):
         logp, entropy = self._logp_entropy(out, actions)
         return logp, entropy, value
 
-    def env_action(self, action: torch.Tensor) -> np.ndarray:
-        """The stored action as the env takes it: Box samples clipped to the bounds and reshaped."""
-        a = action.cpu().numpy()
+    def env_action(self, action: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The stored action as the env takes it: Box samples clipped to the bounds and reshaped.
+
+        Takes the torch rollout's tensors and the numpy rollout's arrays alike."""
+        a = action if isinstance(action, np.ndarray) else action.cpu().numpy()
         if self.kind == "Box":
             return np.clip(a, self._low, self._high).reshape(a.shape[0], *self.action_space["shape"])
         if self.kind == "MultiBinary":

@@ -262,9 +262,6 @@ class Trainer:
         b_obs, b_act, b_logp, b_val = (t.numpy() for t in (buf.obs, buf.actions, buf.logp, buf.values))
         b_rew, b_term, b_end, b_final = (t.numpy() for t in (buf.rewards, buf.terminated, buf.episode_end,
                                                               buf.final_values))
-        box = actor.kind == "Box"
-        low, high = (self.policy._low, self.policy._high) if box else (None, None)
-        shape = (envs.num_envs, *self.action_space["shape"]) if box else None
         clock, times = time.perf_counter, self.stage_seconds
         t_policy = t_env = 0.0
         n = envs.num_envs
@@ -276,7 +273,7 @@ class Trainer:
                 return False
             t0 = clock()
             action, logp, value = actor.act(obs, rng)
-            env_action = np.clip(action, low, high).reshape(shape) if box else action
+            env_action = self.policy.env_action(action)
             t1 = clock()
             next_obs, reward, terminated, truncated, ended, info = self._step_envs(env_action)
             t2 = clock()
