@@ -40,7 +40,6 @@ SETTINGS: dict[str, dict] = {
           "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2, "ent_coef": 0.0, "steps": 20_480},
 }
 LR, VF_COEF, MAX_GRAD_NORM = 3e-4, 0.5, 0.5
-STAGES = ("env", "policy", "storage", "advantages", "update", "log_checkpoint")
 
 
 def _peak_rss_mb() -> float:
@@ -207,11 +206,12 @@ def compare(settings: list[str], pairs: int) -> None:
         rss = f"{rss_ours:.0f} / {statistics.median(r['rss_mb'] for r in theirs):.0f} MB"
         print(f"| {name} | {_spread([r['sps'] for r in ours])} | {_spread([r['sps'] for r in theirs])} "
               f"| {ratio:.2f}x | {rss} |")
+    stages = list(rows[0][1][0]["stages"])  # the trainer's own stage names, in its order
     print("\nppo-cli time by stage (share of training time, median over runs):")
-    print("| setting | " + " | ".join(STAGES) + " |")
-    print("|---|" + "---|" * len(STAGES))
+    print("| setting | " + " | ".join(stages) + " |")
+    print("|---|" + "---|" * len(stages))
     for name, ours, _ in rows:
-        shares = [statistics.median(r["stages"][k] / r["wall"] for r in ours) for k in STAGES]
+        shares = [statistics.median(r["stages"][k] / r["wall"] for r in ours) for k in stages]
         print(f"| {name} | " + " | ".join(f"{100 * x:.0f}%" for x in shares) + " |")
     for name, _, _ in rows:
         print(f"  {name}: {SETTINGS[name]['title']}")
@@ -247,7 +247,7 @@ def scaling() -> None:
 
 
 def _stage_line(r: dict) -> str:
-    return " ".join(f"{k} {100 * r['stages'][k] / r['wall']:.0f}%" for k in STAGES)
+    return " ".join(f"{k} {100 * v / r['wall']:.0f}%" for k, v in r["stages"].items())
 
 
 def _cpu_name() -> str:
