@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from ppo_cli.fastpath import FastLoss
+from ppo_cli.fastpath import NumpyLoss
 from ppo_cli.rollout import Batch
 
 
@@ -75,42 +76,117 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
 
     Each epoch permutes the whole batch once and then takes contiguous slices: the same minibatches, in the
     same order, as indexing every minibatch with its slice of the permutation, for one gather per epoch.
-    The loss and gradients come from fastpath.FastLoss where it covers the policy, else from autograd.
+    The loss and gradients come from fastpath.NumpyLoss where it covers the policy, else from autograd.
     Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop never
     waits on a device sync for logging.
     """
     n = len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    fast_loss = FastLoss.build(policy, s.clip_range_vf) if fast else None
-    taken: list[torch.Tensor] = []  # per minibatch step: its 5 statistics and its gradient norm
-    steps, epochs_done, stopped_early = 0, 0, False
+    fast_loss = NumpyLoss.build(policy, s.clip_range_vf) if fast else None
+    flat = fast_loss.flat_grad if fast_loss is not None else None
+    step = (FusedAdamStep.build(optimizer) if fast else None) or optimizer.step
+    taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
+    epochs_done, stopped_early = 0, False
     for _ in range(s.K_epochs):
         perm = torch.randperm(n, generator=generator, device=generator.device)  # a CUDA generator shuffles on the GPU
         shuffled = batch[perm]
+        if flat is not None:
+            columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.advantages,
+                                           shuffled.returns)]
         for start in range(0, n, s.batch_size):
-            mb = shuffled[start:start + s.batch_size]
-            if fast_loss is not None:
-                stats = fast_loss.loss_and_grads(mb.obs, mb.actions, mb.logp, mb.advantages, mb.returns,
-                                                 s.clip_range, s.ent_coef, s.vf_coef, s.normalize_advantage)
+            if flat is not None:
+                stats = fast_loss.loss_and_grads(  # type: ignore[union-attr]
+                    *(c[start:start + s.batch_size] for c in columns), s.clip_range, s.ent_coef, s.vf_coef,
+                    s.normalize_advantage)
             else:
-                loss, stats = minibatch_loss(policy, mb, s)
-            if s.target_kl is not None and stats[3].item() > 1.5 * s.target_kl:
+                loss, stats = minibatch_loss(policy, shuffled[start:start + s.batch_size], s)
+            if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:
                 stopped_early = True
                 break
-            if fast_loss is None:
+            if flat is not None:
+                taken.append(np.append(stats, clip_flat_grad(flat, s.max_grad_norm)))
+            else:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            grad_norm = clip_grad_norm(params, s.max_grad_norm)
-            optimizer.step()
-            taken += (stats, grad_norm.detach().reshape(1))
-            steps += 1
+                taken.append(torch.cat([stats, clip_grad_norm(params, s.max_grad_norm).detach().reshape(1)]))
+            step()
         if stopped_early:
             break
         epochs_done += 1
-    means = torch.cat(taken).view(steps, len(STAT_NAMES)).mean(0).tolist() if steps else [0.0] * len(STAT_NAMES)
+    if not taken:
+        means = [0.0] * len(STAT_NAMES)
+    elif flat is not None:
+        means = np.mean(taken, axis=0).tolist()
+    else:
+        means = torch.stack(taken).mean(0).tolist()
     out = dict(zip(STAT_NAMES, means, strict=True))
-    out.update(minibatch_steps=float(steps), epochs=float(epochs_done), stopped_early=float(stopped_early))
+    out.update(minibatch_steps=float(len(taken)), epochs=float(epochs_done), stopped_early=float(stopped_early))
     return out
+
+
+def clip_flat_grad(flat: np.ndarray, max_norm: float) -> float:
+    """clip_grad_norm on the flat gradient buffer; returns the norm before clipping."""
+    norm = float(np.sqrt(np.dot(flat, flat)))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        flat *= np.float32(coef)
+    return norm
+
+
+class FusedAdamStep:
+    """optimizer.step() of a fused Adam or AdamW, calling its fused kernel directly.
+
+    On small networks Adam.step's Python wrapper (hooks, a profiler scope, grouping tensors by device and
+    dtype, per-group state checks) costs about 40 us per parameter group around a kernel that takes 5; on
+    setting A of benchmarks/speed.py that was an eighth of a minibatch step. This does what torch's fused
+    path does for a plain group (add 1 to the step counts, run the kernel) on torch's own state tensors, so a
+    checkpoint or a later optimizer.step() sees no difference; tests/test_fastpath.py checks it step for step
+    against optimizer.step(). `build` returns None for anything else (no fused kernel, amsgrad, maximize,
+    capturable or differentiable groups, step hooks), and the first call, which creates the state, goes
+    through optimizer.step().
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.groups: list[tuple[dict, list[list[torch.Tensor]]]] | None = None  # state tensors per group
+
+    @classmethod
+    def build(cls, optimizer: torch.optim.Optimizer) -> FusedAdamStep | None:
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not hasattr(torch, "_fused_adam_"):
+            return None
+        if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            return None
+        for g in optimizer.param_groups:
+            if not g.get("fused") or g["amsgrad"] or g["maximize"] or g["capturable"] or g["differentiable"]:
+                return None
+        return cls(optimizer)
+
+    def _state_lists(self) -> list[tuple[dict, list[list[torch.Tensor]]]] | None:
+        out = []
+        for group in self.optimizer.param_groups:
+            params = group["params"]
+            states = [self.optimizer.state.get(p) for p in params]
+            if any(not st for st in states):
+                return None
+            out.append((group, [params, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                                [st["step"] for st in states]]))
+        return out
+
+    def __call__(self) -> None:
+        if self.groups is None:
+            self.groups = self._state_lists()
+            if self.groups is None:
+                self.optimizer.step()
+                return
+        decoupled = isinstance(self.optimizer, torch.optim.AdamW)
+        for group, (params, exp_avgs, exp_avg_sqs, steps) in self.groups:
+            grads = [p.grad for p in params]  # autograd gives new tensors every step
+            torch._foreach_add_(steps, 1)
+            kernel = torch._fused_adamw_ if decoupled or group.get("decoupled_weight_decay") else torch._fused_adam_
+            beta1, beta2 = group["betas"]
+            kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                   beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                   grad_scale=None, found_inf=None)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
