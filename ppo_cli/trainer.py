@@ -25,11 +25,19 @@ from ppo_cli.config import choice
 from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, evaluate
-from ppo_cli.fastpath import NumpyActor
+from ppo_cli.fastpath import NumpyActor, NumpyLoss
 from ppo_cli.logger import Logger
 from ppo_cli.normalize import RewardScaler
 from ppo_cli.policy import ActorCritic, build_policy, observation_dim
-from ppo_cli.ppo import STAT_NAMES, UpdateSettings, explained_variance, make_optimizer, update
+from ppo_cli.ppo import (
+    STAT_NAMES,
+    UpdateSettings,
+    compile_loss,
+    explained_variance,
+    make_optimizer,
+    minibatch_loss,
+    update,
+)
 from ppo_cli.rollout import RolloutBuffer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -118,6 +126,14 @@ class Trainer:
         # The rollout acts in numpy where it can (CPU, plain MLP; see fastpath.NumpyActor), drawing its action
         # samples from np_rng; otherwise it acts through torch with `generator`. Both states are checkpointed.
         self.numpy_actor = NumpyActor.build(self.policy) if cfg.fast_rollout else None
+        self.loss_fn = minibatch_loss
+        self.notes: list[str] = []
+        if cfg.torch_compile:
+            if NumpyLoss.applies(self.policy, a.clip_range_vf):
+                self.notes.append("note: torch_compile=true has no effect: the numpy update path covers this policy, "
+                                  "and is faster than the compiled autograd loss (README: Speed)")
+            else:
+                self.loss_fn = compile_loss()
         self.np_rng = np.random.default_rng(cfg.seed)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
@@ -126,7 +142,6 @@ class Trainer:
         self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._stop_signal: int | None = None
-        self.notes: list[str] = []
         self.eval_envs: Any = None
         self.best_eval: dict[str, Any] | None = None
         self.eval_seconds = 0.0
@@ -329,7 +344,7 @@ class Trainer:
                     batch = self.buffer.advantages(self.policy.value(self.obs), a.gamma, a.gae_lambda)
                 t_adv = time.perf_counter()
                 self.stage_seconds["advantages"] += t_adv - t_collected
-                stats = update(self.policy, self.optimizer, batch, settings, self.generator)
+                stats = update(self.policy, self.optimizer, batch, settings, self.generator, loss_fn=self.loss_fn)
                 t_update = time.perf_counter()
                 self.stage_seconds["update"] += t_update - t_adv
                 bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]

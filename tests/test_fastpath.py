@@ -167,3 +167,38 @@ def test_fused_adam_step_is_not_used_where_it_does_not_apply():
     hooked = torch.optim.Adam(params, fused=True)
     hooked.register_step_post_hook(lambda *_: None)
     assert FusedAdamStep.build(hooked) is None
+
+
+def test_torch_compile_compiles_the_autograd_loss_and_says_when_it_has_no_effect(tmp_path):
+    from ppo_cli.ppo import minibatch_loss
+    from ppo_cli.trainer import Trainer
+    from tests.conftest import TINY, make_cfg
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Trainer(make_cfg(*TINY, "network.shared_trunk=true", "network.net_arch=[16]", "torch_compile=true",
+                                "algo.total_timesteps=128", "eval.final=false"), tmp_path / "a")
+    assert compiled.loss_fn is not minibatch_loss and not compiled.notes
+    result = compiled.run()
+    assert result.global_step == 128
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the loss really went through dynamo
+
+    plain = Trainer(make_cfg(*TINY, "torch_compile=true"), tmp_path / "b")
+    assert plain.loss_fn is minibatch_loss
+    assert any("torch_compile=true has no effect" in note for note in plain.notes)
+
+
+def test_a_loss_that_cannot_be_compiled_is_one_clear_error(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from ppo_cli.errors import UserError
+    from ppo_cli.ppo import compile_loss
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler-here",))
+    policy, mb = _setup("Discrete", "tanh")
+    s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 1, 64, True, None)
+    with pytest.raises(UserError, match="torch_compile=true: torch.compile could not compile the loss"):
+        compile_loss()(policy, mb, s)
+    torch._dynamo.reset()
