@@ -211,13 +211,16 @@ class FusedAdamStep:
             if self.groups is None:
                 self.optimizer.step()
                 return
+        grads = [[p.grad for p in params] for _, (params, *_) in self.groups]  # autograd's are new every step
+        if any(g is None for group_grads in grads for g in group_grads):
+            self.optimizer.step()  # torch skips parameters without a gradient; so does its own step
+            return
         decoupled = isinstance(self.optimizer, torch.optim.AdamW)
-        for group, (params, exp_avgs, exp_avg_sqs, steps) in self.groups:
-            grads = [p.grad for p in params]  # autograd gives new tensors every step
+        for (group, (params, exp_avgs, exp_avg_sqs, steps)), group_grads in zip(self.groups, grads, strict=True):
             torch._foreach_add_(steps, 1)
             kernel = torch._fused_adamw_ if decoupled or group.get("decoupled_weight_decay") else torch._fused_adam_
             beta1, beta2 = group["betas"]
-            kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+            kernel(params, group_grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
                    grad_scale=None, found_inf=None)
 
