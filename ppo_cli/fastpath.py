@@ -91,19 +91,21 @@ class NumpyMLP:
             result.append(h)
         return result
 
-    def backward(self, x: np.ndarray, outs: list[np.ndarray], g: np.ndarray, grads: list[tuple[np.ndarray, np.ndarray]],
-                 scratch: list[np.ndarray]) -> None:
-        """Write dL/dW and dL/db of every layer into `grads`, given dL/d(output) `g` and the forward's `outs`."""
+    def backward(self, x: np.ndarray, outs: list[np.ndarray], g: np.ndarray,
+                 grads: list[tuple[np.ndarray, np.ndarray]], scratch: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write dL/dW and dL/db of every layer into `grads`, given dL/d(output) `g` and the forward's `outs`;
+        `scratch` holds two arrays shaped like each hidden layer's output."""
         for i in range(len(self.weights) - 1, -1, -1):
             inp = outs[i - 1] if i else x
             grad_w, grad_b = grads[i]
             np.matmul(g.T, inp, out=grad_w)
             np.sum(g, axis=0, out=grad_b)
             if i:
-                g_in = np.matmul(g, self.weights[i], out=scratch[i - 1])
+                g_in, tmp = scratch[i - 1]
+                np.matmul(g, self.weights[i], out=g_in)
                 # d(activation)/d(pre-activation), from the output: 1 - out^2, or the sign of out
                 if self.activation == "tanh":
-                    tmp = np.multiply(inp, inp, out=scratch[len(self.weights) - 1 + i - 1])
+                    np.multiply(inp, inp, out=tmp)
                     np.subtract(1.0, tmp, out=tmp)
                     g_in *= tmp
                 elif self.activation == "relu":
@@ -127,7 +129,7 @@ class NumpyLoss:
         self.flat_grad = flat_grads(list(policy.parameters())).numpy()
         self.actor_grads, self.critic_grads = self._grad_views(self.actor), self._grad_views(self.critic)
         self.log_std_grad = _view(policy.log_std.grad) if policy.kind == "Box" else None
-        self._buffers: dict[int, tuple[list[np.ndarray], ...]] = {}
+        self._buffers: dict[int, tuple[list, ...]] = {}
 
     @staticmethod
     def applies(policy: nn.Module, clip_range_vf: float | None) -> bool:
@@ -143,13 +145,14 @@ class NumpyLoss:
     def _grad_views(self, net: NumpyMLP) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(_view(layer.weight.grad), _view(layer.bias.grad)) for layer in net.layers]  # type: ignore[arg-type]
 
-    def _buffers_for(self, n: int) -> tuple[list[np.ndarray], ...]:
+    def _buffers_for(self, n: int) -> tuple[list, ...]:
         """Layer outputs and backward scratch of both networks for minibatches of n, allocated once."""
         if n not in self._buffers:
-            def alloc(net: NumpyMLP) -> tuple[list[np.ndarray], list[np.ndarray]]:
+            def alloc(net: NumpyMLP) -> tuple[list, list]:
                 widths = [w.shape[0] for w in net.weights]
                 outs = [np.empty((n, w), np.float32) for w in widths]
-                return outs, [np.empty((n, w), np.float32) for w in widths[:-1] * 2]
+                scratch = [(np.empty((n, w), np.float32), np.empty((n, w), np.float32)) for w in widths[:-1]]
+                return outs, scratch
 
             self._buffers[n] = (*alloc(self.actor), *alloc(self.critic))
         return self._buffers[n]
