@@ -131,7 +131,8 @@ class TrainConfig:
     device: Device = Device.auto
     torch_threads: int = 1
     fast_rollout: bool = True  # act in numpy where the policy allows it (CPU, plain MLP); false: always torch
-    torch_compile: bool = False  # torch.compile the autograd loss (where the numpy update path does not apply)
+    fast_update: bool = True  # loss and gradients in numpy where the policy allows it (CPU); false: autograd
+    torch_compile: bool = False  # torch.compile the autograd loss (where the numpy update path does not run)
     log_interval: int = 1
     checkpoint_interval: int = 10
     resume: str | None = None

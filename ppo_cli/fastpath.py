@@ -10,9 +10,10 @@ products on numpy views of the parameters' and gradients' memory: the optimizer 
 the arrays see every in-place optimizer step, without a copy either way. Layer outputs and backward scratch live
 in buffers allocated once per minibatch size, so a long run does not grow the heap.
 
-`NumpyLoss.build` returns None for anything it does not cover (a shared trunk, clip_range_vf, a non-MLP
-module, parameters off the CPU or not float32), and `ppo.update` then uses autograd. tests/test_fastpath.py
-checks losses and every gradient against autograd for each activation and action head.
+`NumpyLoss.build` returns None for anything it does not cover (a module that is not ppo-cli's MLP
+actor-critic, parameters off the CPU or not float32), and `ppo.update` then uses autograd.
+tests/test_fastpath.py checks losses and every gradient against autograd for each activation, action head,
+shared or separate trunks, and clip_range_vf.
 
 The gradient of -min(r A, clip(r) A) with respect to r is -A where the unclipped term is the smaller (or they
 are equal) and -A * [1-eps <= r <= 1+eps] elsewhere; autograd splits exact ties half and half between the two
@@ -20,6 +21,8 @@ branches, which gives the same total whenever it matters (a tie with r outside t
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +34,13 @@ _SLOPE = np.float32(0.01)  # nn.LeakyReLU's default negative slope, which policy
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu"}
 
 
-def _linears(trunk: nn.Sequential, head: nn.Linear) -> list[nn.Linear]:
-    return [m for m in trunk if isinstance(m, nn.Linear)] + [head]
+def _linears(trunk: nn.Sequential, head: nn.Linear | None) -> list[nn.Linear]:
+    return [m for m in trunk if isinstance(m, nn.Linear)] + ([head] if head is not None else [])
 
 
 def _mlp_activation(policy: nn.Module) -> str | None:
-    """The one activation of a plain separate-trunk MLP actor-critic on CPU float32 parameters, else None."""
-    if not isinstance(policy, ActorCritic) or policy.shared_trunk:
+    """The one activation of a plain MLP actor-critic on CPU float32 parameters, else None."""
+    if not isinstance(policy, ActorCritic):
         return None
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in policy.parameters()):
         return None
@@ -61,13 +64,15 @@ def flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
 
 
 class NumpyMLP:
-    """Linear layers with one activation between them, on numpy views of the torch parameters."""
+    """Linear layers with one activation between them (and after the last, for a shared trunk), on numpy views
+    of the torch parameters."""
 
-    def __init__(self, layers: list[nn.Linear], activation: str) -> None:
+    def __init__(self, layers: list[nn.Linear], activation: str, activate_last: bool = False) -> None:
         self.layers = layers
         self.weights = [_view(layer.weight) for layer in layers]  # [out, in], as torch stores them
         self.biases = [_view(layer.bias) for layer in layers]
         self.activation = activation
+        self.activate_last = activate_last
 
     def _activate(self, h: np.ndarray) -> None:
         if self.activation == "tanh":
@@ -77,25 +82,42 @@ class NumpyMLP:
         else:  # leaky_relu(h) = max(h, slope * h) for a slope below 1
             np.maximum(h, _SLOPE * h, out=h)
 
+    def _activation_grad(self, g: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
+        """g *= d(activation)/d(pre-activation), from the activation's output: 1 - out^2, or the sign of out."""
+        if self.activation == "tanh":
+            np.multiply(out, out, out=tmp)
+            np.subtract(1.0, tmp, out=tmp)
+            g *= tmp
+        elif self.activation == "relu":
+            g *= out > 0
+        else:
+            g *= np.where(out > 0, np.float32(1.0), _SLOPE)
+
     def forward(self, x: np.ndarray, outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Every layer's output, the network's output last; written into `outs` when given."""
         h, result = x, []
+        last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if outs is None:
                 h = h @ w.T
             else:
                 h = np.matmul(h, w.T, out=outs[i])
             h += b
-            if i < len(self.weights) - 1:
+            if i < last or self.activate_last:
                 self._activate(h)
             result.append(h)
         return result
 
     def backward(self, x: np.ndarray, outs: list[np.ndarray], g: np.ndarray,
-                 grads: list[tuple[np.ndarray, np.ndarray]], scratch: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Write dL/dW and dL/db of every layer into `grads`, given dL/d(output) `g` and the forward's `outs`;
-        `scratch` holds two arrays shaped like each hidden layer's output."""
-        for i in range(len(self.weights) - 1, -1, -1):
+                 grads: list[tuple[np.ndarray, np.ndarray]], scratch: list[tuple[np.ndarray, np.ndarray]],
+                 input_grad: np.ndarray | None = None) -> None:
+        """Write dL/dW and dL/db of every layer into `grads`, given dL/d(output) `g` (overwritten) and the
+        forward's `outs`, and dL/dx into `input_grad` when given. `scratch` holds two arrays shaped like each
+        layer's output but the last (and the last's too, for activate_last)."""
+        last = len(self.weights) - 1
+        if self.activate_last:
+            self._activation_grad(g, outs[last], scratch[last][1])
+        for i in range(last, -1, -1):
             inp = outs[i - 1] if i else x
             grad_w, grad_b = grads[i]
             np.matmul(g.T, inp, out=grad_w)
@@ -103,68 +125,86 @@ class NumpyMLP:
             if i:
                 g_in, tmp = scratch[i - 1]
                 np.matmul(g, self.weights[i], out=g_in)
-                # d(activation)/d(pre-activation), from the output: 1 - out^2, or the sign of out
-                if self.activation == "tanh":
-                    np.multiply(inp, inp, out=tmp)
-                    np.subtract(1.0, tmp, out=tmp)
-                    g_in *= tmp
-                elif self.activation == "relu":
-                    g_in *= inp > 0
-                else:
-                    g_in *= np.where(inp > 0, np.float32(1.0), _SLOPE)
+                self._activation_grad(g_in, inp, tmp)
                 g = g_in
+            elif input_grad is not None:
+                np.matmul(g, self.weights[0], out=input_grad)
 
 
 class NumpyLoss:
-    """The PPO loss of one minibatch and its gradients, written into the parameters' .grad memory."""
+    """The PPO loss of one minibatch and its gradients, written into the parameters' .grad memory.
+
+    With separate trunks, `actor` and `critic` are whole MLPs on the features; with a shared trunk, `trunk`
+    maps the features to the hidden output both heads read, and `actor` and `critic` are the single head
+    layers, whose input gradients add up on the way back into the trunk.
+    """
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
-        self.actor = NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation)
-        self.critic = NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation)
+        if policy.shared_trunk:
+            self.trunk: NumpyMLP | None = NumpyMLP(_linears(policy.actor_trunk, None), activation, activate_last=True)
+            self.actor = NumpyMLP([policy.policy_head], activation)
+            self.critic = NumpyMLP([policy.value_head], activation)
+        else:
+            self.trunk = None
+            self.actor = NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation)
+            self.critic = NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation)
         self.kind = policy.kind
         self.log_std = _view(policy.log_std) if policy.kind == "Box" else None
         self.splits = np.cumsum(policy.nvec)[:-1] if policy.kind == "MultiDiscrete" else None
         # Every gradient is a view of one flat buffer: the loss writes into the views, the optimizer reads the
         # parameters' .grad, and the gradient clip is one norm and one scale over the buffer.
         self.flat_grad = flat_grads(list(policy.parameters())).numpy()
-        self.actor_grads, self.critic_grads = self._grad_views(self.actor), self._grad_views(self.critic)
+        self.grads = {name: [(_view(m.weight.grad), _view(m.bias.grad)) for m in net.layers]  # type: ignore[arg-type]
+                      for name, net in (("trunk", self.trunk), ("actor", self.actor), ("critic", self.critic))
+                      if net is not None}
         self.log_std_grad = _view(policy.log_std.grad) if policy.kind == "Box" else None
-        self._buffers: dict[int, tuple[list, ...]] = {}
+        self._buffers: dict[int, dict[str, Any]] = {}
 
     @staticmethod
-    def applies(policy: nn.Module, clip_range_vf: float | None) -> bool:
-        return _mlp_activation(policy) is not None and clip_range_vf is None
+    def applies(policy: nn.Module) -> bool:
+        return _mlp_activation(policy) is not None
 
     @classmethod
-    def build(cls, policy: nn.Module, clip_range_vf: float | None) -> NumpyLoss | None:
+    def build(cls, policy: nn.Module) -> NumpyLoss | None:
         """The loss for `policy`, which takes over its .grad tensors; None where autograd must do it."""
-        if not cls.applies(policy, clip_range_vf):
+        if not cls.applies(policy):
             return None
         return cls(policy, _mlp_activation(policy))  # type: ignore[arg-type]
 
-    def _grad_views(self, net: NumpyMLP) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(_view(layer.weight.grad), _view(layer.bias.grad)) for layer in net.layers]  # type: ignore[arg-type]
-
-    def _buffers_for(self, n: int) -> tuple[list, ...]:
-        """Layer outputs and backward scratch of both networks for minibatches of n, allocated once."""
+    def _buffers_for(self, n: int) -> dict[str, Any]:
+        """Layer outputs and backward scratch of every network for minibatches of n, allocated once."""
         if n not in self._buffers:
-            def alloc(net: NumpyMLP) -> tuple[list, list]:
+            def alloc(net: NumpyMLP | None) -> tuple[list, list]:
+                if net is None:
+                    return [], []
                 widths = [w.shape[0] for w in net.weights]
                 outs = [np.empty((n, w), np.float32) for w in widths]
-                scratch = [(np.empty((n, w), np.float32), np.empty((n, w), np.float32)) for w in widths[:-1]]
+                scratch = [(np.empty((n, w), np.float32), np.empty((n, w), np.float32))
+                           for w in (widths if net.activate_last else widths[:-1])]
                 return outs, scratch
 
-            self._buffers[n] = (*alloc(self.actor), *alloc(self.critic))
+            b = {name: alloc(net) for name, net in (("trunk", self.trunk), ("actor", self.actor),
+                                                     ("critic", self.critic))}
+            if self.trunk is not None:  # dL/d(trunk output) from each head
+                width = self.trunk.weights[-1].shape[0]
+                b["head_grads"] = (np.empty((n, width), np.float32), np.empty((n, width), np.float32))
+            self._buffers[n] = b
         return self._buffers[n]
 
-    def loss_and_grads(self, x: np.ndarray, actions: np.ndarray, old_logp: np.ndarray, adv: np.ndarray,
-                       returns: np.ndarray, clip_range: float, ent_coef: float, vf_coef: float,
-                       normalize_advantage: bool) -> np.ndarray:
+    def loss_and_grads(self, x: np.ndarray, actions: np.ndarray, old_logp: np.ndarray, old_values: np.ndarray,
+                       adv: np.ndarray, returns: np.ndarray, clip_range: float, clip_range_vf: float | None,
+                       ent_coef: float, vf_coef: float, normalize_advantage: bool) -> np.ndarray:
         """Overwrite .grad of every parameter with d(loss)/d(param) and return [policy_loss, value_loss,
         entropy, approx_kl, clip_fraction], as ppo.minibatch_loss does."""
         n = x.shape[0]
-        a_outs, a_scratch, c_outs, c_scratch = self._buffers_for(n)
-        out = self.actor.forward(x, a_outs)[-1]
+        buf = self._buffers_for(n)
+        (a_outs, a_scratch), (c_outs, c_scratch) = buf["actor"], buf["critic"]
+        a_in_grad = c_in_grad = None
+        features = x
+        if self.trunk is not None:
+            features = self.trunk.forward(x, buf["trunk"][0])[-1]
+            a_in_grad, c_in_grad = buf["head_grads"]
+        out = self.actor.forward(features, a_outs)[-1]
         if normalize_advantage and n > 1:  # unbiased std, as torch's; ndarray.mean/std cost ~10 us each here
             centred = adv - np.add.reduce(adv) / np.float32(n)
             adv = centred / (np.sqrt(np.dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
@@ -180,18 +220,37 @@ class NumpyLoss:
         counts = (surr1 <= surr2) | (clipped == ratio)
         g_logp = surr1 * counts * np.float32(-1.0 / n)
         g_out = self._head_grad(head, actions, g_logp, np.float32(ent_coef / n))
-        self.actor.backward(x, a_outs, g_out, self.actor_grads, a_scratch)
+        self.actor.backward(features, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
 
-        values = self.critic.forward(x, c_outs)[-1][:, 0]
-        err = values - returns
-        value_loss = np.dot(err, err) / n
-        g_value = (err * np.float32(2.0 * vf_coef / n))[:, None]
-        self.critic.backward(x, c_outs, g_value, self.critic_grads, c_scratch)
+        values = self.critic.forward(features, c_outs)[-1][:, 0]
+        value_loss, g_values = self._value_loss(values, old_values, returns, clip_range_vf)
+        g_value = (g_values * np.float32(vf_coef / n))[:, None]
+        self.critic.backward(features, c_outs, g_value, self.grads["critic"], c_scratch, c_in_grad)
+        if self.trunk is not None:
+            a_in_grad += c_in_grad
+            self.trunk.backward(x, buf["trunk"][0], a_in_grad, self.grads["trunk"], buf["trunk"][1])
 
         ratio_m1 = ratio - 1.0
         approx_kl = np.add.reduce(ratio_m1 - log_ratio) / n
         clip_frac = np.count_nonzero(np.abs(ratio_m1) > clip_range) / n
         return np.array([policy_loss, value_loss, np.add.reduce(entropy) / n, approx_kl, clip_frac])
+
+    @staticmethod
+    def _value_loss(values: np.ndarray, old_values: np.ndarray, returns: np.ndarray,
+                    clip_range_vf: float | None) -> tuple[float, np.ndarray]:
+        """ppo.value_loss and its gradient times n: 2 (V - R), or for the clipped form the gradient of the
+        larger error (half of each where they tie, as autograd splits torch.max) with clamp's zero gradient
+        outside the clip range."""
+        err = values - returns
+        n = len(values)
+        if clip_range_vf is None:
+            return float(np.dot(err, err)) / n, 2.0 * err
+        delta = values - old_values
+        err_c = old_values + np.clip(delta, -clip_range_vf, clip_range_vf) - returns
+        sq, sq_c = err * err, err_c * err_c
+        g, g_c = 2.0 * err, 2.0 * err_c * (np.abs(delta) <= clip_range_vf)
+        grad = np.where(sq > sq_c, g, np.where(sq < sq_c, g_c, 0.5 * (g + g_c)))
+        return float(np.add.reduce(np.maximum(sq, sq_c))) / n, grad.astype(np.float32, copy=False)
 
     # --- the action heads: log-prob and entropy of each sample, and their gradient w.r.t. the head output -----
     def _head(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -265,7 +324,7 @@ class NumpyActor:
     @classmethod
     def build(cls, policy: nn.Module) -> NumpyActor | None:
         activation = _mlp_activation(policy)
-        if activation is None or policy.obs_norm is not None or policy.one_hot_obs:  # type: ignore[union-attr]
+        if activation is None or policy.shared_trunk or policy.obs_norm is not None or policy.one_hot_obs:  # type: ignore[union-attr]
             return None
         if policy.kind not in ("Discrete", "Box"):  # type: ignore[union-attr]
             return None

@@ -115,7 +115,7 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
     """
     n = len(batch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    fast_loss = NumpyLoss.build(policy, s.clip_range_vf) if fast else None
+    fast_loss = NumpyLoss.build(policy) if fast else None
     flat = fast_loss.flat_grad if fast_loss is not None else None
     step = (FusedAdamStep.build(optimizer) if fast else None) or optimizer.step
     taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
@@ -124,13 +124,13 @@ def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s:
         perm = torch.randperm(n, generator=generator, device=generator.device)  # a CUDA generator shuffles on the GPU
         shuffled = batch[perm]
         if flat is not None:
-            columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.advantages,
-                                           shuffled.returns)]
+            columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.values,
+                                           shuffled.advantages, shuffled.returns)]
         for start in range(0, n, s.batch_size):
             if flat is not None:
                 stats = fast_loss.loss_and_grads(  # type: ignore[union-attr]
-                    *(c[start:start + s.batch_size] for c in columns), s.clip_range, s.ent_coef, s.vf_coef,
-                    s.normalize_advantage)
+                    *(c[start:start + s.batch_size] for c in columns), s.clip_range, s.clip_range_vf, s.ent_coef,
+                    s.vf_coef, s.normalize_advantage)
             else:
                 loss, stats = loss_fn(policy, shuffled[start:start + s.batch_size], s)
             if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:

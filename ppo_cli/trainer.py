@@ -129,9 +129,9 @@ class Trainer:
         self.loss_fn = minibatch_loss
         self.notes: list[str] = []
         if cfg.torch_compile:
-            if NumpyLoss.applies(self.policy, a.clip_range_vf):
-                self.notes.append("note: torch_compile=true has no effect: the numpy update path covers this policy, "
-                                  "and is faster than the compiled autograd loss (README: Speed)")
+            if cfg.fast_update and NumpyLoss.applies(self.policy):
+                self.notes.append("note: torch_compile=true has no effect: the numpy update (fast_update=true) "
+                                  "covers this policy and is faster than the compiled autograd loss (README: Speed)")
             else:
                 self.loss_fn = compile_loss()
         self.np_rng = np.random.default_rng(cfg.seed)
@@ -344,7 +344,8 @@ class Trainer:
                     batch = self.buffer.advantages(self.policy.value(self.obs), a.gamma, a.gae_lambda)
                 t_adv = time.perf_counter()
                 self.stage_seconds["advantages"] += t_adv - t_collected
-                stats = update(self.policy, self.optimizer, batch, settings, self.generator, loss_fn=self.loss_fn)
+                stats = update(self.policy, self.optimizer, batch, settings, self.generator, fast=self.cfg.fast_update,
+                               loss_fn=self.loss_fn)
                 t_update = time.perf_counter()
                 self.stage_seconds["update"] += t_update - t_adv
                 bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]

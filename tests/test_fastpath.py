@@ -7,7 +7,7 @@ import torch
 
 from ppo_cli.fastpath import NumpyLoss
 from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import UpdateSettings, minibatch_loss, update
+from ppo_cli.ppo import UpdateSettings, make_optimizer, minibatch_loss, update
 from ppo_cli.rollout import Batch
 
 OBS = {"type": "Box", "shape": [5]}
@@ -17,9 +17,10 @@ SPACES = {"Discrete": {"type": "Discrete", "n": 3},
           "MultiBinary": {"type": "MultiBinary", "shape": [4]}}
 
 
-def _setup(kind, activation, widths=(16, 8), seed=0):
+def _setup(kind, activation, widths=(16, 8), seed=0, shared_trunk=False):
     torch.manual_seed(seed)
-    policy = ActorCritic(OBS, SPACES[kind], list(widths), activation, "orthogonal", log_std_init=-0.3)
+    policy = ActorCritic(OBS, SPACES[kind], list(widths), activation, "orthogonal", shared_trunk=shared_trunk,
+                         log_std_init=-0.3)
     for p in policy.parameters():  # move away from the init so every gradient is non-trivial
         p.data.add_(0.3 * torch.randn_like(p))
     n = 64
@@ -28,36 +29,54 @@ def _setup(kind, activation, widths=(16, 8), seed=0):
         actions, logp, values = policy.act_features(x, torch.Generator().manual_seed(seed))
         # Old log-probs off by up to +-0.3: ratios inside and outside the clip range, both signs of advantage.
         old_logp = logp + 0.3 * (2 * torch.rand(n) - 1)
-    batch = Batch(x, actions, old_logp, values, torch.randn(n), values + torch.randn(n))
+        # Old values off by N(0, 0.3): value changes inside and outside a clip_range_vf of 0.2.
+        old_values = values + 0.3 * torch.randn(n)
+    batch = Batch(x, actions, old_logp, old_values, torch.randn(n), values + torch.randn(n))
     return policy, batch
+
+
+def _numpy_loss(fast, mb, s):
+    return fast.loss_and_grads(mb.obs.numpy(), mb.actions.numpy(), mb.logp.numpy(), mb.values.numpy(),
+                               mb.advantages.numpy(), mb.returns.numpy(), s.clip_range, s.clip_range_vf, s.ent_coef,
+                               s.vf_coef, s.normalize_advantage)
+
+
+VARIANTS = {  # (shared_trunk, clip_range_vf, normalize_advantage)
+    "separate": (False, None, True), "unnormalized": (False, None, False), "shared": (True, None, True),
+    "clip_vf": (False, 0.2, True), "shared_clip_vf": (True, 0.2, False)}
 
 
 @pytest.mark.parametrize("kind", list(SPACES))
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
-@pytest.mark.parametrize("normalize_advantage", [True, False])
-def test_gradients_equal_autograd(kind, activation, normalize_advantage):
-    policy, mb = _setup(kind, activation)
-    s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 1, 64, normalize_advantage, None)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_equal_autograd(kind, activation, variant):
+    shared, clip_vf, normalize = VARIANTS[variant]
+    policy, mb = _setup(kind, activation, shared_trunk=shared)
+    s = UpdateSettings(0.1, clip_vf, 0.01, 0.5, 0.5, 1, 64, normalize, None)
     loss, ref_stats = minibatch_loss(policy, mb, s)
     policy.zero_grad(set_to_none=True)
     loss.backward()
     ref = {name: p.grad.clone() for name, p in policy.named_parameters()}
     assert 0.05 < float(ref_stats[4]) < 0.95  # some ratios clipped, some not: both gradient branches run
-    fast = NumpyLoss.build(policy, None)
+    if clip_vf is not None:  # both branches of the clipped value loss run too
+        moved = (policy.evaluate(mb.obs, mb.actions)[2] - mb.values).abs().detach()
+        assert (moved > clip_vf).any() and (moved < clip_vf).any()
+    fast = NumpyLoss.build(policy)
     fast.flat_grad.fill(np.nan)  # every gradient must be written, not accumulated
-    stats = fast.loss_and_grads(mb.obs.numpy(), mb.actions.numpy(), mb.logp.numpy(), mb.advantages.numpy(),
-                                mb.returns.numpy(), s.clip_range, s.ent_coef, s.vf_coef, s.normalize_advantage)
+    stats = _numpy_loss(fast, mb, s)
     np.testing.assert_allclose(stats, ref_stats.numpy(), rtol=1e-5, atol=1e-6)
     for name, p in policy.named_parameters():
         torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_full_update_matches_autograd_update():
-    s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 3, 16, True, None)
+@pytest.mark.parametrize("variant", ["separate", "shared_clip_vf"])
+def test_full_update_matches_autograd_update(variant):
+    shared, clip_vf, normalize = VARIANTS[variant]
+    s = UpdateSettings(0.1, clip_vf, 0.01, 0.5, 0.5, 3, 16, normalize, None)
     results = []
-    for fast in (False, True):
-        policy, batch = _setup("Discrete", "tanh")
-        opt = torch.optim.Adam(policy.parameters(), lr=3e-4, eps=1e-5)
+    for fast in (False, True):  # autograd + optimizer.step(), against NumpyLoss + FusedAdamStep
+        policy, batch = _setup("Discrete", "tanh", shared_trunk=shared)
+        opt = make_optimizer(policy, "adam", 3e-4, 1e-3, 1e-5, 0.0)
         stats = update(policy, opt, batch, s, torch.Generator().manual_seed(0), fast=fast)
         results.append((stats, [p.detach().clone() for p in policy.parameters()]))
     (ref_stats, ref_params), (stats, params) = results
@@ -67,12 +86,9 @@ def test_full_update_matches_autograd_update():
 
 
 def test_unsupported_cases_fall_back_to_autograd():
-    shared = ActorCritic(OBS, SPACES["Discrete"], [8], shared_trunk=True)
-    plain = ActorCritic(OBS, SPACES["Discrete"], [8])
-    assert NumpyLoss.build(shared, None) is None
-    assert NumpyLoss.build(ActorCritic(OBS, SPACES["Discrete"], [8]).double(), None) is None
-    assert NumpyLoss.build(plain, 0.2) is None  # clip_range_vf
-    assert NumpyLoss.build(plain, None) is not None
+    assert NumpyLoss.build(ActorCritic(OBS, SPACES["Discrete"], [8]).double()) is None
+    assert NumpyLoss.build(torch.nn.Linear(5, 3)) is None
+    assert NumpyLoss.build(ActorCritic(OBS, SPACES["Discrete"], [8], shared_trunk=True)) is not None
 
 
 @pytest.mark.parametrize("kind", ["Discrete", "Box"])
@@ -176,8 +192,9 @@ def test_torch_compile_compiles_the_autograd_loss_and_says_when_it_has_no_effect
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = Trainer(make_cfg(*TINY, "network.shared_trunk=true", "network.net_arch=[16]", "torch_compile=true",
-                                "algo.total_timesteps=128", "eval.final=false"), tmp_path / "a")
+    compiled = Trainer(make_cfg(*TINY, "fast_update=false", "network.net_arch=[16]", "torch_compile=true",
+                                "algo.total_timesteps=128", "eval.objective=train", "eval.final=false"),
+                       tmp_path / "a")
     assert compiled.loss_fn is not minibatch_loss and not compiled.notes
     result = compiled.run()
     assert result.global_step == 128
