@@ -131,6 +131,16 @@ class NumpyMLP:
                 np.matmul(g, self.weights[0], out=input_grad)
 
 
+def _networks(policy: ActorCritic, activation: str) -> tuple[NumpyMLP | None, NumpyMLP, NumpyMLP]:
+    """(trunk, actor, critic): with separate trunks, no trunk and two whole MLPs on the features; with a shared
+    trunk, the trunk (activated output) and the two single head layers on top of it."""
+    if policy.shared_trunk:
+        return (NumpyMLP(_linears(policy.actor_trunk, None), activation, activate_last=True),
+                NumpyMLP([policy.policy_head], activation), NumpyMLP([policy.value_head], activation))
+    return (None, NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation),
+            NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation))
+
+
 class NumpyLoss:
     """The PPO loss of one minibatch and its gradients, written into the parameters' .grad memory.
 
@@ -140,14 +150,7 @@ class NumpyLoss:
     """
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
-        if policy.shared_trunk:
-            self.trunk: NumpyMLP | None = NumpyMLP(_linears(policy.actor_trunk, None), activation, activate_last=True)
-            self.actor = NumpyMLP([policy.policy_head], activation)
-            self.critic = NumpyMLP([policy.value_head], activation)
-        else:
-            self.trunk = None
-            self.actor = NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation)
-            self.critic = NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation)
+        self.trunk, self.actor, self.critic = _networks(policy, activation)
         self.kind = policy.kind
         self.log_std = _view(policy.log_std) if policy.kind == "Box" else None
         self.splits = np.cumsum(policy.nvec)[:-1] if policy.kind == "MultiDiscrete" else None
@@ -311,31 +314,34 @@ class NumpyActor:
     """The rollout's forward pass and action sampling in numpy, on views of the policy's own parameters.
 
     Acting on 8 observations is about 15 small ops; torch spends several microseconds of dispatch on each,
-    numpy about one. Covers what NumpyLoss covers, for Box observations without normalization and Discrete or
-    Box actions; `build` returns None otherwise and the trainer acts through torch.
+    numpy about one. Covers the MLPs NumpyLoss covers, for Box observations without normalization and Discrete
+    or Box actions; `build` returns None otherwise and the trainer acts through torch.
     """
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
-        self.actor = NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation)
-        self.critic = NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation)
+        self.trunk, self.actor, self.critic = _networks(policy, activation)
         self.kind = policy.kind
         self.log_std = _view(policy.log_std) if policy.kind == "Box" else None
 
     @classmethod
     def build(cls, policy: nn.Module) -> NumpyActor | None:
         activation = _mlp_activation(policy)
-        if activation is None or policy.shared_trunk or policy.obs_norm is not None or policy.one_hot_obs:  # type: ignore[union-attr]
+        if activation is None or policy.obs_norm is not None or policy.one_hot_obs:  # type: ignore[union-attr]
             return None
         if policy.kind not in ("Discrete", "Box"):  # type: ignore[union-attr]
             return None
         return cls(policy, activation)  # type: ignore[arg-type]
 
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        return x if self.trunk is None else self.trunk.forward(x)[-1]
+
     def value(self, x: np.ndarray) -> np.ndarray:
-        return self.critic.forward(x)[-1][:, 0]
+        return self.critic.forward(self._features(x))[-1][:, 0]
 
     def act(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions, their log-probs and the values, for a float32 batch [n, obs_dim]."""
-        out = self.actor.forward(x)[-1]
+        h = self._features(x)
+        out = self.actor.forward(h)[-1]
         n = out.shape[0]
         if self.kind == "Discrete":
             shifted = out - out.max(axis=1, keepdims=True)
@@ -349,4 +355,4 @@ class NumpyActor:
             noise = rng.standard_normal(out.shape, dtype=np.float32)
             action = out + noise * np.exp(self.log_std)
             logp = (-0.5 * noise * noise).sum(axis=1) - (self.log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        return action, logp.astype(np.float32), self.value(x)
+        return action, logp.astype(np.float32), self.critic.forward(h)[-1][:, 0]

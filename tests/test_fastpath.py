@@ -93,10 +93,11 @@ def test_unsupported_cases_fall_back_to_autograd():
 
 @pytest.mark.parametrize("kind", ["Discrete", "Box"])
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
-def test_numpy_actor_agrees_with_the_torch_policy(kind, activation):
+@pytest.mark.parametrize("shared_trunk", [False, True])
+def test_numpy_actor_agrees_with_the_torch_policy(kind, activation, shared_trunk):
     from ppo_cli.fastpath import NumpyActor
 
-    policy, mb = _setup(kind, activation)
+    policy, mb = _setup(kind, activation, shared_trunk=shared_trunk)
     actor = NumpyActor.build(policy)
     x = mb.obs.numpy()
     action, logp, value = actor.act(x, np.random.default_rng(0))
