@@ -113,3 +113,20 @@ def test_resolved_config_round_trips_through_yaml():
     cfg = make_cfg("algo.target_kl=0.02")
     again = OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))
     assert again.algo.target_kl == 0.02 and again.algo.optimizer == "adam"
+
+
+def test_readme_documents_every_config_key():
+    """README.md's key tables must list every key of the structured config (a new key without a row fails)."""
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ppo_cli.config import TrainConfig
+
+    cfg = OmegaConf.structured(TrainConfig)
+    keys = {f"{group}.{key}" for group in ("algo", "network", "env", "eval") for key in cfg[group]}
+    keys |= {key for key in cfg if key not in ("algo", "network", "env", "eval")}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Za-z_.0-9]+)` \|", readme, re.MULTILINE))
+    assert keys - documented == set()
