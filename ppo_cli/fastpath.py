@@ -158,10 +158,12 @@ class NumpyLoss:
         # parameters' .grad, and the gradient clip is one norm and one scale over the buffer.
         self.flat_grad = flat_grads(list(policy.parameters())).numpy()
         self.grads = {name: [(_view(m.weight.grad), _view(m.bias.grad)) for m in net.layers]  # type: ignore[arg-type]
-                      for name, net in (("trunk", self.trunk), ("actor", self.actor), ("critic", self.critic))
-                      if net is not None}
+                      for name, net in self._networks().items() if net is not None}
         self.log_std_grad = _view(policy.log_std.grad) if policy.kind == "Box" else None
         self._buffers: dict[int, dict[str, Any]] = {}
+
+    def _networks(self) -> dict[str, NumpyMLP | None]:
+        return {"trunk": self.trunk, "actor": self.actor, "critic": self.critic}
 
     @staticmethod
     def applies(policy: nn.Module) -> bool:
@@ -186,8 +188,7 @@ class NumpyLoss:
                            for w in (widths if net.activate_last else widths[:-1])]
                 return outs, scratch
 
-            b = {name: alloc(net) for name, net in (("trunk", self.trunk), ("actor", self.actor),
-                                                     ("critic", self.critic))}
+            b = {name: alloc(net) for name, net in self._networks().items()}
             if self.trunk is not None:  # dL/d(trunk output) from each head
                 width = self.trunk.weights[-1].shape[0]
                 b["head_grads"] = (np.empty((n, width), np.float32), np.empty((n, width), np.float32))
