@@ -8,7 +8,8 @@ numpy's tanh is about 7x faster than torch's (200 us against 1.4 ms on 2048 x 25
 exp about 1.8x, which is a quarter of a large-batch update. So the loss and every gradient are explicit matrix
 products on numpy views of the parameters' and gradients' memory: the optimizer sees the gradients in place and
 the arrays see every in-place optimizer step, without a copy either way. Layer outputs and backward scratch live
-in buffers allocated once per minibatch size, so a long run does not grow the heap.
+in buffers allocated once per update (ppo.update builds one NumpyLoss per update) instead of once per
+minibatch, so a long run does not grow the heap.
 
 `NumpyLoss.build` returns None for anything it does not cover (a module that is not ppo-cli's MLP
 actor-critic, parameters off the CPU or not float32), and `ppo.update` then uses autograd.
@@ -177,7 +178,7 @@ class NumpyLoss:
         return cls(policy, _mlp_activation(policy))  # type: ignore[arg-type]
 
     def _buffers_for(self, n: int) -> dict[str, Any]:
-        """Layer outputs and backward scratch of every network for minibatches of n, allocated once."""
+        """Layer outputs and backward scratch of every network for minibatches of n, allocated on first use."""
         if n not in self._buffers:
             def alloc(net: NumpyMLP | None) -> tuple[list, list]:
                 if net is None:
