@@ -1,18 +1,9 @@
 """Checkpoints: versioned, written atomically, read with torch.load(weights_only=True).
 
-A checkpoint is a dict of tensors and plain Python values only, so loading it cannot run code. Its keys:
-
-    format            "ppo-cli-checkpoint"
-    format_version    FORMAT_VERSION (an integer; bumped when a key changes meaning)
-    ppo_cli_version   the package version that wrote it
-    config_yaml       the resolved run config, as YAML text
-    observation_space, action_space   plain descriptions, to rebuild the policy without the env
-    policy            the ActorCritic state_dict
-    optimizer         the optimizer state_dict
-    global_step       environment steps taken; update: updates done
-    rng               torch generator state (ByteTensor) used for sampling and shuffling
-    env_state         the envs' saved state (or None), last_obs: the observation the next step acts on
-    wall_time         seconds trained so far
+A checkpoint is a dict of tensors and plain Python values only, so loading it cannot run code. Besides
+`format` ("ppo-cli-checkpoint"), `format_version` (FORMAT_VERSION, bumped when a key changes meaning) and
+`ppo_cli_version`, it holds the training state, whose keys STATE_KEYS lists once (best.pt adds `eval`, the
+evaluation that made it the best).
 """
 
 from __future__ import annotations
@@ -30,7 +21,28 @@ from ppo_cli import __version__
 from ppo_cli.errors import UserError
 
 FORMAT = "ppo-cli-checkpoint"
-FORMAT_VERSION = 1
+# 2: the policy's encoders are `actor_encoder` / `critic_encoder` and the Gaussian's log-std `dist.log_std`
+# (version 1: `actor_trunk` / `critic_trunk` / `log_std`); version 1 files are migrated on load.
+FORMAT_VERSION = 2
+
+# The training state a checkpoint holds: key -> what it is. Trainer.state() writes exactly these.
+STATE_KEYS: dict[str, str] = {
+    "config_yaml": "the resolved run config, as YAML text",
+    "observation_space": "plain description of the observation space, to rebuild the policy without the env",
+    "action_space": "plain description of the action space (with a Box's bounds)",
+    "policy": "the ActorCritic state_dict (observation-normalization statistics included)",
+    "optimizer": "the optimizer state_dict",
+    "global_step": "environment steps taken",
+    "update": "updates done",
+    "rng": "torch generator state (ByteTensor) of the minibatch shuffles",
+    "np_rng": "numpy bit-generator state of the action sampling",
+    "env_state": "the envs' saved state, or None where they cannot be saved",
+    "last_obs": "the observation the next step acts on",
+    "recent_returns": "returns of the last training episodes (eval.train_window)",
+    "wall_time": "seconds trained so far",
+    "best_eval": "summary of the best periodic evaluation so far, with its global_step",
+    "reward_scaler": "env.normalize_reward's running statistics, or None",
+}
 REQUIRED_KEYS = ("config_yaml", "observation_space", "action_space", "policy", "global_step")
 
 
@@ -100,4 +112,8 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise UserError(f"checkpoint {str(p)!r} is incomplete: missing {', '.join(missing)}")
+    if version < 2 and isinstance(data["policy"], dict):
+        from ppo_cli.policy import migrate_v1_state  # the policy owns its parameter names
+
+        data["policy"] = migrate_v1_state(data["policy"])
     return data

@@ -36,6 +36,10 @@ class Activation(str, Enum):
     leaky_relu = "leaky_relu"
 
 
+class EncoderType(str, Enum):
+    mlp = "mlp"
+
+
 class Init(str, Enum):
     orthogonal = "orthogonal"
     xavier = "xavier"
@@ -80,6 +84,7 @@ class AlgoConfig:
 
 @dataclass
 class NetworkConfig:
+    type: EncoderType = EncoderType.mlp
     net_arch: list[int] = field(default_factory=lambda: [64, 64])
     activation_fn: Activation = Activation.tanh
     init: Init = Init.orthogonal

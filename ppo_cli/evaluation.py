@@ -1,4 +1,5 @@
-"""Scoring a policy: N whole episodes in a vector env. Used by ppo-eval and after training (one code path).
+"""Scoring a policy: N whole episodes in a vector env. Used by ppo-eval and during and after training (one
+code path); `PeriodicEvaluator` is the training run's side of it (when, best.pt, stop-at-return).
 
 Each sub-env is given a fixed quota of episodes up front. Taking "the first N episodes to finish" instead
 would favour short episodes, since envs that fail fast report first.
@@ -6,13 +7,19 @@ would favour short episodes, since envs that fail fast report first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
+from ppo_cli import checkpoint
+from ppo_cli.envs import make_vec_env
 from ppo_cli.policy import ActorCritic
 
 
@@ -63,10 +70,11 @@ def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, see
              deterministic: bool = True, device: torch.device | str = "cpu") -> EvalResult:
     """Deterministic (the most likely action; a Gaussian's mean) by default; stochastic samples from a
     generator seeded with `seed`."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    rng = np.random.default_rng(seed)
 
     def act(obs: np.ndarray) -> np.ndarray:
-        action, _, _ = policy.act(torch.as_tensor(obs, device=device), generator, deterministic)
+        x = policy.prepare(torch.as_tensor(obs, device=device))
+        action, _, _ = policy.act(x, rng, deterministic)
         return policy.env_action(action)
 
     return run_episodes(envs, act, episodes, seed)
@@ -76,3 +84,60 @@ def evaluate_random(envs: gym.vector.VectorEnv, episodes: int, seed: int) -> Eva
     """The uniformly random policy on the same seeds: the floor a trained policy is compared against."""
     envs.action_space.seed(seed)
     return run_episodes(envs, lambda _: envs.action_space.sample(), episodes, seed)
+
+
+EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the training envs' seed + i
+
+
+class PeriodicEvaluator:
+    """Evaluation during a training run: every `eval.every_steps` steps and at the end, on envs of its own
+    (seeds seed + EVAL_SEED_OFFSET, ...), keeping the best result and the checkpoint that made it (best.pt)."""
+
+    def __init__(self, cfg: DictConfig, policy: ActorCritic, device: torch.device, best_path: Path,
+                 state: Callable[[], dict[str, Any]], message: Callable[[str], None]) -> None:
+        self.cfg, self.policy, self.device = cfg, policy, device
+        self.best_path, self.state, self.message = best_path, state, message
+        self.envs: gym.vector.VectorEnv | None = None
+        self.best: dict[str, Any] | None = None  # summary of the best evaluation, with its global_step
+        self.seconds = 0.0
+        self.last: tuple[int, EvalResult] | None = None
+
+    def due(self, step_before: int, step: int) -> bool:
+        every = self.cfg.eval.every_steps
+        return bool(every) and step // every > step_before // every
+
+    def evaluate(self, step: int) -> EvalResult:
+        """Score the current policy on the evaluation envs: the same function ppo-eval uses."""
+        ev = self.cfg.eval
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        t0 = time.perf_counter()
+        seed = self.cfg.seed + EVAL_SEED_OFFSET
+        if self.envs is None:
+            self.envs = make_vec_env(self.cfg.env, seed=seed, num_envs=min(ev.episodes, self.cfg.env.num_envs))
+        result = evaluate(self.policy, self.envs, ev.episodes, seed=seed, deterministic=ev.deterministic,
+                          device=self.device)
+        self.seconds += time.perf_counter() - t0
+        self.last = (step, result)
+        return result
+
+    def periodic(self, step: int) -> tuple[EvalResult, dict[str, float]]:
+        """Evaluate, save best.pt on a new best, say so; (the result, its TensorBoard scalars)."""
+        result = self.evaluate(step)
+        improved = self.best is None or result.mean_return > self.best["mean_return"]
+        if improved:
+            self.best = {**result.summary(), "global_step": step}
+            checkpoint.save({**self.state(), "eval": self.best}, self.best_path)
+        saved = ", saved best.pt" if improved else ""
+        self.message(f"eval @ {step:,}: mean return {result.mean_return:.2f} +/- {result.std_return:.2f} "
+                     f"over {len(result.returns)} episodes (best {self.best['mean_return']:.2f}{saved})")
+        return result, {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return,
+                        "eval/mean_length": result.mean_length, "charts/eval_seconds": self.seconds}
+
+    def reached_target(self, result: EvalResult) -> bool:
+        target = self.cfg.eval.stop_at_return
+        return target is not None and result.mean_return >= target
+
+    def close(self) -> None:
+        if self.envs is not None:
+            self.envs.close()

@@ -1,5 +1,5 @@
-"""The MLP policy's hot paths in numpy on the CPU: the PPO loss with its gradients written out by hand, and the
-rollout's forward pass.
+"""The MLP policy's hot paths in numpy on the CPU: the PPO loss with its gradients written out by hand
+(NumpyLoss, the update's gradient source) and the rollout's forward pass (NumpyActor).
 
 On networks this small a minibatch step is bound by per-op overhead, not arithmetic: autograd records the
 forward graph op by op and replays it through generic kernels, and every torch op costs several microseconds of
@@ -8,13 +8,14 @@ numpy's tanh is about 7x faster than torch's (200 us against 1.4 ms on 2048 x 25
 exp about 1.8x, which is a quarter of a large-batch update. So the loss and every gradient are explicit matrix
 products on numpy views of the parameters' and gradients' memory: the optimizer sees the gradients in place and
 the arrays see every in-place optimizer step, without a copy either way. Layer outputs and backward scratch live
-in buffers allocated once per update (ppo.update builds one NumpyLoss per update) instead of once per
-minibatch, so a long run does not grow the heap.
+in buffers allocated once per minibatch size for the whole run, so a long run does not grow the heap. The
+action distributions' maths is each head's numpy twin, in heads.py beside its torch version.
 
-`NumpyLoss.build` returns None for anything it does not cover (a module that is not ppo-cli's MLP
-actor-critic, parameters off the CPU or not float32), and `ppo.update` then uses autograd.
-tests/test_fastpath.py checks losses and every gradient against autograd for each activation, action head,
-shared or separate trunks, and clip_range_vf.
+`covers(policy)` says whether this path computes exactly what the torch policy does: the policy must be
+ppo-cli's ActorCritic itself (no subclass), on MLP encoders of Linear layers and one activation, CPU float32,
+and the layers the fast path reads must be every parameter of the policy (by identity and count). Otherwise the
+trainer uses the torch path and says why in one line. tests/test_fastpath.py checks losses and every gradient
+against autograd for each activation, action head, shared or separate trunks, and clip_range_vf.
 
 The gradient of -min(r A, clip(r) A) with respect to r is -A where the unclipped term is the smaller (or they
 are equal) and -A * [1-eps <= r <= 1+eps] elsewhere; autograd splits exact ties half and half between the two
@@ -23,31 +24,45 @@ branches, which gives the same total whenever it matters (a tie with r outside t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ppo_cli.policy import LOG_2PI, ActorCritic
+from ppo_cli.encoders import MLPEncoder
+from ppo_cli.policy import ActorCritic
 
-_SLOPE = np.float32(0.01)  # nn.LeakyReLU's default negative slope, which policy.mlp uses
+if TYPE_CHECKING:
+    from ppo_cli.rollout import Batch
+
+_SLOPE = np.float32(0.01)  # nn.LeakyReLU's default negative slope, which encoders.MLPEncoder uses
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu"}
 
 
-def _linears(trunk: nn.Sequential, head: nn.Linear | None) -> list[nn.Linear]:
-    return [m for m in trunk if isinstance(m, nn.Linear)] + ([head] if head is not None else [])
+def _linears(encoder: nn.Module, head: nn.Linear | None) -> list[nn.Linear]:
+    return [m for m in encoder if isinstance(m, nn.Linear)] + ([head] if head is not None else [])
 
 
-def _mlp_activation(policy: nn.Module) -> str | None:
-    """The one activation of a plain MLP actor-critic on CPU float32 parameters, else None."""
-    if not isinstance(policy, ActorCritic):
-        return None
+def covers(policy: nn.Module) -> tuple[str | None, str]:
+    """(the activation, "") where the numpy path computes exactly what `policy` does, else (None, why not)."""
+    if type(policy) is not ActorCritic:
+        return None, f"{type(policy).__name__} is not ppo-cli's ActorCritic"
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in policy.parameters()):
-        return None
-    kinds = {type(m) for m in policy.actor_trunk} | {type(m) for m in policy.critic_trunk}
+        return None, "the numpy path runs on CPU float32 parameters only"
+    encoders = (policy.actor_encoder, policy.critic_encoder)
+    if any(type(e) is not MLPEncoder for e in encoders):
+        return None, "the numpy path covers MLP encoders only"
+    kinds = {type(m) for e in encoders for m in e}
     acts = [_ACTIVATIONS[k] for k in kinds if k in _ACTIVATIONS]
-    return acts[0] if len(acts) == 1 and kinds <= {nn.Linear, *_ACTIVATIONS} else None
+    if len(acts) != 1 or not kinds <= {nn.Linear, *_ACTIVATIONS}:
+        return None, "the encoders are not Linear layers with one activation"
+    covered = [p for net in _networks(policy, acts[0]) if net is not None for layer in net.layers
+               for p in (layer.weight, layer.bias)] + policy.dist.own_parameters()
+    params = list(policy.parameters())
+    if len(covered) != len(params) or {id(p) for p in covered} != {id(p) for p in params}:
+        return None, f"it reads {len(covered)} of the policy's {len(params)} parameter tensors"
+    return acts[0], ""
 
 
 def _view(t: torch.Tensor) -> np.ndarray:
@@ -133,49 +148,36 @@ class NumpyMLP:
 
 
 def _networks(policy: ActorCritic, activation: str) -> tuple[NumpyMLP | None, NumpyMLP, NumpyMLP]:
-    """(trunk, actor, critic): with separate trunks, no trunk and two whole MLPs on the features; with a shared
-    trunk, the trunk (activated output) and the two single head layers on top of it."""
+    """(trunk, actor, critic): with separate encoders, no trunk and two whole MLPs on the input; with a shared
+    trunk, the trunk (activated output) and the two single output layers on top of it."""
     if policy.shared_trunk:
-        return (NumpyMLP(_linears(policy.actor_trunk, None), activation, activate_last=True),
+        return (NumpyMLP(_linears(policy.actor_encoder, None), activation, activate_last=True),
                 NumpyMLP([policy.policy_head], activation), NumpyMLP([policy.value_head], activation))
-    return (None, NumpyMLP(_linears(policy.actor_trunk, policy.policy_head), activation),
-            NumpyMLP(_linears(policy.critic_trunk, policy.value_head), activation))
+    return (None, NumpyMLP(_linears(policy.actor_encoder, policy.policy_head), activation),
+            NumpyMLP(_linears(policy.critic_encoder, policy.value_head), activation))
 
 
 class NumpyLoss:
     """The PPO loss of one minibatch and its gradients, written into the parameters' .grad memory.
 
-    With separate trunks, `actor` and `critic` are whole MLPs on the features; with a shared trunk, `trunk`
-    maps the features to the hidden output both heads read, and `actor` and `critic` are the single head
+    With separate encoders, `actor` and `critic` are whole MLPs on the input; with a shared trunk, `trunk`
+    maps the input to the hidden output both heads read, and `actor` and `critic` are the single output
     layers, whose input gradients add up on the way back into the trunk.
     """
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
         self.trunk, self.actor, self.critic = _networks(policy, activation)
-        self.kind = policy.kind
-        self.log_std = _view(policy.log_std) if policy.kind == "Box" else None
-        self.splits = np.cumsum(policy.nvec)[:-1] if policy.kind == "MultiDiscrete" else None
+        self.dist = policy.dist
         # Every gradient is a view of one flat buffer: the loss writes into the views, the optimizer reads the
         # parameters' .grad, and the gradient clip is one norm and one scale over the buffer.
         self.flat_grad = flat_grads(list(policy.parameters())).numpy()
         self.grads = {name: [(_view(m.weight.grad), _view(m.bias.grad)) for m in net.layers]  # type: ignore[arg-type]
                       for name, net in self._networks().items() if net is not None}
-        self.log_std_grad = _view(policy.log_std.grad) if policy.kind == "Box" else None
+        self.dist_grads = [_view(p.grad) for p in self.dist.own_parameters()]  # type: ignore[arg-type]
         self._buffers: dict[int, dict[str, Any]] = {}
 
     def _networks(self) -> dict[str, NumpyMLP | None]:
         return {"trunk": self.trunk, "actor": self.actor, "critic": self.critic}
-
-    @staticmethod
-    def applies(policy: nn.Module) -> bool:
-        return _mlp_activation(policy) is not None
-
-    @classmethod
-    def build(cls, policy: nn.Module) -> NumpyLoss | None:
-        """The loss for `policy`, which takes over its .grad tensors; None where autograd must do it."""
-        if not cls.applies(policy):
-            return None
-        return cls(policy, _mlp_activation(policy))  # type: ignore[arg-type]
 
     def _buffers_for(self, n: int) -> dict[str, Any]:
         """Layer outputs and backward scratch of every network for minibatches of n, allocated on first use."""
@@ -214,7 +216,7 @@ class NumpyLoss:
             centred = adv - np.add.reduce(adv) / np.float32(n)
             adv = centred / (np.sqrt(np.dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
 
-        logp, entropy, head = self._head(out, actions)
+        logp, entropy, head = self.dist.np_log_prob_entropy(out, actions)
         log_ratio = logp - old_logp
         ratio = np.exp(log_ratio)
         surr1 = ratio * adv
@@ -224,7 +226,9 @@ class NumpyLoss:
         # d policy_loss / d logp = -(1/n) * r * A where the unclipped term counts, else 0 (see the module doc)
         counts = (surr1 <= surr2) | (clipped == ratio)
         g_logp = surr1 * counts * np.float32(-1.0 / n)
-        g_out = self._head_grad(head, actions, g_logp, np.float32(ent_coef / n))
+        g_out, g_dist = self.dist.np_grad(head, actions, g_logp, np.float32(ent_coef / n))
+        for view, g in zip(self.dist_grads, g_dist, strict=True):
+            view[...] = g
         self.actor.backward(features, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
 
         values = self.critic.forward(features, c_outs)[-1][:, 0]
@@ -257,82 +261,66 @@ class NumpyLoss:
         grad = np.where(sq > sq_c, g, np.where(sq < sq_c, g_c, 0.5 * (g + g_c)))
         return float(np.add.reduce(np.maximum(sq, sq_c))) / n, grad.astype(np.float32, copy=False)
 
-    # --- the action heads: log-prob and entropy of each sample, and their gradient w.r.t. the head output -----
-    def _head(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
-        n = out.shape[0]
-        if self.kind in ("Discrete", "MultiDiscrete"):
-            segments = [out] if self.splits is None else np.split(out, self.splits, axis=1)
-            cols = actions[:, None] if self.kind == "Discrete" else actions
-            logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
-            for j, logits in enumerate(segments):
-                shifted = logits - logits.max(axis=1, keepdims=True)
-                exp = np.exp(shifted)
-                total = exp.sum(axis=1, keepdims=True)
-                logp_all = shifted - np.log(total)
-                p = exp / total
-                h = -(p * logp_all).sum(axis=1)
-                logp += logp_all[np.arange(n), cols[:, j]]
-                entropy += h
-                parts.append((p, logp_all, h))
-            return logp, entropy, parts
-        if self.kind == "MultiBinary":
-            # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
-            log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
-            log_p0 = log_p1 - out
-            p1 = np.exp(log_p1)
-            logp = (actions * out + log_p0).sum(axis=1)
-            entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0).sum(axis=1)
-            return logp, entropy, (p1, out)
-        log_std = self.log_std
-        inv_std = np.exp(-log_std)
-        z = (actions - out) * inv_std
-        logp = (-0.5 * z * z).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        entropy = np.full(n, (0.5 + 0.5 * LOG_2PI + log_std).sum(), np.float32)
-        return logp, entropy, (z, inv_std)
 
-    def _head_grad(self, head: tuple, actions: np.ndarray, g_logp: np.ndarray, c: np.float32) -> np.ndarray:
-        """dL/d(head output) for dL/d logp = g_logp and the entropy bonus -ent_coef * mean(H), c = ent_coef / n."""
-        col = g_logp[:, None]
-        if self.kind in ("Discrete", "MultiDiscrete"):
-            # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
-            cols = actions[:, None] if self.kind == "Discrete" else actions
-            rows = np.arange(len(g_logp))
-            grads = []
-            for j, (p, logp_all, h) in enumerate(head):
-                g = p * (c * (logp_all + h[:, None]) - col)
-                g[rows, cols[:, j]] += g_logp
-                grads.append(g)
-            return grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)
-        if self.kind == "MultiBinary":
-            # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
-            p1, logits = head
-            return col * (actions - p1) + c * p1 * (1.0 - p1) * logits
-        z, inv_std = head
-        self.log_std_grad[:] = (col * (z * z - 1.0)).sum(axis=0) - c * len(g_logp)
-        return col * z * inv_std
+def clip_flat_grad(flat: np.ndarray, max_norm: float) -> float:
+    """clip_grad_norm on the flat gradient buffer; returns the norm before clipping."""
+    norm = float(np.sqrt(np.dot(flat, flat)))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        flat *= np.float32(coef)
+    return norm
+
+
+class NumpyGradients:
+    """ppo.update's gradient source on NumpyLoss (the interface is ppo.Gradients)."""
+
+    def __init__(self, policy: ActorCritic, activation: str) -> None:
+        self.loss = NumpyLoss(policy, activation)
+        self.columns: list[np.ndarray] = []
+
+    def epoch(self, shuffled: Batch) -> None:
+        self.columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.values,
+                                            shuffled.advantages, shuffled.returns)]
+
+    def minibatch(self, start: int, stop: int, s: Any) -> np.ndarray:
+        return self.loss.loss_and_grads(*(c[start:stop] for c in self.columns), s.clip_range, s.clip_range_vf,
+                                        s.ent_coef, s.vf_coef, s.normalize_advantage)
+
+    def clip(self, stats: np.ndarray, max_norm: float) -> np.ndarray:
+        return np.append(stats, clip_flat_grad(self.loss.flat_grad, max_norm))
+
+    @staticmethod
+    def mean(rows: list[np.ndarray]) -> list[float]:
+        return np.mean(rows, axis=0).tolist()
 
 
 class NumpyActor:
-    """The rollout's forward pass and action sampling in numpy, on views of the policy's own parameters.
+    """The rollout's forward pass and action sampling in numpy, on views of the policy's own parameters (the
+    interface is rollout.Actor; rollout.TorchActor is the torch twin it replaces).
 
     Acting on 8 observations is about 15 small ops; torch spends several microseconds of dispatch on each,
-    numpy about one. Covers the MLPs NumpyLoss covers, for Box observations without normalization and Discrete
-    or Box actions; `build` returns None otherwise and the trainer acts through torch.
+    numpy about one. Observation normalization updates the policy's own statistics (in torch, once per step)
+    and applies them as the policy's `prepare` does.
     """
 
-    def __init__(self, policy: ActorCritic, activation: str) -> None:
+    def __init__(self, policy: ActorCritic, activation: str, rng: np.random.Generator) -> None:
+        self.policy, self.rng = policy, rng
         self.trunk, self.actor, self.critic = _networks(policy, activation)
-        self.kind = policy.kind
-        self.log_std = _view(policy.log_std) if policy.kind == "Box" else None
+        self.dist = policy.dist
+        self.one_hot = np.eye(policy.obs_space["n"], dtype=np.float32) if policy.one_hot_obs else None
+        self.start = policy.obs_space.get("start", 0)
 
-    @classmethod
-    def build(cls, policy: nn.Module) -> NumpyActor | None:
-        activation = _mlp_activation(policy)
-        if activation is None or policy.obs_norm is not None or policy.one_hot_obs:  # type: ignore[union-attr]
-            return None
-        if policy.kind not in ("Discrete", "Box"):  # type: ignore[union-attr]
-            return None
-        return cls(policy, activation)  # type: ignore[arg-type]
+    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> np.ndarray:
+        """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
+        if self.one_hot is not None:
+            return self.one_hot[obs.reshape(-1) - self.start]
+        x = obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
+        norm = self.policy.obs_norm
+        if norm is None:
+            return x
+        if update_stats:
+            norm.update(torch.from_numpy(x))
+        return np.clip((x - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
 
     def _features(self, x: np.ndarray) -> np.ndarray:
         return x if self.trunk is None else self.trunk.forward(x)[-1]
@@ -340,21 +328,12 @@ class NumpyActor:
     def value(self, x: np.ndarray) -> np.ndarray:
         return self.critic.forward(self._features(x))[-1][:, 0]
 
-    def act(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled actions, their log-probs and the values, for a float32 batch [n, obs_dim]."""
+    def act(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sampled actions, their log-probs and the values, for a float32 batch [n, input_dim]."""
         h = self._features(x)
         out = self.actor.forward(h)[-1]
-        n = out.shape[0]
-        if self.kind == "Discrete":
-            shifted = out - out.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            total = exp.sum(axis=1, keepdims=True)
-            cdf = np.cumsum(exp / total, axis=1)
-            # Inverse-CDF sampling; the min() guards against a cdf that rounds to just below 1.
-            action = np.minimum((rng.random((n, 1), dtype=np.float32) > cdf).sum(axis=1), out.shape[1] - 1)
-            logp = (shifted - np.log(total))[np.arange(n), action]
-        else:
-            noise = rng.standard_normal(out.shape, dtype=np.float32)
-            action = out + noise * np.exp(self.log_std)
-            logp = (-0.5 * noise * noise).sum(axis=1) - (self.log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        return action, logp.astype(np.float32), self.critic.forward(h)[-1][:, 0]
+        action, logp = self.dist.np_sample(out, self.dist.noise(self.rng, out.shape[0]))
+        return action, logp, self.critic.forward(h)[-1][:, 0]
+
+    def env_action(self, action: np.ndarray) -> np.ndarray:
+        return self.dist.env_action(action)

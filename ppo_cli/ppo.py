@@ -1,4 +1,5 @@
-"""The PPO update: the clipped-surrogate loss of one minibatch, and the epoch/minibatch loop around it.
+"""The PPO update: the clipped-surrogate loss of one minibatch, and the epoch/minibatch loop around it
+(`Updater`), which takes its gradients from one source chosen when it is built (`Gradients`).
 
 Minimised: -L_clip + vf_coef * L_vf - ent_coef * S, with ratio r = pi_new(a|s) / pi_old(a|s).
 """
@@ -7,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
 from ppo_cli.errors import UserError
-from ppo_cli.fastpath import NumpyLoss
+from ppo_cli.fastpath import NumpyGradients, covers
 from ppo_cli.rollout import Batch
 
 
@@ -102,68 +103,104 @@ def compile_loss() -> LossFn:
     return loss
 
 
-def update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, s: UpdateSettings,
-           generator: torch.Generator, fast: bool = True, loss_fn: LossFn = minibatch_loss) -> dict[str, float]:
-    """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
+class Gradients(Protocol):
+    """A gradient source: the loss of a minibatch, its gradients written into the parameters' .grad, and the
+    minibatch's statistics. AutogradGradients here; fastpath.NumpyGradients where it covers the policy."""
 
-    Each epoch permutes the whole batch once and then takes contiguous slices: the same minibatches, in the
-    same order, as indexing every minibatch with its slice of the permutation, for one gather per epoch.
-    The loss and gradients come from fastpath.NumpyLoss where it covers the policy, else from autograd
-    through `loss_fn`.
-    Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop never
-    waits on a device sync for logging.
-    """
-    n = len(batch)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    fast_loss = NumpyLoss.build(policy) if fast else None
-    flat = fast_loss.flat_grad if fast_loss is not None else None
-    step = (FusedAdamStep.build(optimizer) if fast else None) or optimizer.step
-    taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
-    epochs_done, stopped_early = 0, False
-    for _ in range(s.K_epochs):
-        perm = torch.randperm(n, generator=generator, device=generator.device)  # a CUDA generator shuffles on the GPU
-        shuffled = batch[perm]
-        if flat is not None:
-            columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.values,
-                                           shuffled.advantages, shuffled.returns)]
-        for start in range(0, n, s.batch_size):
-            if flat is not None:
-                stats = fast_loss.loss_and_grads(  # type: ignore[union-attr]
-                    *(c[start:start + s.batch_size] for c in columns), s.clip_range, s.clip_range_vf, s.ent_coef,
-                    s.vf_coef, s.normalize_advantage)
+    def epoch(self, shuffled: Batch) -> None:
+        """Take this epoch's shuffled batch; minibatches are slices of it."""
+
+    def minibatch(self, start: int, stop: int, s: UpdateSettings) -> Any:
+        """Loss and gradients of rows [start, stop); the 5 statistics of minibatch_loss."""
+
+    def clip(self, stats: Any, max_norm: float) -> Any:
+        """Clip the global gradient norm; the statistics with the norm before clipping appended."""
+
+    def mean(self, rows: list[Any]) -> list[float]: ...
+
+
+class AutogradGradients:
+    """Gradients by autograd through `loss_fn` (minibatch_loss, or its torch.compile'd form)."""
+
+    def __init__(self, policy: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn = minibatch_loss) -> None:
+        self.policy, self.optimizer, self.loss_fn = policy, optimizer, loss_fn
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.shuffled: Batch | None = None
+
+    def epoch(self, shuffled: Batch) -> None:
+        self.shuffled = shuffled
+
+    def minibatch(self, start: int, stop: int, s: UpdateSettings) -> torch.Tensor:
+        loss, stats = self.loss_fn(self.policy, self.shuffled[start:stop], s)  # type: ignore[index]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return stats
+
+    def clip(self, stats: torch.Tensor, max_norm: float) -> torch.Tensor:
+        return torch.cat([stats, clip_grad_norm(self.params, max_norm).detach().reshape(1)])
+
+    @staticmethod
+    def mean(rows: list[torch.Tensor]) -> list[float]:
+        return torch.stack(rows).mean(0).tolist()  # one device sync per update
+
+
+class Updater:
+    """The PPO update: K_epochs passes over the shuffled batch in minibatches, with a gradient source and an
+    optimizer step chosen once (`build`); nothing is rebuilt per update."""
+
+    def __init__(self, gradients: Gradients, step: Callable[[], Any], generator: torch.Generator) -> None:
+        self.gradients, self.step, self.generator = gradients, step, generator
+
+    @classmethod
+    def build(cls, policy: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+              fast_update: bool = True, torch_compile: bool = False) -> tuple[Updater, list[str]]:
+        """The updater for `policy`, and the notes to print: where fast_update=true cannot use the numpy loss
+        (saying why), or torch_compile=true has nothing to compile."""
+        notes = []
+        gradients: Gradients | None = None
+        if fast_update:
+            activation, why = covers(policy)
+            if activation is not None:
+                gradients = NumpyGradients(policy, activation)  # type: ignore[arg-type]
+                if torch_compile:
+                    notes.append("note: torch_compile=true has no effect: the numpy update (fast_update=true) "
+                                 "covers this policy and is faster than the compiled autograd loss "
+                                 "(docs/speed.md)")
             else:
-                loss, stats = loss_fn(policy, shuffled[start:start + s.batch_size], s)
-            if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:
-                stopped_early = True
+                notes.append(f"note: fast_update: computing gradients with autograd ({why})")
+        if gradients is None:
+            gradients = AutogradGradients(policy, optimizer, compile_loss() if torch_compile else minibatch_loss)
+        step = (FusedAdamStep.build(optimizer) if fast_update else None) or optimizer.step
+        return cls(gradients, step, generator), notes
+
+    def update(self, batch: Batch, s: UpdateSettings) -> dict[str, float]:
+        """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
+
+        Each epoch permutes the whole batch once and then takes contiguous slices: the same minibatches, in the
+        same order, as indexing every minibatch with its slice of the permutation, for one gather per epoch.
+        Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop
+        never waits on a device sync for logging.
+        """
+        n, g = len(batch), self.gradients
+        taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
+        epochs_done, stopped_early = 0, False
+        for _ in range(s.K_epochs):
+            # a CUDA generator shuffles on the GPU
+            g.epoch(batch[torch.randperm(n, generator=self.generator, device=self.generator.device)])
+            for start in range(0, n, s.batch_size):
+                stats = g.minibatch(start, start + s.batch_size, s)
+                if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:
+                    stopped_early = True
+                    break
+                taken.append(g.clip(stats, s.max_grad_norm))
+                self.step()
+            if stopped_early:
                 break
-            if flat is not None:
-                taken.append(np.append(stats, clip_flat_grad(flat, s.max_grad_norm)))
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                taken.append(torch.cat([stats, clip_grad_norm(params, s.max_grad_norm).detach().reshape(1)]))
-            step()
-        if stopped_early:
-            break
-        epochs_done += 1
-    if not taken:
-        means = [0.0] * len(STAT_NAMES)
-    elif flat is not None:
-        means = np.mean(taken, axis=0).tolist()
-    else:
-        means = torch.stack(taken).mean(0).tolist()
-    out = dict(zip(STAT_NAMES, means, strict=True))
-    out.update(minibatch_steps=float(len(taken)), epochs=float(epochs_done), stopped_early=float(stopped_early))
-    return out
-
-
-def clip_flat_grad(flat: np.ndarray, max_norm: float) -> float:
-    """clip_grad_norm on the flat gradient buffer; returns the norm before clipping."""
-    norm = float(np.sqrt(np.dot(flat, flat)))
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        flat *= np.float32(coef)
-    return norm
+            epochs_done += 1
+        means = g.mean(taken) if taken else [0.0] * len(STAT_NAMES)
+        out = dict(zip(STAT_NAMES, means, strict=True))
+        out.update(minibatch_steps=float(len(taken)), epochs=float(epochs_done), stopped_early=float(stopped_early))
+        return out
 
 
 class FusedAdamStep:

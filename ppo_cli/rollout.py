@@ -1,4 +1,5 @@
-"""Rollout storage: preallocated [n_steps, num_envs, ...] tensors, and GAE over them.
+"""The rollout: one loop (`collect`) that acts in the envs through an actor and writes a buffer, the buffer
+(preallocated [n_steps, num_envs, ...] tensors), and GAE over it.
 
 Each stored step t of env i holds the observation the action was taken in, the action, its log-prob and
 value under the old policy, the reward, whether the episode terminated, whether it ended for any reason,
@@ -7,9 +8,18 @@ and, for a time-limit truncation, V(real final observation) to bootstrap from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import gymnasium as gym
+import numpy as np
 import torch
+
+from ppo_cli.fastpath import NumpyActor, covers
+from ppo_cli.normalize import RewardScaler
+from ppo_cli.policy import ActorCritic
+from ppo_cli.timing import Stopwatch
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
@@ -61,12 +71,16 @@ class Batch:
 
 
 class RolloutBuffer:
+    """Preallocated [n_steps, num_envs, ...] storage, written one step at a time through `add`."""
+
+    FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end")
+
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
-        self.n_steps, self.num_envs = n_steps, num_envs
+        self.n_steps, self.num_envs, self.device = n_steps, num_envs, torch.device(device)
         self.obs = zeros(*obs_shape, dtype=obs_dtype)
         self.actions = zeros(*action_shape, dtype=action_dtype)
         self.logp = zeros()
@@ -76,18 +90,31 @@ class RolloutBuffer:
         self.episode_end = zeros()
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
         self.step = 0
+        # On the CPU, steps are written through numpy views of the same memory: a numpy row assignment costs
+        # about a microsecond, a torch one several, and the rollout writes seven per step.
+        on_cpu = self.device.type == "cpu"
+        self._rows = [getattr(self, f).numpy() if on_cpu else getattr(self, f) for f in self.FIELDS]
+        self._final = self.final_values.numpy() if on_cpu else self.final_values
 
-    def add(self, obs: torch.Tensor, actions: torch.Tensor, logp: torch.Tensor, values: torch.Tensor,
-            rewards: torch.Tensor, terminated: torch.Tensor, episode_end: torch.Tensor) -> None:
+    def _row(self, value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if self.device.type == "cpu":
+            return value
+        return torch.as_tensor(value, device=self.device)
+
+    def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
+            logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
+            terminated: np.ndarray, episode_end: np.ndarray) -> None:
+        """Store one step of every env (numpy arrays or tensors, on any device)."""
         t = self.step
-        self.obs[t], self.actions[t], self.logp[t], self.values[t] = obs, actions, logp, values
-        self.rewards[t], self.terminated[t], self.episode_end[t] = rewards, terminated, episode_end
-        self.final_values[t] = 0.0
+        for row, value in zip(self._rows, (obs, actions, logp, values, rewards, terminated, episode_end),
+                              strict=True):
+            row[t] = self._row(value)
+        self._final[t] = 0.0
         self.step += 1
 
-    def set_final_values(self, env_idx: torch.Tensor, values: torch.Tensor) -> None:
+    def set_final_values(self, env_idx: np.ndarray, values: torch.Tensor | np.ndarray) -> None:
         """Record V(final obs) for envs truncated at the step just added."""
-        self.final_values[self.step - 1, env_idx] = values
+        self._final[self.step - 1, self._row(env_idx)] = self._row(values)
 
     @property
     def full(self) -> bool:
@@ -95,7 +122,7 @@ class RolloutBuffer:
 
     def advantages(self, last_values: torch.Tensor, gamma: float, gae_lambda: float) -> Batch:
         """GAE over the full buffer, then flatten to [T*N, ...]; `last_values` = V(obs after the last step)."""
-        next_values = torch.cat([self.values[1:], last_values.unsqueeze(0)])
+        next_values = torch.cat([self.values[1:], torch.as_tensor(last_values, device=self.device).unsqueeze(0)])
         # Where an episode ended, the next stored value belongs to the reset observation: use V(final obs)
         # (truncation) or nothing (termination, masked inside compute_gae).
         next_values = torch.where(self.episode_end.bool(), self.final_values, next_values)
@@ -104,3 +131,100 @@ class RolloutBuffer:
         self.step = 0
         return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
                      self.values.flatten(), adv.flatten(), ret.flatten())
+
+
+class Actor(Protocol):
+    """What the rollout acts through: TorchActor, or fastpath.NumpyActor where it covers the policy."""
+
+    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> Any:
+        """The network input for raw observations (what the buffer stores); folds them into the observation
+        statistics when `update_stats`."""
+
+    def act(self, x: Any) -> tuple[Any, Any, Any]:
+        """(sampled actions, their log-probs, values)."""
+
+    def value(self, x: Any) -> Any: ...
+
+    def env_action(self, action: Any) -> np.ndarray: ...
+
+
+class TorchActor:
+    """The policy itself as the rollout's actor, on its device."""
+
+    def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device) -> None:
+        self.policy, self.rng, self.device = policy, rng, device
+        self.obs_dtype = torch.long if policy.one_hot_obs else torch.float32
+
+    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> torch.Tensor:
+        t = torch.as_tensor(obs, device=self.device).to(self.obs_dtype)
+        if update_stats:
+            self.policy.update_obs_stats(t)
+        return self.policy.prepare(t)
+
+    def act(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.policy.act(x, self.rng)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        return self.policy.value(x)
+
+    def env_action(self, action: torch.Tensor) -> np.ndarray:
+        return self.policy.env_action(action)
+
+
+def choose_actor(policy: ActorCritic, rng: np.random.Generator, device: torch.device,
+                 fast: bool) -> tuple[Actor, str | None]:
+    """(the rollout's actor, a one-line note when fast_rollout=true could not be honoured)."""
+    if fast:
+        activation, why = covers(policy)
+        if activation is not None:
+            return NumpyActor(policy, activation, rng), None
+        return TorchActor(policy, rng, device), f"note: fast_rollout: acting through torch ({why})"
+    return TorchActor(policy, rng, device), None
+
+
+@dataclass
+class Collected:
+    """What one call of `collect` did."""
+
+    obs: np.ndarray  # the observation the next step acts on
+    steps: int  # env steps taken (all envs)
+    complete: bool  # False when `should_stop` cut the rollout short
+    returns: list[float]  # returns and lengths of the episodes that ended
+    lengths: list[int]
+
+
+def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: np.ndarray,
+            reward_scaler: RewardScaler | None, should_stop: Callable[[], bool], clock: Stopwatch) -> Collected:
+    """Fill `buffer` with n_steps steps of every env, acting with `actor` from `obs` on.
+
+    Rewards are scaled for training only (logged returns are the env's). A truncated step gets V(real final
+    observation) to bootstrap from; a terminated one nothing (see compute_gae).
+    """
+    n = envs.num_envs
+    done = Collected(obs, 0, True, [], [])
+    policy_time, env_time = clock["policy"], clock["env"]
+    for _ in range(buffer.n_steps):
+        if should_stop():
+            done.complete = False
+            break
+        with policy_time:
+            x = actor.inputs(obs)
+            action, logp, value = actor.act(x)
+            env_action = actor.env_action(action)
+        with env_time:
+            next_obs, reward, terminated, truncated, info = envs.step(env_action)
+        ended = terminated | truncated
+        if reward_scaler is not None:
+            reward = reward_scaler(reward, ended)
+        buffer.add(x, action, logp, value, reward, terminated, ended)
+        cut = np.flatnonzero(truncated & ~terminated)
+        if cut.size:
+            buffer.set_final_values(cut, actor.value(actor.inputs(np.stack(info["final_obs"][cut]), False)))
+        if "_episode" in info:
+            finished = info["_episode"]
+            done.returns.extend(info["episode"]["r"][finished].tolist())
+            done.lengths.extend(info["episode"]["l"][finished].tolist())
+        obs = next_obs
+        done.steps += n
+    done.obs = obs
+    return done

@@ -25,13 +25,13 @@ BOX = {"type": "Box", "shape": [2], "low": [-1.0, -2.0], "high": [1.0, 2.0]}
 def test_gaussian_head_matches_torch_normal_and_logp_is_on_the_unclipped_sample():
     torch.manual_seed(0)
     pol = ActorCritic(OBS, BOX, [16], log_std_init=0.7)
-    assert torch.equal(pol.log_std.detach(), torch.full((2,), 0.7))
+    assert torch.equal(pol.dist.log_std.detach(), torch.full((2,), 0.7))
     obs = torch.randn(4000, 3)
-    actions, logp, _ = pol.act(obs, torch.Generator().manual_seed(0))
-    mean = pol.policy_head(pol.actor_trunk(obs))
-    dist = torch.distributions.Normal(mean, pol.log_std.exp())
+    actions, logp, _ = pol.act(obs, np.random.default_rng(0))
+    mean = pol.policy_head(pol.actor_encoder(obs))
+    dist = torch.distributions.Normal(mean, pol.dist.log_std.exp())
     torch.testing.assert_close(logp, dist.log_prob(actions).sum(-1))
-    logp2, entropy, _ = pol.evaluate(pol.features(obs), actions)
+    logp2, entropy, _ = pol.evaluate(pol.prepare(obs), actions)
     torch.testing.assert_close(logp2, logp)
     torch.testing.assert_close(entropy, dist.entropy().sum(-1))
     # std e^0.7 ~ 2: many samples fall outside [-1, 1]; they are stored as sampled and only clipped for the env.
@@ -41,7 +41,7 @@ def test_gaussian_head_matches_torch_normal_and_logp_is_on_the_unclipped_sample(
     np.testing.assert_array_equal(sent, np.clip(actions.numpy(), [-1, -2], [1, 2]))
     det, _, _ = pol.act(obs[:5], deterministic=True)
     torch.testing.assert_close(det, mean[:5])
-    assert any(p is pol.log_std for p in pol.actor_parameters())
+    assert any(p is pol.dist.log_std for p in pol.actor_parameters())
 
 
 def test_multidiscrete_head_is_a_product_of_categoricals():
@@ -50,11 +50,11 @@ def test_multidiscrete_head_is_a_product_of_categoricals():
     pol = ActorCritic(OBS, space, [16])
     pol.policy_head.weight.data.normal_()  # away from the near-uniform init, so the check has teeth
     obs = torch.randn(50, 3)
-    actions, logp, _ = pol.act(obs, torch.Generator().manual_seed(0))
-    out = pol.policy_head(pol.actor_trunk(obs))
+    actions, logp, _ = pol.act(obs, np.random.default_rng(0))
+    out = pol.policy_head(pol.actor_encoder(obs))
     d1, d2 = torch.distributions.Categorical(logits=out[:, :3]), torch.distributions.Categorical(logits=out[:, 3:])
     torch.testing.assert_close(logp, d1.log_prob(actions[:, 0]) + d2.log_prob(actions[:, 1]))
-    _, entropy, _ = pol.evaluate(pol.features(obs), actions)
+    _, entropy, _ = pol.evaluate(pol.prepare(obs), actions)
     torch.testing.assert_close(entropy, d1.entropy() + d2.entropy())
     assert actions[:, 0].max() <= 2 and actions[:, 1].max() <= 3
     np.testing.assert_array_equal(pol.env_action(actions), actions.numpy() + [1, 5])  # space.start applied
@@ -67,10 +67,10 @@ def test_multibinary_head_is_independent_bernoullis():
     pol = ActorCritic(OBS, {"type": "MultiBinary", "shape": [2, 2]}, [16])
     pol.policy_head.weight.data.normal_()
     obs = torch.randn(50, 3)
-    actions, logp, _ = pol.act(obs, torch.Generator().manual_seed(0))
-    dist = torch.distributions.Bernoulli(logits=pol.policy_head(pol.actor_trunk(obs)))
+    actions, logp, _ = pol.act(obs, np.random.default_rng(0))
+    dist = torch.distributions.Bernoulli(logits=pol.policy_head(pol.actor_encoder(obs)))
     torch.testing.assert_close(logp, dist.log_prob(actions).sum(-1))
-    _, entropy, _ = pol.evaluate(pol.features(obs), actions)
+    _, entropy, _ = pol.evaluate(pol.prepare(obs), actions)
     torch.testing.assert_close(entropy, dist.entropy().sum(-1))
     sent = pol.env_action(actions)
     assert sent.shape == (50, 2, 2) and sent.dtype == np.int8

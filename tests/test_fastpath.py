@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.fastpath import NumpyLoss
+from ppo_cli.fastpath import NumpyActor, NumpyLoss, covers
 from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import UpdateSettings, make_optimizer, minibatch_loss, update
+from ppo_cli.ppo import AutogradGradients, Updater, UpdateSettings, make_optimizer, minibatch_loss
 from ppo_cli.rollout import Batch
 
 OBS = {"type": "Box", "shape": [5]}
@@ -26,7 +26,7 @@ def _setup(kind, activation, widths=(16, 8), seed=0, shared_trunk=False):
     n = 64
     x = torch.randn(n, 5)
     with torch.no_grad():
-        actions, logp, values = policy.act_features(x, torch.Generator().manual_seed(seed))
+        actions, logp, values = policy.act(x, np.random.default_rng(seed))
         # Old log-probs off by up to +-0.3: ratios inside and outside the clip range, both signs of advantage.
         old_logp = logp + 0.3 * (2 * torch.rand(n) - 1)
         # Old values off by N(0, 0.3): value changes inside and outside a clip_range_vf of 0.2.
@@ -61,7 +61,7 @@ def test_gradients_equal_autograd(kind, activation, variant):
     if clip_vf is not None:  # both branches of the clipped value loss run too
         moved = (policy.evaluate(mb.obs, mb.actions)[2] - mb.values).abs().detach()
         assert (moved > clip_vf).any() and (moved < clip_vf).any()
-    fast = NumpyLoss.build(policy)
+    fast = NumpyLoss(policy, covers(policy)[0])
     fast.flat_grad.fill(np.nan)  # every gradient must be written, not accumulated
     stats = _numpy_loss(fast, mb, s)
     np.testing.assert_allclose(stats, ref_stats.numpy(), rtol=1e-5, atol=1e-6)
@@ -77,7 +77,9 @@ def test_full_update_matches_autograd_update(variant):
     for fast in (False, True):  # autograd + optimizer.step(), against NumpyLoss + FusedAdamStep
         policy, batch = _setup("Discrete", "tanh", shared_trunk=shared)
         opt = make_optimizer(policy, "adam", 3e-4, 1e-3, 1e-5, 0.0)
-        stats = update(policy, opt, batch, s, torch.Generator().manual_seed(0), fast=fast)
+        updater, _ = Updater.build(policy, opt, torch.Generator().manual_seed(0), fast_update=fast)
+        assert isinstance(updater.gradients, AutogradGradients) != fast
+        stats = updater.update(batch, s)
         results.append((stats, [p.detach().clone() for p in policy.parameters()]))
     (ref_stats, ref_params), (stats, params) = results
     for a, b in zip(ref_params, params, strict=True):
@@ -86,51 +88,38 @@ def test_full_update_matches_autograd_update(variant):
 
 
 def test_unsupported_cases_fall_back_to_autograd():
-    assert NumpyLoss.build(ActorCritic(OBS, SPACES["Discrete"], [8]).double()) is None
-    assert NumpyLoss.build(torch.nn.Linear(5, 3)) is None
-    assert NumpyLoss.build(ActorCritic(OBS, SPACES["Discrete"], [8], shared_trunk=True)) is not None
+    assert covers(ActorCritic(OBS, SPACES["Discrete"], [8]).double())[0] is None
+    assert covers(torch.nn.Linear(5, 3))[0] is None
+    assert covers(ActorCritic(OBS, SPACES["Discrete"], [8], shared_trunk=True))[0] == "tanh"
 
 
-@pytest.mark.parametrize("kind", ["Discrete", "Box"])
+@pytest.mark.parametrize("kind", list(SPACES))
 @pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu"])
 @pytest.mark.parametrize("shared_trunk", [False, True])
 def test_numpy_actor_agrees_with_the_torch_policy(kind, activation, shared_trunk):
-    from ppo_cli.fastpath import NumpyActor
-
     policy, mb = _setup(kind, activation, shared_trunk=shared_trunk)
-    actor = NumpyActor.build(policy)
+    actor = NumpyActor(policy, covers(policy)[0], np.random.default_rng(0))
     x = mb.obs.numpy()
-    action, logp, value = actor.act(x, np.random.default_rng(0))
+    action, logp, value = actor.act(x)
     ref_logp, _, ref_value = policy.evaluate(mb.obs, torch.as_tensor(action))
     np.testing.assert_allclose(logp, ref_logp.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(value, ref_value.detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(actor.value(x), ref_value.detach().numpy(), rtol=1e-5, atol=1e-5)
     for p in policy.parameters():  # the arrays are views: an in-place optimizer step is seen at once
         p.data.mul_(0.5)
-    _, _, halved = actor.act(x, np.random.default_rng(0))
+    _, _, halved = actor.act(x)
     np.testing.assert_allclose(halved, policy.evaluate(mb.obs, torch.as_tensor(action))[2].detach().numpy(),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_numpy_actor_samples_from_the_policy_distribution():
-    from ppo_cli.fastpath import NumpyActor
-
     policy, mb = _setup("Discrete", "tanh")
-    actor = NumpyActor.build(policy)
+    actor = NumpyActor(policy, "tanh", np.random.default_rng(1))
     x = np.repeat(mb.obs[:1].numpy(), 60_000, axis=0)
-    action, _, _ = actor.act(x, np.random.default_rng(1))
+    action, _, _ = actor.act(x)
     freq = np.bincount(action, minlength=3) / len(action)
-    probs = torch.softmax(policy.policy_head(policy.actor_trunk(mb.obs[:1])), -1)[0].detach().numpy()
+    probs = torch.softmax(policy.policy_head(policy.actor_encoder(mb.obs[:1])), -1)[0].detach().numpy()
     np.testing.assert_allclose(freq, probs, atol=0.01)
-
-
-def test_numpy_actor_is_not_used_where_it_does_not_apply():
-    from ppo_cli.fastpath import NumpyActor
-
-    assert NumpyActor.build(ActorCritic(OBS, SPACES["Box"], [8], normalize_obs=True)) is None
-    assert NumpyActor.build(ActorCritic({"type": "Discrete", "n": 4}, SPACES["Discrete"], [8])) is None
-    assert NumpyActor.build(ActorCritic(OBS, {"type": "MultiDiscrete", "shape": [1], "nvec": [2], "start": [0]},
-                                        [8])) is None
 
 
 def test_clip_grad_norm_matches_torch():
@@ -196,13 +185,13 @@ def test_torch_compile_compiles_the_autograd_loss_and_says_when_it_has_no_effect
     compiled = Trainer(make_cfg(*TINY, "fast_update=false", "network.net_arch=[16]", "torch_compile=true",
                                 "algo.total_timesteps=128", "eval.objective=train", "eval.final=false"),
                        tmp_path / "a")
-    assert compiled.loss_fn is not minibatch_loss and not compiled.notes
+    assert compiled.updater.gradients.loss_fn is not minibatch_loss and not compiled.notes
     result = compiled.run()
     assert result.global_step == 128
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the loss really went through dynamo
 
     plain = Trainer(make_cfg(*TINY, "torch_compile=true"), tmp_path / "b")
-    assert plain.loss_fn is minibatch_loss
+    assert not isinstance(plain.updater.gradients, AutogradGradients)
     assert any("torch_compile=true has no effect" in note for note in plain.notes)
 
 

@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def _gain_of_orthogonal(w: torch.Tensor) -> float:
 def test_orthogonal_gains_and_bias():
     torch.manual_seed(0)
     pol = ActorCritic(OBS, ACT, [64, 64], "tanh", "orthogonal", bias=0.0)
-    for layer in (pol.actor_trunk[0], pol.actor_trunk[2], pol.critic_trunk[0], pol.critic_trunk[2]):
+    for layer in (pol.actor_encoder[0], pol.actor_encoder[2], pol.critic_encoder[0], pol.critic_encoder[2]):
         assert _gain_of_orthogonal(layer.weight.detach()) == pytest.approx(math.sqrt(2), rel=1e-4)
         assert (layer.bias == 0).all()
     assert _gain_of_orthogonal(pol.policy_head.weight.detach()) == pytest.approx(0.01, rel=1e-4)
@@ -34,13 +36,13 @@ def test_orthogonal_gains_and_bias():
 def test_xavier_and_kaiming_variances(scheme, activation):
     torch.manual_seed(0)
     pol = ActorCritic(OBS, ACT, [512, 512], activation, scheme, bias=0.1)
-    w = pol.actor_trunk[2].weight.detach()  # 512 x 512
+    w = pol.actor_encoder[2].weight.detach()  # 512 x 512
     if scheme == "xavier":  # Var = gain^2 * 2 / (fan_in + fan_out), gain(tanh) = 5/3
         expected = (5 / 3) ** 2 * 2 / 1024
     else:  # Var = gain^2 / fan_in, gain(relu) = sqrt(2), gain(leaky_relu, 0.01) = sqrt(2 / (1 + 1e-4))
         expected = (2.0 if activation == "relu" else 2 / (1 + 0.01**2)) / 512
     assert w.var().item() == pytest.approx(expected, rel=0.05)
-    assert (pol.actor_trunk[0].bias == 0.1).all()
+    assert (pol.actor_encoder[0].bias == 0.1).all()
 
 
 def test_parameter_groups_cover_every_parameter_once():
@@ -57,9 +59,9 @@ def test_act_and_evaluate_agree_with_torch_distributions():
     torch.manual_seed(0)
     pol = ActorCritic(OBS, ACT, [16])
     obs = torch.randn(5, 4)
-    actions, logp, value = pol.act(obs, torch.Generator().manual_seed(0))
+    actions, logp, value = pol.act(obs, np.random.default_rng(0))
     logp2, entropy, value2 = pol.evaluate(obs, actions)
-    dist = torch.distributions.Categorical(logits=pol.policy_head(pol.actor_trunk(obs)))
+    dist = torch.distributions.Categorical(logits=pol.policy_head(pol.actor_encoder(obs)))
     torch.testing.assert_close(logp, dist.log_prob(actions))
     torch.testing.assert_close(logp2, logp)
     torch.testing.assert_close(entropy, dist.entropy())
@@ -70,5 +72,5 @@ def test_act_and_evaluate_agree_with_torch_distributions():
 
 def test_discrete_observations_are_one_hot():
     pol = ActorCritic({"type": "Discrete", "n": 5}, ACT, [8])
-    x = pol.features(torch.tensor([0, 3]))
+    x = pol.prepare(torch.tensor([0, 3]))
     torch.testing.assert_close(x, torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0, 1.0, 0]]))

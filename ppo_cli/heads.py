@@ -1,0 +1,316 @@
+"""Action heads: one class per action distribution, each owning its sampling, log-prob, entropy, mode and the
+mapping of a stored action to what the env takes, in torch and, beside it, in numpy for the fast path.
+
+A head reads the policy network's raw outputs `out` [n, n_outputs] (logits, or a Gaussian's mean) and holds
+any parameters of its own (the Gaussian's state-independent log-std). The maths is written on plain tensors
+instead of going through torch.distributions, whose per-call validation and object creation cost more than
+the arithmetic on networks this small.
+
+Sampling draws its randomness from a numpy Generator in both twins (`noise`, then a deterministic function
+of it), so the torch and the numpy rollout take the same actions from the same seed.
+
+Adding a head: a subclass here, registered in HEADS under the name `envs.describe_space` gives its space.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class ActionHead(nn.Module):
+    """The interface every head implements (see the module doc)."""
+
+    n_outputs: int  # network outputs the head reads
+    action_shape: tuple[int, ...]  # one stored action
+    action_dtype: torch.dtype
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        super().__init__()
+        self.space = space
+
+    # --- torch ---------------------------------------------------------------------------------------------
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """The randomness of n samples, drawn once for both twins."""
+        raise NotImplementedError
+
+    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- numpy twins (fastpath) ----------------------------------------------------------------------------
+    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(actions, their log-probs), as `sample` then `log_prob_entropy` would give."""
+        raise NotImplementedError
+
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(log-probs, entropies, what np_grad needs)."""
+        raise NotImplementedError
+
+    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        """dL/d(out) for dL/d logp = g_logp plus the entropy bonus -ent_coef * mean(H) (c = ent_coef / n), and
+        dL/d(each of own_parameters())."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------------------
+    def own_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def env_action(self, actions: np.ndarray) -> np.ndarray:
+        """A batch of stored actions as the env takes them."""
+        raise NotImplementedError
+
+    def log_scalars(self) -> dict[str, float]:
+        """What TensorBoard shows about the head itself (charts/...)."""
+        return {}
+
+
+class MultiCategorical(ActionHead):
+    """MultiDiscrete(nvec): one categorical per component over its slice of the logits; log-probs and entropies
+    add up. Categorical is the one-component case."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        super().__init__(space)
+        self.nvec = [int(n) for n in space["nvec"]]
+        self.n_outputs, self.action_shape, self.action_dtype = sum(self.nvec), (len(self.nvec),), torch.long
+        self._splits = np.cumsum(self.nvec)[:-1]
+
+    def _segments(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (out,) if len(self.nvec) == 1 else out.split(self.nvec, dim=-1)
+
+    def _columns(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions.long()
+
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = self._columns(actions)
+        logp = entropy = None
+        for i, logits in enumerate(self._segments(out)):
+            logp_all = F.log_softmax(logits, dim=-1)
+            lp = logp_all.gather(-1, cols[:, i:i + 1]).squeeze(-1)
+            h = -(logp_all.exp() * logp_all).sum(-1)
+            logp, entropy = (lp, h) if logp is None else (logp + lp, entropy + h)
+        return logp, entropy  # type: ignore[return-value]
+
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.random((n, len(self.nvec)), dtype=np.float32)
+
+    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # Inverse-CDF sampling; the clamp guards against a cdf that rounds to just below 1.
+        parts = [((noise[:, i:i + 1] > F.softmax(logits, dim=-1).cumsum(-1)).sum(-1)).clamp_(max=logits.shape[-1] - 1)
+                 for i, logits in enumerate(self._segments(out))]
+        return self._stack(parts)
+
+    def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(parts, dim=-1)
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        return self._stack([logits.argmax(-1) for logits in self._segments(out)])
+
+    def _np_segments(self, out: np.ndarray) -> list[np.ndarray]:
+        return [out] if len(self.nvec) == 1 else np.split(out, self._splits, axis=1)
+
+    def _np_columns(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = out.shape[0]
+        rows = np.arange(n)
+        actions, logp = [], np.zeros(n, np.float32)
+        for j, logits in enumerate(self._np_segments(out)):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            total = exp.sum(axis=1, keepdims=True)
+            cdf = np.cumsum(exp / total, axis=1)
+            action = np.minimum((noise[:, j:j + 1] > cdf).sum(axis=1), logits.shape[1] - 1)
+            lp = (shifted - np.log(total))[rows, action]
+            logp = lp if j == 0 else logp + lp
+            actions.append(action)
+        return self._np_stack(actions), logp.astype(np.float32, copy=False)
+
+    def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.stack(parts, axis=1)
+
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        n = out.shape[0]
+        cols = self._np_columns(actions)
+        logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
+        for j, logits in enumerate(self._np_segments(out)):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            total = exp.sum(axis=1, keepdims=True)
+            logp_all = shifted - np.log(total)
+            p = exp / total
+            h = -(p * logp_all).sum(axis=1)
+            logp += logp_all[np.arange(n), cols[:, j]]
+            entropy += h
+            parts.append((p, logp_all, h))
+        return logp, entropy, parts
+
+    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
+        col = g_logp[:, None]
+        cols = self._np_columns(actions)
+        rows = np.arange(len(g_logp))
+        grads = []
+        for j, (p, logp_all, h) in enumerate(cache):
+            g = p * (c * (logp_all + h[:, None]) - col)
+            g[rows, cols[:, j]] += g_logp
+            grads.append(g)
+        return (grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)), []
+
+    def env_action(self, actions: np.ndarray) -> np.ndarray:
+        return (actions + np.asarray(self.space["start"])).reshape(actions.shape[0], *self.space["shape"])
+
+
+class Categorical(MultiCategorical):
+    """Discrete(n): a categorical over n logits; actions are stored as scalars."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        super().__init__({**space, "nvec": [space["n"]]})
+        self.action_shape = ()
+
+    def _columns(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions.long().unsqueeze(-1)
+
+    def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return parts[0]
+
+    def _np_columns(self, actions: np.ndarray) -> np.ndarray:
+        return actions[:, None]
+
+    def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0]
+
+    def env_action(self, actions: np.ndarray) -> np.ndarray:
+        return actions + self.space.get("start", 0)
+
+
+class Bernoulli(ActionHead):
+    """MultiBinary: one Bernoulli per bit, its logit from the network."""
+
+    def __init__(self, space: dict[str, Any]) -> None:
+        super().__init__(space)
+        self.n_outputs = math.prod(space["shape"])
+        self.action_shape, self.action_dtype = (self.n_outputs,), torch.float32
+
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p1, log_p0 = F.logsigmoid(out), F.logsigmoid(-out)
+        logp = (actions * log_p1 + (1.0 - actions) * log_p0).sum(-1)
+        return logp, -(log_p1.exp() * log_p1 + log_p0.exp() * log_p0).sum(-1)
+
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.random((n, self.n_outputs), dtype=np.float32)
+
+    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (noise < torch.sigmoid(out)).float()
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        return (out > 0).float()
+
+    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
+        actions = (noise < p1).astype(np.float32)
+        return actions, self.np_log_prob_entropy(out, actions)[0]
+
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
+        log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
+        log_p0 = log_p1 - out
+        p1 = np.exp(log_p1)
+        logp = (actions * out + log_p0).sum(axis=1)
+        entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0).sum(axis=1)
+        return logp, entropy, (p1, out)
+
+    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
+        p1, logits = cache
+        return g_logp[:, None] * (actions - p1) + c * p1 * (1.0 - p1) * logits, []
+
+    def env_action(self, actions: np.ndarray) -> np.ndarray:
+        return actions.astype(np.int8).reshape(actions.shape[0], *self.space["shape"])
+
+
+class DiagGaussian(ActionHead):
+    """Box: a diagonal Gaussian, its mean from the network and a state-independent learnable log-std starting at
+    network.log_std_init. Samples are unbounded; `env_action` clips them to the bounds only on the way to the
+    env, so the stored action is the sample and its log-prob is exact."""
+
+    def __init__(self, space: dict[str, Any], log_std_init: float = 0.0) -> None:
+        super().__init__(space)
+        self.n_outputs = math.prod(space["shape"])
+        self.action_shape, self.action_dtype = (self.n_outputs,), torch.float32
+        self.log_std = nn.Parameter(torch.full((self.n_outputs,), float(log_std_init)))
+        self._low = np.asarray(space["low"], dtype=np.float32).flatten()
+        self._high = np.asarray(space["high"], dtype=np.float32).flatten()
+
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (actions - out) * torch.exp(-self.log_std)
+        logp = (-0.5 * z.square() - self.log_std - 0.5 * LOG_2PI).sum(-1)
+        entropy = (0.5 + 0.5 * LOG_2PI + self.log_std).sum().expand(out.shape[0])
+        return logp, entropy
+
+    def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.standard_normal((n, self.n_outputs), dtype=np.float32)
+
+    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return out + noise * self.log_std.exp()
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+    def _np_log_std(self) -> np.ndarray:
+        return self.log_std.detach().numpy()
+
+    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        log_std = self._np_log_std()
+        actions = out + noise * np.exp(log_std)
+        logp = (-0.5 * noise * noise).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
+        return actions, logp.astype(np.float32, copy=False)
+
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        log_std = self._np_log_std()
+        inv_std = np.exp(-log_std)
+        z = (actions - out) * inv_std
+        logp = (-0.5 * z * z).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
+        entropy = np.full(out.shape[0], (0.5 + 0.5 * LOG_2PI + log_std).sum(), np.float32)
+        return logp, entropy, (z, inv_std)
+
+    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        z, inv_std = cache
+        col = g_logp[:, None]
+        g_log_std = (col * (z * z - 1.0)).sum(axis=0) - c * len(g_logp)
+        return col * z * inv_std, [g_log_std]
+
+    def env_action(self, actions: np.ndarray) -> np.ndarray:
+        return np.clip(actions, self._low, self._high).reshape(actions.shape[0], *self.space["shape"])
+
+    def log_scalars(self) -> dict[str, float]:
+        return {"charts/action_std": float(self.log_std.detach().exp().mean())}
+
+
+# Keyed by envs.describe_space's "type"; the spaces envs.check_spaces accepts.
+HEADS: dict[str, type[ActionHead]] = {"Discrete": Categorical, "MultiDiscrete": MultiCategorical,
+                                      "MultiBinary": Bernoulli, "Box": DiagGaussian}
+
+
+def build_head(space: dict[str, Any], log_std_init: float = 0.0) -> ActionHead:
+    cls = HEADS.get(space["type"])
+    if cls is None:
+        raise ValueError(f"unsupported action space {space['type']}")
+    return cls(space, log_std_init) if cls is DiagGaussian else cls(space)
