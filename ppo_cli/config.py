@@ -1,5 +1,9 @@
 """Structured configs (the schema Hydra validates types and key names against) and range checks.
 
+Every key's default and meaning is stated once, here (`key(default, help)`); the presets in conf/ list only
+what they change, and docs/configuration.md's key tables are generated from these dataclasses
+(`python -m ppo_cli.config docs/configuration.md`; a test checks they are current).
+
 Hydra rejects unknown keys and wrong types while composing, because every group is backed by one of the
 dataclasses below. What a type cannot say (ranges, batch sizes that fit the rollout, env ids) is checked by
 `validate`, which returns every problem as a sentence naming the key.
@@ -8,13 +12,14 @@ dataclasses below. What a type cannot say (ranges, batch sizes that fit the roll
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_cli.encoders import ENCODERS
 from ppo_cli.errors import UserError
 
 GROUPS = ("algo", "network", "env")
@@ -36,10 +41,6 @@ class Activation(str, Enum):
     leaky_relu = "leaky_relu"
 
 
-class EncoderType(str, Enum):
-    mlp = "mlp"
-
-
 class Init(str, Enum):
     orthogonal = "orthogonal"
     xavier = "xavier"
@@ -57,56 +58,80 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+def key(default: Any, help: str) -> Any:
+    """A config key: its default and its meaning, stated once (docs/configuration.md is generated from these)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class AlgoConfig:
-    gamma: float = 0.99
-    clip_range: float = 0.1
-    gae_lambda: float = 0.9
-    K_epochs: int = 3
-    n_steps: int = 1024
-    batch_size: int = 64
-    lr_actor: float = 3e-4
-    lr_critic: float = 3e-4
-    lr_schedule: Schedule = Schedule.constant
-    ent_coef: float = 0.01
-    ent_schedule: Schedule = Schedule.constant
-    ent_coef_final: float = 0.0
-    vf_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    total_timesteps: int = 1_000_000
-    optimizer: OptimizerName = OptimizerName.adam
-    weight_decay: float = 0.0
-    eps: float = 1e-5
-    normalize_advantage: bool = True
-    target_kl: float | None = None
-    clip_range_vf: float | None = None
+    # The first 13 keys are the source table's, with its defaults.
+    gamma: float = key(0.99, "discount factor, in (0, 1]")
+    clip_range: float = key(0.1, "epsilon: the ratio is clipped to [1 - eps, 1 + eps]; > 0")
+    gae_lambda: float = key(0.9, "GAE lambda, in [0, 1] (0: one-step TD, 1: Monte Carlo)")
+    K_epochs: int = key(3, "passes over each rollout")
+    n_steps: int = key(1024, "steps per env per rollout (a rollout is n_steps x env.num_envs samples)")
+    batch_size: int = key(64, "minibatch size; must divide the rollout, so each sample is used once per epoch")
+    lr_actor: float = key(3e-4, "Adam learning rate of the policy (actor encoder, policy head, and a shared trunk)")
+    lr_critic: float = key(3e-4, "Adam learning rate of the value function (critic encoder and value head)")
+    ent_coef: float = key(0.01, "entropy bonus coefficient (start value when scheduled)")
+    vf_coef: float = key(0.5, "value loss coefficient")
+    max_grad_norm: float = key(0.5, "global gradient norm clip")
+    total_timesteps: int = key(1_000_000, "environment steps to train; the run stops after the update that "
+                                          "reaches it")
+    optimizer: OptimizerName = key(OptimizerName.adam, "adam / adamw")
+    lr_schedule: Schedule = key(Schedule.constant, "constant / linear (both learning rates decay to 0 at "
+                                                   "total_timesteps)")
+    ent_schedule: Schedule = key(Schedule.constant, "constant / linear (ent_coef to ent_coef_final at "
+                                                    "total_timesteps: explore early, converge late)")
+    ent_coef_final: float = key(0.0, "end value of the linear entropy schedule")
+    weight_decay: float = key(0.0, "weight decay (decoupled for adamw)")
+    eps: float = key(1e-5, "Adam epsilon")
+    normalize_advantage: bool = key(True, "normalize advantages per minibatch (mean 0, std 1)")
+    target_kl: float | None = key(None, "stop the update early once a minibatch's approx_kl exceeds "
+                                        "1.5 x target_kl")
+    clip_range_vf: float | None = key(None, "clip the value update around the old value (PPO2's pessimistic max "
+                                            "form)")
 
 
 @dataclass
 class NetworkConfig:
-    type: EncoderType = EncoderType.mlp
-    net_arch: list[int] = field(default_factory=lambda: [64, 64])
-    activation_fn: Activation = Activation.tanh
-    init: Init = Init.orthogonal
-    bias: float = 0.0
-    shared_trunk: bool = False
-    log_std_init: float = 0.0  # Box actions: initial log std of the Gaussian (0.0: std 1)
+    type: str = key("mlp", "the encoder (network input -> features) of actor and critic, by its name in "
+                           "encoders.ENCODERS: mlp")
+    net_arch: list[int] = key([64, 64], "hidden layer widths, the same for actor and critic")
+    activation_fn: Activation = key(Activation.tanh, "tanh / relu / leaky_relu")
+    init: Init = key(Init.orthogonal, "hidden layers: orthogonal (gain sqrt 2), xavier (suits tanh) or kaiming "
+                                      "(suits ReLU); heads are always orthogonal with gain 0.01 (policy) and 1.0 "
+                                      "(value)")
+    bias: float = key(0.0, "initial value of every bias")
+    shared_trunk: bool = key(False, "one encoder for actor and critic; its parameters then train at lr_actor")
+    log_std_init: float = key(0.0, "Box actions: initial log standard deviation of the Gaussian (learned, "
+                                   "state-independent; 0.0 is std 1)")
 
 
 @dataclass
 class EnvConfig:
-    id: str = "CartPole-v1"
-    num_envs: int = 8
-    vectorization: Vectorization = Vectorization.sync
-    entry_point: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    wrappers: list[Any] = field(default_factory=list)
-    check: bool = False
-    max_episode_steps: int | None = None
-    normalize_obs: bool = False
-    clip_obs: float = 10.0
-    normalize_reward: bool = False
-    clip_reward: float = 10.0
+    id: str = key("CartPole-v1", "any registered gymnasium id, or `module:Id-v0` (the module is imported to "
+                                 "register it)")
+    num_envs: int = key(8, "parallel envs")
+    vectorization: Vectorization = key(Vectorization.sync, "sync (one process) / async (a process per env; pays "
+                                                           "off for slow envs)")
+    entry_point: str | None = key(None, "`module:ClassOrFactory` of an unregistered env; when set, it is built "
+                                        "instead of env.id")
+    kwargs: dict[str, Any] = key({}, "keyword arguments for the env (`env.kwargs.continuous=true` adds or sets "
+                                     "one)")
+    wrappers: list[Any] = key([], "wrappers applied to each env in order, as `{_target_: module.Wrapper, arg: "
+                                  "value}`")
+    check: bool = key(False, "run gymnasium's env checker on one instance before training; a failure stops the "
+                             "run")
+    max_episode_steps: int | None = key(None, "override the env's time limit; null keeps the registered one")
+    normalize_obs: bool = key(False, "normalize observations by their running mean and variance (statistics saved "
+                                     "in checkpoints; the continuous presets turn it on)")
+    clip_obs: float = key(10.0, "normalized observations are clipped to [-clip_obs, clip_obs]")
+    normalize_reward: bool = key(False, "divide training rewards by the running std of the discounted return")
+    clip_reward: float = key(10.0, "scaled rewards are clipped to [-clip_reward, clip_reward]")
 
 
 class Objective(str, Enum):
@@ -117,13 +142,16 @@ class Objective(str, Enum):
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 50_000
-    episodes: int = 10
-    deterministic: bool = True
-    final: bool = True
-    stop_at_return: float | None = None
-    objective: Objective = Objective.final
-    train_window: int = 100  # objective 'train': mean return of this many last training episodes
+    every_steps: int = key(50_000, "env steps between periodic evaluations (eval/* curves, best.pt); 0 turns "
+                                   "them off")
+    episodes: int = key(10, "episodes per evaluation")
+    deterministic: bool = key(True, "argmax actions (a Gaussian's mean); false samples from the policy")
+    final: bool = key(True, "evaluate once more after training")
+    stop_at_return: float | None = key(None, "stop training as soon as an evaluation's mean return reaches this")
+    objective: Objective = key(Objective.final, "final / best / train: the run's objective in result.json (and "
+                                                "for sweeps): the final evaluation, the best periodic one, or the "
+                                                "mean return of the last eval.train_window training episodes")
+    train_window: int = key(100, "training episodes averaged for eval.objective=train")
 
 
 @dataclass
@@ -132,15 +160,66 @@ class TrainConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 1
-    device: Device = Device.auto
-    torch_threads: int = 1
-    fast_rollout: bool = True  # act in numpy where the policy allows it (CPU, plain MLP); false: always torch
-    fast_update: bool = True  # loss and gradients in numpy where the policy allows it (CPU); false: autograd
-    torch_compile: bool = False  # torch.compile the autograd loss (where the numpy update path does not run)
-    log_interval: int = 1
-    checkpoint_interval: int = 10
-    resume: str | None = None
+    seed: int = key(1, "seeds torch (initialization), the action sampling and minibatch shuffling generators, "
+                       "and the envs (env i gets seed + i)")
+    device: Device = key(Device.auto, "auto / cpu / cuda; auto picks cuda when torch sees a GPU")
+    torch_threads: int = key(1, "torch intra-op threads, and numpy's BLAS threads (small MLPs are fastest on "
+                                "one); 0 keeps the libraries' defaults")
+    fast_rollout: bool = key(True, "act in numpy during rollouts where the numpy path covers the policy (CPU, "
+                                   "float32, ppo-cli's MLP actor-critic: every head, observation normalization, "
+                                   "shared or separate trunks); false acts through torch. Both take the same "
+                                   "actions from the same seed (docs/speed.md)")
+    fast_update: bool = key(True, "compute the loss and its gradients in numpy where the numpy path covers the "
+                                  "policy (as for fast_rollout); false uses torch autograd. Both compute the same "
+                                  "update; a policy it does not cover trains with autograd and the run says why")
+    torch_compile: bool = key(False, "pass the autograd loss through torch.compile; it only runs where the numpy "
+                                     "update does not (fast_update=false, device=cuda): about 35% off an autograd "
+                                     "minibatch step at [64, 64], 5% at [256, 256], for 5-20 s of compiling at "
+                                     "the first update; needs a C++ compiler on the CPU. Where the numpy update "
+                                     "runs it has no effect and the run says so")
+    log_interval: int = key(1, "updates between plain console lines (TensorBoard always gets every update)")
+    checkpoint_interval: int = key(10, "updates between periodic checkpoints; 0 writes only the final one")
+    resume: str | None = key(None, "a checkpoint.pt to continue from (docs/evaluation-and-resume.md)")
+
+
+# docs/configuration.md's key tables: one per group, in this order, with the line that introduces each.
+TABLE_INTROS = {
+    "": "Top level:",
+    "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
+    "algo": "`algo` (`algo=ppo` is these defaults; the first 13 rows are the source table's):",
+    "network": "`network` (`network=mlp` is these defaults; `network=mlp_large` has [256, 256]):",
+    "env": "`env` (`env=<name>` presets: CartPole-v1, Acrobot-v1, MountainCar-v0, LunarLander-v3, Pendulum-v1, "
+           "MountainCarContinuous-v0, LunarLanderContinuous-v3, BipedalWalker-v3, HalfCheetah-v5, Hopper-v5, "
+           "Walker2d-v5, Ant-v5, Humanoid-v5):",
+}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return str(value)
+
+
+def key_tables() -> str:
+    """The Markdown key tables of docs/configuration.md, from the dataclasses' defaults and help."""
+    groups = {"": TrainConfig, "eval": EvalConfig, "algo": AlgoConfig, "network": NetworkConfig, "env": EnvConfig}
+    parts = []
+    for name, cls in groups.items():
+        rows = [TABLE_INTROS[name], "", "| key | default | meaning |", "|---|---|---|"]
+        for f in fields(cls):
+            if "help" not in f.metadata:
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            full = f"{name}.{f.name}" if name else f.name
+            rows.append(f"| `{full}` | {_shown(default)} | {f.metadata['help']} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
 
 
 def choice(value: Any) -> str:
@@ -192,6 +271,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.weight_decay >= 0, "algo.weight_decay", "must be >= 0")
     need(a.eps > 0, "algo.eps", "must be > 0")
     need(a.target_kl is None or a.target_kl > 0, "algo.target_kl", "must be > 0 or null")
+    need(n.type in ENCODERS, "network.type", f"must name an encoder: {', '.join(ENCODERS)}")
     need(len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch), "network.net_arch",
          "must list at least one layer width, each >= 1")
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
@@ -231,3 +311,21 @@ def validate(cfg: DictConfig) -> None:
     problems = _problems(cfg)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+DOCS_BEGIN, DOCS_END = "<!-- config-keys:begin -->", "<!-- config-keys:end -->"
+
+
+def write_key_tables(path: str) -> None:
+    """Replace the block between the markers in `path` with key_tables()."""
+    text = open(path, encoding="utf-8").read()
+    head, _, rest = text.partition(DOCS_BEGIN)
+    _, _, tail = rest.partition(DOCS_END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{DOCS_BEGIN}\n{key_tables()}{DOCS_END}{tail}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_key_tables(sys.argv[1] if len(sys.argv) > 1 else "docs/configuration.md")

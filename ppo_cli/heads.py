@@ -15,7 +15,7 @@ Adding a head: a subclass here, registered in HEADS under the name `envs.describ
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch

@@ -71,13 +71,18 @@ class ActorCritic(nn.Module):
         _init_head(self.value_head, VALUE_HEAD_GAIN, bias)
         self.action_shape, self.action_dtype = self.dist.action_shape, self.dist.action_dtype
 
-    def actor_parameters(self) -> list[nn.Parameter]:
-        """Trained at lr_actor. A shared trunk counts as actor: the policy is what PPO's clip protects."""
-        return [*self.actor_encoder.parameters(), *self.policy_head.parameters(), *self.dist.own_parameters()]
-
     def critic_parameters(self) -> list[nn.Parameter]:
+        """Trained at lr_critic: the value head and a critic encoder of its own."""
         encoder = [] if self.shared_trunk else list(self.critic_encoder.parameters())
         return [*encoder, *self.value_head.parameters()]
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """Trained at lr_actor: every other parameter (a shared trunk too: the policy is what PPO's clip protects,
+        and so is any layer a subclass adds)."""
+        # This order is the optimizer state's order in every checkpoint.
+        own = [*self.actor_encoder.parameters(), *self.policy_head.parameters(), *self.dist.own_parameters()]
+        listed = {id(p) for p in (*own, *self.critic_parameters())}
+        return own + [p for p in self.parameters() if id(p) not in listed]
 
     def prepare(self, obs: torch.Tensor) -> torch.Tensor:
         """Network input for raw observations: one-hot or flattened, then normalized with the frozen stats."""
@@ -111,8 +116,8 @@ class ActorCritic(nn.Module):
 
     @torch.no_grad()
     def value(self, x: torch.Tensor) -> torch.Tensor:
-        """V of a batch of network inputs."""
-        return self.value_head(self.critic_encoder(x)).squeeze(-1)
+        """V of a batch of network inputs (through forward, so a subclass's own layers count)."""
+        return self(x)[1]
 
     def evaluate(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-prob of `actions`, entropy, value) for a batch of network inputs, with autograd."""

@@ -115,18 +115,41 @@ def test_resolved_config_round_trips_through_yaml():
     assert again.algo.target_kl == 0.02 and again.algo.optimizer == "adam"
 
 
-def test_readme_documents_every_config_key():
-    """README.md's key tables must list every key of the structured config (a new key without a row fails)."""
+def test_docs_key_tables_are_generated_from_the_schema_and_list_every_key():
+    """docs/configuration.md's key tables are config.key_tables() (the defaults and help of the dataclasses), and
+    every key of the schema has a row: a new key without help, or a stale table, fails."""
     import re
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
-    from ppo_cli.config import TrainConfig
+    from ppo_cli.config import DOCS_BEGIN, DOCS_END, TrainConfig, key_tables
 
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    block = docs.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0]
+    assert block.strip() == key_tables().strip(), "stale: run python -m ppo_cli.config docs/configuration.md"
     cfg = OmegaConf.structured(TrainConfig)
     keys = {f"{group}.{key}" for group in ("algo", "network", "env", "eval") for key in cfg[group]}
     keys |= {key for key in cfg if key not in ("algo", "network", "env", "eval")}
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Za-z_.0-9]+)` \|", readme, re.MULTILINE))
-    assert keys - documented == set()
+    assert keys == set(re.findall(r"^\| `([A-Za-z_.0-9]+)` \|", block, re.MULTILINE))
+
+
+def test_presets_list_only_what_they_change():
+    """Every preset value differs from the schema's default (env presets keep their id): one source for defaults."""
+    from pathlib import Path
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from ppo_cli.config import TrainConfig
+
+    base = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    conf = Path(__file__).resolve().parents[1] / "ppo_cli" / "conf"
+    for group in ("algo", "network", "env"):
+        for path in (conf / group).glob("*.yaml"):
+            data = yaml.safe_load(path.read_text()) or {}
+            sections = data if path.read_text().startswith("# @package _global_") else {group: data}
+            for section, values in sections.items():
+                for key, value in values.items():
+                    if (section, key) not in (("env", "id"), ("network", "type")):
+                        assert value != base[section][key], f"{path.name}: {section}.{key} repeats the default"

@@ -35,7 +35,7 @@ def _params(*overrides, tmp):
         trainer.run()
     finally:
         trainer.close()
-    return trainer.policy.state_dict(), trainer.eval_seconds
+    return trainer.policy.state_dict(), trainer.evaluator.seconds
 
 
 def test_evaluation_does_not_change_training(tmp_path):

@@ -191,7 +191,7 @@ def check_overrides(argv: list[str]) -> None:
             continue
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (see the config key table in README.md)"
+            hint = f" (did you mean {close[0]!r}?)" if close else " (see the key tables in docs/configuration.md)"
             raise UserError(f"unknown config key {key!r}{hint}")
         if override.is_sweep_override():
             continue

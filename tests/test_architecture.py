@@ -1,0 +1,166 @@
+"""The pieces of one training iteration: the fast paths cover exactly what they were checked on, the torch and
+numpy actors take the same actions from the same seed, the stopwatch adds up, and the checkpoint's keys are
+the one list in checkpoint.STATE_KEYS."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ppo_cli import checkpoint
+from ppo_cli.fastpath import NumpyActor, covers
+from ppo_cli.heads import HEADS
+from ppo_cli.policy import ActorCritic
+from ppo_cli.ppo import AutogradGradients, Updater, UpdateSettings, make_optimizer
+from ppo_cli.rollout import Batch, TorchActor, choose_actor
+from ppo_cli.timing import Stopwatch
+from tests.conftest import TINY, make_cfg
+
+OBS = {"type": "Box", "shape": [5]}
+ACT = {"type": "Discrete", "n": 3}
+
+
+class WithInputLayer(ActorCritic):
+    """A user's subclass: one more layer in front of the encoders (the fast path knows nothing of it)."""
+
+    def __init__(self) -> None:
+        super().__init__(OBS, ACT, [16])
+        self.input_layer = nn.Linear(5, 5)
+
+    def prepare(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.float()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(torch.tanh(self.input_layer(x)))
+
+
+def _batch(policy: nn.Module, n: int = 64) -> Batch:
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        actions, logp, values = policy.act(x, np.random.default_rng(0))
+    return Batch(x, actions, logp + 0.1, values, torch.randn(n), values + torch.randn(n))
+
+
+def test_a_policy_the_fast_path_does_not_cover_trains_with_autograd_and_says_so():
+    settings = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 2, 16, True, None)
+    params = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        policy = WithInputLayer()
+        activation, why = covers(policy)
+        assert activation is None and "WithInputLayer" in why
+        opt = make_optimizer(policy, "adam", 3e-4, 3e-4, 1e-5, 0.0)
+        updater, notes = Updater.build(policy, opt, torch.Generator().manual_seed(0), fast_update=fast)
+        assert isinstance(updater.gradients, AutogradGradients)
+        assert notes == (["note: fast_update: computing gradients with autograd (WithInputLayer is not ppo-cli's "
+                          "ActorCritic)"] if fast else [])
+        before = policy.input_layer.weight.detach().clone()
+        updater.update(_batch(policy), settings)
+        assert not torch.equal(policy.input_layer.weight, before)  # the extra layer is trained too
+        params.append([p.detach().clone() for p in policy.parameters()])
+    for a, b in zip(*params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    actor, note = choose_actor(WithInputLayer(), np.random.default_rng(0), torch.device("cpu"), fast=True)
+    assert isinstance(actor, TorchActor) and note.startswith("note: fast_rollout: acting through torch")
+
+
+def test_the_fast_path_must_read_every_parameter():
+    policy = ActorCritic(OBS, ACT, [16])
+    assert covers(policy)[0] == "tanh"
+    policy.extra = nn.Parameter(torch.zeros(3))  # a parameter no layer of the fast path reads
+    activation, why = covers(policy)
+    assert activation is None and "reads 8 of the policy's 9 parameter tensors" in why
+
+
+@pytest.mark.parametrize("obs_space,normalize", [(OBS, False), (OBS, True), ({"type": "Discrete", "n": 4}, False)])
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_torch_and_numpy_actors_take_the_same_actions_from_the_same_seed(obs_space, normalize, kind):
+    spaces = {"Discrete": ACT, "MultiDiscrete": {"type": "MultiDiscrete", "shape": [2], "nvec": [2, 3],
+                                                 "start": [0, 1]},
+              "MultiBinary": {"type": "MultiBinary", "shape": [3]},
+              "Box": {"type": "Box", "shape": [2], "low": [-1.0, -1.0], "high": [1.0, 1.0]}}
+    torch.manual_seed(0)
+    policy = ActorCritic(obs_space, spaces[kind], [16], normalize_obs=normalize)
+    for p in policy.parameters():
+        p.data.add_(0.5 * torch.randn_like(p))
+    rng = np.random.default_rng(5)
+    if obs_space["type"] == "Discrete":
+        obs = [rng.integers(0, 4, size=8) for _ in range(20)]
+    else:
+        obs = [rng.normal(3.0, 2.0, size=(8, 5)) for _ in range(20)]
+    results = []
+    for make in (lambda r: TorchActor(policy, r, torch.device("cpu")), lambda r: NumpyActor(policy, "tanh", r)):
+        if policy.obs_norm is not None:  # both actors fold the same observations into fresh statistics
+            policy.obs_norm.load_state_dict({"mean": torch.zeros(5, dtype=torch.float64),
+                                             "var": torch.ones(5, dtype=torch.float64),
+                                             "count": torch.tensor(1e-8, dtype=torch.float64)})
+        actor = make(np.random.default_rng(1))
+        steps = []
+        for o in obs:
+            x = actor.inputs(o)
+            a, logp, v = actor.act(x)
+            steps.append([np.asarray(t) for t in (x, a, logp, v, actor.env_action(a))])
+        results.append(steps)
+    for torch_step, numpy_step in zip(*results, strict=True):
+        t_x, t_a, t_logp, t_v, t_env = torch_step
+        n_x, n_a, n_logp, n_v, n_env = numpy_step
+        np.testing.assert_array_equal(t_x, n_x)  # the same network input, bit for bit
+        if kind == "Box":
+            np.testing.assert_allclose(t_a, n_a, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(t_a, n_a)  # the same draws make the same choices
+        np.testing.assert_allclose(t_logp, n_logp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(t_v, n_v, rtol=1e-5, atol=1e-5)
+        assert t_env.dtype == n_env.dtype and t_env.shape == n_env.shape
+
+
+def _train(*overrides, tmp_path):
+    from ppo_cli.trainer import Trainer
+
+    trainer = Trainer(make_cfg(*TINY, "eval.final=false", "eval.objective=train", "checkpoint_interval=0",
+                               *overrides), tmp_path, rich_progress=False)
+    first = {}
+    original = trainer.buffer.advantages
+
+    def record(*args, **kwargs):
+        if not first:
+            first.update(actions=trainer.buffer.actions.clone(), rewards=trainer.buffer.rewards.clone())
+        return original(*args, **kwargs)
+
+    trainer.buffer.advantages = record
+    trainer.run()
+    trainer.close()
+    return trainer, first
+
+
+def test_fast_rollout_does_not_change_the_run(tmp_path):
+    """Both actors draw from the same numpy stream: the same actions in the same states, so the same episodes;
+    the numbers differ only by the float rounding of numpy against torch kernels."""
+    fast, fast_first = _train("fast_rollout=true", tmp_path=tmp_path / "a")
+    slow, slow_first = _train("fast_rollout=false", tmp_path=tmp_path / "b")
+    assert isinstance(fast.actor, NumpyActor) and isinstance(slow.actor, TorchActor)
+    assert torch.equal(fast_first["actions"], slow_first["actions"])
+    assert torch.equal(fast_first["rewards"], slow_first["rewards"])
+    for a, b in zip(fast.policy.parameters(), slow.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_holds_exactly_the_listed_state(tmp_path):
+    trainer, _ = _train(tmp_path=tmp_path)
+    assert set(trainer.state()) == set(checkpoint.STATE_KEYS)
+
+
+def test_stopwatch_counts_each_stage_once():
+    clock = Stopwatch(("outer", "inner"))
+    t0 = time.perf_counter()
+    with clock["outer"]:
+        time.sleep(0.02)
+        for _ in range(3):
+            with clock["inner"]:
+                time.sleep(0.01)
+    wall = time.perf_counter() - t0
+    assert 0.03 <= clock.seconds["inner"] < clock.seconds["outer"] + 0.03
+    assert clock.seconds["outer"] >= 0.02
+    assert abs(clock.total() - wall) < 0.005  # nested time is not counted twice
