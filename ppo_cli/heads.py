@@ -126,9 +126,8 @@ class MultiCategorical(ActionHead):
         return actions
 
     def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = out.shape[0]
-        rows = np.arange(n)
-        actions, logp = [], np.zeros(n, np.float32)
+        rows = np.arange(out.shape[0])
+        actions, logp = [], None
         for j, logits in enumerate(self._np_segments(out)):
             shifted = logits - logits.max(axis=1, keepdims=True)
             exp = np.exp(shifted)
@@ -136,9 +135,9 @@ class MultiCategorical(ActionHead):
             cdf = np.cumsum(exp / total, axis=1)
             action = np.minimum((noise[:, j:j + 1] > cdf).sum(axis=1), logits.shape[1] - 1)
             lp = (shifted - np.log(total))[rows, action]
-            logp = lp if j == 0 else logp + lp
+            logp = lp if logp is None else logp + lp
             actions.append(action)
-        return self._np_stack(actions), logp.astype(np.float32, copy=False)
+        return self._np_stack(actions), logp.astype(np.float32, copy=False)  # type: ignore[union-attr]
 
     def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.stack(parts, axis=1)

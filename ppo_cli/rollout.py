@@ -91,26 +91,27 @@ class RolloutBuffer:
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
         self.step = 0
         # On the CPU, steps are written through numpy views of the same memory: a numpy row assignment costs
-        # about a microsecond, a torch one several, and the rollout writes seven per step.
-        on_cpu = self.device.type == "cpu"
-        self._rows = [getattr(self, f).numpy() if on_cpu else getattr(self, f) for f in self.FIELDS]
-        self._final = self.final_values.numpy() if on_cpu else self.final_values
+        # about a microsecond, a torch one several, and the rollout writes eight per step.
+        self._on_cpu = self.device.type == "cpu"
+        self._rows = [getattr(self, f).numpy() if self._on_cpu else getattr(self, f) for f in self.FIELDS]
+        self._final = self.final_values.numpy() if self._on_cpu else self.final_values
 
     def _row(self, value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        if self.device.type == "cpu":
-            return value
-        return torch.as_tensor(value, device=self.device)
+        return value if self._on_cpu else torch.as_tensor(value, device=self.device)
 
     def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
             logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, episode_end: np.ndarray) -> None:
         """Store one step of every env (numpy arrays or tensors, on any device)."""
         t = self.step
-        for row, value in zip(self._rows, (obs, actions, logp, values, rewards, terminated, episode_end),
-                              strict=True):
-            row[t] = self._row(value)
+        if not self._on_cpu:
+            obs, actions, logp, values, rewards, terminated, episode_end = (
+                self._row(v) for v in (obs, actions, logp, values, rewards, terminated, episode_end))
+        r_obs, r_act, r_logp, r_val, r_rew, r_term, r_end = self._rows
+        r_obs[t], r_act[t], r_logp[t], r_val[t] = obs, actions, logp, values
+        r_rew[t], r_term[t], r_end[t] = rewards, terminated, episode_end
         self._final[t] = 0.0
-        self.step += 1
+        self.step = t + 1
 
     def set_final_values(self, env_idx: np.ndarray, values: torch.Tensor | np.ndarray) -> None:
         """Record V(final obs) for envs truncated at the step just added."""

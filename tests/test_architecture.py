@@ -164,3 +164,30 @@ def test_stopwatch_counts_each_stage_once():
     assert 0.03 <= clock.seconds["inner"] < clock.seconds["outer"] + 0.03
     assert clock.seconds["outer"] >= 0.02
     assert abs(clock.total() - wall) < 0.005  # nested time is not counted twice
+
+
+def test_format_1_checkpoints_still_load_and_evaluate(tiny_run, tmp_path):
+    """Version 1 named the encoders trunks and kept log_std on the policy; load migrates it."""
+    from ppo_cli.cli.evaluate import load_policy
+    from tests.conftest import cli
+
+    path = tiny_run / "checkpoints" / "checkpoint.pt"
+    data = torch.load(path, weights_only=True)
+    old_names = {"actor_encoder.": "actor_trunk.", "critic_encoder.": "critic_trunk.", "dist.log_std": "log_std"}
+
+    def v1(key: str) -> str:
+        for new, old in old_names.items():
+            if key.startswith(new):
+                return old + key[len(new):]
+        return key
+
+    v1_path = tmp_path / "v1.pt"
+    torch.save({**data, "format_version": 1, "policy": {v1(k): v for k, v in data["policy"].items()}}, v1_path)
+    assert any(k.startswith("actor_trunk.") for k in torch.load(v1_path, weights_only=True)["policy"])
+    policy, _ = load_policy(checkpoint.load(v1_path))
+    for key, value in policy.state_dict().items():
+        assert torch.equal(value, data["policy"][key]), key
+    out = cli("ppo-eval", str(v1_path), "--json", "--episodes", "2", "--no-random-baseline", cwd=tmp_path,
+              check=True)
+    ref = cli("ppo-eval", str(path), "--json", "--episodes", "2", "--no-random-baseline", cwd=tmp_path, check=True)
+    assert out.stdout.split('"checkpoint"')[0] == ref.stdout.split('"checkpoint"')[0]
