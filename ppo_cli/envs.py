@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli.errors import UserError, extra_hint
 
 SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete)
+# Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
+SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 def _import(module: str, key: str, value: str) -> None:
@@ -161,9 +162,16 @@ def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> Non
             isinstance(act_space, gym.spaces.Box) and not np.issubdtype(act_space.dtype, np.floating)):
         raise UserError(f"{env_id!r}: action space {act_space} is not supported "
                         f"(supported: {', '.join(c.__name__ for c in SUPPORTED_ACTIONS)})")
-    if not isinstance(obs_space, SUPPORTED_OBS):
-        raise UserError(f"{env_id!r}: observation space {obs_space} is not supported "
-                        f"(supported: {', '.join(c.__name__ for c in SUPPORTED_OBS)})")
+    names = ", ".join(c.__name__ for c in SUPPORTED_OBS)
+    if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)):
+        items = obs_space.spaces.items() if isinstance(obs_space, gym.spaces.Dict) else enumerate(obs_space.spaces)
+        for key, sub in items:
+            if not isinstance(sub, SUPPORTED_OBS):
+                raise UserError(f"{env_id!r}: observation key {key!r} has space {sub}, which is not supported "
+                                f"inside a {type(obs_space).__name__} (supported: {names})")
+    elif not isinstance(obs_space, SUPPORTED_OBS):
+        raise UserError(f"{env_id!r}: observation space {obs_space} is not supported (supported: {names}, or a "
+                        f"Dict or Tuple of them)")
 
 
 def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
@@ -186,6 +194,10 @@ def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
                 "start": space.start.flatten().tolist()}
     if isinstance(space, gym.spaces.MultiBinary):
         return {"type": "MultiBinary", "shape": list(np.atleast_1d(space.n).tolist())}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": {k: describe_space(v, bounds) for k, v in space.spaces.items()}}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [describe_space(v, bounds) for v in space.spaces]}
     return {"type": type(space).__name__}
 
 

@@ -19,7 +19,9 @@ import torch
 from omegaconf import DictConfig
 
 from ppo_cli import checkpoint
-from ppo_cli.envs import make_vec_env
+from ppo_cli.envs import describe_space, make_vec_env
+from ppo_cli.masks import ActionMasks
+from ppo_cli.observations import as_tensors
 from ppo_cli.policy import ActorCritic
 
 
@@ -46,17 +48,25 @@ class EvalResult:
                 "mean_length": self.mean_length, "episodes": len(self.returns)}
 
 
-def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndarray], episodes: int,
-                 seed: int) -> EvalResult:
-    """Play `episodes` episodes with `act(obs batch) -> action batch`; envs must record episode statistics."""
+def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None], np.ndarray], episodes: int,
+                 seed: int, label: str = "evaluation env") -> EvalResult:
+    """Play `episodes` episodes with `act(obs batch, action masks or None) -> action batch`; envs must record
+    episode statistics. Where the env gives action masks (masks.py), `act` gets them."""
     n = envs.num_envs
     quota = np.array([(episodes + i) // n for i in range(n)])
     done = np.zeros(n, dtype=int)
     returns: list[float] = []
     lengths: list[int] = []
-    obs, _ = envs.reset(seed=seed)
+    obs, info = envs.reset(seed=seed)
+    masks = ActionMasks.detect(envs, describe_space(envs.single_observation_space),
+                               describe_space(envs.single_action_space), info, label)
+    mask = None if masks is None else masks(obs, info, envs, 0)
+    steps = 0
     while (done < quota).any():
-        obs, _, _, _, info = envs.step(act(obs))
+        obs, _, _, _, info = envs.step(act(obs, mask))
+        steps += n
+        if masks is not None:
+            mask = masks(obs, info, envs, steps)
         if "_episode" in info:
             for i in np.flatnonzero(info["_episode"]):
                 if done[i] < quota[i]:
@@ -68,22 +78,38 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[np.ndarray], np.ndar
 
 def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, seed: int,
              deterministic: bool = True, device: torch.device | str = "cpu") -> EvalResult:
-    """Deterministic (the most likely action; a Gaussian's mean) by default; stochastic samples from a
+    """Deterministic (the most likely allowed action; a Gaussian's mean) by default; stochastic samples from a
     generator seeded with `seed`."""
     rng = np.random.default_rng(seed)
 
-    def act(obs: np.ndarray) -> np.ndarray:
-        x = policy.prepare(torch.as_tensor(obs, device=device))
-        action, _, _ = policy.act(x, rng, deterministic)
+    def act(obs: Any, mask: np.ndarray | None) -> np.ndarray:
+        x = policy.prepare(as_tensors(obs, device))
+        m = None if mask is None else torch.as_tensor(mask, device=device)
+        action, _, _ = policy.act(x, rng, deterministic, m)
         return policy.env_action(action)
 
     return run_episodes(envs, act, episodes, seed)
 
 
 def evaluate_random(envs: gym.vector.VectorEnv, episodes: int, seed: int) -> EvalResult:
-    """The uniformly random policy on the same seeds: the floor a trained policy is compared against."""
+    """The uniformly random policy on the same seeds (among the allowed actions, where the env gives masks): the
+    floor a trained policy is compared against."""
     envs.action_space.seed(seed)
-    return run_episodes(envs, lambda _: envs.action_space.sample(), episodes, seed)
+    rng = np.random.default_rng(seed)
+    space = envs.single_action_space
+
+    def act(_obs: Any, mask: np.ndarray | None) -> np.ndarray:
+        if mask is None:
+            return envs.action_space.sample()
+        nvec = [int(space.n)] if isinstance(space, gym.spaces.Discrete) else [int(k) for k in space.nvec.flatten()]
+        # Uniform among the allowed: the largest of uniform draws where allowed, per component.
+        scores = np.where(mask, rng.random(mask.shape), -1.0)
+        picks = np.stack([part.argmax(axis=1) for part in np.split(scores, np.cumsum(nvec)[:-1], axis=1)], axis=1)
+        if isinstance(space, gym.spaces.Discrete):
+            return picks[:, 0] + int(space.start)
+        return (picks + space.start.flatten()).reshape(len(mask), *space.shape)
+
+    return run_episodes(envs, act, episodes, seed)
 
 
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the training envs' seed + i

@@ -200,7 +200,8 @@ class NumpyLoss:
 
     def loss_and_grads(self, x: np.ndarray, actions: np.ndarray, old_logp: np.ndarray, old_values: np.ndarray,
                        adv: np.ndarray, returns: np.ndarray, clip_range: float, clip_range_vf: float | None,
-                       ent_coef: float, vf_coef: float, normalize_advantage: bool) -> np.ndarray:
+                       ent_coef: float, vf_coef: float, normalize_advantage: bool,
+                       mask: np.ndarray | None = None) -> np.ndarray:
         """Overwrite .grad of every parameter with d(loss)/d(param) and return [policy_loss, value_loss,
         entropy, approx_kl, clip_fraction], as ppo.minibatch_loss does."""
         n = x.shape[0]
@@ -216,7 +217,7 @@ class NumpyLoss:
             centred = adv - np.add.reduce(adv) / np.float32(n)
             adv = centred / (np.sqrt(np.dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
 
-        logp, entropy, head = self.dist.np_log_prob_entropy(out, actions)
+        logp, entropy, head = self.dist.np_log_prob_entropy(out, actions, mask)
         log_ratio = logp - old_logp
         ratio = np.exp(log_ratio)
         surr1 = ratio * adv
@@ -277,14 +278,17 @@ class NumpyGradients:
     def __init__(self, policy: ActorCritic, activation: str) -> None:
         self.loss = NumpyLoss(policy, activation)
         self.columns: list[np.ndarray] = []
+        self.masks: np.ndarray | None = None
 
     def epoch(self, shuffled: Batch) -> None:
         self.columns = [t.numpy() for t in (shuffled.obs, shuffled.actions, shuffled.logp, shuffled.values,
                                             shuffled.advantages, shuffled.returns)]
+        self.masks = None if shuffled.masks is None else shuffled.masks.numpy()
 
     def minibatch(self, start: int, stop: int, s: Any) -> np.ndarray:
         return self.loss.loss_and_grads(*(c[start:stop] for c in self.columns), s.clip_range, s.clip_range_vf,
-                                        s.ent_coef, s.vf_coef, s.normalize_advantage)
+                                        s.ent_coef, s.vf_coef, s.normalize_advantage,
+                                        None if self.masks is None else self.masks[start:stop])
 
     def clip(self, stats: np.ndarray, max_norm: float) -> np.ndarray:
         return np.append(stats, clip_flat_grad(self.loss.flat_grad, max_norm))
@@ -306,21 +310,11 @@ class NumpyActor:
     def __init__(self, policy: ActorCritic, activation: str, rng: np.random.Generator) -> None:
         self.policy, self.rng = policy, rng
         self.trunk, self.actor, self.critic = _networks(policy, activation)
-        self.dist = policy.dist
-        self.one_hot = np.eye(policy.obs_space["n"], dtype=np.float32) if policy.one_hot_obs else None
-        self.start = policy.obs_space.get("start", 0)
+        self.dist, self.layout = policy.dist, policy.layout
 
-    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> np.ndarray:
+    def inputs(self, obs: Any, update_stats: bool = True) -> np.ndarray:
         """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
-        if self.one_hot is not None:
-            return self.one_hot[obs.reshape(-1) - self.start]
-        x = obs.reshape(obs.shape[0], -1).astype(np.float32, copy=False)
-        norm = self.policy.obs_norm
-        if norm is None:
-            return x
-        if update_stats:
-            norm.update(torch.from_numpy(x))
-        return np.clip((x - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
+        return self.layout.np_prepare(obs, self.policy.obs_norm, update_stats)
 
     def _features(self, x: np.ndarray) -> np.ndarray:
         return x if self.trunk is None else self.trunk.forward(x)[-1]
@@ -328,11 +322,11 @@ class NumpyActor:
     def value(self, x: np.ndarray) -> np.ndarray:
         return self.critic.forward(self._features(x))[-1][:, 0]
 
-    def act(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sampled actions, their log-probs and the values, for a float32 batch [n, input_dim]."""
+    def act(self, x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sampled actions, their log-probs and the values, for a float32 batch of network inputs."""
         h = self._features(x)
         out = self.actor.forward(h)[-1]
-        action, logp = self.dist.np_sample(out, self.dist.noise(self.rng, out.shape[0]))
+        action, logp = self.dist.np_sample(out, self.dist.noise(self.rng, out.shape[0]), mask)
         return action, logp, self.critic.forward(h)[-1][:, 0]
 
     def env_action(self, action: np.ndarray) -> np.ndarray:

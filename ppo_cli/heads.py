@@ -15,7 +15,7 @@ Adding a head: a subclass here, registered in HEADS under the name `envs.describ
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,25 +37,31 @@ class ActionHead(nn.Module):
         self.space = space
 
     # --- torch ---------------------------------------------------------------------------------------------
-    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # `mask` (bool [n, n_outputs], masks.py) is given only to heads that take masks (`maskable`), else None.
+    maskable: ClassVar[bool] = False
+
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """The randomness of n samples, drawn once for both twins."""
         raise NotImplementedError
 
-    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample(self, out: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def mode(self, out: torch.Tensor) -> torch.Tensor:
+    def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     # --- numpy twins (fastpath) ----------------------------------------------------------------------------
-    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def np_sample(self, out: np.ndarray, noise: np.ndarray,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(actions, their log-probs), as `sample` then `log_prob_entropy` would give."""
         raise NotImplementedError
 
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         """(log-probs, entropies, what np_grad needs)."""
         raise NotImplementedError
 
@@ -80,7 +86,10 @@ class ActionHead(nn.Module):
 
 class MultiCategorical(ActionHead):
     """MultiDiscrete(nvec): one categorical per component over its slice of the logits; log-probs and entropies
-    add up. Categorical is the one-component case."""
+    add up. Categorical is the one-component case. A mask sets the logits of forbidden actions to the dtype's
+    minimum: probability 0, no gradient, no share of the entropy."""
+
+    maskable = True
 
     def __init__(self, space: dict[str, Any]) -> None:
         super().__init__(space)
@@ -94,7 +103,13 @@ class MultiCategorical(ActionHead):
     def _columns(self, actions: torch.Tensor) -> torch.Tensor:
         return actions.long()
 
-    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _masked(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return out if mask is None else torch.where(mask, out, torch.finfo(out.dtype).min)
+
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._masked(out, mask)
         cols = self._columns(actions)
         logp = entropy = None
         for i, logits in enumerate(self._segments(out)):
@@ -107,33 +122,46 @@ class MultiCategorical(ActionHead):
     def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.random((n, len(self.nvec)), dtype=np.float32)
 
-    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        # Inverse-CDF sampling; the clamp guards against a cdf that rounds to just below 1.
-        parts = [((noise[:, i:i + 1] > F.softmax(logits, dim=-1).cumsum(-1)).sum(-1)).clamp_(max=logits.shape[-1] - 1)
-                 for i, logits in enumerate(self._segments(out))]
+    def sample(self, out: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # Inverse-CDF sampling; the clamp guards against a cdf that rounds to just below 1 (to the last allowed
+        # action, where a mask forbids the last ones).
+        out = self._masked(out, mask)
+        masks = self._segments(mask) if mask is not None else [None] * len(self.nvec)
+        parts = []
+        for i, (logits, m) in enumerate(zip(self._segments(out), masks, strict=True)):
+            last = logits.shape[-1] - 1 if m is None else logits.shape[-1] - 1 - m.flip(-1).long().argmax(-1)
+            parts.append(torch.minimum((noise[:, i:i + 1] > F.softmax(logits, dim=-1).cumsum(-1)).sum(-1),
+                                       torch.as_tensor(last)))
         return self._stack(parts)
 
     def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(parts, dim=-1)
 
-    def mode(self, out: torch.Tensor) -> torch.Tensor:
-        return self._stack([logits.argmax(-1) for logits in self._segments(out)])
+    def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._stack([logits.argmax(-1) for logits in self._segments(self._masked(out, mask))])
 
     def _np_segments(self, out: np.ndarray) -> list[np.ndarray]:
         return [out] if len(self.nvec) == 1 else np.split(out, self._splits, axis=1)
 
+    @staticmethod
+    def _np_masked(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return out if mask is None else np.where(mask, out, np.finfo(out.dtype).min)
+
     def _np_columns(self, actions: np.ndarray) -> np.ndarray:
         return actions
 
-    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def np_sample(self, out: np.ndarray, noise: np.ndarray,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(out.shape[0])
         actions, logp = [], None
-        for j, logits in enumerate(self._np_segments(out)):
+        masks = self._np_segments(mask) if mask is not None else [None] * len(self.nvec)
+        for j, (logits, m) in enumerate(zip(self._np_segments(self._np_masked(out, mask)), masks, strict=True)):
             shifted = logits - logits.max(axis=1, keepdims=True)
             exp = np.exp(shifted)
             total = exp.sum(axis=1, keepdims=True)
             cdf = np.cumsum(exp / total, axis=1)
-            action = np.minimum((noise[:, j:j + 1] > cdf).sum(axis=1), logits.shape[1] - 1)
+            last = logits.shape[1] - 1 if m is None else logits.shape[1] - 1 - m[:, ::-1].argmax(axis=1)
+            action = np.minimum((noise[:, j:j + 1] > cdf).sum(axis=1), last)
             lp = (shifted - np.log(total))[rows, action]
             logp = lp if logp is None else logp + lp
             actions.append(action)
@@ -142,11 +170,12 @@ class MultiCategorical(ActionHead):
     def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.stack(parts, axis=1)
 
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         n = out.shape[0]
         cols = self._np_columns(actions)
         logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
-        for j, logits in enumerate(self._np_segments(out)):
+        for j, logits in enumerate(self._np_segments(self._np_masked(out, mask))):
             shifted = logits - logits.max(axis=1, keepdims=True)
             exp = np.exp(shifted)
             total = exp.sum(axis=1, keepdims=True)
@@ -156,7 +185,7 @@ class MultiCategorical(ActionHead):
             logp += logp_all[np.arange(n), cols[:, j]]
             entropy += h
             parts.append((p, logp_all, h))
-        return logp, entropy, parts
+        return logp, entropy, (parts, mask)
 
     def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
                 c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -164,12 +193,16 @@ class MultiCategorical(ActionHead):
         col = g_logp[:, None]
         cols = self._np_columns(actions)
         rows = np.arange(len(g_logp))
+        parts, mask = cache
         grads = []
-        for j, (p, logp_all, h) in enumerate(cache):
+        for j, (p, logp_all, h) in enumerate(parts):
             g = p * (c * (logp_all + h[:, None]) - col)
             g[rows, cols[:, j]] += g_logp
             grads.append(g)
-        return (grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)), []
+        g_out = grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)
+        if mask is not None:  # torch.where passes no gradient to the forbidden logits
+            g_out = np.where(mask, g_out, np.float32(0.0))
+        return g_out, []
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return (actions + np.asarray(self.space["start"])).reshape(actions.shape[0], *self.space["shape"])
@@ -206,7 +239,8 @@ class Bernoulli(ActionHead):
         self.n_outputs = math.prod(space["shape"])
         self.action_shape, self.action_dtype = (self.n_outputs,), torch.float32
 
-    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         log_p1, log_p0 = F.logsigmoid(out), F.logsigmoid(-out)
         logp = (actions * log_p1 + (1.0 - actions) * log_p0).sum(-1)
         return logp, -(log_p1.exp() * log_p1 + log_p0.exp() * log_p0).sum(-1)
@@ -214,18 +248,20 @@ class Bernoulli(ActionHead):
     def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.random((n, self.n_outputs), dtype=np.float32)
 
-    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample(self, out: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return (noise < torch.sigmoid(out)).float()
 
-    def mode(self, out: torch.Tensor) -> torch.Tensor:
+    def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return (out > 0).float()
 
-    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def np_sample(self, out: np.ndarray, noise: np.ndarray,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
         actions = (noise < p1).astype(np.float32)
         return actions, self.np_log_prob_entropy(out, actions)[0]
 
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
         log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
         log_p0 = log_p1 - out
@@ -257,7 +293,8 @@ class DiagGaussian(ActionHead):
         self._low = np.asarray(space["low"], dtype=np.float32).flatten()
         self._high = np.asarray(space["high"], dtype=np.float32).flatten()
 
-    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor,
+                         mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         z = (actions - out) * torch.exp(-self.log_std)
         logp = (-0.5 * z.square() - self.log_std - 0.5 * LOG_2PI).sum(-1)
         entropy = (0.5 + 0.5 * LOG_2PI + self.log_std).sum().expand(out.shape[0])
@@ -266,22 +303,24 @@ class DiagGaussian(ActionHead):
     def noise(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.standard_normal((n, self.n_outputs), dtype=np.float32)
 
-    def sample(self, out: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def sample(self, out: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return out + noise * self.log_std.exp()
 
-    def mode(self, out: torch.Tensor) -> torch.Tensor:
+    def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return out
 
     def _np_log_std(self) -> np.ndarray:
         return self.log_std.detach().numpy()
 
-    def np_sample(self, out: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def np_sample(self, out: np.ndarray, noise: np.ndarray,
+                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         log_std = self._np_log_std()
         actions = out + noise * np.exp(log_std)
         logp = (-0.5 * noise * noise).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
         return actions, logp.astype(np.float32, copy=False)
 
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         log_std = self._np_log_std()
         inv_std = np.exp(-log_std)
         z = (actions - out) * inv_std

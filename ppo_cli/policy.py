@@ -3,10 +3,11 @@
     obs --prepare--> x --actor_encoder--> h --policy_head--> out --dist (heads.py)--> action, log-prob, entropy
                        --critic_encoder--> h' --value_head--> V
 
-`prepare` turns raw observations into the network input (one-hot for Discrete, flattened, normalized when
-env.normalize_obs is on); the rollout stores x, so the update sees exactly the input the old policy saw. The
-encoders come from encoders.ENCODERS (`network.type`), the distribution from heads.HEADS (by action space).
-With a shared trunk the critic reads the actor's encoder.
+`prepare` turns raw observations into the network input (observations.InputLayout: flattened, one-hot,
+normalized when env.normalize_obs is on; a Dict or Tuple part by part); the rollout stores x, so the update
+sees exactly the input the old policy saw. The encoders come from encoders.ENCODERS (`network.type`), the
+distribution from heads.HEADS (by action space). With a shared trunk the critic reads the actor's encoder.
+`mask` (masks.py) restricts a categorical head to the actions the env allows.
 
 `act` is what the rollout and evaluation call (sample or pick, log-prob, value; no graph), `evaluate` what the
 update calls (log-prob of stored actions, entropy, value; with graph).
@@ -19,13 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ppo_cli.config import choice
 from ppo_cli.encoders import build_encoder
 from ppo_cli.heads import build_head
 from ppo_cli.normalize import ObsNormalizer
+from ppo_cli.observations import InputLayout
 
 POLICY_HEAD_GAIN = 0.01  # near-uniform initial policy: every action gets explored
 VALUE_HEAD_GAIN = 1.0
@@ -37,11 +38,6 @@ def _init_head(layer: nn.Linear, gain: float, bias: float) -> None:
     nn.init.constant_(layer.bias, bias)
 
 
-def input_dim(space: dict[str, Any]) -> int:
-    """Size of the network input for a described observation space."""
-    return space["n"] if space["type"] == "Discrete" else int(np.prod(space["shape"]))
-
-
 class ActorCritic(nn.Module):
     """Actor and state-value critic (see the module doc)."""
 
@@ -51,15 +47,17 @@ class ActorCritic(nn.Module):
                  clip_obs: float = 10.0, encoder: str = "mlp") -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
-        self.one_hot_obs = obs_space["type"] == "Discrete"
-        in_dim = input_dim(obs_space)
+        self.dist = build_head(action_space, log_std_init)
+        self.layout = InputLayout(obs_space, masked=self.dist.maskable)
+        in_dim = self.layout.dim
         self.shared_trunk = shared_trunk
         settings = SimpleNamespace(net_arch=list(net_arch), activation_fn=activation_fn, init=init, bias=bias)
-        # One-hot inputs are already on a fixed scale; normalizing them would only add noise.
-        self.obs_norm = ObsNormalizer(in_dim, clip_obs) if normalize_obs and not self.one_hot_obs else None
-        # The head first: parameters() then lists its own (the log-std) first, as format 1 did, and the fast
-        # path's flat gradient buffer, and so the summation order of the gradient norm, follow parameters().
-        self.dist = build_head(action_space, log_std_init)
+        # Only the Box parts are normalized: one-hot and binary inputs are already on a fixed scale.
+        self.obs_norm = (ObsNormalizer(self.layout.box_dim, clip_obs) if normalize_obs and self.layout.box_dim
+                         else None)
+        # The head is registered first: parameters() then lists its own (the log-std) first, as format 1 did,
+        # and the fast path's flat gradient buffer, and so the summation order of the gradient norm, follow
+        # parameters().
         # Construction order is initialization order (each layer draws from torch's global generator): actor
         # encoder, critic encoder, then the two output layers.
         self.actor_encoder = build_encoder(encoder, in_dim, settings)
@@ -84,17 +82,15 @@ class ActorCritic(nn.Module):
         listed = {id(p) for p in (*own, *self.critic_parameters())}
         return own + [p for p in self.parameters() if id(p) not in listed]
 
-    def prepare(self, obs: torch.Tensor) -> torch.Tensor:
-        """Network input for raw observations: one-hot or flattened, then normalized with the frozen stats."""
-        if self.one_hot_obs:
-            return F.one_hot(obs.long().view(-1) - self.obs_space.get("start", 0), self.obs_space["n"]).float()
-        x = obs.float().flatten(1)
-        return x if self.obs_norm is None else self.obs_norm(x)
+    def prepare(self, obs: Any) -> torch.Tensor:
+        """Network input for a batch of raw observations (a tensor, or a dict / tuple of them), normalized with
+        the frozen statistics."""
+        return self.layout.prepare(obs, self.obs_norm)
 
-    def update_obs_stats(self, obs: torch.Tensor) -> None:
+    def update_obs_stats(self, obs: Any) -> None:
         """Fold a batch of raw observations into the normalization statistics (training rollouts only)."""
         if self.obs_norm is not None:
-            self.obs_norm.update(obs.float().flatten(1))
+            self.obs_norm.update(self.layout.box_input(obs))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(action head outputs, values) for a batch of network inputs."""
@@ -103,15 +99,16 @@ class ActorCritic(nn.Module):
         return self.policy_head(h), self.value_head(hv).squeeze(-1)
 
     @torch.no_grad()
-    def act(self, x: torch.Tensor, rng: np.random.Generator | None = None,
-            deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def act(self, x: torch.Tensor, rng: np.random.Generator | None = None, deterministic: bool = False,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(actions, log-probs, values) for a batch of network inputs: sampled with `rng`, or the mode."""
         out, value = self(x)
         if deterministic or rng is None:
-            action = self.dist.mode(out)
+            action = self.dist.mode(out, mask)
         else:
-            action = self.dist.sample(out, torch.from_numpy(self.dist.noise(rng, out.shape[0])).to(out.device))
-        logp, _ = self.dist.log_prob_entropy(out, action)
+            noise = torch.from_numpy(self.dist.noise(rng, out.shape[0])).to(out.device)
+            action = self.dist.sample(out, noise, mask)
+        logp, _ = self.dist.log_prob_entropy(out, action, mask)
         return action, logp, value
 
     @torch.no_grad()
@@ -119,10 +116,11 @@ class ActorCritic(nn.Module):
         """V of a batch of network inputs (through forward, so a subclass's own layers count)."""
         return self(x)[1]
 
-    def evaluate(self, x: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate(self, x: torch.Tensor, actions: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-prob of `actions`, entropy, value) for a batch of network inputs, with autograd."""
         out, value = self(x)
-        logp, entropy = self.dist.log_prob_entropy(out, actions)
+        logp, entropy = self.dist.log_prob_entropy(out, actions, mask)
         return logp, entropy, value
 
     def env_action(self, action: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[tor
 
     Plain tensors in, a loss out: the hot path, kept in one function so a faster version can replace it.
     """
-    logp, entropy, values = policy.evaluate(mb.obs, mb.actions)
+    logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mask=mb.masks)
     adv = mb.advantages
     if s.normalize_advantage and adv.numel() > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from ppo_cli.fastpath import NumpyActor, covers
+from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
+from ppo_cli.observations import as_tensors, stack
 from ppo_cli.policy import ActorCritic
 from ppo_cli.timing import Stopwatch
 
@@ -60,6 +62,7 @@ class Batch:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    masks: torch.Tensor | None = None  # the action masks the actions were sampled under (masks.py)
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -67,7 +70,7 @@ class Batch:
     def __getitem__(self, idx: torch.Tensor | slice) -> Batch:
         """Rows by index tensor (a copy) or by slice (views, no copy)."""
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx],
-                     self.advantages[idx], self.returns[idx])
+                     self.advantages[idx], self.returns[idx], None if self.masks is None else self.masks[idx])
 
 
 class RolloutBuffer:
@@ -76,7 +79,8 @@ class RolloutBuffer:
     FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end")
 
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
-                 action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device) -> None:
+                 action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
+                 mask_size: int | None = None) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
@@ -89,21 +93,25 @@ class RolloutBuffer:
         self.terminated = zeros()
         self.episode_end = zeros()
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
+        self.masks = None if mask_size is None else zeros(mask_size, dtype=torch.bool)
         self.step = 0
         # On the CPU, steps are written through numpy views of the same memory: a numpy row assignment costs
         # about a microsecond, a torch one several, and the rollout writes eight per step.
         self._on_cpu = self.device.type == "cpu"
         self._rows = [getattr(self, f).numpy() if self._on_cpu else getattr(self, f) for f in self.FIELDS]
         self._final = self.final_values.numpy() if self._on_cpu else self.final_values
+        self._masks = self.masks.numpy() if self._on_cpu and self.masks is not None else self.masks
 
     def _row(self, value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         return value if self._on_cpu else torch.as_tensor(value, device=self.device)
 
     def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
             logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
-            terminated: np.ndarray, episode_end: np.ndarray) -> None:
+            terminated: np.ndarray, episode_end: np.ndarray, masks: np.ndarray | None = None) -> None:
         """Store one step of every env (numpy arrays or tensors, on any device)."""
         t = self.step
+        if self._masks is not None:
+            self._masks[t] = self._row(masks)
         if not self._on_cpu:
             obs, actions, logp, values, rewards, terminated, episode_end = (
                 self._row(v) for v in (obs, actions, logp, values, rewards, terminated, episode_end))
@@ -131,7 +139,8 @@ class RolloutBuffer:
                                gamma, gae_lambda)
         self.step = 0
         return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
-                     self.values.flatten(), adv.flatten(), ret.flatten())
+                     self.values.flatten(), adv.flatten(), ret.flatten(),
+                     None if self.masks is None else self.masks.flatten(0, 1))
 
 
 class Actor(Protocol):
@@ -141,8 +150,8 @@ class Actor(Protocol):
         """The network input for raw observations (what the buffer stores); folds them into the observation
         statistics when `update_stats`."""
 
-    def act(self, x: Any) -> tuple[Any, Any, Any]:
-        """(sampled actions, their log-probs, values)."""
+    def act(self, x: Any, mask: np.ndarray | None = None) -> tuple[Any, Any, Any]:
+        """(sampled actions, their log-probs, values), only among the actions `mask` allows where it is given."""
 
     def value(self, x: Any) -> Any: ...
 
@@ -154,16 +163,16 @@ class TorchActor:
 
     def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device) -> None:
         self.policy, self.rng, self.device = policy, rng, device
-        self.obs_dtype = torch.long if policy.one_hot_obs else torch.float32
 
-    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> torch.Tensor:
-        t = torch.as_tensor(obs, device=self.device).to(self.obs_dtype)
+    def inputs(self, obs: Any, update_stats: bool = True) -> torch.Tensor:
+        t = as_tensors(obs, self.device)
         if update_stats:
             self.policy.update_obs_stats(t)
         return self.policy.prepare(t)
 
-    def act(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.policy.act(x, self.rng)
+    def act(self, x: torch.Tensor, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = None if mask is None else torch.as_tensor(mask, device=self.device)
+        return self.policy.act(x, self.rng, mask=m)
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         return self.policy.value(x)
@@ -187,22 +196,25 @@ def choose_actor(policy: ActorCritic, rng: np.random.Generator, device: torch.de
 class Collected:
     """What one call of `collect` did."""
 
-    obs: np.ndarray  # the observation the next step acts on
+    obs: Any  # the observation the next step acts on
+    mask: np.ndarray | None  # and its action mask
     steps: int  # env steps taken (all envs)
     complete: bool  # False when `should_stop` cut the rollout short
     returns: list[float]  # returns and lengths of the episodes that ended
     lengths: list[int]
 
 
-def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: np.ndarray,
-            reward_scaler: RewardScaler | None, should_stop: Callable[[], bool], clock: Stopwatch) -> Collected:
-    """Fill `buffer` with n_steps steps of every env, acting with `actor` from `obs` on.
+def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: Any,
+            reward_scaler: RewardScaler | None, should_stop: Callable[[], bool], clock: Stopwatch,
+            masks: ActionMasks | None = None, mask: np.ndarray | None = None, step0: int = 0) -> Collected:
+    """Fill `buffer` with n_steps steps of every env, acting with `actor` from `obs` (with action mask `mask`,
+    where the env gives masks; `step0` is the global step, for messages) on.
 
     Rewards are scaled for training only (logged returns are the env's). A truncated step gets V(real final
     observation) to bootstrap from; a terminated one nothing (see compute_gae).
     """
     n = envs.num_envs
-    done = Collected(obs, 0, True, [], [])
+    done = Collected(obs, mask, 0, True, [], [])
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
         if should_stop():
@@ -210,22 +222,24 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
             break
         with policy_time:
             x = actor.inputs(obs)
-            action, logp, value = actor.act(x)
+            action, logp, value = actor.act(x, mask)
             env_action = actor.env_action(action)
         with env_time:
             next_obs, reward, terminated, truncated, info = envs.step(env_action)
         ended = terminated | truncated
         if reward_scaler is not None:
             reward = reward_scaler(reward, ended)
-        buffer.add(x, action, logp, value, reward, terminated, ended)
+        buffer.add(x, action, logp, value, reward, terminated, ended, mask)
         cut = np.flatnonzero(truncated & ~terminated)
         if cut.size:
-            buffer.set_final_values(cut, actor.value(actor.inputs(np.stack(info["final_obs"][cut]), False)))
+            buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False)))
         if "_episode" in info:
             finished = info["_episode"]
             done.returns.extend(info["episode"]["r"][finished].tolist())
             done.lengths.extend(info["episode"]["l"][finished].tolist())
         obs = next_obs
         done.steps += n
-    done.obs = obs
+        if masks is not None:
+            mask = masks(obs, info, envs, step0 + done.steps)
+    done.obs, done.mask = obs, mask
     return done

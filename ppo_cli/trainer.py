@@ -24,12 +24,14 @@ from threadpoolctl import threadpool_limits
 
 from ppo_cli import checkpoint
 from ppo_cli.config import choice
-from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
+from ppo_cli.envs import describe_space, env_label, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
 from ppo_cli.logger import Logger
+from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
-from ppo_cli.policy import ActorCritic, build_policy, input_dim
+from ppo_cli.observations import as_arrays, as_tensors, batch_size
+from ppo_cli.policy import ActorCritic, build_policy
 from ppo_cli.ppo import STAT_NAMES, Updater, UpdateSettings, explained_variance, make_optimizer
 from ppo_cli.rollout import RolloutBuffer, choose_actor, collect
 from ppo_cli.timing import Stopwatch
@@ -128,13 +130,16 @@ class Trainer:
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)
         self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
                                         a.weight_decay)
+        self.obs, info = self.envs.reset(seed=cfg.seed)
+        self.masks = ActionMasks.detect(self.envs, self.obs_space, self.action_space, info, env_label(cfg.env))
+        self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
-        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (input_dim(self.obs_space),), torch.float32,
-                                    self.policy.action_shape, self.policy.action_dtype, self.device)
+        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (self.policy.layout.dim,), torch.float32,
+                                    self.policy.action_shape, self.policy.action_dtype, self.device,
+                                    None if self.masks is None else self.masks.n_outputs)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
-        self.obs: np.ndarray = self.envs.reset(seed=cfg.seed)[0]
         self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self._stop_signal: int | None = None
@@ -169,7 +174,6 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The training state (checkpoint.STATE_KEYS)."""
         env_state, _ = snapshot(self.envs)
-        obs = torch.as_tensor(self.obs).to(torch.long if self.policy.one_hot_obs else torch.float32)
         return {
             "config_yaml": self.config_yaml,
             "observation_space": self.obs_space,
@@ -181,7 +185,8 @@ class Trainer:
             "rng": self.generator.get_state(),
             "np_rng": self.np_rng.bit_generator.state,
             "env_state": env_state,
-            "last_obs": obs,
+            "last_obs": as_tensors(self.obs),
+            "last_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
             "best_eval": self.evaluator.best,
@@ -211,14 +216,18 @@ class Trainer:
             self.reward_scaler.load_state_dict(data["reward_scaler"])
         env_state = data.get("env_state")
         last_obs = data.get("last_obs")
-        if env_state is not None and last_obs is not None and len(last_obs) == self.cfg.env.num_envs:
+        last_mask = data.get("last_mask")
+        if (env_state is not None and last_obs is not None and batch_size(last_obs) == self.cfg.env.num_envs
+                and (self.masks is None) == (last_mask is None)):
             restore(self.envs, env_state)
-            self.obs = last_obs.numpy()
+            self.obs = as_arrays(last_obs)
+            self.mask = None if last_mask is None else last_mask.numpy()
         else:
             _, why = snapshot(self.envs)
             self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset "
                               f"({why or 'the checkpoint holds no env state'})")
-            self.obs = self.envs.reset(seed=self.cfg.seed + self.global_step)[0]
+            self.obs, info = self.envs.reset(seed=self.cfg.seed + self.global_step)
+            self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, self.global_step)
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
         return checkpoint.save(self.state(), self.run_dir / "checkpoints" / name)
@@ -250,13 +259,14 @@ class Trainer:
                     settings.ent_coef = self._set_schedules()
                     with clock["storage"]:
                         rollout = collect(self.envs, self.actor, self.buffer, self.obs, self.reward_scaler,
-                                          lambda: self._stop_signal is not None, clock)
-                    self.obs = rollout.obs
+                                          lambda: self._stop_signal is not None, clock, self.masks, self.mask,
+                                          self.global_step)
+                    self.obs, self.mask = rollout.obs, rollout.mask
                     self.global_step += rollout.steps
                     if not rollout.complete:
                         raise Interrupted(self._stop_signal, self.global_step, self.save())  # type: ignore[arg-type]
                     with clock["advantages"], torch.no_grad():
-                        obs = torch.as_tensor(self.obs, device=self.device)
+                        obs = as_tensors(self.obs, self.device)
                         batch = self.buffer.advantages(self.policy.value(self.policy.prepare(obs)), a.gamma,
                                                        a.gae_lambda)
                     with clock["update"]:
