@@ -118,3 +118,63 @@ class NoDisplay(Corridor):
 
     def render(self):
         raise RuntimeError("no OpenGL context on this machine")
+
+
+class BadMask(Corridor):
+    """Gives info['action_mask'] that is wrong in the way `kind` says, from step `after` on."""
+
+    def __init__(self, kind: str = "shape", after: int = 3):
+        super().__init__()
+        self.kind, self.after, self.t = kind, after, 0
+
+    def _mask(self):
+        if self.t < self.after:
+            return np.array([True, True])
+        return {"shape": np.array([True, True, True]), "dtype": np.array([0.5, 1.0]),
+                "empty": np.array([False, False])}[self.kind]
+
+    def reset(self, *, seed=None, options=None):
+        obs, _ = super().reset(seed=seed)
+        self.t = 0
+        return obs, {"action_mask": self._mask()}
+
+    def step(self, action):
+        self.t += 1
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, reward, terminated, truncated, {"action_mask": self._mask()}
+
+
+class MaskedDigits(gym.Env):
+    """MultiDiscrete actions whose masks (a Dict observation key) allow one value per component: the value
+    shown in `observation`; choosing it pays 1 per component. One step per episode."""
+
+    def __init__(self):
+        self.nvec = np.array([3, 4])
+        self.observation_space = gym.spaces.Dict({
+            "action_mask": gym.spaces.MultiBinary(int(self.nvec.sum())),
+            "observation": gym.spaces.Box(0.0, 1.0, (2,), np.float32)})
+        self.action_space = gym.spaces.MultiDiscrete(self.nvec)
+        self.digits = np.zeros(2, dtype=np.int64)
+
+    def _obs(self):
+        mask = np.zeros(int(self.nvec.sum()), dtype=np.int8)
+        mask[self.digits[0]] = mask[3 + self.digits[1]] = 1
+        return {"action_mask": mask, "observation": (self.digits / 4.0).astype(np.float32)}
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.digits = self.np_random.integers(0, self.nvec)
+        return self._obs(), {}
+
+    def step(self, action):
+        if (action != self.digits).any():
+            raise ValueError(f"MaskedDigits: masked action {action} taken")
+        return self._obs(), 2.0, True, False, {}
+
+
+class TextObs(Corridor):
+    """A Dict observation with a Text key, which ppo-cli cannot encode."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = gym.spaces.Dict({"pos": self.observation_space, "note": gym.spaces.Text(8)})
