@@ -10,7 +10,7 @@ from ppo_cli.fastpath import NumpyActor, NumpyLoss, covers
 from ppo_cli.heads import Categorical, MultiCategorical
 from ppo_cli.policy import ActorCritic
 from ppo_cli.ppo import UpdateSettings, minibatch_loss
-from ppo_cli.rollout import Batch, TorchActor
+from ppo_cli.rollout import TorchActor
 from tests.conftest import TINY, cli, make_cfg
 
 MASKED_GRID = ["env=MaskedGrid-v0"]
