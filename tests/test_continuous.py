@@ -141,8 +141,8 @@ ENV_PRESETS = sorted(p.stem for p in (ROOT / "ppo_cli" / "conf" / "env").glob("*
 
 @pytest.mark.parametrize("env", ENV_PRESETS)
 def test_every_env_preset_trains_a_few_updates(env, tmp_path):
-    algo = "ppo_pendulum" if env == "Pendulum-v1" else ("ppo" if env in {"CartPole-v1", "Acrobot-v1", "MountainCar-v0",
-                                                                        "LunarLander-v3"} else "ppo_mujoco")
+    discrete = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3", "MaskedGrid-v0", "GoalReach-v0"}
+    algo = "ppo_pendulum" if env == "Pendulum-v1" else ("ppo" if env in discrete else "ppo_mujoco")
     cfg = make_cfg(f"env={env}", f"algo={algo}", "env.num_envs=2", "algo.n_steps=16", "algo.batch_size=16",
                    "algo.total_timesteps=64", "eval.final=false", "eval.every_steps=0", "eval.objective=train",
                    "checkpoint_interval=0")
