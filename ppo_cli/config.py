@@ -190,7 +190,8 @@ TABLE_INTROS = {
     "network": "`network` (`network=mlp` is these defaults; `network=mlp_large` has [256, 256]):",
     "env": "`env` (`env=<name>` presets: CartPole-v1, Acrobot-v1, MountainCar-v0, LunarLander-v3, Pendulum-v1, "
            "MountainCarContinuous-v0, LunarLanderContinuous-v3, BipedalWalker-v3, HalfCheetah-v5, Hopper-v5, "
-           "Walker2d-v5, Ant-v5, Humanoid-v5):",
+           "Walker2d-v5, Ant-v5, Humanoid-v5; MaskedGrid-v0 and GoalReach-v0, the examples of action masks and "
+           "Dict observations; PointMaze_UMaze-v3, a Dict task from gymnasium-robotics):",
 }
 
 
