@@ -39,6 +39,8 @@ STATE_KEYS: dict[str, str] = {
     "env_state": "the envs' saved state, or None where they cannot be saved",
     "last_obs": "the observation the next step acts on (a dict or tuple of tensors for Dict / Tuple spaces)",
     "last_mask": "the action mask of last_obs, or None where the env gives no masks",
+    "recurrent_state": "a recurrent policy's state of every env and whether it was just zeroed ({state, starts}), "
+                       "or None",
     "recent_returns": "returns of the last training episodes (eval.train_window)",
     "wall_time": "seconds trained so far",
     "best_eval": "summary of the best periodic evaluation so far, with its global_step",

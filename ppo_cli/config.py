@@ -41,15 +41,21 @@ class Activation(str, Enum):
     leaky_relu = "leaky_relu"
 
 
+class Recurrent(str, Enum):
+    lstm = "lstm"
+    gru = "gru"
+
+
 class Init(str, Enum):
     orthogonal = "orthogonal"
     xavier = "xavier"
     kaiming = "kaiming"
 
 
-class Vectorization(str, Enum):
-    sync = "sync"
-    async_ = "async"
+# `async` is a Python keyword, so the members are named through Enum's functional form: OmegaConf matches a
+# config value to an enum member by its name, and the name users write (README, presets) is `async`.
+# `async_`, the member's name before, stays an alias: configs stored in older checkpoints say `async_`.
+Vectorization = Enum("Vectorization", {"sync": "sync", "async": "async", "async_": "async"}, type=str)
 
 
 class Device(str, Enum):
@@ -109,6 +115,12 @@ class NetworkConfig:
     shared_trunk: bool = key(False, "one encoder for actor and critic; its parameters then train at lr_actor")
     log_std_init: float = key(0.0, "Box actions: initial log standard deviation of the Gaussian (learned, "
                                    "state-independent; 0.0 is std 1)")
+    recurrent: Recurrent | None = key(None, "a recurrent core between the encoder and the heads: lstm / gru / null "
+                                            "(none); the update then replays whole env sequences "
+                                            "(docs/recurrent.md)")
+    rnn_hidden: int = key(128, "hidden size of the recurrent core")
+    rnn_shared: bool = key(False, "the critic reads the actor's recurrent core instead of having its own (always "
+                                  "so with network.shared_trunk=true)")
 
 
 @dataclass
@@ -284,6 +296,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(bool(str(e.id).strip()) or bool(e.entry_point), "env.id", "must name a gymnasium environment")
     need(all(isinstance(w, (dict, DictConfig)) and "_target_" in w for w in e.wrappers), "env.wrappers",
          "must be a list of {_target_: module.WrapperClass, ...} entries")
+    need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be in [0, 2**32 - 1]")
     need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0 (0 keeps torch's default)")
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
@@ -296,6 +309,11 @@ def _problems(cfg: DictConfig) -> list[str]:
          "'best' needs periodic evaluation (eval.every_steps > 0)")
     need(cfg.eval.objective != "final" or cfg.eval.final, "eval.objective",
          "'final' needs eval.final=true")
+    need(n.rnn_hidden >= 1, "network.rnn_hidden", "must be >= 1")
+    if n.recurrent is not None and a.n_steps >= 1 and a.batch_size >= 1 and a.batch_size % a.n_steps:
+        out.append(f"algo.batch_size={a.batch_size}: with network.recurrent={choice(n.recurrent)} a minibatch is "
+                   f"whole env sequences of algo.n_steps={a.n_steps} steps, so algo.batch_size must be a multiple "
+                   f"of algo.n_steps")
     if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
         rollout = a.n_steps * e.num_envs
         if a.batch_size > rollout:

@@ -48,10 +48,11 @@ class EvalResult:
                 "mean_length": self.mean_length, "episodes": len(self.returns)}
 
 
-def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None], np.ndarray], episodes: int,
-                 seed: int, label: str = "evaluation env") -> EvalResult:
-    """Play `episodes` episodes with `act(obs batch, action masks or None) -> action batch`; envs must record
-    episode statistics. Where the env gives action masks (masks.py), `act` gets them."""
+def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray],
+                 episodes: int, seed: int, label: str = "evaluation env") -> EvalResult:
+    """Play `episodes` episodes with `act(obs batch, action masks or None, episode starts) -> action batch`;
+    envs must record episode statistics. Where the env gives action masks (masks.py), `act` gets them; the
+    starts (true where an env's episode begins at this observation) let a recurrent policy reset its state."""
     n = envs.num_envs
     quota = np.array([(episodes + i) // n for i in range(n)])
     done = np.zeros(n, dtype=int)
@@ -61,9 +62,11 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
     masks = ActionMasks.detect(envs, describe_space(envs.single_observation_space),
                                describe_space(envs.single_action_space), info, label)
     mask = None if masks is None else masks(obs, info, envs, 0)
+    starts = np.ones(n, dtype=bool)
     steps = 0
     while (done < quota).any():
-        obs, _, _, _, info = envs.step(act(obs, mask))
+        obs, _, terminated, truncated, info = envs.step(act(obs, mask, starts))
+        starts = terminated | truncated
         steps += n
         if masks is not None:
             mask = masks(obs, info, envs, steps)
@@ -81,11 +84,15 @@ def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, see
     """Deterministic (the most likely allowed action; a Gaussian's mean) by default; stochastic samples from a
     generator seeded with `seed`."""
     rng = np.random.default_rng(seed)
+    state = policy.initial_state(envs.num_envs, device)
 
-    def act(obs: Any, mask: np.ndarray | None) -> np.ndarray:
+    def act(obs: Any, mask: np.ndarray | None, starts: np.ndarray) -> np.ndarray:
+        nonlocal state
+        if state is not None:  # each env's episode starts from a fresh state
+            state[torch.as_tensor(starts, device=device)] = 0.0
         x = policy.prepare(as_tensors(obs, device))
         m = None if mask is None else torch.as_tensor(mask, device=device)
-        action, _, _ = policy.act(x, rng, deterministic, m)
+        action, _, _, state = policy.act_step(x, state, rng, deterministic, m)
         return policy.env_action(action)
 
     return run_episodes(envs, act, episodes, seed)
@@ -98,7 +105,7 @@ def evaluate_random(envs: gym.vector.VectorEnv, episodes: int, seed: int) -> Eva
     rng = np.random.default_rng(seed)
     space = envs.single_action_space
 
-    def act(_obs: Any, mask: np.ndarray | None) -> np.ndarray:
+    def act(_obs: Any, mask: np.ndarray | None, _starts: np.ndarray) -> np.ndarray:
         if mask is None:
             return envs.action_space.sample()
         nvec = [int(space.n)] if isinstance(space, gym.spaces.Discrete) else [int(k) for k in space.nvec.flatten()]

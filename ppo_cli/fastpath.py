@@ -50,6 +50,8 @@ def covers(policy: nn.Module) -> tuple[str | None, str]:
         return None, f"{type(policy).__name__} is not ppo-cli's ActorCritic"
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in policy.parameters()):
         return None, "the numpy path runs on CPU float32 parameters only"
+    if policy.actor_core is not None:
+        return None, "the numpy path covers policies without a recurrent core"
     encoders = (policy.actor_encoder, policy.critic_encoder)
     if any(type(e) is not MLPEncoder for e in encoders):
         return None, "the numpy path covers MLP encoders only"
@@ -319,7 +321,7 @@ class NumpyActor:
     def _features(self, x: np.ndarray) -> np.ndarray:
         return x if self.trunk is None else self.trunk.forward(x)[-1]
 
-    def value(self, x: np.ndarray) -> np.ndarray:
+    def value(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         return self.critic.forward(self._features(x))[-1][:, 0]
 
     def act(self, x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -331,3 +333,8 @@ class NumpyActor:
 
     def env_action(self, action: np.ndarray) -> np.ndarray:
         return self.dist.env_action(action)
+
+    state = starts = None  # no recurrent state: the policies it covers have no core
+
+    def end_episodes(self, ended: np.ndarray) -> None:
+        pass

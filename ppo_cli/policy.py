@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ppo_cli.config import choice
-from ppo_cli.encoders import build_encoder
+from ppo_cli.encoders import RECURRENT, RecurrentCore, build_encoder
 from ppo_cli.heads import build_head
 from ppo_cli.normalize import ObsNormalizer
 from ppo_cli.observations import InputLayout
@@ -44,13 +44,15 @@ class ActorCritic(nn.Module):
     def __init__(self, obs_space: dict[str, Any], action_space: dict[str, Any], net_arch: list[int],
                  activation_fn: str = "tanh", init: str = "orthogonal", bias: float = 0.0,
                  shared_trunk: bool = False, log_std_init: float = 0.0, normalize_obs: bool = False,
-                 clip_obs: float = 10.0, encoder: str = "mlp") -> None:
+                 clip_obs: float = 10.0, encoder: str = "mlp", recurrent: str | None = None, rnn_hidden: int = 128,
+                 rnn_shared: bool = False) -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
         self.dist = build_head(action_space, log_std_init)
         self.layout = InputLayout(obs_space, masked=self.dist.maskable)
         in_dim = self.layout.dim
-        self.shared_trunk = shared_trunk
+        # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
+        self.shared_trunk = shared_trunk or (recurrent is not None and rnn_shared)
         settings = SimpleNamespace(net_arch=list(net_arch), activation_fn=activation_fn, init=init, bias=bias)
         # Only the Box parts are normalized: one-hot and binary inputs are already on a fixed scale.
         self.obs_norm = (ObsNormalizer(self.layout.box_dim, clip_obs) if normalize_obs and self.layout.box_dim
@@ -61,8 +63,17 @@ class ActorCritic(nn.Module):
         # Construction order is initialization order (each layer draws from torch's global generator): actor
         # encoder, critic encoder, then the two output layers.
         self.actor_encoder = build_encoder(encoder, in_dim, settings)
-        self.critic_encoder = self.actor_encoder if shared_trunk else build_encoder(encoder, in_dim, settings)
+        self.critic_encoder = (self.actor_encoder if self.shared_trunk
+                               else build_encoder(encoder, in_dim, settings))
         features = self.actor_encoder.features_dim
+        self.recurrent = recurrent
+        self.actor_core: RecurrentCore | None = None
+        self.critic_core: RecurrentCore | None = None
+        if recurrent is not None:
+            self.actor_core = RECURRENT[recurrent](features, rnn_hidden)
+            self.critic_core = (self.actor_core if self.shared_trunk
+                                else RECURRENT[recurrent](self.critic_encoder.features_dim, rnn_hidden))
+            features = rnn_hidden
         self.policy_head = nn.Linear(features, self.dist.n_outputs)
         self.value_head = nn.Linear(features, 1)
         _init_head(self.policy_head, POLICY_HEAD_GAIN, bias)
@@ -70,9 +81,11 @@ class ActorCritic(nn.Module):
         self.action_shape, self.action_dtype = self.dist.action_shape, self.dist.action_dtype
 
     def critic_parameters(self) -> list[nn.Parameter]:
-        """Trained at lr_critic: the value head and a critic encoder of its own."""
-        encoder = [] if self.shared_trunk else list(self.critic_encoder.parameters())
-        return [*encoder, *self.value_head.parameters()]
+        """Trained at lr_critic: the value head, and a critic encoder and recurrent core of its own."""
+        own = [] if self.shared_trunk else [*self.critic_encoder.parameters()]
+        if self.critic_core is not None and self.critic_core is not self.actor_core:
+            own += list(self.critic_core.parameters())
+        return [*own, *self.value_head.parameters()]
 
     def actor_parameters(self) -> list[nn.Parameter]:
         """Trained at lr_actor: every other parameter (a shared trunk too: the policy is what PPO's clip protects,
@@ -93,33 +106,93 @@ class ActorCritic(nn.Module):
             self.obs_norm.update(self.layout.box_input(obs))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action head outputs, values) for a batch of network inputs."""
+        """(action head outputs, values) for a batch of network inputs (policies without a recurrent core)."""
         h = self.actor_encoder(x)
         hv = h if self.shared_trunk else self.critic_encoder(x)
         return self.policy_head(h), self.value_head(hv).squeeze(-1)
 
+    # --- recurrent state: one tensor [n, state_size] per batch of envs (encoders.RecurrentCore) --------------
+    @property
+    def state_size(self) -> int:
+        if self.actor_core is None:
+            return 0
+        separate = self.critic_core is not self.actor_core
+        return self.actor_core.state_size * (2 if separate else 1)
+
+    def initial_state(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The state of n fresh episodes (zeros), or None for a policy without a recurrent core."""
+        return None if self.actor_core is None else torch.zeros(n, self.state_size, device=device)
+
+    def step(self, x: torch.Tensor,
+             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(action head outputs, values, next state) for one time step; without a core, forward and no state."""
+        if self.actor_core is None:
+            out, value = self(x)
+            return out, value, None
+        if state is None:
+            raise ValueError("a recurrent policy needs its state: see initial_state")
+        h = self.actor_encoder(x)
+        hv = h if self.shared_trunk else self.critic_encoder(x)
+        size = self.actor_core.state_size
+        h, new_state = self.actor_core.step(h, state[:, :size])
+        if self.critic_core is self.actor_core:
+            hv = h
+        else:
+            hv, critic_state = self.critic_core.step(hv, state[:, size:])  # type: ignore[union-attr]
+            new_state = torch.cat([new_state, critic_state], dim=1)
+        return self.policy_head(h), self.value_head(hv).squeeze(-1), new_state
+
+    def _sequences(self, x: torch.Tensor, starts: torch.Tensor, states: torch.Tensor,
+                   seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over whole sequences: x [b * seq_len, in] sequence by sequence, with the episode starts and, in
+        every row, its sequence's initial state (the first row of each sequence is read)."""
+        n = x.shape[0]
+        b = n // seq_len
+        starts, state0 = starts.reshape(b, seq_len), states[::seq_len]
+        h = self.actor_encoder(x)
+        hv = h if self.shared_trunk else self.critic_encoder(x)
+        size = self.actor_core.state_size  # type: ignore[union-attr]
+        h = self.actor_core.sequences(h.reshape(b, seq_len, -1), starts, state0[:, :size]).reshape(n, -1)  # type: ignore[union-attr]
+        if self.critic_core is self.actor_core:
+            hv = h
+        else:
+            hv = self.critic_core.sequences(hv.reshape(b, seq_len, -1), starts,  # type: ignore[union-attr]
+                                            state0[:, size:]).reshape(n, -1)
+        return self.policy_head(h), self.value_head(hv).squeeze(-1)
+
+    # --- what the rollout, the update and evaluation call --------------------------------------------------
     @torch.no_grad()
-    def act(self, x: torch.Tensor, rng: np.random.Generator | None = None, deterministic: bool = False,
-            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(actions, log-probs, values) for a batch of network inputs: sampled with `rng`, or the mode."""
-        out, value = self(x)
+    def act_step(self, x: torch.Tensor, state: torch.Tensor | None, rng: np.random.Generator | None = None,
+                 deterministic: bool = False, mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(actions, log-probs, values, next state) for a batch of network inputs: sampled with `rng`, or the
+        mode; `state` is None without a recurrent core."""
+        out, value, new_state = self.step(x, state)
         if deterministic or rng is None:
             action = self.dist.mode(out, mask)
         else:
             noise = torch.from_numpy(self.dist.noise(rng, out.shape[0])).to(out.device)
             action = self.dist.sample(out, noise, mask)
         logp, _ = self.dist.log_prob_entropy(out, action, mask)
-        return action, logp, value
+        return action, logp, value, new_state
+
+    def act(self, x: torch.Tensor, rng: np.random.Generator | None = None, deterministic: bool = False,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """act_step for a policy without a recurrent core: (actions, log-probs, values)."""
+        return self.act_step(x, None, rng, deterministic, mask)[:3]
 
     @torch.no_grad()
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        """V of a batch of network inputs (through forward, so a subclass's own layers count)."""
-        return self(x)[1]
+    def value(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """V of a batch of network inputs (through forward, so a subclass's own layers count), from `state` for
+        a recurrent policy."""
+        return self.step(x, state)[1]
 
-    def evaluate(self, x: torch.Tensor, actions: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log-prob of `actions`, entropy, value) for a batch of network inputs, with autograd."""
-        out, value = self(x)
+    def evaluate(self, x: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor | None = None,
+                 starts: torch.Tensor | None = None, states: torch.Tensor | None = None,
+                 seq_len: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob of `actions`, entropy, value) for a batch of network inputs, with autograd. A recurrent
+        policy reads whole sequences of `seq_len` steps, their episode starts and initial states (Batch)."""
+        out, value = self(x) if self.actor_core is None else self._sequences(x, starts, states, seq_len)
         logp, entropy = self.dist.log_prob_entropy(out, actions, mask)
         return logp, entropy, value
 
@@ -133,7 +206,8 @@ def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: A
     n, e = cfg.network, cfg.env
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
-                       float(e.clip_obs), choice(n.type))
+                       float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
+                       int(n.rnn_hidden), bool(n.rnn_shared))
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

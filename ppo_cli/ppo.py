@@ -57,7 +57,10 @@ def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[tor
 
     Plain tensors in, a loss out: the hot path, kept in one function so a faster version can replace it.
     """
-    logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mask=mb.masks)
+    if mb.seq_len:
+        logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mb.masks, mb.starts, mb.states, mb.seq_len)
+    else:
+        logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mask=mb.masks)
     adv = mb.advantages
     if s.normalize_advantage and adv.numel() > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -173,6 +176,16 @@ class Updater:
         step = (FusedAdamStep.build(optimizer) if fast_update else None) or optimizer.step
         return cls(gradients, step, generator), notes
 
+    def _permutation(self, batch: Batch) -> torch.Tensor:
+        """This epoch's order of the rows: shuffled samples, or for a recurrent policy shuffled env sequences,
+        each kept whole and in time order (rows t * num_envs + env of the [T, N] rollout)."""
+        device = self.generator.device  # a CUDA generator shuffles on the GPU
+        if not batch.seq_len:
+            return torch.randperm(len(batch), generator=self.generator, device=device)
+        envs = len(batch) // batch.seq_len
+        order = torch.randperm(envs, generator=self.generator, device=device)
+        return (order[:, None] + envs * torch.arange(batch.seq_len, device=device)[None, :]).flatten()
+
     def update(self, batch: Batch, s: UpdateSettings) -> dict[str, float]:
         """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
 
@@ -185,8 +198,7 @@ class Updater:
         taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
         epochs_done, stopped_early = 0, False
         for _ in range(s.K_epochs):
-            # a CUDA generator shuffles on the GPU
-            g.epoch(batch[torch.randperm(n, generator=self.generator, device=self.generator.device)])
+            g.epoch(batch[self._permutation(batch)])
             for start in range(0, n, s.batch_size):
                 stats = g.minibatch(start, start + s.batch_size, s)
                 if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:

@@ -63,14 +63,22 @@ class Batch:
     advantages: torch.Tensor
     returns: torch.Tensor
     masks: torch.Tensor | None = None  # the action masks the actions were sampled under (masks.py)
+    # Recurrent policies: whether the state was zeroed before the step (an episode start), the state the step's
+    # sequence started from (the same in every row of a sequence), and the sequence length (0: no sequences).
+    starts: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    seq_len: int = 0
 
     def __len__(self) -> int:
         return self.obs.shape[0]
 
     def __getitem__(self, idx: torch.Tensor | slice) -> Batch:
         """Rows by index tensor (a copy) or by slice (views, no copy)."""
-        return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx],
-                     self.advantages[idx], self.returns[idx], None if self.masks is None else self.masks[idx])
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
+        return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx], self.advantages[idx],
+                     self.returns[idx], rows(self.masks), rows(self.starts), rows(self.states), self.seq_len)
 
 
 class RolloutBuffer:
@@ -80,7 +88,7 @@ class RolloutBuffer:
 
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
-                 mask_size: int | None = None) -> None:
+                 mask_size: int | None = None, state_size: int = 0) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
@@ -94,6 +102,8 @@ class RolloutBuffer:
         self.episode_end = zeros()
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
         self.masks = None if mask_size is None else zeros(mask_size, dtype=torch.bool)
+        self.starts = zeros(dtype=torch.bool) if state_size else None
+        self.state0 = torch.zeros(num_envs, state_size, device=device) if state_size else None  # at the rollout's start
         self.step = 0
         # On the CPU, steps are written through numpy views of the same memory: a numpy row assignment costs
         # about a microsecond, a torch one several, and the rollout writes eight per step.
@@ -107,11 +117,14 @@ class RolloutBuffer:
 
     def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
             logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
-            terminated: np.ndarray, episode_end: np.ndarray, masks: np.ndarray | None = None) -> None:
+            terminated: np.ndarray, episode_end: np.ndarray, masks: np.ndarray | None = None,
+            starts: np.ndarray | None = None) -> None:
         """Store one step of every env (numpy arrays or tensors, on any device)."""
         t = self.step
         if self._masks is not None:
             self._masks[t] = self._row(masks)
+        if self.starts is not None:
+            self.starts[t] = torch.as_tensor(starts, device=self.device)
         if not self._on_cpu:
             obs, actions, logp, values, rewards, terminated, episode_end = (
                 self._row(v) for v in (obs, actions, logp, values, rewards, terminated, episode_end))
@@ -138,9 +151,14 @@ class RolloutBuffer:
         adv, ret = compute_gae(self.rewards, self.values, next_values, self.terminated, self.episode_end,
                                gamma, gae_lambda)
         self.step = 0
-        return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
-                     self.values.flatten(), adv.flatten(), ret.flatten(),
-                     None if self.masks is None else self.masks.flatten(0, 1))
+        masks = None if self.masks is None else self.masks.flatten(0, 1)
+        if self.state0 is None:
+            return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
+                         self.values.flatten(), adv.flatten(), ret.flatten(), masks)
+        states = self.state0.unsqueeze(0).expand(self.n_steps, *self.state0.shape).flatten(0, 1)
+        return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(), self.values.flatten(),
+                     adv.flatten(), ret.flatten(), masks, self.starts.flatten(), states,  # type: ignore[union-attr]
+                     self.n_steps)
 
 
 class Actor(Protocol):
@@ -153,16 +171,26 @@ class Actor(Protocol):
     def act(self, x: Any, mask: np.ndarray | None = None) -> tuple[Any, Any, Any]:
         """(sampled actions, their log-probs, values), only among the actions `mask` allows where it is given."""
 
-    def value(self, x: Any) -> Any: ...
+    def value(self, x: Any, rows: np.ndarray | None = None) -> Any:
+        """V of the inputs (from the recurrent state of envs `rows`, all envs where None)."""
 
     def env_action(self, action: Any) -> np.ndarray: ...
 
+    # The recurrent state of every env (None without a core) and whether each was zeroed before this step.
+    state: torch.Tensor | None
+    starts: np.ndarray | None
+
+    def end_episodes(self, ended: np.ndarray) -> None:
+        """Zero the recurrent state of the envs whose episode just ended."""
+
 
 class TorchActor:
-    """The policy itself as the rollout's actor, on its device."""
+    """The policy itself as the rollout's actor, on its device; it carries a recurrent policy's state."""
 
-    def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device) -> None:
+    def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device, num_envs: int = 0) -> None:
         self.policy, self.rng, self.device = policy, rng, device
+        self.state = policy.initial_state(num_envs, device)
+        self.starts = None if self.state is None else np.ones(num_envs, dtype=bool)
 
     def inputs(self, obs: Any, update_stats: bool = True) -> torch.Tensor:
         t = as_tensors(obs, self.device)
@@ -172,24 +200,33 @@ class TorchActor:
 
     def act(self, x: torch.Tensor, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = None if mask is None else torch.as_tensor(mask, device=self.device)
-        return self.policy.act(x, self.rng, mask=m)
+        action, logp, value, self.state = self.policy.act_step(x, self.state, self.rng, mask=m)
+        if self.starts is not None:
+            self.starts[:] = False
+        return action, logp, value
 
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.policy.value(x)
+    def value(self, x: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+        state = self.state if self.state is None or rows is None else self.state[torch.as_tensor(rows)]
+        return self.policy.value(x, state)
+
+    def end_episodes(self, ended: np.ndarray) -> None:
+        if self.state is not None and ended.any():
+            self.state[torch.as_tensor(ended, device=self.device)] = 0.0
+            self.starts |= ended  # type: ignore[operator]
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
         return self.policy.env_action(action)
 
 
-def choose_actor(policy: ActorCritic, rng: np.random.Generator, device: torch.device,
-                 fast: bool) -> tuple[Actor, str | None]:
+def choose_actor(policy: ActorCritic, rng: np.random.Generator, device: torch.device, fast: bool,
+                 num_envs: int) -> tuple[Actor, str | None]:
     """(the rollout's actor, a one-line note when fast_rollout=true could not be honoured)."""
     if fast:
         activation, why = covers(policy)
         if activation is not None:
             return NumpyActor(policy, activation, rng), None
-        return TorchActor(policy, rng, device), f"note: fast_rollout: acting through torch ({why})"
-    return TorchActor(policy, rng, device), None
+        return TorchActor(policy, rng, device, num_envs), f"note: fast_rollout: acting through torch ({why})"
+    return TorchActor(policy, rng, device, num_envs), None
 
 
 @dataclass
@@ -215,12 +252,15 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
     """
     n = envs.num_envs
     done = Collected(obs, mask, 0, True, [], [])
+    if buffer.state0 is not None:
+        buffer.state0.copy_(actor.state)  # type: ignore[arg-type]
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
         if should_stop():
             done.complete = False
             break
         with policy_time:
+            starts = None if actor.starts is None else actor.starts.copy()
             x = actor.inputs(obs)
             action, logp, value = actor.act(x, mask)
             env_action = actor.env_action(action)
@@ -229,10 +269,11 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
         ended = terminated | truncated
         if reward_scaler is not None:
             reward = reward_scaler(reward, ended)
-        buffer.add(x, action, logp, value, reward, terminated, ended, mask)
+        buffer.add(x, action, logp, value, reward, terminated, ended, mask, starts)
         cut = np.flatnonzero(truncated & ~terminated)
-        if cut.size:
-            buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False)))
+        if cut.size:  # V(final obs) from the state the episode reached, before end_episodes zeroes it
+            buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False), cut))
+        actor.end_episodes(ended)
         if "_episode" in info:
             finished = info["_episode"]
             done.returns.extend(info["episode"]["r"][finished].tolist())

@@ -136,7 +136,7 @@ class Trainer:
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
         self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (self.policy.layout.dim,), torch.float32,
                                     self.policy.action_shape, self.policy.action_dtype, self.device,
-                                    None if self.masks is None else self.masks.n_outputs)
+                                    None if self.masks is None else self.masks.n_outputs, self.policy.state_size)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
@@ -145,12 +145,16 @@ class Trainer:
         self._stop_signal: int | None = None
         self.clock = Stopwatch(STAGES)
         self.notes: list[str] = []
+        self._restored_recurrent: dict[str, torch.Tensor] | None = None
         self.evaluator = PeriodicEvaluator(cfg, self.policy, self.device, self.run_dir / "checkpoints" / BEST_NAME,
                                            self.state, self._message)
         if resume is not None:
             self._restore(resume)
         # Built after the restore: the fast paths take views of the parameters and the optimizer's state.
-        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout)
+        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs)
+        if self._restored_recurrent is not None:
+            self.actor.state = self._restored_recurrent["state"].to(self.device)
+            self.actor.starts = self._restored_recurrent["starts"].numpy().copy()
         self.updater, update_notes = Updater.build(self.policy, self.optimizer, self.generator, cfg.fast_update,
                                                    cfg.torch_compile)
         self.notes += [n for n in (note, *update_notes) if n]
@@ -187,6 +191,8 @@ class Trainer:
             "env_state": env_state,
             "last_obs": as_tensors(self.obs),
             "last_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
+            "recurrent_state": None if self.actor.state is None else {
+                "state": self.actor.state.cpu(), "starts": torch.from_numpy(self.actor.starts.copy())},
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
             "best_eval": self.evaluator.best,
@@ -222,6 +228,7 @@ class Trainer:
             restore(self.envs, env_state)
             self.obs = as_arrays(last_obs)
             self.mask = None if last_mask is None else last_mask.numpy()
+            self._restored_recurrent = data.get("recurrent_state")
         else:
             _, why = snapshot(self.envs)
             self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset "
@@ -266,8 +273,8 @@ class Trainer:
                     if not rollout.complete:
                         raise Interrupted(self._stop_signal, self.global_step, self.save())  # type: ignore[arg-type]
                     with clock["advantages"], torch.no_grad():
-                        obs = as_tensors(self.obs, self.device)
-                        batch = self.buffer.advantages(self.policy.value(self.policy.prepare(obs)), a.gamma,
+                        x = self.policy.prepare(as_tensors(self.obs, self.device))
+                        batch = self.buffer.advantages(self.policy.value(x, self.actor.state), a.gamma,
                                                        a.gae_lambda)
                     with clock["update"]:
                         stats = self.updater.update(batch, settings)

@@ -62,7 +62,7 @@ def test_a_policy_the_fast_path_does_not_cover_trains_with_autograd_and_says_so(
         params.append([p.detach().clone() for p in policy.parameters()])
     for a, b in zip(*params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    actor, note = choose_actor(WithInputLayer(), np.random.default_rng(0), torch.device("cpu"), fast=True)
+    actor, note = choose_actor(WithInputLayer(), np.random.default_rng(0), torch.device("cpu"), True, 2)
     assert isinstance(actor, TorchActor) and note.startswith("note: fast_rollout: acting through torch")
 
 
