@@ -178,3 +178,31 @@ class TextObs(Corridor):
     def __init__(self):
         super().__init__()
         self.observation_space = gym.spaces.Dict({"pos": self.observation_space, "note": gym.spaces.Text(8)})
+
+
+class RepeatCue(gym.Env):
+    """A memory task: a cue (0 or 1) is shown only at the first step; every step pays 1 for the action that
+    equals it. `length` steps. A memoryless policy scores 1 + (length - 1) / 2 at best; one that remembers, length."""
+
+    def __init__(self, length: int = 6):
+        self.length = length
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(3,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.cue, self.t = 0, 0
+
+    def _obs(self):
+        obs = np.zeros(3, dtype=np.float32)
+        if self.t == 0:
+            obs[self.cue] = 1.0
+        obs[2] = self.t / self.length
+        return obs
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.cue, self.t = int(self.np_random.integers(2)), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        reward = float(int(action) == self.cue)
+        self.t += 1
+        return self._obs(), reward, self.t >= self.length, False, {}
