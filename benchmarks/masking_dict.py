@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import run_ppo_cli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 
 SEEDS = (1, 2, 3)
@@ -39,28 +36,12 @@ EVERY = 8192
 
 def _ppo_cli(env: str, seed: int, steps: int, *extra: str, stop_at: float | None = None, every: int = 0,
              episodes: int = 1):
-    from hydra import compose, initialize_config_module
-
-    from ppo_cli.config import register_configs
-    from ppo_cli.trainer import Trainer
-
-    register_configs()
     overrides = [f"env={env}", f"seed={seed}", f"algo.total_timesteps={steps}", f"eval.every_steps={every}",
                  f"eval.episodes={episodes}", "eval.final=true" if every == 0 else "eval.final=false",
-                 "eval.objective=train", "checkpoint_interval=0", "device=cpu", "torch_threads=1", *extra]
+                 "eval.objective=train", *extra]
     if stop_at is not None:
         overrides.append(f"eval.stop_at_return={stop_at}")
-    with initialize_config_module("ppo_cli.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(cfg, Path(d), rich_progress=False)
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = trainer.run()
-        trainer.close()
-    return result
+    return run_ppo_cli(overrides)
 
 
 def _sb3_kwargs(seed: int) -> dict:
