@@ -148,8 +148,12 @@ def test_fast_rollout_does_not_change_the_run(tmp_path):
 
 
 def test_checkpoint_holds_exactly_the_listed_state(tmp_path):
+    from pathlib import Path
+
     trainer, _ = _train(tmp_path=tmp_path)
     assert set(trainer.state()) == set(checkpoint.STATE_KEYS)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "checkpoint-format.md").read_text()
+    assert [k for k in checkpoint.STATE_KEYS if f"`{k}`" not in doc] == []
 
 
 def test_stopwatch_counts_each_stage_once():
