@@ -41,7 +41,11 @@ STATE_KEYS: dict[str, str] = {
     "last_mask": "the action mask of last_obs, or None where the env gives no masks",
     "recurrent_state": "a recurrent policy's state of every env and whether it was just zeroed ({state, starts}), "
                        "or None",
-    "recent_returns": "returns of the last training episodes (eval.train_window)",
+    "world_size": "processes of the run (torchrun); rng, np_rng, env_state, last_obs, last_mask, recurrent_state "
+                  "and reward_scaler are rank 0's",
+    "ranks": "the other ranks' rng, np_rng, env_state, last_obs, last_mask, recurrent_state and reward_scaler, "
+             "in rank order, or None for one process",
+    "recent_returns": "returns of the last training episodes (eval.train_window), over all ranks",
     "wall_time": "seconds trained so far",
     "best_eval": "summary of the best periodic evaluation so far, with its global_step",
     "reward_scaler": "env.normalize_reward's running statistics, or None",

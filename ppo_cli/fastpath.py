@@ -295,6 +295,11 @@ class NumpyGradients:
     def clip(self, stats: np.ndarray, max_norm: float) -> np.ndarray:
         return np.append(stats, clip_flat_grad(self.loss.flat_grad, max_norm))
 
+    def average(self, ranks: Any) -> None:
+        from ppo_cli import distributed  # only distributed runs need it
+
+        distributed.average(torch.from_numpy(self.loss.flat_grad), ranks)  # the buffer itself, in place
+
     @staticmethod
     def mean(rows: list[np.ndarray]) -> list[float]:
         return np.mean(rows, axis=0).tolist()

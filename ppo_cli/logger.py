@@ -76,5 +76,32 @@ class Logger:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self.writer.flush()
-        self.writer.close()
+        if self.failed:  # already reported; closing would only raise the same error again
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+            return
+        with self._writing():
+            self.writer.flush()
+            self.writer.close()
+
+
+class QuietLogger:
+    """The logger of a distributed run's ranks other than 0: they log nothing (rank 0 speaks for the run)."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+

@@ -12,7 +12,10 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ppo_cli import distributed
+from ppo_cli.distributed import Ranks
 from ppo_cli.errors import UserError
 from ppo_cli.fastpath import NumpyGradients, covers
 from ppo_cli.rollout import Batch
@@ -119,6 +122,9 @@ class Gradients(Protocol):
     def clip(self, stats: Any, max_norm: float) -> Any:
         """Clip the global gradient norm; the statistics with the norm before clipping appended."""
 
+    def average(self, ranks: Ranks) -> None:
+        """Replace the gradients by their mean over the ranks of a distributed run."""
+
     def mean(self, rows: list[Any]) -> list[float]: ...
 
 
@@ -142,6 +148,12 @@ class AutogradGradients:
     def clip(self, stats: torch.Tensor, max_norm: float) -> torch.Tensor:
         return torch.cat([stats, clip_grad_norm(self.params, max_norm).detach().reshape(1)])
 
+    def average(self, ranks: Ranks) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)  # one all-reduce for all gradients
+        distributed.average(flat, ranks)
+        torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
     @staticmethod
     def mean(rows: list[torch.Tensor]) -> list[float]:
         return torch.stack(rows).mean(0).tolist()  # one device sync per update
@@ -151,12 +163,15 @@ class Updater:
     """The PPO update: K_epochs passes over the shuffled batch in minibatches, with a gradient source and an
     optimizer step chosen once (`build`); nothing is rebuilt per update."""
 
-    def __init__(self, gradients: Gradients, step: Callable[[], Any], generator: torch.Generator) -> None:
+    def __init__(self, gradients: Gradients, step: Callable[[], Any], generator: torch.Generator,
+                 ranks: Ranks | None = None) -> None:
         self.gradients, self.step, self.generator = gradients, step, generator
+        self.ranks = ranks or Ranks()
 
     @classmethod
     def build(cls, policy: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-              fast_update: bool = True, torch_compile: bool = False) -> tuple[Updater, list[str]]:
+              fast_update: bool = True, torch_compile: bool = False,
+              ranks: Ranks | None = None) -> tuple[Updater, list[str]]:
         """The updater for `policy`, and the notes to print: where fast_update=true cannot use the numpy loss
         (saying why), or torch_compile=true has nothing to compile."""
         notes = []
@@ -174,7 +189,7 @@ class Updater:
         if gradients is None:
             gradients = AutogradGradients(policy, optimizer, compile_loss() if torch_compile else minibatch_loss)
         step = (FusedAdamStep.build(optimizer) if fast_update else None) or optimizer.step
-        return cls(gradients, step, generator), notes
+        return cls(gradients, step, generator, ranks), notes
 
     def _permutation(self, batch: Batch) -> torch.Tensor:
         """This epoch's order of the rows: shuffled samples, or for a recurrent policy shuffled env sequences,
@@ -201,9 +216,12 @@ class Updater:
             g.epoch(batch[self._permutation(batch)])
             for start in range(0, n, s.batch_size):
                 stats = g.minibatch(start, start + s.batch_size, s)
-                if s.target_kl is not None and float(stats[3]) > 1.5 * s.target_kl:
+                # Distributed: the ranks decide together, so they take the same steps.
+                if s.target_kl is not None and distributed.mean(float(stats[3]), self.ranks) > 1.5 * s.target_kl:
                     stopped_early = True
                     break
+                if self.ranks.active:
+                    g.average(self.ranks)
                 taken.append(g.clip(stats, s.max_grad_norm))
                 self.step()
             if stopped_early:

@@ -22,12 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
-from ppo_cli import checkpoint
+from ppo_cli import checkpoint, distributed
 from ppo_cli.config import choice
 from ppo_cli.envs import describe_space, env_label, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
-from ppo_cli.logger import Logger
+from ppo_cli.logger import Logger, QuietLogger
 from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
 from ppo_cli.observations import as_arrays, as_tensors, batch_size
@@ -118,13 +118,17 @@ class Trainer:
             # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
             threadpool_limits(cfg.torch_threads)
         self.device = resolve_device(choice(cfg.device))
-        torch.manual_seed(cfg.seed)
+        # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
+        self.ranks = distributed.setup(self.device)
+        rank = self.ranks.rank
+        torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
         # Two random streams, both checkpointed and drawn from by training alone (never by evaluation or
         # logging): numpy's for the rollout's action samples (the same draws whichever actor runs), torch's for
-        # the minibatch shuffles.
-        self.np_rng = np.random.default_rng(cfg.seed)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.envs = make_vec_env(cfg.env, seed=cfg.seed)
+        # the minibatch shuffles. Each rank has streams and envs (seeds seed + rank * num_envs + i) of its own.
+        self.np_rng = np.random.default_rng(cfg.seed if rank == 0 else [cfg.seed, rank])
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank)
+        self.env_seed = cfg.seed + rank * cfg.env.num_envs
+        self.envs = make_vec_env(cfg.env, seed=self.env_seed)
         self.obs_space = describe_space(self.envs.single_observation_space)
         self.action_space = describe_space(self.envs.single_action_space, bounds=True)
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)
@@ -146,8 +150,9 @@ class Trainer:
         self.clock = Stopwatch(STAGES)
         self.notes: list[str] = []
         self._restored_recurrent: dict[str, torch.Tensor] | None = None
+        # best.pt is written by rank 0 alone, so it holds rank 0's part of the state only.
         self.evaluator = PeriodicEvaluator(cfg, self.policy, self.device, self.run_dir / "checkpoints" / BEST_NAME,
-                                           self.state, self._message)
+                                           lambda: self.state(all_ranks=False), self._message)
         if resume is not None:
             self._restore(resume)
         # Built after the restore: the fast paths take views of the parameters and the optimizer's state.
@@ -156,11 +161,14 @@ class Trainer:
             self.actor.state = self._restored_recurrent["state"].to(self.device)
             self.actor.starts = self._restored_recurrent["starts"].numpy().copy()
         self.updater, update_notes = Updater.build(self.policy, self.optimizer, self.generator, cfg.fast_update,
-                                                   cfg.torch_compile)
+                                                   cfg.torch_compile, self.ranks)
         self.notes += [n for n in (note, *update_notes) if n]
-        self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,
-                             cfg.log_interval, purge_step=self.global_step if resume else None,
-                             rich_progress=rich_progress)
+        if self.ranks.main:
+            self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,
+                                 cfg.log_interval, purge_step=self.global_step if resume else None,
+                                 rich_progress=rich_progress)
+        else:
+            self.logger = QuietLogger()
 
     @property
     def wall_time(self) -> float:
@@ -175,9 +183,32 @@ class Trainer:
         self.logger.message(text)
 
     # --- checkpoint state -------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        """The training state (checkpoint.STATE_KEYS)."""
+    def _rank_state(self) -> dict[str, Any]:
+        """The part of the training state that is this process's own (checkpoint.RANK_KEYS)."""
         env_state, _ = snapshot(self.envs)
+        return {
+            "rng": self.generator.get_state(),
+            "np_rng": self.np_rng.bit_generator.state,
+            "env_state": env_state,
+            "last_obs": as_tensors(self.obs),
+            "last_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
+            "recurrent_state": None if self.actor.state is None else {
+                "state": self.actor.state.cpu(), "starts": torch.from_numpy(self.actor.starts.copy())},
+            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
+        }
+
+    def state(self, all_ranks: bool = True) -> dict[str, Any]:
+        """The training state (checkpoint.STATE_KEYS): rank 0's own part at the top level, the other ranks' in
+        `ranks` (gathered: with `all_ranks`, every rank must call this at the same point)."""
+        own = self._rank_state()
+        others = None
+        if self.ranks.active and all_ranks:
+            checksum = float(sum(p.detach().double().abs().sum() for p in self.policy.parameters()))
+            gathered = distributed.gather({**own, "param_checksum": checksum}, self.ranks)
+            if len({g["param_checksum"] for g in gathered}) != 1:
+                raise RuntimeError("the ranks' parameters diverged (checksums "
+                                   f"{[g['param_checksum'] for g in gathered]}); this is a bug in ppo-cli")
+            others = [{k: v for k, v in g.items() if k != "param_checksum"} for g in gathered[1:]]
         return {
             "config_yaml": self.config_yaml,
             "observation_space": self.obs_space,
@@ -186,17 +217,12 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "global_step": self.global_step,
             "update": self.update_idx,
-            "rng": self.generator.get_state(),
-            "np_rng": self.np_rng.bit_generator.state,
-            "env_state": env_state,
-            "last_obs": as_tensors(self.obs),
-            "last_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
-            "recurrent_state": None if self.actor.state is None else {
-                "state": self.actor.state.cpu(), "starts": torch.from_numpy(self.actor.starts.copy())},
+            **own,
+            "world_size": self.ranks.world,
+            "ranks": others,
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
             "best_eval": self.evaluator.best,
-            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -211,6 +237,13 @@ class Trainer:
                             f"({str(exc).splitlines()[0]})") from None
         for group in self.optimizer.param_groups:  # the config (maybe overridden on resume) decides these
             group["eps"], group["weight_decay"] = self.cfg.algo.eps, self.cfg.algo.weight_decay
+        saved_world = int(data.get("world_size", 1))
+        if saved_world != self.ranks.world and not (self.ranks.world == 1 and data.get("ranks") is None):
+            raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "
+                            f"{self.ranks.world}; resume with torchrun --nproc_per_node={saved_world} (ppo-eval "
+                            f"evaluates it as it is, and a new run can start from scratch with any number)")
+        if self.ranks.rank > 0:  # this rank's own part of the state
+            data = {**data, **data["ranks"][self.ranks.rank - 1]}
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
         self.trained_before = float(data.get("wall_time", 0.0))
         self.generator.set_state(data["rng"])
@@ -233,11 +266,14 @@ class Trainer:
             _, why = snapshot(self.envs)
             self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset "
                               f"({why or 'the checkpoint holds no env state'})")
-            self.obs, info = self.envs.reset(seed=self.cfg.seed + self.global_step)
+            self.obs, info = self.envs.reset(seed=self.env_seed + self.global_step)
             self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, self.global_step)
 
     def save(self, name: str = CHECKPOINT_NAME) -> Path:
-        return checkpoint.save(self.state(), self.run_dir / "checkpoints" / name)
+        """Write a checkpoint (rank 0; the other ranks give it their state): every rank calls this together."""
+        state = self.state()
+        path = self.run_dir / "checkpoints" / name
+        return checkpoint.save(state, path) if self.ranks.main else path
 
     # --- the loop ---------------------------------------------------------------------------------------
     def _set_schedules(self) -> float:
@@ -252,6 +288,10 @@ class Trainer:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        # Distributed runs stop between updates, all ranks together (run()); one process stops at once.
+        return self._stop_signal is not None and not self.ranks.active
+
     def run(self) -> TrainResult:
         a, ev, clock = self.cfg.algo, self.cfg.eval, self.clock
         settings = UpdateSettings(a.clip_range, a.clip_range_vf, a.ent_coef, a.vf_coef, a.max_grad_norm,
@@ -262,16 +302,27 @@ class Trainer:
         try:
             with stop_signals(self._on_signal):
                 while self.global_step < a.total_timesteps:
+                    if self.ranks.active and distributed.any_true(self._stop_signal is not None, self.ranks):
+                        # A signal to any rank stops all of them here, between updates: the checkpoint is then
+                        # exactly where an uninterrupted run would be.
+                        raise Interrupted(self._stop_signal or signal.SIGTERM, self.global_step, self.save())
                     step0, time0 = self.global_step, clock.total()
                     settings.ent_coef = self._set_schedules()
+                    norm = self.policy.obs_norm
+                    before = None if norm is None else (norm.mean.clone(), norm.var.clone(), norm.count.clone())
                     with clock["storage"]:
                         rollout = collect(self.envs, self.actor, self.buffer, self.obs, self.reward_scaler,
-                                          lambda: self._stop_signal is not None, clock, self.masks, self.mask,
-                                          self.global_step)
+                                          self._stop_requested, clock, self.masks, self.mask, self.global_step)
                     self.obs, self.mask = rollout.obs, rollout.mask
-                    self.global_step += rollout.steps
+                    self.global_step += rollout.steps * self.ranks.world
                     if not rollout.complete:
                         raise Interrupted(self._stop_signal, self.global_step, self.save())  # type: ignore[arg-type]
+                    if self.ranks.active:
+                        if before is not None:
+                            distributed.merge_obs_stats(norm, before, self.ranks)
+                        episodes = distributed.gather((rollout.returns, rollout.lengths), self.ranks)
+                        rollout.returns = [r for returns, _ in episodes for r in returns]
+                        rollout.lengths = [n for _, lengths in episodes for n in lengths]
                     with clock["advantages"], torch.no_grad():
                         x = self.policy.prepare(as_tensors(self.obs, self.device))
                         batch = self.buffer.advantages(self.policy.value(x, self.actor.state), a.gamma,
@@ -282,23 +333,27 @@ class Trainer:
                     self.update_idx += 1
                     self.recent_returns.extend(rollout.returns)
                     with clock["log_checkpoint"]:
-                        sps = rollout.steps / max(clock.total() - time0, 1e-9)
+                        sps = (self.global_step - step0) / max(clock.total() - time0, 1e-9)
                         self._log(stats, batch.values, batch.returns, settings.ent_coef, sps, rollout)
                     if self.evaluator.due(step0, self.global_step):
-                        result, scalars = self.evaluator.periodic(self.global_step)
-                        self.logger.scalars(self.global_step, scalars)
-                        if self.evaluator.reached_target(result):
+                        reached = False
+                        if self.ranks.main:  # rank 0 evaluates; the others wait for its verdict
+                            result, scalars = self.evaluator.periodic(self.global_step)
+                            self.logger.scalars(self.global_step, scalars)
+                            reached = self.evaluator.reached_target(result)
+                            if reached:
+                                self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} "
+                                                    f">= {ev.stop_at_return} at step {self.global_step:,} after "
+                                                    f"{self.wall_time:.1f} s of training")
+                        if distributed.any_true(reached, self.ranks):
                             stopped_at = (self.global_step, self.wall_time)
-                            self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} "
-                                                f">= {ev.stop_at_return} at step {self.global_step:,} after "
-                                                f"{self.wall_time:.1f} s of training")
                             break
                     # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
                     if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
                         with clock["log_checkpoint"]:
                             self.save()
                 path = self.save()
-            final_eval = self.evaluator.evaluate(self.global_step) if ev.final else None
+            final_eval = self.evaluator.evaluate(self.global_step) if ev.final and self.ranks.main else None
             return self._finish(path, final_eval, stopped_at)
         finally:
             self.logger.close()
@@ -347,3 +402,4 @@ class Trainer:
     def close(self) -> None:
         self.envs.close()
         self.evaluator.close()
+        distributed.teardown()

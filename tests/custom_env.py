@@ -206,3 +206,19 @@ class RepeatCue(gym.Env):
         reward = float(int(action) == self.cue)
         self.t += 1
         return self._obs(), reward, self.t >= self.length, False, {}
+
+
+class CrashOnRank1(Corridor):
+    """Raises in step() after `after` steps when it runs in rank 1 of a distributed run."""
+
+    def __init__(self, after: int = 40):
+        super().__init__()
+        self.after, self.t = after, 0
+
+    def step(self, action):
+        import os
+
+        self.t += 1
+        if os.environ.get("RANK") == "1" and self.t > self.after:
+            raise RuntimeError("the simulator lost its connection")
+        return super().step(action)

@@ -1,0 +1,174 @@
+"""One training run across processes: torch.distributed, started by `torchrun` (docs/distributed.md).
+
+`torchrun --nproc_per_node=N -m ppo_cli.cli.train ...` (or the `ppo-train` script under torchrun) sets
+WORLD_SIZE, RANK and LOCAL_RANK; `setup` reads them and joins the process group (gloo on the CPU, nccl on
+GPUs). Detection from torchrun's environment rather than a config key: the launcher already decides the number
+and placement of processes, and a config key could only disagree with it.
+
+What the ranks share, and how (the trainer calls these):
+- the gradients: averaged over ranks after every minibatch, before clipping (`average`), so every rank takes
+  the same optimizer step and all hold the same parameters;
+- the decisions: stop on a signal, stop at a target return, target-KL early stop (`any_true`, `mean`), so all
+  ranks take the same number of steps;
+- the observation statistics: merged after every rollout (`merge_obs_stats`), so all normalize alike;
+- the episode returns, for logging and objectives (`gather`).
+Each rank keeps its own envs (seeded apart), action samples, minibatch shuffles and reward scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ppo_cli.errors import UserError
+
+TIMEOUT = timedelta(minutes=10)  # a collective waits this long for a rank that went silent, then fails
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_environment() -> Ranks:
+    """The rank and world size torchrun set, without joining anything (1 process when it did not run us)."""
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def setup(device: torch.device) -> Ranks:
+    """Join the process group torchrun prepared; a single process returns Ranks() and joins nothing."""
+    ranks = from_environment()
+    if not ranks.active or dist.is_initialized():
+        return ranks
+    if not dist.is_available():
+        raise UserError("this torch build has no torch.distributed; run one process or install a torch with it")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        if not dist.is_nccl_available():
+            raise UserError("device=cuda under torchrun needs NCCL, which this torch build lacks; use device=cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=TIMEOUT)
+    return ranks
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average(flat: torch.Tensor, ranks: Ranks) -> None:
+    """Replace `flat` by its mean over ranks, in place."""
+    dist.all_reduce(flat)
+    flat.div_(ranks.world)
+
+
+def any_true(flag: bool, ranks: Ranks) -> bool:
+    if not ranks.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean(value: float, ranks: Ranks) -> float:
+    if not ranks.active:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / ranks.world
+
+
+def gather(obj: Any, ranks: Ranks) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not ranks.active:
+        return [obj]
+    out: list[Any] = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def merge_obs_stats(norm: Any, before: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ranks: Ranks) -> None:
+    """Give every rank the statistics one process would have after seeing all ranks' observations since
+    `before` (mean, var, count as they were at the rollout's start, the same on every rank).
+
+    Each rank's own observations are recovered from its statistics before and after (Chan et al.'s merge
+    undone), gathered, and merged into `before` in rank order, so every rank computes the same numbers."""
+    if not ranks.active or norm is None:
+        return
+    m0, v0, n0 = (t.double() for t in before)
+    m1, v1, n1 = norm.mean.double(), norm.var.double(), norm.count.double()
+    nb = n1 - n0
+    mb = (m1 * n1 - m0 * n0) / nb
+    m2b = v1 * n1 - v0 * n0 - (mb - m0).square() * n0 * nb / n1
+    parts = gather(torch.cat([nb.reshape(1), mb, m2b]).cpu(), ranks)
+    mean_, m2, count = m0.cpu(), (v0 * n0).cpu(), n0.cpu()
+    d = mean_.numel()
+    for p in parts:
+        c, m, s = p[0], p[1:1 + d], p[1 + d:]
+        total = count + c
+        delta = m - mean_
+        mean_ = mean_ + delta * c / total
+        m2 = m2 + s + delta.square() * count * c / total
+        count = total
+    with torch.no_grad():
+        norm.mean.copy_(mean_)
+        norm.var.copy_(m2 / count)
+        norm.count.copy_(count)
+    norm._refresh()
+
+
+class _RankLines:
+    """stderr with every line prefixed by the rank: under torchrun the ranks' messages interleave."""
+
+    def __init__(self, stream: Any, rank: int) -> None:
+        self.stream, self.prefix, self.at_line_start = stream, f"[rank {rank}] ", True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            out.append((self.prefix if self.at_line_start else "") + piece)
+            self.at_line_start = piece.endswith("\n")
+        self.stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def prepare_cli(argv: list[str]) -> list[str]:
+    """ppo-train's arguments for this rank under torchrun: rank 0 runs as usual; the others print nothing on
+    stdout and get a scratch folder of their own for Hydra (they write no files of the run). Errors on stderr
+    name the rank."""
+    import atexit
+    import shutil
+    import sys
+    import tempfile
+
+    ranks = from_environment()
+    if not ranks.active:
+        return argv
+    sys.stderr = _RankLines(sys.stderr, ranks.rank)
+    if ranks.main:
+        return argv
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    scratch = tempfile.mkdtemp(prefix=f"ppo-cli-rank{ranks.rank}-")
+    atexit.register(shutil.rmtree, scratch, True)
+    kept = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [*kept, f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
