@@ -7,12 +7,36 @@ On a terminal the console shows a rich progress bar (steps, SPS, recent mean ret
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from ppo_cli.errors import UserError
+
+_thread_hook: Callable[[Any], None] | None = None
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard writes event files from a thread; a failed write (full disk, folder gone) would print that
+    thread's traceback. The writer raises the same error in the training thread at its next call, where it
+    becomes one line (Logger._writing), so the thread stays quiet about OSErrors."""
+    global _thread_hook
+    if _thread_hook is not None:
+        return
+    _thread_hook = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        _thread_hook(args)  # type: ignore[misc]
+
+    threading.excepthook = hook
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -24,9 +48,13 @@ def _fmt_duration(seconds: float) -> str:
 class Logger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, config_yaml: str,
                  log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None) -> None:
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
-        if purge_step is None:
-            self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
+        _quiet_writer_thread_errors()
+        self.run_dir = Path(run_dir)
+        self.failed = False
+        with self._writing():
+            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+            if purge_step is None:
+                self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
         self.total, self.start_step = total_steps, start_step
         self.log_interval = log_interval
         use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
@@ -42,18 +70,30 @@ class Logger:
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, info="")
             self.progress.start()
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed event-file write becomes one UserError naming the folder and the reason."""
+        try:
+            yield
+        except OSError as exc:
+            self.failed = True
+            raise UserError(f"cannot write TensorBoard events into {self.run_dir} "
+                            f"({exc.strerror or str(exc) or type(exc).__name__})") from None
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        with self._writing():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
 
     def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float], step: int) -> None:
         """The run's hyperparameters and results for TensorBoard's HPARAMS tab, which lines up the jobs of a
         sweep (`tensorboard --logdir runs/multirun/...`). Written into this run's own event file, unlike
         SummaryWriter.add_hparams, which would open a new sub-run for it."""
-        for summary in hparams_summary(params, metrics):
-            self.writer._get_file_writer().add_summary(summary)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
+        with self._writing():
+            for summary in hparams_summary(params, metrics):
+                self.writer._get_file_writer().add_summary(summary)
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
 
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
         ret = "n/a" if mean_return is None else f"{mean_return:.1f}"
