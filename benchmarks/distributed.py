@@ -1,0 +1,71 @@
+"""Scaling one run across processes: torchrun with 1 and 2 ranks, the same settings per rank.
+
+    pip install ".[box2d]"
+    python benchmarks/distributed.py                    # LunarLander-v3: SPS, then learning for 3 seeds
+    python benchmarks/distributed.py --seeds 1 --learn-steps 100000
+
+SPS: each rank runs `env.num_envs` envs and its own rollout and minibatches; 2 ranks do twice the steps per
+update, so on an env-bound task the SPS should nearly double when each rank has a core. Learning: the same
+total steps (algo.total_timesteps counts all ranks' steps), final deterministic evaluation over 20 episodes.
+One torch thread per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["env=LunarLander-v3", "env.num_envs=8", "algo.n_steps=256", "algo.batch_size=256", "algo.K_epochs=4",
+          "algo.gae_lambda=0.95", "algo.clip_range=0.2", "algo.lr_schedule=linear", "torch_threads=1",
+          "checkpoint_interval=0"]
+
+
+def run(nproc: int, *overrides: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ppo_cli.cli.train", *COMMON, *overrides, f"hydra.run.dir={d}/run"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(d) / "run" / "result.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--sps-steps", type=int, default=131_072)
+    p.add_argument("--learn-steps", type=int, default=300_000)
+    p.add_argument("--pairs", type=int, default=2)
+    args = p.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs; LunarLander-v3, 8 envs x 256 steps per rank\n")
+    sps: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.pairs):
+        for n in (1, 2):
+            r = run(n, f"algo.total_timesteps={args.sps_steps}", "eval.every_steps=0", "eval.final=false",
+                    "eval.objective=train")
+            sps[n].append(r["sps"])
+            print(f"  {n} rank(s): {r['sps']:,.0f} SPS", flush=True)
+    one, two = statistics.median(sps[1]), statistics.median(sps[2])
+    print(f"\nSPS, median of {args.pairs}: 1 rank {one:,.0f}, 2 ranks {two:,.0f} ({two / one:.2f}x)\n")
+    rows = []
+    for seed in args.seeds:
+        scores = [run(n, f"seed={seed}", f"algo.total_timesteps={args.learn_steps}", "eval.every_steps=0",
+                      "eval.episodes=20")["final_eval"]["mean_return"] for n in (1, 2)]
+        rows.append((seed, *scores))
+        print(f"  seed {seed}: 1 rank {scores[0]:.1f}, 2 ranks {scores[1]:.1f}", flush=True)
+    print(f"\nfinal 20-episode evaluation after {args.learn_steps:,} steps\n")
+    print("| seed | 1 rank | 2 ranks |\n|---|---|---|")
+    for seed, a, b in rows:
+        print(f"| {seed} | {a:.1f} | {b:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
