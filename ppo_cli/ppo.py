@@ -60,10 +60,10 @@ def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[tor
 
     Plain tensors in, a loss out: the hot path, kept in one function so a faster version can replace it.
     """
-    if mb.seq_len:
-        logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mb.masks, mb.starts, mb.states, mb.seq_len)
-    else:
-        logp, entropy, values = policy.evaluate(mb.obs, mb.actions, mask=mb.masks)
+    # Masks and sequences are passed only where the run has them, so a policy of one's own that has neither
+    # keeps the two-argument evaluate.
+    extra = (mb.masks, mb.starts, mb.states, mb.seq_len) if mb.seq_len else (() if mb.masks is None else (mb.masks,))
+    logp, entropy, values = policy.evaluate(mb.obs, mb.actions, *extra)
     adv = mb.advantages
     if s.normalize_advantage and adv.numel() > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
