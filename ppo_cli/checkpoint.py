@@ -8,6 +8,7 @@ evaluation that made it the best).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -53,34 +54,62 @@ STATE_KEYS: dict[str, str] = {
 REQUIRED_KEYS = ("config_yaml", "observation_space", "action_space", "policy", "global_step")
 
 
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (full disk, unwritable or vanished folder): one line naming the file
+    and the reason. The file it would have replaced is untouched."""
+
+
+def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+    else:  # torch's writer reports a failed write as RuntimeError ("[enforce fail at inline_container.cc ...")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        try:
+            if os.statvfs(path.parent).f_bavail == 0:  # what torch's message leaves out
+                reason = os.strerror(errno.ENOSPC)
+        except OSError:
+            pass
+    return CheckpointWriteError(f"cannot write checkpoint {path} ({reason}); the previous {path.name}, if any, "
+                                f"is kept")
+
+
 def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
 
-    A crash or SIGKILL at any moment leaves either the previous file or the new one, never half of one.
+    A crash or SIGKILL at any moment leaves either the previous file or the new one, never half of one. A failed
+    write (OSError, or torch's RuntimeError) raises CheckpointWriteError, a UserError, and leaves the previous
+    file in place.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__, **payload}
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp: str | None = None
     try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints unreadable to teammates
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-save
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints unreadable to teammates
             torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as exc:
+        raise _write_failure(path, exc) from None
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            try:
+                Path(tmp).unlink(missing_ok=True)
+            except OSError:
+                pass
     return path
 
 
