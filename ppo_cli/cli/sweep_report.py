@@ -15,12 +15,24 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
 from ppo_cli.errors import UserError, extra_hint
+
+
+class RecordSweepDir(Callback):
+    """Hydra callback (conf/config.yaml): remembers the folder of the sweep this process runs, so ppo-train can
+    summarize the sweep when it ends (Hydra forgets its config by then)."""
+
+    last: Path | None = None
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        RecordSweepDir.last = Path(str(config.hydra.sweep.dir)).absolute()
 
 
 @dataclass
@@ -34,47 +46,78 @@ class Job:
     wall_time: float | None = None
     error: str | None = None
     params: dict[str, str] = field(default_factory=dict)
+    unreadable: bool = False  # result.json is there but not a JSON object in UTF-8
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, str]:
     return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
 
 
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def read_job(path: Path) -> Job:
+    """A job folder's result; a result.json that is not a JSON object in UTF-8 makes the job failed, with the
+    reason in `error` and `unreadable` set (report() warns about it)."""
     result = path / "result.json"
     overrides_file = path / ".hydra" / "overrides.yaml"
     overrides: list[str] = []
     if overrides_file.is_file():
         try:
-            overrides = list(yaml.safe_load(overrides_file.read_text()) or [])
-        except yaml.YAMLError:
+            loaded = yaml.safe_load(overrides_file.read_text(encoding="utf-8"))
+            overrides = [str(o) for o in loaded] if isinstance(loaded, list) else []
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
             overrides = []
     if not result.is_file():
         return Job(path.name, path, "running", overrides, params=_parse_overrides(overrides))
     try:
-        data = json.loads(result.read_text())
-    except (json.JSONDecodeError, OSError):
+        data = json.loads(result.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return _unreadable(path, overrides, "is not UTF-8 text")
+    except (json.JSONDecodeError, OSError):  # being written (ppo-train renames it into place whole) or unreadable
         return Job(path.name, path, "running", overrides, params=_parse_overrides(overrides))
-    overrides = list(data.get("overrides") or overrides)
-    objective = data.get("objective")
+    if not isinstance(data, dict):
+        return _unreadable(path, overrides, f"holds a JSON {type(data).__name__}, not an object")
+    if isinstance(data.get("overrides"), list):
+        overrides = [str(o) for o in data["overrides"]]
+    objective = _number(data.get("objective"))
     status = data.get("status", "ok")
     error = data.get("error")
     if status == "ok" and (objective is None or not math.isfinite(objective)):
         status, error = "failed", error or "no objective (nan)"
-    return Job(path.name, path, status, overrides, objective if status == "ok" else None, data.get("global_step"),
-               data.get("wall_time"), error, _parse_overrides(overrides))
+    steps = _number(data.get("global_step"))
+    return Job(path.name, path, status if status in ("ok", "failed") else "failed", overrides,
+               objective if status == "ok" else None, int(steps) if steps is not None else None,
+               _number(data.get("wall_time")), None if error is None else str(error), _parse_overrides(overrides))
 
 
-def find_jobs(sweep_dir: Path) -> list[Job]:
+def _unreadable(path: Path, overrides: list[str], why: str) -> Job:
+    job = Job(path.name, path, "failed", overrides, error=f"result.json {why}", params=_parse_overrides(overrides))
+    job.unreadable = True
+    return job
+
+
+def find_jobs(sweep_dir: Path, quiet: bool = False) -> list[Job]:
     """Every job folder of a multirun directory: numbered subfolders (Hydra's default subdir) or any folder
-    holding a Hydra record or a result."""
+    holding a Hydra record or a result. Unless `quiet`, one warning line on stderr for each unreadable result."""
     if not sweep_dir.is_dir():
         raise UserError(f"{sweep_dir} is not a directory (give the multirun folder, e.g. runs/multirun/<date>/<time>)")
-    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and ((d / ".hydra").is_dir() or (d / "result.json").is_file())]
+    try:
+        dirs = [d for d in sweep_dir.iterdir()
+                if d.is_dir() and ((d / ".hydra").is_dir() or (d / "result.json").is_file())]
+    except OSError as exc:
+        raise UserError(f"cannot read {sweep_dir} ({exc.strerror or exc})") from None
     if not dirs:
         raise UserError(f"{sweep_dir} holds no sweep jobs (no subfolder with .hydra/ or result.json)")
-    return [read_job(d) for d in sorted(dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
+    jobs = [read_job(d) for d in sorted(dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit()
                                                              else 0, d.name))]
+    if not quiet:
+        for job in jobs:
+            if job.unreadable:
+                print(f"ppo-sweep-report: warning: {job.path / 'result.json'} {job.error.split(' ', 1)[1]}; job "
+                      f"{job.name} counts as failed", file=sys.stderr)
+    return jobs
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:
@@ -202,20 +245,32 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
     optuna_file = sweep_dir / "optimization_results.yaml"
     best_params = None
     if optuna_file.is_file():
-        best = yaml.safe_load(optuna_file.read_text()) or {}
-        best_params = best.get("best_params")
-        console.print(f"optuna best: {best.get('best_value')} with {best_params}", markup=False, highlight=False,
-                      soft_wrap=True)
+        try:
+            best = yaml.safe_load(optuna_file.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+            best = None
+            print(f"ppo-sweep-report: warning: {optuna_file} is unreadable "
+                  f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})",
+                  file=sys.stderr)
+        if isinstance(best, dict):
+            best_params = best.get("best_params")
+            console.print(f"optuna best: {best.get('best_value')} with {best_params}", markup=False,
+                          highlight=False, soft_wrap=True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "job", *keys, "objective", "steps", "wall_time", "status", "error", "overrides"])
-        for i, j in enumerate(ranked, 1):
-            writer.writerow([i if j.status == "ok" else "", j.name, *(j.params.get(k, "") for k in keys),
-                             j.objective, j.steps, j.wall_time, j.status, j.error or "", " ".join(j.overrides)])
-    console.print(f"table: {out / 'summary.csv'}", soft_wrap=True)
-    console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "summary.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["rank", "job", *keys, "objective", "steps", "wall_time", "status", "error",
+                             "overrides"])
+            for i, j in enumerate(ranked, 1):
+                writer.writerow([i if j.status == "ok" else "", j.name, *(j.params.get(k, "") for k in keys),
+                                 j.objective, j.steps, j.wall_time, j.status, j.error or "", " ".join(j.overrides)])
+        console.print(f"table: {out / 'summary.csv'}", soft_wrap=True)
+        console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the report into {out} ({exc.strerror or exc}); choose another folder with "
+                        f"--out DIR") from None
     best_job = ranked[0] if ranked and ranked[0].status == "ok" else None
     return {"jobs": jobs, "ranked": ranked, "keys": keys, "groups": groups, "best": best_job,
             "optuna_best_params": best_params}
