@@ -101,16 +101,15 @@ def test_signal_saves_checkpoint_and_prints_resume_command(tmp_path, sig, code):
 
 
 def test_sigkill_leaves_the_previous_checkpoint_loadable(tmp_path):
-    run_dir = tmp_path / "run"
-    ckpt = run_dir / "checkpoints" / "checkpoint.pt"
     for delay in (0.3, 0.75):
+        run_dir = tmp_path / f"run-{delay}"  # a folder of its own: one that holds a run is refused
+        ckpt = run_dir / "checkpoints" / "checkpoint.pt"
         proc = _spawn([*LONG, f"hydra.run.dir={run_dir}"], tmp_path)
         _wait_for(ckpt, proc)
         time.sleep(delay)  # checkpoints are written every update: the kill often lands mid-save
         proc.kill()
         proc.wait()
         assert checkpoint.load(ckpt)["global_step"] > 0
-        ckpt.unlink()
 
 
 def test_resume_refuses_changing_groups(tiny_run, tmp_path):

@@ -79,7 +79,7 @@ def test_report_reads_a_sweep_still_being_written(tmp_path):
 
 def test_diverging_trial_fails_with_its_reason(tmp_path):
     sweep = tmp_path / "sweep"
-    cli("ppo-train", "-m", "algo.lr_actor=3e-4,1e30", "algo.lr_critic=1e30", *JOB, f"hydra.sweep.dir={sweep}",
+    cli("ppo-train", "-m", "algo.lr_critic=3e-4,1e30", *JOB, f"hydra.sweep.dir={sweep}",
         cwd=tmp_path, check=True)
     results = _results(sweep)
     assert results["1"]["status"] == "failed" and "diverged" in results["1"]["error"]
