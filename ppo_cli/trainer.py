@@ -112,7 +112,6 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        a = cfg.algo
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
             # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
@@ -129,6 +128,15 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank)
         self.env_seed = cfg.seed + rank * cfg.env.num_envs
         self.envs = make_vec_env(cfg.env, seed=self.env_seed)
+        try:
+            self._build(cfg, resume, rich_progress)
+        except BaseException:  # what was opened so far is closed; the error goes on to the user
+            self.envs.close()
+            distributed.teardown()
+            raise
+
+    def _build(self, cfg: DictConfig, resume: dict[str, Any] | None, rich_progress: bool | None) -> None:
+        a = cfg.algo
         self.obs_space = describe_space(self.envs.single_observation_space)
         self.action_space = describe_space(self.envs.single_action_space, bounds=True)
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)

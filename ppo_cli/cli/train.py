@@ -247,7 +247,8 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
 def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     """Before training: where the run goes, what it trains, and how many steps it will take (whole updates)."""
     a, e = cfg.algo, cfg.env
-    rollout = a.n_steps * e.num_envs
+    world = distributed.from_environment().world
+    rollout = a.n_steps * e.num_envs * world
     updates = max(-(-(a.total_timesteps - start_step) // rollout), 0)
     end = start_step + updates * rollout
     device = choice(cfg.device)
@@ -260,7 +261,8 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     print(f"run dir:    {run_dir}\n"
           f"env:        {env_label(e)} x {e.num_envs} envs ({choice(e.vectorization)}), seed {cfg.seed}, device "
           f"{device}{f' ({resolved})' if device == 'auto' else ''}\n"
-          f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs} = {rollout:,} steps per update; "
+          f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
+          f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
           f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
           f"training:   {steps}", flush=True)
 
