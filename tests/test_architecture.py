@@ -167,7 +167,7 @@ def test_stopwatch_counts_each_stage_once():
     wall = time.perf_counter() - t0
     assert 0.03 <= clock.seconds["inner"] < clock.seconds["outer"] + 0.03
     assert clock.seconds["outer"] >= 0.02
-    assert abs(clock.total() - wall) < 0.005  # nested time is not counted twice
+    assert abs(clock.total() - wall) < 0.02  # nested time is not counted twice (0.03 s would be)
 
 
 def test_format_1_checkpoints_still_load_and_evaluate(tiny_run, tmp_path):
