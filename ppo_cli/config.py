@@ -192,6 +192,9 @@ class TrainConfig:
     log_interval: int = key(1, "updates between plain console lines (TensorBoard always gets every update)")
     checkpoint_interval: int = key(10, "updates between periodic checkpoints; 0 writes only the final one")
     resume: str | None = key(None, "a checkpoint.pt to continue from (docs/evaluation-and-resume.md)")
+    trust_env_code: bool = key(False, "with resume: let the checkpoint's env recipe import or call code outside "
+                                      "ppo-cli and gymnasium (env.entry_point, a module:Id id, wrapper targets); "
+                                      "without it such a checkpoint is refused and nothing runs")
 
 
 # docs/configuration.md's key tables: one per group, in this order, with the line that introduces each.

@@ -290,8 +290,11 @@ class DiagGaussian(ActionHead):
         self.n_outputs = math.prod(space["shape"])
         self.action_shape, self.action_dtype = (self.n_outputs,), torch.float32
         self.log_std = nn.Parameter(torch.full((self.n_outputs,), float(log_std_init)))
-        self._low = np.asarray(space["low"], dtype=np.float32).flatten()
-        self._high = np.asarray(space["high"], dtype=np.float32).flatten()
+        # Clipped in float64 against the exact bounds, then cast to the space's dtype: clipping in float32 could
+        # land just outside a float64 bound (0.10000000149 for 0.1), which envs checking space.contains refuse.
+        self._low = np.asarray(space["low"], dtype=np.float64).flatten()
+        self._high = np.asarray(space["high"], dtype=np.float64).flatten()
+        self._dtype = np.dtype(space.get("dtype", "float32"))
 
     def log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor,
                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +339,8 @@ class DiagGaussian(ActionHead):
         return col * z * inv_std, [g_log_std]
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
-        return np.clip(actions, self._low, self._high).reshape(actions.shape[0], *self.space["shape"])
+        clipped = np.clip(actions.astype(np.float64), self._low, self._high).astype(self._dtype)
+        return clipped.reshape(actions.shape[0], *self.space["shape"])
 
     def log_scalars(self) -> dict[str, float]:
         return {"charts/action_std": float(self.log_std.detach().exp().mean())}

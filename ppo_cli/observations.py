@@ -86,7 +86,7 @@ class InputLayout:
         """The Box parts as float32 columns [n, box_dim] (what the normalizer's statistics are of)."""
         if not self.box_parts:
             return None
-        cols = [self._get(obs, p).float().flatten(1) for p in self.box_parts]
+        cols = [self._get(obs, p).float().reshape(self._get(obs, p).shape[0], -1) for p in self.box_parts]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     def _encode(self, part: Part, value: torch.Tensor) -> torch.Tensor:

@@ -222,3 +222,23 @@ class CrashOnRank1(Corridor):
         if os.environ.get("RANK") == "1" and self.t > self.after:
             raise RuntimeError("the simulator lost its connection")
         return super().step(action)
+
+
+class StrictFloat64(gym.Env):
+    """A float64 Box action space with a bound of 0.1 that checks every action against it, and a scalar (shape
+    ()) Box observation."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-0.1, 0.1, shape=(2,), dtype=np.float64)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.float32(0.5), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"{action!r} is outside {self.action_space}"
+        self.t += 1
+        return np.float32(0.5 - 0.01 * self.t), float(-np.abs(action).sum()), False, self.t >= 20, {}

@@ -323,3 +323,29 @@ def test_sweep_report_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
     out = tmp_path / "afile" / "report"
     _one_line(capsys.readouterr().err, f"cannot write the report into {out} (Not a directory); choose another folder "
                                        f"with --out DIR", tool="ppo-sweep-report")
+
+
+def test_a_checkpoint_whose_env_recipe_runs_code_is_refused_on_resume(tiny_run, tmp_path):
+    """Issue 19, item 1: env.entry_point: subprocess:Popen in a checkpoint's config ran a shell command."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    ckpt = tiny_run / "checkpoints" / "checkpoint.pt"
+    data = torch.load(ckpt, weights_only=True)
+    evil = data["config_yaml"].replace("entry_point: null", "entry_point: subprocess:Popen")
+    evil = evil.replace("kwargs: {}", f"kwargs: {{args: ['touch', '{marker}']}}")
+    evil = evil.replace("trust_env_code: false", "trust_env_code: true")  # a checkpoint cannot vouch for itself
+    assert "subprocess:Popen" in evil and "trust_env_code: true" in evil
+    torch.save({**data, "config_yaml": evil}, ckpt)
+    proc = cli("ppo-train", f"resume={ckpt}", cwd=tmp_path)
+    assert proc.returncode == 2 and not marker.exists()
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "env.entry_point=subprocess:Popen" in lines[0] and "trust_env_code=true" in lines[0]
+
+
+def test_float64_action_bounds_and_scalar_observations(tmp_path):
+    """Issue 19, item 14: a float64 Box action clipped in float32 landed outside 0.1; a shape () Box observation
+    crashed the policy. The env asserts space.contains on every action (std 1 samples mostly fall outside)."""
+    proc = cli("ppo-train", *TINY, "env.entry_point=tests.custom_env:StrictFloat64", "eval.every_steps=128",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]

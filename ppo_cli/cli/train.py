@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import __version__, checkpoint, distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, validate
-from ppo_cli.envs import check_env, env_label
+from ppo_cli.envs import check_env, code_in_recipe, env_label
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult, resolve_device
 
@@ -227,7 +227,14 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
     data = None
     if cfg.resume:
         data = checkpoint.load(cfg.resume)
-        cfg = config_for_resume(data, cfg, _overridden_keys())
+        trusted = bool(cfg.trust_env_code)  # the user's word on this command line, never the checkpoint's
+        overridden = _overridden_keys()
+        cfg = config_for_resume(data, cfg, overridden)
+        code = code_in_recipe(cfg.env, overridden)
+        if code and not trusted:
+            raise UserError(f"the checkpoint's env recipe would import or call code: {', '.join(code)}; refused, "
+                            f"nothing was run. If you trust {cfg.resume}, add trust_env_code=true (or set those "
+                            f"keys on the command line)")
     validate(cfg)
     banner(cfg, run_dir, int(data["global_step"]) if data else 0)
     if cfg.env.check:
