@@ -8,6 +8,7 @@ and placement of processes, and a config key could only disagree with it.
 What the ranks share, and how (the trainer calls these):
 - the gradients: averaged over ranks after every minibatch, before clipping (`average`), so every rank takes
   the same optimizer step and all hold the same parameters;
+- the advantages' normalization: over each minibatch of all ranks together (`normalize`);
 - the decisions: stop on a signal, stop at a target return, target-KL early stop (`any_true`, `mean`), so all
   ranks take the same number of steps;
 - the observation statistics: merged after every rollout (`merge_obs_stats`), so all normalize alike;
@@ -74,6 +75,18 @@ def average(flat: torch.Tensor, ranks: Ranks) -> None:
     """Replace `flat` by its mean over ranks, in place."""
     dist.all_reduce(flat)
     flat.div_(ranks.world)
+
+
+def normalize(values: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> None:
+    """(values - mean) / (std + eps) in place, with the mean and the unbiased std of every rank's values together
+    (one all-reduce of three numbers)."""
+    v = values.double()
+    sums = torch.stack([v.sum(), v.square().sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]).cpu()
+    dist.all_reduce(sums)
+    total, squares, count = sums.tolist()
+    mean = total / count
+    std = max((squares - count * mean * mean) / max(count - 1.0, 1.0), 0.0) ** 0.5
+    values.sub_(mean).div_(std + eps)
 
 
 def any_true(flag: bool, ranks: Ranks) -> bool:

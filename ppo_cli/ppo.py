@@ -7,7 +7,7 @@ Minimised: -L_clip + vf_coef * L_vf - ent_coef * S, with ratio r = pi_new(a|s) /
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -212,10 +212,17 @@ class Updater:
         n, g = len(batch), self.gradients
         taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
         epochs_done, stopped_early = 0, False
+        # Distributed: a minibatch is every rank's slice together, so its advantages are normalized with the
+        # statistics of all of them (as one process normalizes its minibatch), before the loss sees them.
+        across = self.ranks.active and s.normalize_advantage
+        loss_settings = replace(s, normalize_advantage=False) if across else s
         for _ in range(s.K_epochs):
-            g.epoch(batch[self._permutation(batch)])
+            shuffled = batch[self._permutation(batch)]
+            g.epoch(shuffled)
             for start in range(0, n, s.batch_size):
-                stats = g.minibatch(start, start + s.batch_size, s)
+                if across:
+                    distributed.normalize(shuffled.advantages[start:start + s.batch_size], self.ranks)
+                stats = g.minibatch(start, start + s.batch_size, loss_settings)
                 # Distributed: the ranks decide together, so they take the same steps.
                 if s.target_kl is not None and distributed.mean(float(stats[3]), self.ranks) > 1.5 * s.target_kl:
                     stopped_early = True
