@@ -105,7 +105,9 @@ class AlgoConfig:
 @dataclass
 class NetworkConfig:
     type: str = key("mlp", "the encoder (network input -> features) of actor and critic, by its name in "
-                           "encoders.ENCODERS: mlp")
+                           "encoders.ENCODERS: mlp, or for image observations cnn (Nature DQN) / impala "
+                           "(docs/pixels.md); for cnn and impala, net_arch is the linear layers after the "
+                           "convolutions")
     net_arch: list[int] = key([64, 64], "hidden layer widths, the same for actor and critic")
     activation_fn: Activation = key(Activation.tanh, "tanh / relu / leaky_relu")
     init: Init = key(Init.orthogonal, "hidden layers: orthogonal (gain sqrt 2), xavier (suits tanh) or kaiming "
@@ -121,6 +123,9 @@ class NetworkConfig:
     rnn_hidden: int = key(128, "hidden size of the recurrent core")
     rnn_shared: bool = key(False, "the critic reads the actor's recurrent core instead of having its own (always "
                                   "so with network.shared_trunk=true)")
+    channels_last: bool | None = key(None, "image observations: true if they are (height, width, channels), false "
+                                           "if (channels, height, width); null tells from the shape (last dim <= 4: "
+                                           "channels last, else first dim <= 4: channels first)")
 
 
 @dataclass
@@ -144,6 +149,10 @@ class EnvConfig:
     clip_obs: float = key(10.0, "normalized observations are clipped to [-clip_obs, clip_obs]")
     normalize_reward: bool = key(False, "divide training rewards by the running std of the discounted return")
     clip_reward: float = key(10.0, "scaled rewards are clipped to [-clip_reward, clip_reward]")
+    atari: bool = key(False, "env.id is an Atari game (ALE/Pong-v5, ...): apply the standard Atari pipeline "
+                             "(84x84 grayscale, frame skip 4, 4 stacked frames; for training also episodic life "
+                             "and rewards clipped to their sign); returns are game scores (docs/pixels.md; needs "
+                             "the atari extra)")
 
 
 class Objective(str, Enum):
@@ -202,11 +211,13 @@ TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
     "algo": "`algo` (`algo=ppo` is these defaults; the first 13 rows are the source table's):",
-    "network": "`network` (`network=mlp` is these defaults; `network=mlp_large` has [256, 256]):",
+    "network": "`network` (`network=mlp` is these defaults; `network=mlp_large` has [256, 256]; `network=cnn` and "
+               "`network=impala` are the image encoders, docs/pixels.md):",
     "env": "`env` (`env=<name>` presets: CartPole-v1, Acrobot-v1, MountainCar-v0, LunarLander-v3, Pendulum-v1, "
            "MountainCarContinuous-v0, LunarLanderContinuous-v3, BipedalWalker-v3, HalfCheetah-v5, Hopper-v5, "
            "Walker2d-v5, Ant-v5, Humanoid-v5; MaskedGrid-v0 and GoalReach-v0, the examples of action masks and "
-           "Dict observations; PointMaze_UMaze-v3, a Dict task from gymnasium-robotics):",
+           "Dict observations; PointMaze_UMaze-v3, a Dict task from gymnasium-robotics; the Atari games Pong, "
+           "Breakout, BeamRider, SpaceInvaders, Seaquest, Qbert, Enduro, docs/pixels.md):",
 }
 
 

@@ -1,8 +1,13 @@
 """Encoders: the network input (see ActorCritic.prepare) -> a feature vector the action and value heads read.
 
 An encoder is an nn.Module with a `features_dim` attribute, built by a factory registered in ENCODERS under its
-`network.type` name. Adding one (a CNN, say) is a class here and one line in ENCODERS; the policy and the
-trainer do not change. A recurrent core (RECURRENT, `network.recurrent`) sits on top of any encoder.
+`network.type` name. Adding one is a class here and one line in ENCODERS; the policy and the trainer do not
+change. A recurrent core (RECURRENT, `network.recurrent`) sits on top of any encoder.
+
+The image encoders (IMAGE_ENCODERS: `cnn`, `impala`) read the network input of an image observation: uint8
+[n, C, H, W] (observations.InputLayout keeps images as bytes, so the rollout buffer stores a quarter of float32's
+memory) and scale it to [0, 1] themselves. They run their convolutions in channels-last memory order, which
+oneDNN's CPU kernels prefer (docs/pixels.md has the figures).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ppo_cli.errors import UserError
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
 HIDDEN_GAIN = math.sqrt(2.0)
 
 
-def init_hidden(layer: nn.Linear, scheme: str, activation: str, bias: float) -> None:
+def init_hidden(layer: nn.Linear | nn.Conv2d, scheme: str, activation: str, bias: float) -> None:
     if scheme == "orthogonal":
         nn.init.orthogonal_(layer.weight, gain=HIDDEN_GAIN)
     elif scheme == "xavier":
@@ -48,10 +55,114 @@ class MLPEncoder(nn.Sequential):
         self.activation = activation
 
 
-# network.type -> factory(input dimension, the network settings as plain values) -> encoder
+def _image_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images [n, C, H, W] (any memory order) -> float32 in [0, 1], channels-last in memory."""
+    return x.contiguous(memory_format=torch.channels_last).float().mul_(1.0 / 255.0)
+
+
+def _linears_after(in_dim: int, widths: list[int], init: str | None, bias: float) -> tuple[list[nn.Module], int]:
+    layers: list[nn.Module] = []
+    for width in widths:
+        linear = nn.Linear(in_dim, width)
+        if init is not None:
+            init_hidden(linear, init, "relu", bias)
+        layers += [linear, nn.ReLU()]
+        in_dim = width
+    return layers, in_dim
+
+
+class NatureCNN(nn.Module):
+    """The Nature DQN trunk (Mnih et al. 2015) as the PPO paper's Atari setting uses it (`network.type=cnn`):
+    conv 32 8x8 stride 4, conv 64 4x4 stride 2, conv 64 3x3 stride 1, then the linear layers of `widths`
+    (network=cnn: one of 512), ReLU after each; hidden layers initialized by `init` (orthogonal: gain sqrt 2).
+    Images need at least MIN_SIZE pixels a side."""
+
+    MIN_SIZE = 36
+
+    def __init__(self, shape: tuple[int, int, int], widths: list[int], init: str = "orthogonal",
+                 bias: float = 0.0) -> None:
+        super().__init__()
+        c, h, w = shape
+        convs = [nn.Conv2d(c, 32, 8, stride=4), nn.Conv2d(32, 64, 4, stride=2), nn.Conv2d(64, 64, 3, stride=1)]
+        for conv in convs:
+            init_hidden(conv, init, "relu", bias)  # type: ignore[arg-type]
+        self.convs = nn.Sequential(*(m for conv in convs for m in (conv, nn.ReLU())))
+        side = lambda n: ((n - 8) // 4 + 1 - 4) // 2 + 1 - 2  # noqa: E731 - the three convs' output side
+        layers, self.features_dim = _linears_after(64 * side(h) * side(w), widths, init, bias)
+        self.head = nn.Sequential(*layers)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(_image_input(x)).flatten(1))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv1(torch.relu(self.conv0(torch.relu(x))))
+
+
+class ConvSequence(nn.Module):
+    """IMPALA's stack: conv 3x3, max-pool 3x3 stride 2, two residual blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.res0, self.res1 = ResidualBlock(out_channels), ResidualBlock(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.conv(x), kernel_size=3, stride=2, padding=1)
+        return self.res1(self.res0(x))
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA's residual trunk (Espeholt et al. 2018) as CleanRL's procgen PPO builds it (`network.type=impala`):
+    three ConvSequences of 16, 32 and 32 channels, ReLU, then the linear layers of `widths` (network=impala: one
+    of 256), ReLU after each. Initialized as CleanRL does: PyTorch's default for every layer (network.init is
+    not used)."""
+
+    def __init__(self, shape: tuple[int, int, int], widths: list[int], channels: tuple[int, ...] = (16, 32, 32)
+                 ) -> None:
+        super().__init__()
+        c, h, w = shape
+        stacks = []
+        for out in channels:
+            stacks.append(ConvSequence(c, out))
+            c, h, w = out, (h + 1) // 2, (w + 1) // 2
+        self.convs = nn.Sequential(*stacks, nn.ReLU())
+        layers, self.features_dim = _linears_after(c * h * w, widths, None, 0.0)
+        self.head = nn.Sequential(*layers)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.convs(_image_input(x)).flatten(1))
+
+
+def _image_shape(kind: str, n: Any, min_size: int = 1) -> tuple[int, int, int]:
+    """The [C, H, W] of the image input an image encoder is built for (settings.input_shape), or UserError."""
+    shape = tuple(n.input_shape)
+    if len(shape) != 3:  # observations.InputLayout.check refuses this first; kept for direct callers
+        raise UserError(f"network.type={kind} needs image observations (see docs/pixels.md)")
+    if min(shape[1:]) < min_size:
+        raise UserError(f"network.type={kind}: images of {shape[1]}x{shape[2]} pixels are too small for the Nature "
+                        f"trunk, which needs at least {min_size}x{min_size}; use network=impala (any size), or "
+                        f"make the env's images larger")
+    return shape  # type: ignore[return-value]
+
+
+# network.type -> factory(input dimension, the network settings as plain values) -> encoder. Image encoders also
+# read `input_shape` ([C, H, W], observations.InputLayout.stored_shape) from the settings.
 ENCODERS: dict[str, Callable[[int, Any], nn.Module]] = {
     "mlp": lambda in_dim, n: MLPEncoder(in_dim, list(n.net_arch), n.activation_fn, n.init, n.bias),
+    "cnn": lambda in_dim, n: NatureCNN(_image_shape("cnn", n, NatureCNN.MIN_SIZE), list(n.net_arch), n.init,
+                                       n.bias),
+    "impala": lambda in_dim, n: ImpalaCNN(_image_shape("impala", n), list(n.net_arch)),
 }
+IMAGE_ENCODERS = ("cnn", "impala")  # the encoders that read images (and only images)
 
 
 def build_encoder(kind: str, in_dim: int, settings: Any) -> nn.Module:

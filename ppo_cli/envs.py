@@ -24,7 +24,9 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_cli import atari
 from ppo_cli.errors import UserError, extra_hint
+from ppo_cli.observations import is_image
 
 SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 # Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
@@ -47,6 +49,8 @@ def resolve_env_id(env_id: str) -> EnvSpec:
     module, _, name = env_id.rpartition(":")
     if module:
         _import(module, "env.id", env_id)
+    if name.startswith("ALE/"):  # ale-py registers the ALE namespace when imported
+        atari.register()
     try:
         return gym.spec(name)
     except gym.error.Error:
@@ -106,10 +110,17 @@ def _user_wrappers(env_cfg: DictConfig) -> list[Any]:
 
 
 def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
-            wrappers: Sequence[Callable[[gym.Env], gym.Env]] = ()) -> Callable[[], gym.Env]:
-    """A factory of one env: the base env, then env.wrappers in order, then `wrappers` (ours, e.g. video)."""
+            wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False) -> Callable[[], gym.Env]:
+    """A factory of one env: the base env, the Atari pipeline where env.atari is on (atari.py; `training` adds
+    its training-only wrappers), then env.wrappers in order, then `wrappers` (ours, e.g. video)."""
+    is_atari = bool(env_cfg.get("atari"))
+    if is_atari:
+        atari.register()
     spec = env_spec(env_cfg)
     kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
+    if is_atari:
+        atari.check_spec(spec, env_label(env_cfg))
+        kwargs = atari.env_kwargs(kwargs, env_label(env_cfg))
     if env_cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = env_cfg.max_episode_steps
     if render_mode is not None:
@@ -118,6 +129,8 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
 
     def make() -> gym.Env:
         env = gym.make(spec, **kwargs)
+        if is_atari:
+            env = atari.wrap(env, training)
         if user_wrappers:
             from hydra.utils import instantiate  # only runs with env.wrappers need Hydra's instantiate
         for i, wrapper_cfg in enumerate(user_wrappers):
@@ -134,10 +147,11 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
 
 
 def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, render_mode: str | None = None,
-                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = ()) -> gym.vector.VectorEnv:
-    """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env."""
+                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False) -> gym.vector.VectorEnv:
+    """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
+    the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
-    fn = _env_fn(env_cfg, render_mode, wrappers)
+    fn = _env_fn(env_cfg, render_mode, wrappers, training)
     label = env_label(env_cfg)
     try:
         probe = _env_fn(env_cfg)()
@@ -152,7 +166,8 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     probe.close()
     vec_cls = gym.vector.AsyncVectorEnv if env_cfg.vectorization == "async" else gym.vector.SyncVectorEnv
     envs = vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP)
-    envs = RecordEpisodeStatistics(envs)
+    # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
+    envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
     envs.reset(seed=seed)
     return envs
 
@@ -217,6 +232,8 @@ def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
             out.update(low=space.low.flatten().tolist(), high=space.high.flatten().tolist())
             if space.dtype != np.float32:  # float32, the usual, is left unsaid: older checkpoints describe it so
                 out["dtype"] = str(space.dtype)
+        elif is_image(space.shape, space.dtype):  # images are read by a CNN, as bytes (observations.py)
+            out["dtype"] = "uint8"
         return out
     if isinstance(space, gym.spaces.MultiDiscrete):
         return {"type": "MultiDiscrete", "shape": list(space.shape), "nvec": space.nvec.flatten().tolist(),
@@ -231,13 +248,13 @@ def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
 
 
 # --- Saving and restoring the envs' own state, so that a resumed run continues the same episodes. ---
-# Only plain values are kept (numbers, arrays, RNG states), so a checkpoint stays loadable with
-# weights_only=True. An env that holds anything else (a physics engine, a window) cannot be restored this
-# way; such runs resume from freshly reset envs and say so.
+# Only plain values are kept (numbers, arrays, RNG states, and deques of them, such as FrameStackObservation's
+# frames), so a checkpoint stays loadable with weights_only=True. An env that holds anything else (a physics
+# engine, an emulator, a window) cannot be restored this way; such runs resume from freshly reset envs and say so.
 
 _PLAIN = (bool, int, float, str, type(None))
-# Settings rather than state, rebuilt from the config: spaces, specs, modes; deques hold logging history only.
-_SKIP_TYPES = (gym.Space, EnvSpec, Enum, deque)
+# Settings rather than state, rebuilt from the config: spaces, specs, modes.
+_SKIP_TYPES = (gym.Space, EnvSpec, Enum)
 _SKIP_KEYS = {"env", "metadata", "spec", "_np_random", "_cached_spec"}
 
 
@@ -254,6 +271,8 @@ def _plain(value: Any) -> Any:
         return {"__ndarray__": torch.from_numpy(value.copy())}
     if isinstance(value, (tuple, list)):
         return {"__seq__": [_plain(v) for v in value], "tuple": isinstance(value, tuple)}
+    if isinstance(value, deque):
+        return {"__deque__": [_plain(v) for v in value], "maxlen": value.maxlen}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"__dict__": {k: _plain(v) for k, v in value.items()}}
     raise TypeError(type(value).__name__)
@@ -267,6 +286,8 @@ def _unplain(value: Any) -> Any:
     if isinstance(value, dict) and "__seq__" in value:
         items = [_unplain(v) for v in value["__seq__"]]
         return tuple(items) if value["tuple"] else items
+    if isinstance(value, dict) and "__deque__" in value:
+        return deque((_unplain(v) for v in value["__deque__"]), maxlen=value["maxlen"])
     if isinstance(value, dict) and "__dict__" in value:
         return {k: _unplain(v) for k, v in value["__dict__"].items()}
     return value

@@ -9,6 +9,12 @@ with Discrete or MultiDiscrete actions, a key named `action_mask` is the action 
 `InputLayout` does this in torch (policy.prepare) and, beside it, in numpy (the fast rollout), on the same
 statistics. Batches of observations are numpy arrays, or dicts / tuples of them (what gymnasium's vector envs
 return); `as_tensors`, `stack` and `batch_size` handle both shapes.
+
+Images (docs/pixels.md) are the exception to flat: an observation that is a uint8 Box of rank 3, or of rank 2
+with both sides >= 16 (`is_image`), is kept as it is, uint8 [n, C, H, W] (an HWC image permuted, a rank-2 one
+given one channel), for an image encoder (encoders.IMAGE_ENCODERS), which scales it to [0, 1]. The rollout
+buffer stores it so (`stored_shape`, `stored_dtype`). Channel order: `channels_last` says it, or, where it is
+None, the shape: last dim <= 4 is HWC, else first dim <= 4 is CHW. Images inside a Dict or Tuple are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,42 @@ from ppo_cli.errors import UserError
 
 MASK_KEY = "action_mask"
 PART_SPACES = ("Box", "Discrete", "MultiBinary", "MultiDiscrete")
+MIN_GRAYSCALE_SIDE = 16  # a rank-2 uint8 Box is an image when both sides are at least this
+MAX_CHANNELS = 4  # channel-order detection: a rank-3 side this small is the channels
+
+
+def is_image(shape: Any, dtype: Any) -> bool:
+    """Whether a Box of this shape and dtype is an image: uint8, rank 3, or rank 2 with both sides >= 16."""
+    shape = tuple(shape)
+    return str(dtype) == "uint8" and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= MIN_GRAYSCALE_SIDE))
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image observation's geometry: [channels, height, width] as the network reads it, and how the env gives
+    it (`order`: "HWC", "CHW", "HW" for rank 2, or None where the shape does not tell and no setting says)."""
+
+    shape: tuple[int, int, int]
+    order: str | None
+    space_shape: tuple[int, ...]
+
+
+def _image(space: dict[str, Any], channels_last: bool | None) -> Image | None:
+    if space["type"] != "Box" or not is_image(space["shape"], space.get("dtype")):
+        return None
+    dims = tuple(space["shape"])
+    if len(dims) == 2:
+        return Image((1, dims[0], dims[1]), "HW", dims)
+    if channels_last is None:
+        channels_last = True if dims[2] <= MAX_CHANNELS else False if dims[0] <= MAX_CHANNELS else None
+    if channels_last is None:
+        return Image((dims[2], dims[0], dims[1]), None, dims)
+    order = "HWC" if channels_last else "CHW"
+    return Image((dims[2], dims[0], dims[1]) if channels_last else (dims[0], dims[1], dims[2]), order, dims)
+
+
+def _shape_text(space: dict[str, Any]) -> str:
+    return f"uint8 Box {tuple(space['shape'])}"
 
 
 @dataclass(frozen=True)
@@ -45,6 +87,10 @@ def _parts(space: dict[str, Any], masked: bool) -> list[Part]:
             if sub["type"] not in PART_SPACES:
                 raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
                                 f"{space['type']} (supported: {', '.join(PART_SPACES)})")
+            if _image(sub, None) is not None:
+                raise UserError(f"observation key {key!r} is an image ({_shape_text(sub)}): images inside a "
+                                f"{space['type']} are not supported yet; give the env a plain image observation "
+                                f"for network=cnn, or a float32 space for that key to read it flat (docs/pixels.md)")
             parts.append(_part(key, sub))
         if not parts:
             raise UserError(f"the {space['type']} observation space has no key the policy can read")
@@ -66,20 +112,53 @@ def _part(key: str | int | None, space: dict[str, Any]) -> Part:
 class InputLayout:
     """How a described observation space becomes the flat network input (see the module doc)."""
 
-    def __init__(self, space: dict[str, Any], masked: bool = False) -> None:
+    def __init__(self, space: dict[str, Any], masked: bool = False, channels_last: bool | None = None) -> None:
         self.space = space
         self.parts = _parts(space, masked)
+        # An image observation (module doc): one part, kept as uint8 [C, H, W], never normalized.
+        self.image = _image(space, channels_last)
+        if self.image is not None:
+            self.parts = [Part(None, "Image", math.prod(self.image.shape), space)]
         self.box_parts = [p for p in self.parts if p.kind == "Box"]
         self.other_parts = [p for p in self.parts if p.kind != "Box"]
         self.box_dim = sum(p.size for p in self.box_parts)
         self.dim = sum(p.size for p in self.parts)
         self.structured = space["type"] in ("Dict", "Tuple")
+        # What the network reads and the rollout buffer stores per observation.
+        self.stored_shape: tuple[int, ...] = self.image.shape if self.image is not None else (self.dim,)
+        self.stored_dtype = torch.uint8 if self.image is not None else torch.float32
         # One-hot tables of the numpy twin, one per Discrete (or MultiDiscrete component), made once.
         self._eyes = {id(p): [np.eye(n, dtype=np.float32) for n in p.space.get("nvec", [p.size])]
                       for p in self.other_parts if p.kind in ("Discrete", "MultiDiscrete")}
 
     def _get(self, obs: Any, part: Part) -> Any:
         return obs[part.key] if self.structured else obs
+
+    def check(self, encoder: str, normalize_obs: bool) -> None:
+        """One UserError where the encoder cannot read these observations: an image with an encoder that is not
+        an image encoder, an image encoder without an image, an image without a channel order, or observation
+        normalization of an image."""
+        from ppo_cli.encoders import IMAGE_ENCODERS
+
+        img = self.image
+        if img is None:
+            if encoder in IMAGE_ENCODERS:
+                raise UserError(f"network.type={encoder} needs image observations (a uint8 Box of rank 3, or of "
+                                f"rank 2 with both sides >= {MIN_GRAYSCALE_SIDE}); this env's observation space is "
+                                f"{_describe(self.space)}: use network=mlp")
+            return
+        shown = _shape_text(self.space)
+        if encoder not in IMAGE_ENCODERS:
+            raise UserError(f"the observations are images ({shown}): use network=cnn (or network=impala), not "
+                            f"network.type={encoder}, which would read them as {math.prod(img.shape):,} flat "
+                            f"inputs (Atari: env.atari=true network=cnn algo=ppo_atari; docs/pixels.md)")
+        if img.order is None:
+            raise UserError(f"cannot tell the channel order of images {img.space_shape} (neither the first nor the "
+                            f"last dim is <= {MAX_CHANNELS}): set network.channels_last=true (height, width, "
+                            f"channels) or false (channels, height, width)")
+        if normalize_obs:
+            raise UserError(f"env.normalize_obs=true: image observations ({shown}) are scaled to [0, 1] inside "
+                            f"the network, not normalized; set env.normalize_obs=false")
 
     # --- torch ---------------------------------------------------------------------------------------------
     def box_input(self, obs: Any) -> torch.Tensor | None:
@@ -97,7 +176,16 @@ class InputLayout:
             return torch.cat([F.one_hot(v[:, i], n) for i, n in enumerate(part.space["nvec"])], dim=1).float()
         return value.float().flatten(1)  # MultiBinary
 
+    def _image_input(self, obs: torch.Tensor) -> torch.Tensor:
+        """An image batch as uint8 [n, C, H, W] (a view: HWC is permuted, which is channels-last in memory)."""
+        order = self.image.order  # type: ignore[union-attr]
+        if order == "HW":
+            return obs.unsqueeze(1)
+        return obs.permute(0, 3, 1, 2) if order == "HWC" else obs
+
     def prepare(self, obs: Any, norm: torch.nn.Module | None) -> torch.Tensor:
+        if self.image is not None:
+            return self._image_input(obs)
         box = self.box_input(obs)
         if box is not None and norm is not None:
             box = norm(box)
@@ -122,6 +210,9 @@ class InputLayout:
 
     def np_prepare(self, obs: Any, norm: Any, update_stats: bool) -> np.ndarray:
         """prepare in numpy; folds the Box parts into `norm`'s statistics first when `update_stats`."""
+        if self.image is not None:
+            order = self.image.order
+            return obs[:, None] if order == "HW" else obs.transpose(0, 3, 1, 2) if order == "HWC" else obs
         box = self.np_box_input(obs)
         if box is not None and norm is not None:
             if update_stats:
@@ -129,6 +220,12 @@ class InputLayout:
             box = np.clip((box - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
         cols = ([box] if box is not None else []) + [self._np_encode(p, self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+
+
+def _describe(space: dict[str, Any]) -> str:
+    if space["type"] == "Box":
+        return f"Box {tuple(space['shape'])}" + (f" of {space['dtype']}" if "dtype" in space else "")
+    return space["type"]
 
 
 def as_tensors(obs: Any, device: torch.device | str = "cpu") -> Any:

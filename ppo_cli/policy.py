@@ -45,15 +45,18 @@ class ActorCritic(nn.Module):
                  activation_fn: str = "tanh", init: str = "orthogonal", bias: float = 0.0,
                  shared_trunk: bool = False, log_std_init: float = 0.0, normalize_obs: bool = False,
                  clip_obs: float = 10.0, encoder: str = "mlp", recurrent: str | None = None, rnn_hidden: int = 128,
-                 rnn_shared: bool = False) -> None:
+                 rnn_shared: bool = False, channels_last: bool | None = None) -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
         self.dist = build_head(action_space, log_std_init)
-        self.layout = InputLayout(obs_space, masked=self.dist.maskable)
+        # Images stay uint8 [C, H, W] for an image encoder (observations.py); `check` refuses a mismatch.
+        self.layout = InputLayout(obs_space, masked=self.dist.maskable, channels_last=channels_last)
+        self.layout.check(encoder, normalize_obs)
         in_dim = self.layout.dim
         # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
         self.shared_trunk = shared_trunk or (recurrent is not None and rnn_shared)
-        settings = SimpleNamespace(net_arch=list(net_arch), activation_fn=activation_fn, init=init, bias=bias)
+        settings = SimpleNamespace(net_arch=list(net_arch), activation_fn=activation_fn, init=init, bias=bias,
+                                   input_shape=self.layout.stored_shape)
         # Only the Box parts are normalized: one-hot and binary inputs are already on a fixed scale.
         self.obs_norm = (ObsNormalizer(self.layout.box_dim, clip_obs) if normalize_obs and self.layout.box_dim
                          else None)
@@ -207,7 +210,7 @@ def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: A
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
                        float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared))
+                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last)
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

@@ -127,7 +127,7 @@ class Trainer:
         self.np_rng = np.random.default_rng(cfg.seed if rank == 0 else [cfg.seed, rank])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank)
         self.env_seed = cfg.seed + rank * cfg.env.num_envs
-        self.envs = make_vec_env(cfg.env, seed=self.env_seed)
+        self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
         try:
             self._build(cfg, resume, rich_progress)
         except BaseException:  # what was opened so far is closed; the error goes on to the user
@@ -146,7 +146,8 @@ class Trainer:
         self.masks = ActionMasks.detect(self.envs, self.obs_space, self.action_space, info, env_label(cfg.env))
         self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
-        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, (self.policy.layout.dim,), torch.float32,
+        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, self.policy.layout.stored_shape,
+                                    self.policy.layout.stored_dtype,
                                     self.policy.action_shape, self.policy.action_dtype, self.device,
                                     None if self.masks is None else self.masks.n_outputs, self.policy.state_size)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli import checkpoint
+from ppo_cli import atari, checkpoint
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.envs import _missing_extra, make_vec_env
 from ppo_cli.evaluation import evaluate
@@ -143,7 +143,12 @@ ENV_PRESETS = sorted(p.stem for p in (ROOT / "ppo_cli" / "conf" / "env").glob("*
 def test_every_env_preset_trains_a_few_updates(env, tmp_path):
     discrete = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3", "MaskedGrid-v0", "GoalReach-v0"}
     algo = "ppo_pendulum" if env == "Pendulum-v1" else ("ppo" if env in discrete else "ppo_mujoco")
-    cfg = make_cfg(f"env={env}", f"algo={algo}", "env.num_envs=2", "algo.n_steps=16", "algo.batch_size=16",
+    pixels = env in atari.GAMES  # the Atari presets (tests/test_pixels.py has the rest)
+    if pixels:
+        pytest.importorskip("ale_py", reason="the 'atari' extra is not installed")
+        algo = "ppo_atari"
+    cfg = make_cfg(f"env={env}", f"algo={algo}", *(["network=cnn"] if pixels else []), "env.num_envs=2",
+                   "algo.n_steps=16", "algo.batch_size=16",
                    "algo.total_timesteps=64", "eval.final=false", "eval.every_steps=0", "eval.objective=train",
                    "checkpoint_interval=0")
     trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)

@@ -1,0 +1,382 @@
+"""Pixels (docs/pixels.md): the CNN encoders, uint8 storage, image checks, the Atari pipeline and game scores,
+resuming frame-stacked runs, and a tiny image task a CNN learns."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+from torch import nn
+
+from ppo_cli import atari, checkpoint
+from ppo_cli.encoders import NatureCNN
+from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
+from ppo_cli.errors import UserError
+from ppo_cli.evaluation import run_episodes
+from ppo_cli.observations import InputLayout
+from ppo_cli.policy import ActorCritic, build_policy
+from ppo_cli.rollout import RolloutBuffer, TorchActor, collect
+from ppo_cli.timing import Stopwatch
+from ppo_cli.trainer import Trainer
+
+from .conftest import cli, make_cfg
+
+try:
+    atari.register()
+    HAVE_ATARI = True
+except UserError:
+    HAVE_ATARI = False
+needs_atari = pytest.mark.skipif(not HAVE_ATARI, reason="ale-py / opencv not installed: pip install '.[atari]'")
+
+
+class LitCell(gym.Env):
+    """Go to the lit cell: a 36x36 uint8 image (the Nature trunk's smallest) of a 3x3 grid of 12x12 cells, one of
+    them lit; the action names a cell, reward 1 if it is the lit one. Each step lights a new random cell; an
+    episode is `length` steps (random policy: length / 9, the optimum: length). `gray` gives a (36, 36) image,
+    else (36, 36, 1), channels last; `cell` sets the cells' side in pixels."""
+
+    metadata = {"render_modes": []}
+    GRID = 3
+
+    def __init__(self, length: int = 4, gray: bool = False, cell: int = 12) -> None:
+        side = self.GRID * cell
+        self.observation_space = gym.spaces.Box(0, 255, (side, side) if gray else (side, side, 1), np.uint8)
+        self.action_space = gym.spaces.Discrete(self.GRID * self.GRID)
+        self.length, self.gray, self.CELL = length, gray, cell
+        self.lit, self.t = 0, 0
+
+    def _obs(self) -> np.ndarray:
+        img = np.zeros(self.observation_space.shape, dtype=np.uint8)
+        row, col = divmod(self.lit, self.GRID)
+        img[row * self.CELL:(row + 1) * self.CELL, col * self.CELL:(col + 1) * self.CELL] = 255
+        return img
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.lit, self.t = int(self.np_random.integers(self.GRID * self.GRID)), 0
+        return self._obs(), {}
+
+    def step(self, action):
+        reward = float(int(action) == self.lit)
+        self.lit, self.t = int(self.np_random.integers(self.GRID * self.GRID)), self.t + 1
+        return self._obs(), reward, self.t >= self.length, False, {}
+
+
+LIT = "env.entry_point=tests.test_pixels:LitCell"
+SMALL = ["env.num_envs=2", "algo.n_steps=16", "algo.batch_size=16", "algo.total_timesteps=64", "eval.final=false",
+         "eval.every_steps=0", "eval.objective=train", "checkpoint_interval=0"]
+
+
+def _space(shape, dtype=np.uint8):
+    return describe_space(gym.spaces.Box(0, 255, shape, dtype))
+
+
+DISCRETE = {"type": "Discrete", "n": 4}
+
+
+# --- the CNN encoders --------------------------------------------------------------------------------------------
+
+def test_nature_cnn_shapes_and_init():
+    cfg = make_cfg("network=cnn")
+    policy = build_policy(_space((4, 84, 84)), DISCRETE, cfg)
+    trunk = policy.actor_encoder
+    assert isinstance(trunk, NatureCNN) and policy.critic_encoder is trunk and policy.shared_trunk
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (4, 32, (8, 8), (4, 4)), (32, 64, (4, 4), (2, 2)), (64, 64, (3, 3), (1, 1))]
+    linears = [m for m in trunk.modules() if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(64 * 7 * 7, 512)]
+    assert sum(isinstance(m, nn.ReLU) for m in trunk.modules()) == 4
+    # Orthogonal with gain g: the rows (flattened) of W / g are orthonormal (there are fewer rows than columns).
+    for layer, gain in [*((m, 2 ** 0.5) for m in (*convs, *linears)), (policy.policy_head, 0.01),
+                        (policy.value_head, 1.0)]:
+        w = layer.weight.detach().flatten(1) / gain
+        assert torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-4), layer
+        assert torch.all(layer.bias == 0)
+    x = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    out, value = policy(x)
+    assert out.shape == (5, 4) and value.shape == (5,) and trunk(x).shape == (5, 512)
+    # Scaled to [0, 1] inside: the input 255 is 1.0 (the first conv sees the same as float input / 255).
+    assert torch.allclose(trunk.convs[0](x.float() / 255), trunk.convs[0](trunk_input(x)), atol=1e-5)
+
+
+def trunk_input(x):
+    from ppo_cli.encoders import _image_input
+    return _image_input(x)
+
+
+def test_impala_cnn_shapes_and_separate_trunks():
+    cfg = make_cfg("network=impala", "network.shared_trunk=false")
+    policy = build_policy(_space((64, 64, 3)), DISCRETE, cfg)
+    assert policy.critic_encoder is not policy.actor_encoder
+    convs = [m for m in policy.actor_encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 * 5 and [c.out_channels for c in convs[::5]] == [16, 32, 32]
+    assert policy.actor_encoder.head[0].in_features == 32 * 8 * 8 and policy.actor_encoder.features_dim == 256
+    x = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)  # HWC, as the env gives it
+    out, value = policy(policy.prepare(x))
+    assert out.shape == (3, 4) and value.shape == (3,)
+    names = {n for n, _ in policy.named_parameters()}
+    assert any(n.startswith("critic_encoder.") for n in names)
+    # Both groups train: each encoder's parameters are in exactly one optimizer group.
+    actor, critic = {id(p) for p in policy.actor_parameters()}, {id(p) for p in policy.critic_parameters()}
+    assert not actor & critic and len(actor | critic) == len(list(policy.parameters()))
+
+
+@pytest.mark.parametrize("shape,channels_last,stored", [
+    ((84, 84, 4), None, (4, 84, 84)),   # HWC: the last dim is <= 4
+    ((3, 64, 48), None, (3, 64, 48)),   # CHW: the first dim is <= 4
+    ((40, 40), None, (1, 40, 40)),      # rank 2, both sides >= 16: one channel
+    ((8, 40, 40), False, (8, 40, 40)),  # neither: the setting says
+    ((40, 40, 8), True, (8, 40, 40)),
+])
+def test_channel_order_and_uint8_input(shape, channels_last, stored):
+    layout = InputLayout(_space(shape), channels_last=channels_last)
+    assert layout.stored_shape == stored and layout.stored_dtype == torch.uint8
+    obs = np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8)
+    x = layout.prepare(torch.from_numpy(obs), None)
+    assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == stored
+    hwc = channels_last if channels_last is not None else len(shape) == 3 and shape[-1] <= 4
+    expected = obs.transpose(0, 3, 1, 2) if hwc else obs[:, None] if len(shape) == 2 else obs
+    assert np.array_equal(x.numpy(), expected) and np.array_equal(layout.np_prepare(obs, None, False), expected)
+
+
+def test_not_images_stay_flat():
+    for space in (_space((10, 10)), _space((5, 84, 84), np.float32), _space((12,))):
+        layout = InputLayout(space)
+        assert layout.image is None and layout.stored_shape == (layout.dim,) and layout.stored_dtype == torch.float32
+
+
+def test_rollout_buffer_stores_uint8_images(tmp_path):
+    cfg = make_cfg(LIT, "network=cnn", *SMALL)
+    trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
+    try:
+        assert trainer.buffer.obs.dtype == torch.uint8 and tuple(trainer.buffer.obs.shape) == (16, 2, 1, 36, 36)
+        floats = RolloutBuffer(16, 2, (36 * 36,), torch.float32, (), torch.int64, torch.device("cpu"))
+        assert floats.obs.nbytes == 4 * trainer.buffer.obs.nbytes
+        trainer.run()
+        seen = trainer.buffer.obs.numpy()
+        assert seen.max() == 255 and set(np.unique(seen)) <= {0, 255}  # the images themselves, not scaled
+    finally:
+        trainer.close()
+
+
+# --- bad input: one line each ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ([LIT], "the observations are images (uint8 Box (36, 36, 1)): use network=cnn"),
+    (["network=cnn"], "network.type=cnn needs image observations"),
+    ([LIT, "network=cnn", "env.normalize_obs=true"], "image observations (uint8 Box (36, 36, 1)) are scaled"),
+    ([LIT, "network=cnn", "+env.kwargs.cell=8"], "images of 24x24 pixels are too small for the Nature trunk"),
+])
+def test_bad_image_input_is_one_line_exit_2(tmp_path, overrides, fragment):
+    proc = cli("ppo-train", *overrides, *SMALL, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("ppo-train: error:"), proc.stderr
+    assert fragment in lines[0], lines
+
+
+def test_too_small_for_the_nature_trunk_and_unknown_order():
+    with pytest.raises(UserError, match=r"24x24 pixels are too small for the Nature trunk, which needs at least 36x36"):
+        build_policy(_space((24, 24)), DISCRETE, make_cfg("network=cnn"))
+    build_policy(_space((24, 24)), DISCRETE, make_cfg("network=impala"))  # IMPALA takes any size
+    with pytest.raises(UserError, match=r"cannot tell the channel order .* set network.channels_last"):
+        build_policy(_space((8, 40, 40)), DISCRETE, make_cfg("network=cnn"))
+    with pytest.raises(UserError, match=r"observation key 'pixels' is an image .* not supported yet"):
+        ActorCritic(describe_space(gym.spaces.Dict({"pixels": gym.spaces.Box(0, 255, (36, 36, 3), np.uint8)})),
+                    DISCRETE, [64], encoder="cnn")
+
+
+def test_atari_without_the_extra_is_one_line(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_ale(name, *args, **kwargs):
+        if name == "ale_py":
+            raise ImportError("No module named 'ale_py'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ale)
+    with pytest.raises(UserError, match=r"Atari games need ale-py.*install the 'atari' extra"):
+        make_vec_env(make_cfg("env=Breakout").env, seed=0, num_envs=1)
+
+
+# --- whole-game scores -------------------------------------------------------------------------------------------
+
+class _Ale:
+    def __init__(self):
+        self.n = 3
+
+    def lives(self):
+        return self.n
+
+
+class LivesEnv(gym.Env):
+    """A stand-in for an Atari game after frame preprocessing: 3 lives, one lost every 10 steps, reward 5 per
+    step (unclipped), 84x84 frames; action 1 is FIRE."""
+
+    observation_space = gym.spaces.Box(0, 255, (84, 84), np.uint8)
+    action_space = gym.spaces.Discrete(4)
+
+    def __init__(self):
+        self.ale, self.t = _Ale(), 0
+
+    def get_action_meanings(self):
+        return ["NOOP", "FIRE", "RIGHT", "LEFT"]
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.ale.n, self.t = 3, 0
+        return np.zeros((84, 84), np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        if self.t % 10 == 0:
+            self.ale.n -= 1
+        return np.full((84, 84), self.t, np.uint8), 5.0, self.ale.n == 0, False, {}
+
+
+def _lives_envs(n, training):
+    envs = gym.vector.SyncVectorEnv([lambda: atari.game_wrappers(LivesEnv(), training)] * n,
+                                    autoreset_mode=AutoresetMode.SAME_STEP)
+    return atari.GameStatistics(envs)
+
+
+def test_training_episodes_are_lives_but_returns_are_whole_unclipped_games():
+    """PPO trains on lives with clipped rewards; the rollout's returns (TensorBoard, recent returns) are games."""
+    envs = _lives_envs(2, training=True)
+    policy = ActorCritic(describe_space(envs.single_observation_space), DISCRETE, [512], encoder="cnn",
+                         shared_trunk=True)
+    buffer = RolloutBuffer(40, 2, policy.layout.stored_shape, policy.layout.stored_dtype, (), torch.int64,
+                           torch.device("cpu"))
+    obs, _ = envs.reset(seed=0)
+    done = collect(envs, TorchActor(policy, np.random.default_rng(0), torch.device("cpu"), 2), buffer, obs, None,
+                   lambda: False, Stopwatch(("env", "policy", "storage")))
+    assert set(buffer.rewards.unique().tolist()) == {1.0}  # clipped
+    # A game is 30 env steps at 5 points each, a life lost every 10. PPO's episodes are lives: 8 steps (after
+    # the reset's FIRE and action 2), then 7 and 7 (after a no-op and those two): the game ends at agent step 22.
+    assert buffer.terminated[:22, 0].nonzero().flatten().tolist() == [7, 14, 21]
+    assert done.returns == [150.0, 150.0] and done.lengths == [30, 30]  # one whole game per env, unclipped
+    envs.close()
+
+
+def test_evaluation_plays_whole_games_with_raw_rewards():
+    envs = _lives_envs(2, training=False)
+    rewards = []
+
+    def act(obs, mask, starts):
+        return np.zeros(2, dtype=np.int64)
+
+    result = run_episodes(envs, act, episodes=4, seed=0)
+    assert result.returns == [150.0] * 4 and result.lengths == [30] * 4
+    obs, _ = envs.reset(seed=0)
+    for _ in range(25):  # a game is 26 agent steps here (FIRE and action 2 at reset, a FIRE after each lost life)
+        obs, reward, terminated, truncated, _ = envs.step(np.zeros(2, dtype=np.int64))
+        rewards.append(reward[0])
+        assert not terminated.any()  # lives are not episodes here
+    assert set(rewards) == {5.0} or set(rewards) == {5.0, 10.0}  # raw (a FIRE after a lost life adds its step)
+    envs.close()
+
+
+# --- resume of frame-stacked runs --------------------------------------------------------------------------------
+
+STACK = "env.wrappers=[{_target_: gymnasium.wrappers.FrameStackObservation, stack_size: 4}]"
+
+
+def test_snapshot_keeps_the_frame_stack():
+    cfg = make_cfg("env.id=CartPole-v1", STACK)
+    envs = make_vec_env(cfg.env, seed=0, num_envs=2)
+    for _ in range(5):
+        envs.step(np.ones(2, dtype=np.int64))
+    state, why = snapshot(envs)
+    assert why is None
+    expected = envs.step(np.zeros(2, dtype=np.int64))[0]
+    again = make_vec_env(cfg.env, seed=7, num_envs=2)
+    restore(again, state)
+    assert np.array_equal(again.step(np.zeros(2, dtype=np.int64))[0], expected)
+    envs.close()
+    again.close()
+
+
+def _train(cfg, run_dir, resume=None, stop_after=None):
+    trainer = Trainer(cfg, run_dir, resume=resume, rich_progress=False)
+    if stop_after is not None:
+        log = trainer._log
+
+        def log_then_stop(*args):
+            log(*args)
+            if trainer.update_idx == stop_after:
+                trainer._stop_signal = 2
+
+        trainer._log = log_then_stop
+    try:
+        trainer.run()
+    except Exception as exc:  # noqa: BLE001 - Interrupted carries the checkpoint
+        return trainer, exc
+    finally:
+        trainer.close()
+    return trainer, None
+
+
+def test_resume_of_a_frame_stacked_image_run_is_exact(tmp_path):
+    """LitCell as a (36, 36) image, 4 frames stacked (a CHW uint8 [4, 36, 36]), with the CNN: stopped after two
+    updates and resumed, it ends with the parameters of a straight run."""
+    args = [LIT, "+env.kwargs.gray=true", STACK, "network=cnn", "env.num_envs=2", "algo.n_steps=16",
+            "algo.batch_size=16", "algo.total_timesteps=128", "eval.final=false", "eval.every_steps=0",
+            "eval.objective=train", "checkpoint_interval=0"]
+    straight, _ = _train(make_cfg(*args), tmp_path / "straight")
+    assert straight.policy.layout.stored_shape == (4, 36, 36)
+    _, stop = _train(make_cfg(*args), tmp_path / "split", stop_after=2)
+    data = checkpoint.load(stop.path)
+    assert data["global_step"] == 64 and data["env_state"] is not None
+    resumed, _ = _train(make_cfg(*args), tmp_path / "split", resume=data)
+    assert not resumed.notes or all("restart from a reset" not in n for n in resumed.notes)
+    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# --- a real Atari game -------------------------------------------------------------------------------------------
+
+@needs_atari
+def test_atari_pipeline_trains_evaluates_and_records(tmp_path):
+    """Breakout through ppo-train for 512 steps: 4 stacked 84x84 uint8 frames in the buffer, whole games as
+    returns; resume takes the reset path (the emulator is not plain data) with a note; ppo-eval --video records."""
+    run = tmp_path / "run"
+    cfg = make_cfg("env=Breakout", "network=cnn", "algo=ppo_atari", "env.num_envs=2", "algo.total_timesteps=512",
+                   "eval.every_steps=0", "eval.episodes=1", "eval.final=false", "eval.objective=train",
+                   "checkpoint_interval=1")
+    trainer = Trainer(cfg, run, rich_progress=False)
+    try:
+        assert trainer.buffer.obs.dtype == torch.uint8 and tuple(trainer.buffer.obs.shape) == (128, 2, 4, 84, 84)
+        assert cfg.algo.batch_size == 256 and cfg.algo.K_epochs == 4 and cfg.algo.lr_actor == 2.5e-4
+        result = trainer.run()
+        assert result.global_step == 512
+        assert set(trainer.buffer.rewards.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert trainer.recent_returns  # random Breakout games last 120-300 steps: each env finished one
+        assert snapshot(trainer.envs)[1] == "the env holds state that cannot be saved: AtariEnv.ale (ALEInterface)"
+    finally:
+        trainer.close()
+    proc = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "1", "--video",
+               str(tmp_path / "video"), "--no-random-baseline", "--json", cwd=tmp_path, check=True)
+    scored = json.loads(proc.stdout)
+    assert scored["episodes"] == 1 and scored["mean_length"] >= 100  # a whole game: five lives
+    assert [p.name for p in (tmp_path / "video").glob("*.mp4")] == ["eval-episode-1.mp4"]
+
+
+# --- a tiny image task the CNN learns ----------------------------------------------------------------------------
+
+def test_the_cnn_learns_to_go_to_the_lit_cell(tmp_path):
+    """LitCell (36x36, 9 cells): random ~0.44 of 4 per episode; the Nature CNN gets all 4 within 16k steps (it
+    needs about 4k, some seconds)."""
+    run = tmp_path / "run"
+    cli("ppo-train", LIT, "network=cnn", "env.num_envs=8", "algo.n_steps=32", "algo.batch_size=64",
+        "algo.K_epochs=4", "algo.lr_actor=1e-3", "algo.lr_critic=1e-3", "algo.clip_range=0.2",
+        "algo.total_timesteps=16384", "eval.every_steps=2048", "eval.episodes=20", "eval.stop_at_return=4.0",
+        f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    result = json.loads((run / "result.json").read_text())
+    assert result["final_eval"]["mean_return"] == 4.0, result
+    proc = cli("ppo-eval", str(run / "checkpoints" / "best.pt"), "--episodes", "20", "--json", cwd=tmp_path,
+               check=True)
+    scored = json.loads(proc.stdout)
+    assert scored["mean_return"] == 4.0 and scored["random_mean_return"] < 1.5, scored
