@@ -1,0 +1,131 @@
+"""Atari training speed: ppo-cli (`env=Breakout network=cnn algo=ppo_atari`) against Stable-Baselines3's PPO
+(CnnPolicy, its AtariWrapper, VecFrameStack 4) on the same hyperparameters.
+
+    pip install ".[bench,atari]"
+    python benchmarks/atari.py                      # 20,480 steps each, one torch thread, one run each
+    python benchmarks/atari.py --steps 40960 --threads 2 --pairs 2
+
+Both tools: ALE/Breakout-v5 with frameskip 1 at the emulator, sticky actions 0.25 (the v5 default; ppo-cli's
+`env.atari` keeps it), the minimal action set; up to 30 no-ops at reset, frame skip 4 with max-pooling, 84x84
+grayscale, 4 stacked frames, episodic life, FIRE on reset, rewards clipped to their sign; 8 envs x 128 steps, 4
+epochs of 256-sample minibatches, learning rate 2.5e-4 decaying linearly to 0, clip 0.1, entropy 0.01, value
+0.5, gamma 0.99, lambda 0.95, gradient clip 0.5; the Nature CNN with one trunk for actor and critic, images
+scaled to [0, 1] in the network. No evaluation during training; ppo-cli writes TensorBoard scalars every update
+and a final checkpoint, SB3 its TensorBoard log. Every run is a fresh subprocess (peak RSS is per run); pairs
+alternate which tool goes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import _cpu_name, _peak_rss_mb  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GAME = "Breakout"
+ALE_KWARGS = {"frameskip": 1, "repeat_action_probability": 0.25, "full_action_space": False}
+HP = {"num_envs": 8, "n_steps": 128, "batch_size": 256, "epochs": 4, "lr": 2.5e-4, "clip": 0.1, "ent": 0.01,
+      "vf": 0.5, "gamma": 0.99, "lam": 0.95, "max_grad_norm": 0.5}
+
+
+def worker_ppo_cli(steps: int, threads: int) -> dict:
+    from hydra import compose, initialize_config_module
+
+    from ppo_cli.config import register_configs
+    from ppo_cli.trainer import Trainer
+
+    register_configs()
+    with initialize_config_module("ppo_cli.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"env={GAME}", "network=cnn", "algo=ppo_atari",
+                                           f"algo.total_timesteps={steps}", "eval.every_steps=0", "eval.final=false",
+                                           "eval.objective=train", "checkpoint_interval=0", "device=cpu",
+                                           f"torch_threads={threads}"])
+    assert cfg.algo.n_steps == HP["n_steps"] and cfg.algo.batch_size == HP["batch_size"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
+        t0 = time.perf_counter()
+        result = trainer.run()
+        wall = time.perf_counter() - t0
+        trainer.close()
+    return {"sps": result.global_step / wall, "steps": result.global_step, "wall": wall,
+            "stages": trainer.stage_seconds, "rss_mb": _peak_rss_mb()}
+
+
+def worker_sb3(steps: int, threads: int) -> dict:
+    import ale_py
+    import gymnasium as gym
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+
+    gym.register_envs(ale_py)
+    torch.set_num_threads(threads)
+    envs = VecFrameStack(make_atari_env(f"ALE/{GAME}-v5", n_envs=HP["num_envs"], seed=1, env_kwargs=ALE_KWARGS), 4)
+    with tempfile.TemporaryDirectory() as log_dir:
+        model = PPO("CnnPolicy", envs, learning_rate=lambda f: f * HP["lr"], n_steps=HP["n_steps"],
+                    batch_size=HP["batch_size"], n_epochs=HP["epochs"], gamma=HP["gamma"], gae_lambda=HP["lam"],
+                    clip_range=HP["clip"], ent_coef=HP["ent"], vf_coef=HP["vf"], max_grad_norm=HP["max_grad_norm"],
+                    device="cpu", seed=1, tensorboard_log=log_dir, verbose=0)
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=steps)
+        wall = time.perf_counter() - t0
+    return {"sps": model.num_timesteps / wall, "steps": model.num_timesteps, "wall": wall, "rss_mb": _peak_rss_mb()}
+
+
+def spawn(tool: str, steps: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, "--steps", str(steps), "--threads", str(threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=20_480, help="env steps per run (default 20,480: 20 updates)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both (default 1)")
+    p.add_argument("--pairs", type=int, default=1, help="runs of each tool, alternating which goes first")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        out = worker_ppo_cli(args.steps, args.threads) if args.worker == "ppo-cli" else worker_sb3(args.steps,
+                                                                                                   args.threads)
+        print("RESULT " + json.dumps(out))
+        return
+    try:
+        import ale_py  # noqa: F401
+        import stable_baselines3  # noqa: F401
+    except ImportError:
+        raise SystemExit("atari.py needs SB3 and ale-py: pip install '.[bench,atari]'") from None
+    print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; torch threads {args.threads}; ALE/{GAME}-v5, "
+          f"{args.steps:,} steps per run, {args.pairs} pair(s)\n", flush=True)
+    ours, theirs = [], []
+    for i in range(args.pairs):
+        for tool in (("ppo-cli", "sb3") if i % 2 == 0 else ("sb3", "ppo-cli")):
+            (ours if tool == "ppo-cli" else theirs).append(spawn(tool, args.steps, args.threads))
+        print(f"  pair {i + 1}: ppo-cli {ours[-1]['sps']:,.0f} SPS, SB3 {theirs[-1]['sps']:,.0f} SPS", flush=True)
+    sps_ours, sps_theirs = (statistics.median(r["sps"] for r in runs) for runs in (ours, theirs))
+    print("\n| tool | SPS (median) | peak RSS |")
+    print("|---|---|---|")
+    print(f"| ppo-cli | {sps_ours:,.0f} | {statistics.median(r['rss_mb'] for r in ours):,.0f} MB |")
+    print(f"| SB3 | {sps_theirs:,.0f} | {statistics.median(r['rss_mb'] for r in theirs):,.0f} MB |")
+    print(f"\nratio ppo-cli / SB3: {sps_ours / sps_theirs:.2f}x")
+    stages = list(ours[0]["stages"])
+    print("ppo-cli time by stage (share of training time, median): " + ", ".join(
+        f"{k} {100 * statistics.median(r['stages'][k] / r['wall'] for r in ours):.0f}%" for k in stages))
+
+
+if __name__ == "__main__":
+    main()
