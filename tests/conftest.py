@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
@@ -48,3 +49,24 @@ def _tiny_run_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run(_tiny_run_once: Path, tmp_path: Path) -> Path:
     """A finished tiny CartPole run (trained once per session), copied so each test may change it."""
     return Path(shutil.copytree(_tiny_run_once, tmp_path / "run"))
+
+
+def check_resume_is_bitwise(overrides: list[str], tmp_path: Path, total: int, split: int) -> dict:
+    """Train `total` steps straight, and `split` steps then resume to `total`: the parameters must be the same bit
+    for bit. Returns the checkpoint written at the split, for the caller's own checks."""
+    from ppo_cli import checkpoint
+    from ppo_cli.trainer import Trainer
+
+    straight = Trainer(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "a", rich_progress=False)
+    straight.run()
+    first = Trainer(make_cfg(*overrides, f"algo.total_timesteps={split}"), tmp_path / "b", rich_progress=False)
+    first.run()
+    data = checkpoint.load(tmp_path / "b" / "checkpoints" / "checkpoint.pt")
+    resumed = Trainer(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "b", resume=data,
+                      rich_progress=False)
+    resumed.run()
+    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for t in (straight, first, resumed):
+        t.close()
+    return data

@@ -11,7 +11,7 @@ from ppo_cli.heads import Categorical, MultiCategorical
 from ppo_cli.policy import ActorCritic
 from ppo_cli.ppo import UpdateSettings, minibatch_loss
 from ppo_cli.rollout import TorchActor
-from tests.conftest import TINY, cli, make_cfg
+from tests.conftest import TINY, check_resume_is_bitwise, cli, make_cfg
 
 MASKED_GRID = ["env=MaskedGrid-v0"]
 
@@ -118,22 +118,9 @@ def test_masked_grid_is_solved_and_evaluated_with_masks(tmp_path):
 
 
 def test_resume_with_masks_is_bitwise(tmp_path):
-    from ppo_cli import checkpoint
-    from ppo_cli.trainer import Trainer
-
     base = [*TINY, *MASKED_GRID, "eval.final=false", "eval.objective=train", "checkpoint_interval=1"]
-    straight = Trainer(make_cfg(*base, "algo.total_timesteps=384"), tmp_path / "a")
-    straight.run()
-    first = Trainer(make_cfg(*base, "algo.total_timesteps=128"), tmp_path / "b")
-    first.run()
-    data = checkpoint.load(tmp_path / "b" / "checkpoints" / "checkpoint.pt")
+    data = check_resume_is_bitwise(base, tmp_path, total=384, split=128)
     assert data["last_mask"] is not None and data["last_mask"].shape == (2, 4)
-    resumed = Trainer(make_cfg(*base, "algo.total_timesteps=384"), tmp_path / "b", resume=data)
-    resumed.run()
-    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
-        assert torch.equal(a, b)
-    for t in (straight, first, resumed):
-        t.close()
 
 
 def test_multidiscrete_masks_from_a_dict_key(tmp_path):

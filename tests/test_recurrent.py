@@ -6,7 +6,7 @@ import torch
 
 from ppo_cli.encoders import RecurrentCore
 from ppo_cli.rollout import TorchActor, collect
-from tests.conftest import TINY, cli, make_cfg
+from tests.conftest import TINY, check_resume_is_bitwise, cli, make_cfg
 
 LSTM = ["network.recurrent=lstm", "network.rnn_hidden=16", "network.net_arch=[16]", "algo.n_steps=32",
         "algo.batch_size=64"]
@@ -96,24 +96,9 @@ def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_sta
 
 
 def test_resume_is_bitwise(tmp_path):
-    from ppo_cli import checkpoint
-
-    base = ["checkpoint_interval=1"]
-    straight = _trainer(tmp_path / "a", *base, "algo.total_timesteps=192")
-    straight.run()
-    first = _trainer(tmp_path / "b", *base, "algo.total_timesteps=64")
-    first.run()
-    data = checkpoint.load(tmp_path / "b" / "checkpoints" / "checkpoint.pt")
+    base = [*TINY, *LSTM, "env=CartPoleNoVel-v1", "eval.final=false", "eval.objective=train", "checkpoint_interval=1"]
+    data = check_resume_is_bitwise(base, tmp_path, total=192, split=64)
     assert data["recurrent_state"]["state"].abs().sum() > 0
-    from ppo_cli.trainer import Trainer
-
-    resumed = Trainer(make_cfg(*TINY, *LSTM, "env=CartPoleNoVel-v1", "eval.final=false", "eval.objective=train",
-                               *base, "algo.total_timesteps=192"), tmp_path / "b", resume=data, rich_progress=False)
-    resumed.run()
-    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
-        assert torch.equal(a, b)
-    for t in (straight, first, resumed):
-        t.close()
 
 
 def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
