@@ -1,0 +1,76 @@
+"""`ppo-export CHECKPOINT`: the checkpoint's policy as one ONNX or TorchScript file (and its JSON description)
+that runs without ppo-cli (docs/export.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ppo_cli import checkpoint
+from ppo_cli.cli.evaluate import load_policy
+from ppo_cli.errors import UserError
+from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppo-export", description="Export a ppo-cli checkpoint's policy to ONNX or "
+                                "TorchScript: raw observation in, env action out, observation normalization baked "
+                                "in; a <file>.json beside it describes the spaces and the inputs and outputs.")
+    p.add_argument("checkpoint", help="path to a checkpoint.pt (or best.pt) written by ppo-train")
+    p.add_argument("--format", default="onnx", metavar="FORMAT",
+                   help=f"{' or '.join(FORMATS)} (default: onnx; onnx needs the 'export' extra)")
+    p.add_argument("--out", metavar="FILE", help="where to write the model (default: beside the checkpoint, "
+                   f"<name>{SUFFIXES['onnx']} or <name>{SUFFIXES['torchscript']})")
+    p.add_argument("--with-value", action="store_true", help="also output the critic's value V(s)")
+    p.add_argument("--stochastic", action="store_true",
+                   help="output the distribution (logits; a Gaussian's mean and log_std) instead of the action")
+    p.add_argument("--action-mask", action="store_true",
+                   help="take an `action_mask` input (for envs that give masks in info or action_masks(); a Dict "
+                        "observation's action_mask key is read without it)")
+    p.add_argument("--json", action="store_true", help="print the model's description (the sidecar JSON) only")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.format not in FORMATS:  # checked by hand, not argparse choices: one line, as every other error
+        raise UserError(f"--format {args.format}: unknown format (choose {' or '.join(FORMATS)})")
+    source = Path(args.checkpoint)
+    data = checkpoint.load(source)
+    policy, cfg = load_policy(data)
+    out = Path(args.out) if args.out else source.with_name(source.stem + SUFFIXES[args.format])
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the checkpoint itself; choose another file")
+    info = {"env_id": str(cfg.env.id), "env": OmegaConf.to_container(cfg.env, resolve=True, enum_to_str=True),
+            "global_step": int(data["global_step"]), "source_checkpoint": str(source)}
+    return export_policy(policy, out, args.format, stochastic=args.stochastic, with_value=args.with_value,
+                         action_mask=args.action_mask, info=info) | {"path": str(out)}
+
+
+def _shape(port: dict) -> str:
+    return f"{port['name']} {port['dtype']} [{', '.join(str(d) for d in port['shape'])}]"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        meta = run(args)
+    except UserError as exc:
+        print(f"ppo-export: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    path = meta.pop("path")
+    if args.json:
+        print(json.dumps(meta))
+        return
+    size = Path(path).stat().st_size
+    print(f"wrote {path} ({meta['model_format']}, {size / 1024:,.1f} KiB) and {sidecar_path(path).name}")
+    print(f"inputs:  {'; '.join(_shape(p) for p in meta['inputs'])}")
+    print(f"outputs: {'; '.join(_shape(p) for p in meta['outputs'])}")
+    print(f"check:   ppo-eval {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Deployment: a trained policy as one self-contained graph, ONNX or TorchScript, and running such a graph.
+
+    raw obs --one-hot / flatten / normalize--> x --encoders, heads--> out --mode--> action --start / clip / reshape-->
+    what the env takes
+
+`DeployedPolicy` wraps a loaded `ActorCritic` in a module that does all of that on tensors only, so that tracing
+it records one graph that needs nothing of ppo-cli (nor numpy) to run: the observation exactly as the env returns
+it goes in, the action exactly as the env takes it comes out. It reuses the policy's own `prepare`, `step` and
+head `mode`, and writes the head's numpy `env_action` in torch ops; that is what makes the exported outputs equal
+to the checkpoint policy's (tests/test_export.py checks each head, with and without normalization).
+
+Interface (`DeployedPolicy.inputs` / `.outputs`, every dimension 0 the batch, of any size):
+
+- inputs: `obs` (or `obs.<key>` per Dict key / `obs.<i>` per Tuple index, an `action_mask` key included): Box
+  float32 (images uint8, as the env gives them), Discrete int64 [batch], MultiDiscrete int64, MultiBinary int8;
+  `action_mask` (bool [batch, n], only with `action_mask=True`: for envs that give masks in `info` or through
+  `action_masks()`); `state_in` float32 [batch, state_size] for a recurrent policy (zeros at an episode start).
+- outputs: `action` (the env's dtype and shape: argmax for categorical heads plus the space's `start`, bits as
+  int8, a Gaussian's mean clipped to the Box's bounds); or, `stochastic`, `logits` (masked logits of the
+  categorical heads, the Bernoulli logits) or `mean` and `log_std`; then `value` (V(s)) with `with_value`;
+  then `state_out` for a recurrent policy.
+
+Files are written atomically, the model and beside it `<model>.json` (`metadata`: spaces, inputs and outputs,
+versions, the run's env config); the same JSON is inside the model (ONNX metadata_props / a TorchScript extra
+file), so a model that lost its sidecar still describes itself. `ExportedModel` loads either format back and
+plays it through onnxruntime or torch.jit (ppo-eval).
+
+Why the TorchScript-based ONNX exporter (`dynamo=False`): it needs only `onnx`, takes a fraction of a second (the
+torch.export-based one needs onnxscript and several seconds per model), and exists in every torch this project
+allows (>=2.4,<2.14); torch deprecates it, so moving to `dynamo=True` is the path once the pin passes its removal.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppo_cli import __version__
+from ppo_cli.errors import UserError, extra_hint
+from ppo_cli.heads import DiagGaussian, build_head
+from ppo_cli.observations import MASK_KEY
+from ppo_cli.policy import ActorCritic
+
+FORMAT = "ppo-cli-export"
+FORMAT_VERSION = 1
+FORMATS = ("onnx", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+ONNX_OPSET = 17  # read by onnxruntime >= 1.13 and written by every torch in the pin
+METADATA_KEY = "ppo_cli"  # the ONNX metadata_props key / the TorchScript extra file holding the metadata
+BATCH = "batch"  # the name of the dynamic dimension
+
+# numpy dtype name of each space's raw values, as gymnasium's spaces make them.
+_PART_DTYPES = {"Discrete": "int64", "MultiDiscrete": "int64", "MultiBinary": "int8"}
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "int64": torch.int64, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def sidecar_path(model: str | os.PathLike[str]) -> Path:
+    """Where a model's JSON description goes: beside it, `<model file>.json`."""
+    return Path(f"{model}.json")
+
+
+def _port(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": [BATCH, *shape]}
+
+
+def _obs_port(name: str, space: dict[str, Any]) -> dict[str, Any]:
+    kind = space["type"]
+    if kind == "Discrete":
+        return _port(name, "int64", [])
+    if kind == "Box":  # the policy reads any Box as float32; images stay bytes (observations.py)
+        return _port(name, "uint8" if space.get("dtype") == "uint8" else "float32", list(space["shape"]))
+    return _port(name, _PART_DTYPES[kind], list(space["shape"]))
+
+
+def _action_port(space: dict[str, Any]) -> dict[str, Any]:
+    kind = space["type"]
+    if kind == "Discrete":
+        return _port("action", "int64", [])
+    dtype = str(space.get("dtype", "float32")) if kind == "Box" else _PART_DTYPES[kind]
+    return _port("action", dtype, list(space["shape"]))
+
+
+class DeployedPolicy(nn.Module):
+    """Raw observation(s) in, env action (or distribution parameters) out; see the module doc for the interface.
+
+    Only the deterministic policy is a function of the observation; `stochastic` returns what sampling needs
+    instead, and the caller draws."""
+
+    def __init__(self, policy: ActorCritic, stochastic: bool = False, with_value: bool = False,
+                 action_mask: bool = False) -> None:
+        super().__init__()
+        self.policy = policy.eval()
+        self.stochastic, self.with_value = stochastic, with_value
+        obs_space, act_space = policy.obs_space, policy.action_space
+        self.act_space = act_space
+        head = policy.dist
+        self.gaussian = isinstance(head, DiagGaussian)
+        kind = obs_space["type"]
+        # The observation's parts, in the order the inputs take them: (input name, Dict key / Tuple index).
+        if kind == "Dict":
+            self.obs_parts: list[tuple[str, Any]] = [(f"obs.{k}", k) for k in obs_space["spaces"]]
+            subs = list(obs_space["spaces"].values())
+        elif kind == "Tuple":
+            self.obs_parts = [(f"obs.{i}", i) for i in range(len(obs_space["spaces"]))]
+            subs = list(obs_space["spaces"])
+        else:
+            self.obs_parts, subs = [("obs", None)], [obs_space]
+        self.inputs = [_obs_port(name, sub) for (name, _), sub in zip(self.obs_parts, subs, strict=True)]
+        # A Dict's `action_mask` key is the mask of a maskable head (masks.py), read as the observation gives it.
+        self.mask_in_obs = head.maskable and kind == "Dict" and MASK_KEY in obs_space["spaces"]
+        self.mask_input = bool(action_mask) and not self.mask_in_obs
+        if action_mask and not head.maskable:
+            raise UserError(f"--action-mask: masks apply to Discrete and MultiDiscrete actions, not "
+                            f"{act_space['type']}")
+        if self.mask_input:
+            self.inputs.append(_port("action_mask", "bool", [head.n_outputs]))
+        self.recurrent = policy.actor_core is not None
+        if self.recurrent:
+            self.inputs.append(_port("state_in", "float32", [policy.state_size]))
+
+        if not stochastic:
+            self.outputs = [_action_port(act_space)]
+        elif self.gaussian:
+            self.outputs = [_port("mean", "float32", [head.n_outputs]), _port("log_std", "float32", [head.n_outputs])]
+        else:
+            self.outputs = [_port("logits", "float32", [head.n_outputs])]
+        if with_value:
+            self.outputs.append(_port("value", "float32", []))
+        if self.recurrent:
+            self.outputs.append(_port("state_out", "float32", [policy.state_size]))
+
+        # The env-action mapping's constants (heads.py's env_action), as buffers so both formats carry them.
+        self.action_shape = [int(s) for s in act_space.get("shape", [])]
+        self.start = int(act_space.get("start", 0)) if act_space["type"] == "Discrete" else 0
+        if act_space["type"] == "MultiDiscrete":
+            self.register_buffer("start_vec", torch.tensor(act_space["start"], dtype=torch.int64))
+        if act_space["type"] == "Box":
+            # Clipped in float64 against the exact bounds, then cast to the space's dtype, as DiagGaussian does: a
+            # float32 clip could land just outside a float64 bound, which envs checking space.contains refuse.
+            self.register_buffer("low", torch.tensor(act_space["low"], dtype=torch.float64))
+            self.register_buffer("high", torch.tensor(act_space["high"], dtype=torch.float64))
+            self.box_dtype = _TORCH_DTYPES[str(act_space.get("dtype", "float32"))]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [p["name"] for p in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [p["name"] for p in self.outputs]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        n_obs = len(self.obs_parts)
+        parts = inputs[:n_obs]
+        obs: Any
+        if self.policy.obs_space["type"] == "Dict":
+            obs = {key: t for (_, key), t in zip(self.obs_parts, parts, strict=True)}
+        elif self.policy.obs_space["type"] == "Tuple":
+            obs = tuple(parts)
+        else:
+            obs = parts[0]
+        rest = list(inputs[n_obs:])
+        mask = None
+        if self.mask_in_obs:
+            raw = obs[MASK_KEY]
+            mask = raw.reshape(raw.shape[0], -1) != 0  # masks.py reads 0/1 as booleans
+        elif self.mask_input:
+            mask = rest.pop(0)
+        x = self.policy.prepare(obs)
+        state = rest.pop(0) if self.recurrent else None
+        out, value, new_state = self.policy.step(x, state)
+        result: list[torch.Tensor]
+        if not self.stochastic:
+            result = [self._env_action(self.policy.dist.mode(out, mask))]
+        elif self.gaussian:
+            result = [out, self.policy.dist.log_std.detach().expand_as(out)]
+        else:
+            # Forbidden actions' logits at the dtype's minimum, as heads.MultiCategorical masks them: softmax 0.
+            result = [out if mask is None else torch.where(mask, out, torch.finfo(out.dtype).min)]
+        if self.with_value:
+            result.append(value)
+        if new_state is not None:
+            result.append(new_state)
+        return result[0] if len(result) == 1 else tuple(result)
+
+    def _env_action(self, action: torch.Tensor) -> torch.Tensor:
+        """heads.*.env_action in torch ops: the Discrete / MultiDiscrete start, int8 bits, the clip, the reshape."""
+        kind = self.act_space["type"]
+        if kind == "Discrete":
+            return action + self.start if self.start else action
+        if kind == "MultiDiscrete":
+            return (action + self.start_vec).reshape(-1, *self.action_shape)
+        if kind == "MultiBinary":
+            return action.to(torch.int8).reshape(-1, *self.action_shape)
+        # np.clip(a, low, high) is minimum(maximum(a, low), high)
+        clipped = torch.minimum(torch.maximum(action.double(), self.low), self.high)
+        return clipped.to(self.box_dtype).reshape(-1, *self.action_shape)
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
+        """Valid inputs of the declared dtypes and shapes (what tracing runs on): the lowest value of each
+        discrete part (one-hot needs it in range), zeros elsewhere, every action allowed."""
+        obs_space = self.policy.obs_space
+        subs = (list(obs_space["spaces"].values()) if obs_space["type"] == "Dict"
+                else list(obs_space["spaces"]) if obs_space["type"] == "Tuple" else [obs_space])
+        out = []
+        for port, sub in zip(self.inputs, subs + [None] * (len(self.inputs) - len(subs)), strict=True):
+            shape = [batch, *port["shape"][1:]]
+            if port["name"] == "action_mask":
+                out.append(torch.ones(shape, dtype=torch.bool))
+                continue
+            t = torch.zeros(shape, dtype=_TORCH_DTYPES[port["dtype"]])
+            if sub is not None and sub["type"] in ("Discrete", "MultiDiscrete"):
+                start = torch.as_tensor(sub.get("start", 0), dtype=torch.int64)
+                t = t + start.reshape(sub.get("shape", [])) if sub["type"] == "MultiDiscrete" else t + start
+            if sub is not None and self.mask_in_obs and port["name"] == f"obs.{MASK_KEY}":
+                t = torch.ones(shape, dtype=t.dtype)
+            out.append(t)
+        return tuple(out)
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+def metadata(module: DeployedPolicy, fmt: str, model_file: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `<model>.json` holds (and the model itself): enough for a deployment to check what it loads."""
+    policy = module.policy
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__,
+        "model_format": fmt, "model_file": model_file, "torch_version": torch.__version__,
+        "onnx_opset": ONNX_OPSET if fmt == "onnx" else None,
+        "observation_space": policy.obs_space, "action_space": policy.action_space,
+        "inputs": module.inputs, "outputs": module.outputs,
+        "stochastic": module.stochastic, "with_value": module.with_value,
+        "obs_normalization": policy.obs_norm is not None,
+        "recurrent": ({"kind": policy.recurrent, "state_size": policy.state_size} if module.recurrent else None),
+    }
+    return {**meta, **(info or {})}
+
+
+def to_onnx(module: DeployedPolicy, meta: dict[str, Any]) -> bytes:
+    """The module as ONNX bytes (dynamic batch), `meta` inside as metadata_props[METADATA_KEY]."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"--format onnx needs the onnx package: {extra_hint('export')}") from None
+    buf = io.BytesIO()
+    names = module.input_names + module.output_names
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with warnings.catch_warnings():  # torch deprecates both tracers (module doc); the user can do nothing about it
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, module.example_inputs(), buf, input_names=module.input_names,
+                          output_names=module.output_names, dynamic_axes={n: {0: BATCH} for n in names},
+                          opset_version=ONNX_OPSET, do_constant_folding=True, **legacy)
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name, model.producer_version = "ppo-cli", __version__
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def to_torchscript(module: DeployedPolicy, meta: dict[str, Any]) -> bytes:
+    """The module traced to TorchScript (any batch size), `meta` inside as the extra file METADATA_KEY."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # as in to_onnx
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, module.example_inputs(), check_trace=False)
+        torch.jit.save(traced, buf, _extra_files={METADATA_KEY: json.dumps(meta)})
+    return buf.getvalue()
+
+
+def write_atomic(files: list[tuple[Path, bytes]]) -> None:
+    """Write each file whole to a temporary file in its folder, then rename them all into place: a crash or a
+    failed write never leaves a half-written file under a final name. The renames come last, model first."""
+    temps: list[tuple[str, Path]] = []
+    current, renamed = files[0][0], 0
+    try:
+        for current, data in files:
+            _check_folder(current)
+            current.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".tmp", dir=current.parent)
+            temps.append((tmp, current))
+            umask = os.umask(0)
+            os.umask(umask)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's 0600 would hide the model from its users
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, current in temps:
+            os.replace(tmp, current)
+            renamed += 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(current) else ""
+        done = ("nothing was written" if not renamed
+                else f"{', '.join(str(p) for _, p in temps[:renamed])} written, the rest not")
+        raise UserError(f"cannot write {current} ({exc.strerror or type(exc).__name__}{where}); {done}") from None
+    finally:
+        for tmp, _ in temps[renamed:]:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _check_folder(path: Path) -> None:
+    """The errors mkdir and mkstemp would give less clearly: a folder where the file goes, a file in the way of
+    a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+            return
+
+
+def export_policy(policy: ActorCritic, out: str | os.PathLike[str], fmt: str, stochastic: bool = False,
+                  with_value: bool = False, action_mask: bool = False,
+                  info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export `policy` to `out` in `fmt` ("onnx" / "torchscript") with its sidecar JSON; returns the metadata.
+    `info`: more metadata (the run's env config, steps trained, the source checkpoint)."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown format (choose {' or '.join(FORMATS)})")
+    out = Path(out)
+    module = DeployedPolicy(policy, stochastic, with_value, action_mask)
+    meta = metadata(module, fmt, out.name, info)
+    with torch.no_grad():
+        data = to_onnx(module, meta) if fmt == "onnx" else to_torchscript(module, meta)
+    write_atomic([(out, data), (sidecar_path(out), (json.dumps(meta, indent=2) + "\n").encode())])
+    return meta
+
+
+# --- reading and running -----------------------------------------------------------------------------------
+def detect(path: str | os.PathLike[str]) -> str | None:
+    """The export format of `path` ("onnx" / "torchscript"), or None for anything else (a checkpoint): by the
+    sidecar JSON where there is one, else by the file name."""
+    side = sidecar_path(path)
+    if side.is_file():
+        try:
+            fmt = json.loads(side.read_text()).get("model_format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt in FORMATS:
+            return fmt
+    name = str(path).lower()
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith((".torchscript.pt", ".torchscript", ".ts")):
+        return "torchscript"
+    return None
+
+
+class ExportedModel:
+    """A model written by ppo-export, loaded with onnxruntime or torch.jit; `run(feeds)` maps input names to
+    arrays and returns the outputs by name."""
+
+    def __init__(self, path: str | os.PathLike[str], fmt: str) -> None:
+        self.path, self.format = Path(path), fmt
+        p = self.path
+        if not p.is_file():
+            raise UserError(f"model {str(p)!r} does not exist" if not p.exists() else f"model {str(p)!r} is not a file")
+        # The copy inside the model describes exactly these bytes; the sidecar is the fallback (a model whose
+        # metadata was stripped by another tool).
+        text = self._load_onnx() if fmt == "onnx" else self._load_torchscript()
+        side = sidecar_path(p)
+        if text is None and side.is_file():
+            try:
+                text = side.read_text()
+            except OSError as exc:
+                raise UserError(f"cannot read {side} ({exc.strerror})") from None
+        if text is None:
+            raise UserError(f"model {str(p)!r} was not written by ppo-export (no ppo-cli metadata inside and no "
+                            f"{side.name} beside it)")
+        try:
+            self.metadata = json.loads(text)
+        except ValueError as exc:
+            raise UserError(f"the ppo-cli metadata of {str(p)!r} is not JSON ({str(exc)[:160]})") from None
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT:
+            raise UserError(f"model {str(p)!r}: its metadata has no '{FORMAT}' format tag")
+        version = self.metadata.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"model {str(p)!r} has export format version {version!r}, newer than this ppo-cli "
+                            f"reads ({FORMAT_VERSION}); upgrade ppo-cli")
+        self.inputs = self.metadata["inputs"]
+        self.output_names = [o["name"] for o in self.metadata["outputs"]]
+
+    def _load_onnx(self) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError(f"running an ONNX model needs onnxruntime: {extra_hint('export')}") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: onnxruntime's warnings are about graph optimizations
+        try:
+            self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"model {str(self.path)!r} is not a valid ONNX model ({first[:160]})") from None
+        return self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+
+    def _load_torchscript(self) -> str | None:
+        extra = {METADATA_KEY: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:  # noqa: BLE001 - a foreign or corrupt archive fails in many ways
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"model {str(self.path)!r} is not a TorchScript model ({first[:160]})") from None
+        self._module.eval()
+        return extra[METADATA_KEY] or None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.format == "onnx":
+            return dict(zip(self.output_names, self._session.run(self.output_names, feeds), strict=True))
+        with torch.inference_mode():
+            result = self._module(*[torch.from_numpy(np.ascontiguousarray(feeds[i["name"]])) for i in self.inputs])
+        result = result if isinstance(result, tuple) else (result,)
+        return {name: t.detach().numpy() for name, t in zip(self.output_names, result, strict=True)}
+
+    def feeds(self, obs: Any, mask: np.ndarray | None = None, state: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The inputs for a batch of observations as a vector env returns them (cast to the declared dtypes)."""
+        feeds = {}
+        for port in self.inputs:
+            name, dtype = port["name"], port["dtype"]
+            if name == "obs":
+                value = obs
+            elif name.startswith("obs."):
+                key = name[4:]
+                value = obs[int(key)] if isinstance(obs, (tuple, list)) else obs[key]
+            elif name == "action_mask":
+                value = mask
+            else:  # state_in
+                value = state
+            feeds[name] = np.asarray(value, dtype=dtype)
+        return feeds
+
+    def actor(self, num_envs: int, deterministic: bool = True,
+              seed: int = 0) -> Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray]:
+        """`act(obs, mask, starts) -> env actions` for evaluation.run_episodes, playing as evaluation.evaluate plays
+        the checkpoint policy: a recurrent state zeroed at episode starts; a stochastic export drawn from the same
+        numpy generator, with the same noise, as the policy's head draws."""
+        meta = self.metadata
+        names = {p["name"] for p in self.inputs}
+        if not deterministic and not meta["stochastic"]:
+            raise UserError(f"model {str(self.path)!r} returns the deterministic action; --stochastic needs a model "
+                            f"exported with --stochastic")
+        recurrent = meta.get("recurrent")
+        state = np.zeros((num_envs, recurrent["state_size"]), np.float32) if recurrent else None
+        head = build_head(meta["action_space"]) if meta["stochastic"] else None
+        rng = np.random.default_rng(seed)
+
+        def act(obs: Any, mask: np.ndarray | None, starts: np.ndarray) -> np.ndarray:
+            nonlocal state
+            if mask is not None and "action_mask" not in names and f"obs.{MASK_KEY}" not in names:
+                raise UserError(f"the env gives action masks, but model {str(self.path)!r} takes none: export it "
+                                f"with --action-mask")
+            if state is not None:
+                state[starts] = 0.0
+            out = self.run(self.feeds(obs, mask, state))
+            if state is not None:
+                state = out["state_out"]
+            if head is None:
+                return out["action"]
+            m = None if mask is None else torch.as_tensor(mask)
+            if isinstance(head, DiagGaussian):
+                mean, log_std = torch.from_numpy(out["mean"]), torch.from_numpy(out["log_std"])
+                action = mean if deterministic else mean + torch.from_numpy(head.noise(rng, len(mean))) * log_std.exp()
+            else:
+                logits = torch.from_numpy(out["logits"])
+                action = (head.mode(logits, m) if deterministic
+                          else head.sample(logits, torch.from_numpy(head.noise(rng, len(logits))), m))
+            return head.env_action(action.numpy())
+
+        return act
