@@ -1,4 +1,5 @@
-"""`ppo-eval CHECKPOINT`: score a saved policy, rebuilt from the checkpoint alone."""
+"""`ppo-eval CHECKPOINT`: score a saved policy, rebuilt from the checkpoint alone; or a model written by ppo-export
+(ONNX or TorchScript), played through onnxruntime or torch.jit on the same envs and seeds."""
 
 from __future__ import annotations
 
@@ -6,17 +7,18 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import checkpoint
-from ppo_cli.config import config_from_yaml
+from ppo_cli import checkpoint, export
+from ppo_cli.config import EnvConfig, config_from_yaml
 from ppo_cli.envs import describe_space, make_vec_env
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random
+from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random, run_episodes
 from ppo_cli.policy import ActorCritic, build_policy
 
 
@@ -35,7 +37,8 @@ def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ppo-eval", description="Evaluate a ppo-cli checkpoint: run whole episodes "
                                 "and report the return, next to a uniformly random policy on the same seeds.")
-    p.add_argument("checkpoint", help="path to a checkpoint.pt written by ppo-train")
+    p.add_argument("checkpoint", help="path to a checkpoint.pt written by ppo-train, or to a model written by "
+                   "ppo-export (.onnx, .torchscript.pt: run through onnxruntime / TorchScript)")
     p.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default: 0)")
     p.add_argument("--stochastic", action="store_true",
@@ -70,12 +73,29 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--episodes={args.episodes}: must be >= 1")
     if args.num_envs is not None and args.num_envs < 1:
         raise UserError(f"--num-envs={args.num_envs}: must be >= 1")
-    data = checkpoint.load(args.checkpoint)
-    policy, cfg = load_policy(data)
-    env_cfg = cfg.env.copy()
+    fmt = export.detect(args.checkpoint)
+    play: Callable[[gym.vector.VectorEnv], EvalResult]
+    if fmt is None:
+        data = checkpoint.load(args.checkpoint)
+        policy, cfg = load_policy(data)
+        env_cfg = cfg.env.copy()
+        expected, global_step = (data["observation_space"], data["action_space"]), int(data["global_step"])
+
+        def play(envs: gym.vector.VectorEnv) -> EvalResult:
+            with torch.inference_mode():
+                return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
+    else:
+        model = export.ExportedModel(args.checkpoint, fmt)
+        env_cfg = _exported_env(model)
+        meta = model.metadata
+        expected, global_step = (meta["observation_space"], meta["action_space"]), int(meta.get("global_step", 0))
+
+        def play(envs: gym.vector.VectorEnv) -> EvalResult:
+            act = model.actor(envs.num_envs, deterministic=not args.stochastic, seed=args.seed)
+            return run_episodes(envs, act, args.episodes, args.seed)
     if args.env:
         env_cfg.id = args.env
-    num_envs = args.num_envs or min(args.episodes, cfg.env.num_envs)
+    num_envs = args.num_envs or min(args.episodes, env_cfg.num_envs)
     if args.video:
         num_envs = 1  # one recorder, so the files are exactly the evaluated episodes, in order
     wrappers = _video_wrappers(args.video, args.episodes) if args.video else []
@@ -85,11 +105,10 @@ def run(args: argparse.Namespace) -> dict:
         try:
             spaces = (describe_space(envs.single_observation_space),
                       describe_space(envs.single_action_space, bounds=True))
-            if spaces != (data["observation_space"], data["action_space"]):
+            if spaces != expected:
                 raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
-                                f"trained for {data['observation_space']} / {data['action_space']}")
-            with torch.inference_mode():
-                result = evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
+                                f"trained for {expected[0]} / {expected[1]}")
+            result = play(envs)
         finally:
             with warnings.catch_warnings():  # a failed recording warns about zero frames; the error says more
                 warnings.simplefilter("ignore")
@@ -112,16 +131,30 @@ def run(args: argparse.Namespace) -> dict:
             baseline = evaluate_random(rand_envs, args.episodes, args.seed)
         finally:
             rand_envs.close()
-    return {**result.summary(), "returns": result.returns, "global_step": int(data["global_step"]),
+    exported = {} if fmt is None else {"model_format": fmt}
+    return {**result.summary(), "returns": result.returns, "global_step": global_step,
             "env_id": str(env_cfg.id), "deterministic": not args.stochastic, "seed": args.seed,
             "random_mean_return": baseline.mean_return if baseline else None,
             "random_std_return": baseline.std_return if baseline else None,
-            "checkpoint": str(args.checkpoint)}
+            "checkpoint": str(args.checkpoint), **exported}
+
+
+def _exported_env(model: export.ExportedModel) -> DictConfig:
+    """The env an exported model was trained on, from its metadata (--env replaces the id)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(EnvConfig), model.metadata.get("env") or {})  # type: ignore[return-value]
+    except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
+        raise UserError(f"the env config in {model.path}'s metadata does not fit this ppo-cli version "
+                        f"({str(exc).strip().splitlines()[0]})") from None
 
 
 def _print(r: dict) -> None:
     mode = "deterministic" if r["deterministic"] else "stochastic"
-    print(f"checkpoint:   {r['checkpoint']} (trained {r['global_step']:,} steps)")
+    if "model_format" in r:
+        print(f"model:        {r['checkpoint']} ({r['model_format']} export of a policy trained {r['global_step']:,} "
+              f"steps)")
+    else:
+        print(f"checkpoint:   {r['checkpoint']} (trained {r['global_step']:,} steps)")
     print(f"env:          {r['env_id']}, {r['episodes']} episodes, {mode}, seed {r['seed']}")
     print(f"return:       {r['mean_return']:.2f} +/- {r['std_return']:.2f} "
           f"(min {r['min_return']:.2f}, max {r['max_return']:.2f})")
