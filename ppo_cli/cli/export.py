@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ppo_cli import checkpoint
 from ppo_cli.cli.evaluate import load_policy
+from ppo_cli.envs import env_label
 from ppo_cli.errors import UserError
 from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
 
@@ -44,7 +45,8 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else source.with_name(source.stem + SUFFIXES[args.format])
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the checkpoint itself; choose another file")
-    info = {"env_id": str(cfg.env.id), "env": OmegaConf.to_container(cfg.env, resolve=True, enum_to_str=True),
+    # env_label: an entry_point env is named by its entry point, not by the default id left beside it.
+    info = {"env_id": str(env_label(cfg.env)), "env": OmegaConf.to_container(cfg.env, resolve=True, enum_to_str=True),
             "global_step": int(data["global_step"]), "source_checkpoint": str(source)}
     return export_policy(policy, out, args.format, stochastic=args.stochastic, with_value=args.with_value,
                          action_mask=args.action_mask, info=info) | {"path": str(out)}
