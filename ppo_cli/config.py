@@ -58,6 +58,11 @@ class Init(str, Enum):
 Vectorization = Enum("Vectorization", {"sync": "sync", "async": "async", "async_": "async"}, type=str)
 
 
+class Backend(str, Enum):
+    gymnasium = "gymnasium"
+    envpool = "envpool"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -153,6 +158,9 @@ class EnvConfig:
                              "(84x84 grayscale, frame skip 4, 4 stacked frames; for training also episodic life "
                              "and rewards clipped to their sign); returns are game scores (docs/pixels.md; needs "
                              "the atari extra)")
+    backend: Backend = key(Backend.gymnasium, "gymnasium (gymnasium's vector envs, any env) / envpool (pip install "
+                                              "'.[envpool]': envpool's C++ envs for the Atari, MuJoCo and "
+                                              "classic-control tasks it provides; docs/envpool.md)")
 
 
 class Objective(str, Enum):
@@ -173,6 +181,8 @@ class EvalConfig:
                                                 "for sweeps): the final evaluation, the best periodic one, or the "
                                                 "mean return of the last eval.train_window training episodes")
     train_window: int = key(100, "training episodes averaged for eval.objective=train")
+    max_episode_steps: int = key(108_000, "evaluation cuts an episode after this many steps, so an env without a "
+                                          "time limit cannot hang it; cut episodes are counted and reported")
 
 
 @dataclass
@@ -183,7 +193,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = key(1, "seeds torch (initialization), the action sampling and minibatch shuffling generators, "
                        "and the envs (env i gets seed + i)")
-    device: Device = key(Device.auto, "auto / cpu / cuda; auto picks cuda when torch sees a GPU")
+    device: Device = key(Device.auto, "auto / cpu / cuda; auto picks the faster for the policy: the GPU for CNNs "
+                                      "and large MLPs, the CPU for small MLPs (ppo_cli/devices.py)")
     torch_threads: int = key(1, "torch intra-op threads, and numpy's BLAS threads (small MLPs are fastest on "
                                 "one); 0 keeps the libraries' defaults")
     fast_rollout: bool = key(True, "act in numpy during rollouts where the numpy path covers the policy (CPU, "

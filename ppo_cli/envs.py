@@ -151,6 +151,10 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
     the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
+    if env_cfg.get("backend", "gymnasium") == "envpool":
+        from ppo_cli import envpool_backend  # only env.backend=envpool needs envpool
+
+        return envpool_backend.make_vec_env(env_cfg, seed, n, render_mode, wrappers, training)
     fn = _env_fn(env_cfg, render_mode, wrappers, training)
     label = env_label(env_cfg)
     try:

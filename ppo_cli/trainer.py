@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from ppo_cli import checkpoint, distributed
 from ppo_cli.config import choice
+from ppo_cli.devices import choose_device
 from ppo_cli.envs import describe_space, env_label, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
@@ -84,14 +85,6 @@ def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
     return flat
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda': torch sees no CUDA GPU here (use device=cpu or device=auto)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def schedule_value(start: float, end: float, kind: str, progress: float) -> float:
     """constant: start; linear: from start at progress 0 to end at progress 1."""
     return start if kind == "constant" else start + (end - start) * min(max(progress, 0.0), 1.0)
@@ -116,7 +109,7 @@ class Trainer:
             torch.set_num_threads(cfg.torch_threads)
             # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
             threadpool_limits(cfg.torch_threads)
-        self.device = resolve_device(choice(cfg.device))
+        self.device = choose_device(cfg).device
         # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
         self.ranks = distributed.setup(self.device)
         rank = self.ranks.rank
@@ -142,7 +135,7 @@ class Trainer:
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)
         self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
                                         a.weight_decay)
-        self.obs, info = self.envs.reset(seed=cfg.seed)
+        self.obs, info = self.envs.reset(seed=self.env_seed)
         self.masks = ActionMasks.detect(self.envs, self.obs_space, self.action_space, info, env_label(cfg.env))
         self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.

@@ -224,6 +224,20 @@ class CrashOnRank1(Corridor):
         return super().step(action)
 
 
+class SeedEcho(Corridor):
+    """Observes the seed its first reset was given (None: -1), whatever happens after."""
+
+    seed_seen = -1.0
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None:
+            self.seed_seen = float(seed)
+        return super().reset(seed=seed, options=options)
+
+    def _obs(self):
+        return np.array([self.seed_seen], dtype=np.float32)
+
+
 class StrictFloat64(gym.Env):
     """A float64 Box action space with a bound of 0.1 that checks every action against it, and a scalar (shape
     ()) Box observation."""

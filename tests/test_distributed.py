@@ -48,6 +48,17 @@ def test_two_ranks_train_as_one_run_and_rank_0_alone_writes(tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+def test_no_two_ranks_share_an_env_seed(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(*SMALL, "env.entry_point=tests.custom_env:SeedEcho", "env.kwargs.length=1000", "seed=7",
+                    "eval.final=false", "eval.objective=train", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = torch.load(run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    # seed + rank * num_envs + i: rank 0's envs 7, 8 and rank 1's 9, 10
+    assert data["last_obs"].flatten().tolist() == [7.0, 8.0]
+    assert data["ranks"][0]["last_obs"].flatten().tolist() == [9.0, 10.0]
+
+
 def test_two_ranks_learn_cartpole(tmp_path):
     run = tmp_path / "run"
     proc = torchrun("env.num_envs=4", "algo.n_steps=256", "algo.total_timesteps=98304", "eval.every_steps=16384",

@@ -37,9 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import __version__, checkpoint, distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, validate
+from ppo_cli.devices import choose_device
 from ppo_cli.envs import check_env, code_in_recipe, env_label
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.trainer import Interrupted, Trainer, TrainResult, resolve_device
+from ppo_cli.trainer import Interrupted, Trainer, TrainResult
 
 try:
     import fcntl
@@ -258,16 +259,15 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     rollout = a.n_steps * e.num_envs * world
     updates = max(-(-(a.total_timesteps - start_step) // rollout), 0)
     end = start_step + updates * rollout
-    device = choice(cfg.device)
-    resolved = resolve_device(device).type
+    device = choose_device(cfg)
     n = f"{updates:,}{' more' if start_step else ''} {'update' if updates == 1 else 'updates'} of {rollout:,}"
     steps = f"from step {start_step:,} to {end:,} = {n}" if start_step else f"{end:,} steps = {n}"
     if end != a.total_timesteps and updates:
         steps += (f" (algo.total_timesteps={a.total_timesteps:,} is not a whole number of rollouts: the run stops "
                   f"after the update that reaches it)")
     print(f"run dir:    {run_dir}\n"
-          f"env:        {env_label(e)} x {e.num_envs} envs ({choice(e.vectorization)}), seed {cfg.seed}, device "
-          f"{device}{f' ({resolved})' if device == 'auto' else ''}\n"
+          f"env:        {env_label(e)} x {e.num_envs} envs ({choice(e.vectorization)}), seed {cfg.seed}\n"
+          f"device:     {device.device.type} ({device.reason})\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
           f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
