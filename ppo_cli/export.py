@@ -142,18 +142,6 @@ class DeployedPolicy(nn.Module):
         if self.recurrent:
             self.outputs.append(_port("state_out", "float32", [policy.state_size]))
 
-        # The env-action mapping's constants (heads.py's env_action), as buffers so both formats carry them.
-        self.action_shape = [int(s) for s in act_space.get("shape", [])]
-        self.start = int(act_space.get("start", 0)) if act_space["type"] == "Discrete" else 0
-        if act_space["type"] == "MultiDiscrete":
-            self.register_buffer("start_vec", torch.tensor(act_space["start"], dtype=torch.int64))
-        if act_space["type"] == "Box":
-            # Clipped in float64 against the exact bounds, then cast to the space's dtype, as DiagGaussian does: a
-            # float32 clip could land just outside a float64 bound, which envs checking space.contains refuse.
-            self.register_buffer("low", torch.tensor(act_space["low"], dtype=torch.float64))
-            self.register_buffer("high", torch.tensor(act_space["high"], dtype=torch.float64))
-            self.box_dtype = _TORCH_DTYPES[str(act_space.get("dtype", "float32"))]
-
     @property
     def input_names(self) -> list[str]:
         return [p["name"] for p in self.inputs]
@@ -184,7 +172,7 @@ class DeployedPolicy(nn.Module):
         out, value, new_state = self.policy.step(x, state)
         result: list[torch.Tensor]
         if not self.stochastic:
-            result = [self._env_action(self.policy.dist.mode(out, mask))]
+            result = [self.policy.dist.env_action_torch(self.policy.dist.mode(out, mask))]
         elif self.gaussian:
             result = [out, self.policy.dist.log_std.detach().expand_as(out)]
         else:
@@ -195,19 +183,6 @@ class DeployedPolicy(nn.Module):
         if new_state is not None:
             result.append(new_state)
         return result[0] if len(result) == 1 else tuple(result)
-
-    def _env_action(self, action: torch.Tensor) -> torch.Tensor:
-        """heads.*.env_action in torch ops: the Discrete / MultiDiscrete start, int8 bits, the clip, the reshape."""
-        kind = self.act_space["type"]
-        if kind == "Discrete":
-            return action + self.start if self.start else action
-        if kind == "MultiDiscrete":
-            return (action + self.start_vec).reshape(-1, *self.action_shape)
-        if kind == "MultiBinary":
-            return action.to(torch.int8).reshape(-1, *self.action_shape)
-        # np.clip(a, low, high) is minimum(maximum(a, low), high)
-        clipped = torch.minimum(torch.maximum(action.double(), self.low), self.high)
-        return clipped.to(self.box_dtype).reshape(-1, *self.action_shape)
 
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         """Valid inputs of the declared dtypes and shapes (what tracing runs on): the lowest value of each

@@ -79,6 +79,11 @@ class ActionHead(nn.Module):
         """A batch of stored actions as the env takes them."""
         raise NotImplementedError
 
+    def env_action_torch(self, actions: torch.Tensor) -> torch.Tensor:
+        """`env_action` in torch ops, for graphs that end at the env action (export.py): traceable, its
+        constants taken from the space."""
+        raise NotImplementedError
+
     def log_scalars(self) -> dict[str, float]:
         """What TensorBoard shows about the head itself (charts/...)."""
         return {}
@@ -207,6 +212,10 @@ class MultiCategorical(ActionHead):
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return (actions + np.asarray(self.space["start"])).reshape(actions.shape[0], *self.space["shape"])
 
+    def env_action_torch(self, actions: torch.Tensor) -> torch.Tensor:
+        start = torch.as_tensor(self.space["start"], dtype=torch.int64)
+        return (actions + start).reshape(-1, *self.space["shape"])
+
 
 class Categorical(MultiCategorical):
     """Discrete(n): a categorical over n logits; actions are stored as scalars."""
@@ -229,6 +238,10 @@ class Categorical(MultiCategorical):
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return actions + self.space.get("start", 0)
+
+    def env_action_torch(self, actions: torch.Tensor) -> torch.Tensor:
+        start = int(self.space.get("start", 0))
+        return actions + start if start else actions
 
 
 class Bernoulli(ActionHead):
@@ -278,6 +291,9 @@ class Bernoulli(ActionHead):
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return actions.astype(np.int8).reshape(actions.shape[0], *self.space["shape"])
+
+    def env_action_torch(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions.to(torch.int8).reshape(-1, *self.space["shape"])
 
 
 class DiagGaussian(ActionHead):
@@ -341,6 +357,12 @@ class DiagGaussian(ActionHead):
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         clipped = np.clip(actions.astype(np.float64), self._low, self._high).astype(self._dtype)
         return clipped.reshape(actions.shape[0], *self.space["shape"])
+
+    def env_action_torch(self, actions: torch.Tensor) -> torch.Tensor:
+        # np.clip(a, low, high) is minimum(maximum(a, low), high), in float64 as env_action does
+        low, high = torch.from_numpy(self._low.copy()), torch.from_numpy(self._high.copy())
+        clipped = torch.minimum(torch.maximum(actions.double(), low), high)
+        return clipped.to(getattr(torch, self._dtype.name)).reshape(-1, *self.space["shape"])
 
     def log_scalars(self) -> dict[str, float]:
         return {"charts/action_std": float(self.log_std.detach().exp().mean())}
