@@ -114,3 +114,68 @@ def test_nccl_on_gpus(tmp_path):  # pragma: no cover - runs where GPUs are
     proc = torchrun(*SMALL, "device=cuda", "algo.total_timesteps=512", f"hydra.run.dir={tmp_path / 'run'}",
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _update_worker(rank: int, port: int, out: str) -> None:
+    """One rank: update on its half of a fixed batch (one minibatch per epoch), with the numpy and the autograd
+    gradients; rank 0 also updates copies of the same policy in one process on the whole batch, and saves all."""
+    import gymnasium as gym
+
+    from ppo_cli import distributed
+    from ppo_cli.envs import describe_space
+    from ppo_cli.policy import build_policy
+    from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
+    from ppo_cli.rollout import Batch
+    from tests.conftest import make_cfg
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    env, cfg = gym.make("CartPole-v1"), make_cfg()
+
+    def policy() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_policy(describe_space(env.observation_space), describe_space(env.action_space, bounds=True), cfg)
+
+    def update(p: torch.nn.Module, batch: Batch, fast: bool, ranks: distributed.Ranks | None) -> dict:
+        opt = make_optimizer(p, "adam", 3e-4, 3e-4, 1e-5, 0.0)
+        updater = Updater.build(p, opt, torch.Generator().manual_seed(rank), fast, False, ranks)[0]
+        updater.update(batch, UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 3, len(batch), True, None))
+        return {k: v.clone() for k, v in p.state_dict().items()}
+
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    full = Batch(torch.randn(n, 4, generator=g), torch.randint(0, 2, (n,), generator=g),
+                 -torch.rand(n, generator=g) - 0.3, torch.randn(n, generator=g),
+                 torch.cat([torch.randn(n // 2, generator=g) + 1.0, torch.randn(n // 2, generator=g) * 3]),
+                 torch.randn(n, generator=g))
+    ranks = distributed.setup(torch.device("cpu"))
+    mine = full[slice(rank * n // 2, (rank + 1) * n // 2)]
+    results = {"initial": policy().state_dict()}
+    for fast in (True, False):
+        results[f"two_{fast}"] = update(policy(), mine, fast, ranks)
+    distributed.teardown()
+    if rank == 0:
+        for fast in (True, False):
+            results[f"one_{fast}"] = update(policy(), full, fast, None)
+        torch.save(results, out)
+
+
+def test_two_ranks_update_equals_one_process_on_both_halves(tmp_path):
+    """The data-parallel update is the single-process update: gradients averaged over ranks, advantages normalized
+    over every rank's minibatch together (the halves' advantages differ in mean and scale, so per-rank
+    normalization would not pass). Each rank holds half the batch, one minibatch per epoch; numpy and autograd."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "params.pt")
+    mp.spawn(_update_worker, args=(port, out), nprocs=2, join=True)
+    r = torch.load(out, weights_only=True)
+    for fast in (True, False):
+        two, one = r[f"two_{fast}"], r[f"one_{fast}"]
+        assert any(not torch.equal(one[k], r["initial"][k]) for k in one)  # the update moved the parameters
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5, msg=f"{name} (numpy={fast})")
