@@ -1,4 +1,9 @@
-"""The one exception type for problems the user can fix (bad config, missing file, ...)."""
+"""The one exception type for problems the user can fix (bad config, missing file, ...), and how the entry points
+report it."""
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def extra_hint(extra: str) -> str:
@@ -8,3 +13,15 @@ def extra_hint(extra: str) -> str:
 
 class UserError(Exception):
     """A problem the user can fix; the entry points print its message as one line and exit 2."""
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """The entry points' way out for a UserError: `prog: error: <message>` as one line on stderr (a message that
+    quotes a multi-line text, such as an env's own exception, is joined onto it), exit code 2."""
+    try:
+        yield
+    except UserError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -3,6 +3,10 @@ code path); `PeriodicEvaluator` is the training run's side of it (when, best.pt,
 
 Each sub-env is given a fixed quota of episodes up front. Taking "the first N episodes to finish" instead
 would favour short episodes, since envs that fail fast report first.
+
+Evaluation envs carry a step cap (`StepCap`, `eval.max_episode_steps` / `ppo-eval --max-episode-steps`): an env
+without a time limit and a policy that never finishes would otherwise play one episode forever. A cut episode
+counts, with its partial return, and the result says how many were cut.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,43 @@ from ppo_cli.masks import ActionMasks
 from ppo_cli.observations import as_tensors
 from ppo_cli.policy import ActorCritic
 
+CUT_KEY = "eval_cut"  # the info key of the step where StepCap cut an episode
+
+
+class StepCap(gym.Wrapper):
+    """Truncates an episode that reaches `max_steps` steps. The step that cuts puts the episode's return and length
+    in `info[CUT_KEY]` so that `run_episodes` counts it as cut; they are counted here, not read from the episode
+    statistics, because wrappers below this one (Atari's game score) do not see the cut as the end of an episode."""
+
+    def __init__(self, env: gym.Env, max_steps: int) -> None:
+        super().__init__(env)
+        self.max_steps = max_steps
+        self.total, self.length = 0.0, 0
+
+    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+        self.total, self.length = 0.0, 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.total += float(reward)
+        self.length += 1
+        if self.length >= self.max_steps and not (terminated or truncated):
+            truncated = True
+            info = {**info, CUT_KEY: {"r": self.total, "l": self.length}}
+        return obs, reward, terminated, truncated, info
+
+
+def step_cap(max_steps: int) -> Callable[[gym.Env], gym.Env]:
+    """The wrapper for `make_vec_env(wrappers=...)` that caps evaluation episodes at `max_steps` steps."""
+    return partial(StepCap, max_steps=max_steps)
+
 
 @dataclass
 class EvalResult:
     returns: list[float]
     lengths: list[int]
+    cut: int = 0  # episodes that StepCap cut: their returns are partial
 
     @property
     def mean_return(self) -> float:
@@ -45,19 +82,22 @@ class EvalResult:
     def summary(self) -> dict[str, float | int]:
         return {"mean_return": self.mean_return, "std_return": self.std_return,
                 "min_return": float(np.min(self.returns)), "max_return": float(np.max(self.returns)),
-                "mean_length": self.mean_length, "episodes": len(self.returns)}
+                "mean_length": self.mean_length, "episodes": len(self.returns), "cut_episodes": self.cut}
 
 
 def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray],
                  episodes: int, seed: int, label: str = "evaluation env") -> EvalResult:
     """Play `episodes` episodes with `act(obs batch, action masks or None, episode starts) -> action batch`;
-    envs must record episode statistics. Where the env gives action masks (masks.py), `act` gets them; the
-    starts (true where an env's episode begins at this observation) let a recurrent policy reset its state."""
+    envs must record episode statistics (and carry a `StepCap`, or episodes that never end hang this). Where the
+    env gives action masks (masks.py), `act` gets them; the starts (true where an env's episode begins at this
+    observation) let a recurrent policy reset its state."""
     n = envs.num_envs
     quota = np.array([(episodes + i) // n for i in range(n)])
     done = np.zeros(n, dtype=int)
     returns: list[float] = []
     lengths: list[int] = []
+    cut = 0
+    none = np.zeros(n, dtype=bool)
     obs, info = envs.reset(seed=seed)
     masks = ActionMasks.detect(envs, describe_space(envs.single_observation_space),
                                describe_space(envs.single_action_space), info, label)
@@ -70,13 +110,16 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
         steps += n
         if masks is not None:
             mask = masks(obs, info, envs, steps)
-        if "_episode" in info:
-            for i in np.flatnonzero(info["_episode"]):
-                if done[i] < quota[i]:
-                    returns.append(float(info["episode"]["r"][i]))
-                    lengths.append(int(info["episode"]["l"][i]))
-                    done[i] += 1
-    return EvalResult(returns, lengths)
+        final = info.get("final_info") or {}  # SAME_STEP: the info of the step that ended an episode
+        cuts = np.asarray(final.get("_" + CUT_KEY, none), dtype=bool)
+        for i in np.flatnonzero(cuts | np.asarray(info.get("_episode", none), dtype=bool)):
+            if done[i] < quota[i]:
+                stats = final[CUT_KEY] if cuts[i] else info["episode"]
+                returns.append(float(stats["r"][i]))
+                lengths.append(int(stats["l"][i]))
+                done[i] += 1
+                cut += int(cuts[i])
+    return EvalResult(returns, lengths, cut)
 
 
 def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, seed: int,
@@ -119,6 +162,12 @@ def evaluate_random(envs: gym.vector.VectorEnv, episodes: int, seed: int) -> Eva
     return run_episodes(envs, act, episodes, seed)
 
 
+def cut_note(cut: int, episodes: int, max_steps: int, setting: str) -> str:
+    """What the step cap did, naming the setting that sets it."""
+    return (f"{cut} of {episodes} episodes reached the step cap of {max_steps:,} steps and were cut (their returns "
+            f"are partial; {setting} sets the cap)")
+
+
 EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the training envs' seed + i
 
 
@@ -147,11 +196,15 @@ class PeriodicEvaluator:
         t0 = time.perf_counter()
         seed = self.cfg.seed + EVAL_SEED_OFFSET
         if self.envs is None:
-            self.envs = make_vec_env(self.cfg.env, seed=seed, num_envs=min(ev.episodes, self.cfg.env.num_envs))
+            self.envs = make_vec_env(self.cfg.env, seed=seed, num_envs=min(ev.episodes, self.cfg.env.num_envs),
+                                     wrappers=[step_cap(ev.max_episode_steps)])
         result = evaluate(self.policy, self.envs, ev.episodes, seed=seed, deterministic=ev.deterministic,
                           device=self.device)
         self.seconds += time.perf_counter() - t0
         self.last = (step, result)
+        if result.cut:  # said for every evaluation, periodic and final, as their returns are partial
+            self.message(f"eval @ {step:,}: "
+                         f"{cut_note(result.cut, len(result.returns), ev.max_episode_steps, 'eval.max_episode_steps')}")
         return result
 
     def periodic(self, step: int) -> tuple[EvalResult, dict[str, float]]:
@@ -165,7 +218,8 @@ class PeriodicEvaluator:
         self.message(f"eval @ {step:,}: mean return {result.mean_return:.2f} +/- {result.std_return:.2f} "
                      f"over {len(result.returns)} episodes (best {self.best['mean_return']:.2f}{saved})")
         return result, {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return,
-                        "eval/mean_length": result.mean_length, "charts/eval_seconds": self.seconds}
+                        "eval/mean_length": result.mean_length, "eval/cut_episodes": result.cut,
+                        "charts/eval_seconds": self.seconds}
 
     def reached_target(self, result: EvalResult) -> bool:
         target = self.cfg.eval.stop_at_return

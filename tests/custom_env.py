@@ -256,3 +256,52 @@ class StrictFloat64(gym.Env):
         assert self.action_space.contains(action), f"{action!r} is outside {self.action_space}"
         self.t += 1
         return np.float32(0.5 - 0.01 * self.t), float(-np.abs(action).sum()), False, self.t >= 20, {}
+
+
+class Faulty(Corridor):
+    """Goes wrong as `fault` says from its `at`-th call of step() on (counted across episodes; for raise_reset, its
+    `at`-th reset(), the first being 1): nan_obs, inf_obs, shape (an observation of shape (3,)), raise_step,
+    raise_reset, nan_reward, inf_reward, huge_reward (1e30 at every step, whatever `at` says)."""
+
+    def __init__(self, fault: str = "nan_obs", at: int = 5):
+        super().__init__()
+        self.fault, self.at, self.steps, self.resets = fault, at, 0, 0
+
+    def reset(self, *, seed=None, options=None):
+        self.resets += 1
+        if self.fault == "raise_reset" and self.resets >= self.at:
+            raise RuntimeError("the simulator did not start")
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        self.steps += 1
+        obs, reward, terminated, truncated, info = super().step(action)
+        if self.fault == "huge_reward":
+            reward = 1e30
+        if self.steps < self.at:
+            return obs, reward, terminated, truncated, info
+        if self.fault == "raise_step":
+            raise RuntimeError("the simulator lost its connection")
+        if self.fault in ("nan_obs", "inf_obs"):
+            obs = np.full_like(obs, np.nan if self.fault == "nan_obs" else -np.inf)
+        elif self.fault == "shape":
+            obs = np.zeros(3, dtype=np.float32)
+        elif self.fault in ("nan_reward", "inf_reward"):
+            reward = np.nan if self.fault == "nan_reward" else np.inf
+        return obs, reward, terminated, truncated, info
+
+
+class NeverEnds(gym.Env):
+    """No terminal state and no time limit: an episode goes on until something cuts it. Pays 1 per step. Its
+    spaces are CartPole's (4 floats, 2 actions), so a policy trained on one can be scored on the other."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(4, dtype=np.float32), {}
+
+    def step(self, action):
+        return self.np_random.uniform(-1.0, 1.0, 4).astype(np.float32), 1.0, False, False, {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,17 +15,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import checkpoint, export
-from ppo_cli.config import EnvConfig, config_from_yaml
-from ppo_cli.envs import describe_space, make_vec_env
-from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.evaluation import EvalResult, evaluate, evaluate_random, run_episodes
+from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml
+from ppo_cli.envs import code_in_recipe, describe_space, env_label, make_vec_env
+from ppo_cli.errors import UserError, extra_hint, one_line_errors
+from ppo_cli.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes, step_cap
 from ppo_cli.policy import ActorCritic, build_policy
 
 
 def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
     """The policy and run config stored in a loaded checkpoint (no config files needed)."""
     cfg = config_from_yaml(data["config_yaml"])
-    policy = build_policy(data["observation_space"], data["action_space"], cfg)
+    try:
+        policy = build_policy(data["observation_space"], data["action_space"], cfg)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # The descriptions are plain data (envs.describe_space); a damaged one fails wherever it is first read.
+        spaces = f"{data['observation_space']} / {data['action_space']}"
+        raise UserError(f"the checkpoint's space description is damaged ({type(exc).__name__}: {exc}; read "
+                        f"{spaces[:200]}{'...' if len(spaces) > 200 else ''})") from None
     try:
         policy.load_state_dict(data["policy"])
     except RuntimeError as exc:
@@ -43,13 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default: 0)")
     p.add_argument("--stochastic", action="store_true",
                    help="sample actions from the policy instead of taking the most likely one")
-    p.add_argument("--env", metavar="ID", help="evaluate on another env id with the same spaces")
+    p.add_argument("--env", metavar="ID", help="evaluate on another env id with the same spaces (replaces the "
+                   "checkpoint's env.id and env.entry_point)")
+    p.add_argument("--trust-env-code", action="store_true",
+                   help="let the file's env recipe import or call code outside ppo-cli and gymnasium (env.entry_point, "
+                        "a module:Id id, wrapper targets); without it such a file is refused and nothing runs")
+    p.add_argument("--max-episode-steps", type=int, metavar="N",
+                   help="cut an episode after N steps (default: the run's eval.max_episode_steps); cut episodes "
+                        "are counted and reported")
     p.add_argument("--num-envs", type=int, default=None,
                    help="parallel envs (default: min(episodes, the run's env.num_envs))")
-    p.add_argument("--video", metavar="DIR", help="record every episode as mp4 into DIR (needs the 'video' extra)")
+    p.add_argument("--video", metavar="DIR", help="record every episode as mp4 into DIR (created if needed; "
+                   "eval-episode-N.mp4, one env; needs the 'video' extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     p.add_argument("--no-random-baseline", action="store_true", help="skip the random-policy reference run")
     return p
+
+
+VIDEO_PREFIX = "eval"
+
+
+def _video_files(folder: str, episodes: int) -> list[Path]:
+    """The files RecordVideo writes for evaluated episodes 1..N (its episode 0 is the seeding reset)."""
+    return [Path(folder) / f"{VIDEO_PREFIX}-episode-{e}.mp4" for e in range(1, episodes + 1)]
 
 
 def _video_wrappers(folder: str, episodes: int) -> list:
@@ -57,15 +79,39 @@ def _video_wrappers(folder: str, episodes: int) -> list:
         import moviepy  # noqa: F401
     except ImportError:
         raise UserError(f"--video needs moviepy: {extra_hint('video')}") from None
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--video {folder}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--video {folder}: the folder is not writable")
+    # rgb_array rendering draws off screen; without this, pygame's SDL looks for a display and prints an
+    # XDG_RUNTIME_DIR error on machines without one. A user's own setting stays.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 
     def wrap(env: gym.Env) -> gym.Env:
         # Recording runs on one env. Its episode 0 is the env factory's seeding reset; episodes 1..N are the
         # evaluated ones; the one the autoreset starts after the last is not recorded.
-        return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda e: 1 <= e <= episodes,
-                                        name_prefix="eval", disable_logger=True)
+        with warnings.catch_warnings():  # "Overwriting existing videos" is said of any existing folder: ours
+            warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
+            return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda e: 1 <= e <= episodes,
+                                            name_prefix=VIDEO_PREFIX, disable_logger=True)
 
     return [wrap]
+
+
+def _recipe_env(env_cfg: DictConfig, args: argparse.Namespace, what: str) -> DictConfig:
+    """The env to score: the file's recipe, or the one --env names. A recipe that imports or calls code outside
+    ppo-cli and gymnasium runs only on the user's word (--env, --trust-env-code), never on the file's."""
+    named: tuple[str, ...] = ()
+    if args.env:  # the user's env replaces the file's, its entry point included (else that would be scored)
+        env_cfg.id, env_cfg.entry_point = args.env, None
+        named = ("env.id", "env.entry_point")
+    code = code_in_recipe(env_cfg, named)
+    if code and not args.trust_env_code:
+        raise UserError(f"the {what}'s env recipe would import or call code: {', '.join(code)}; refused, nothing was "
+                        f"run. If you trust {args.checkpoint}, add --trust-env-code (or name the env with --env)")
+    return env_cfg
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -73,12 +119,17 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--episodes={args.episodes}: must be >= 1")
     if args.num_envs is not None and args.num_envs < 1:
         raise UserError(f"--num-envs={args.num_envs}: must be >= 1")
+    if args.seed < 0:  # gymnasium seeds envs with seed, seed + 1, ...: non-negative integers only
+        raise UserError(f"--seed={args.seed}: must be >= 0")
+    if args.max_episode_steps is not None and args.max_episode_steps < 1:
+        raise UserError(f"--max-episode-steps={args.max_episode_steps}: must be >= 1")
     fmt = export.detect(args.checkpoint)
     play: Callable[[gym.vector.VectorEnv], EvalResult]
     if fmt is None:
         data = checkpoint.load(args.checkpoint)
         policy, cfg = load_policy(data)
-        env_cfg = cfg.env.copy()
+        env_cfg = _recipe_env(cfg.env.copy(), args, "checkpoint")
+        max_steps = int(cfg.eval.max_episode_steps)
         expected, global_step = (data["observation_space"], data["action_space"]), int(data["global_step"])
 
         def play(envs: gym.vector.VectorEnv) -> EvalResult:
@@ -86,19 +137,26 @@ def run(args: argparse.Namespace) -> dict:
                 return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
     else:
         model = export.ExportedModel(args.checkpoint, fmt)
-        env_cfg = _exported_env(model)
+        env_cfg = _recipe_env(_exported_env(model), args, "model")
+        max_steps = EvalConfig.max_episode_steps  # an export carries the env, not the run's eval settings
         meta = model.metadata
         expected, global_step = (meta["observation_space"], meta["action_space"]), int(meta.get("global_step", 0))
 
         def play(envs: gym.vector.VectorEnv) -> EvalResult:
             act = model.actor(envs.num_envs, deterministic=not args.stochastic, seed=args.seed)
             return run_episodes(envs, act, args.episodes, args.seed)
-    if args.env:
-        env_cfg.id = args.env
+    if args.max_episode_steps is not None:
+        max_steps = args.max_episode_steps
+    elif max_steps < 1:
+        raise UserError(f"the checkpoint's eval.max_episode_steps={max_steps}: must be >= 1 (set "
+                        f"--max-episode-steps N)")
+    label = str(env_label(env_cfg))
     num_envs = args.num_envs or min(args.episodes, env_cfg.num_envs)
     if args.video:
         num_envs = 1  # one recorder, so the files are exactly the evaluated episodes, in order
-    wrappers = _video_wrappers(args.video, args.episodes) if args.video else []
+    cap = step_cap(max_steps)
+    videos_before = [f for f in _video_files(args.video, args.episodes) if f.exists()] if args.video else []
+    wrappers = [cap, *(_video_wrappers(args.video, args.episodes) if args.video else [])]
     try:
         envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
                             render_mode="rgb_array" if args.video else None, wrappers=wrappers)
@@ -106,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
             spaces = (describe_space(envs.single_observation_space),
                       describe_space(envs.single_action_space, bounds=True))
             if spaces != expected:
-                raise UserError(f"env {env_cfg.id!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
+                raise UserError(f"env {label!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
                                 f"trained for {expected[0]} / {expected[1]}")
             result = play(envs)
         finally:
@@ -123,20 +181,26 @@ def run(args: argparse.Namespace) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         hint = (" (MuJoCo renders without a display with MUJOCO_GL=egl or MUJOCO_GL=osmesa, which need the "
                 "system's EGL or OSMesa library)" if "OpenGL" in first or "mujoco" in type(exc).__module__ else "")
-        raise UserError(f"--video: {env_cfg.id!r} could not render ({type(exc).__name__}: {first}){hint}") from None
+        raise UserError(f"--video: {label!r} could not render ({type(exc).__name__}: {first}){hint}") from None
     baseline: EvalResult | None = None
     if not args.no_random_baseline:
-        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs)
+        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs, wrappers=[cap])
         try:
             baseline = evaluate_random(rand_envs, args.episodes, args.seed)
         finally:
             rand_envs.close()
-    exported = {} if fmt is None else {"model_format": fmt}
+    extra: dict = {} if fmt is None else {"model_format": fmt}
+    if args.video:
+        extra.update(video_dir=str(Path(args.video).resolve()),
+                     videos=[str(f) for f in _video_files(args.video, args.episodes) if f.exists()],
+                     videos_replaced=len(videos_before))
     return {**result.summary(), "returns": result.returns, "global_step": global_step,
-            "env_id": str(env_cfg.id), "deterministic": not args.stochastic, "seed": args.seed,
+            "env_id": label, "deterministic": not args.stochastic, "seed": args.seed,
+            "max_episode_steps": max_steps,
             "random_mean_return": baseline.mean_return if baseline else None,
             "random_std_return": baseline.std_return if baseline else None,
-            "checkpoint": str(args.checkpoint), **exported}
+            "random_cut_episodes": baseline.cut if baseline else None,
+            "checkpoint": str(args.checkpoint), **extra}
 
 
 def _exported_env(model: export.ExportedModel) -> DictConfig:
@@ -159,17 +223,25 @@ def _print(r: dict) -> None:
     print(f"return:       {r['mean_return']:.2f} +/- {r['std_return']:.2f} "
           f"(min {r['min_return']:.2f}, max {r['max_return']:.2f})")
     print(f"mean length:  {r['mean_length']:.1f}")
+    cap = r["max_episode_steps"]
+    if r["cut_episodes"]:
+        print(f"cut:          {cut_note(r['cut_episodes'], r['episodes'], cap, '--max-episode-steps')}")
     if r["random_mean_return"] is not None:
-        print(f"random policy: {r['random_mean_return']:.2f} +/- {r['random_std_return']:.2f} (same seeds)")
+        cut = f"; {r['random_cut_episodes']} cut at {cap:,} steps" if r["random_cut_episodes"] else ""
+        print(f"random policy: {r['random_mean_return']:.2f} +/- {r['random_std_return']:.2f} (same seeds{cut})")
+    if "video_dir" in r:
+        names = [Path(v).name for v in r["videos"]]
+        notes = [f"{names[0]} to {names[-1]}" if len(names) > 1 else names[0]] if names else []
+        if r["videos_replaced"]:
+            n = r["videos_replaced"]
+            notes.append(f"{n} earlier file{'s' if n > 1 else ''} of these names replaced")
+        print(f"videos:       {len(names)} mp4 files in {r['video_dir']}" + (f" ({'; '.join(notes)})" if notes else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
+    with one_line_errors("ppo-eval"):
         result = run(args)
-    except UserError as exc:
-        print(f"ppo-eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     if args.json:
         print(json.dumps(result))
     else:
