@@ -5,11 +5,12 @@
     python benchmarks/atari.py                      # 20,480 steps each, one torch thread, one run each
     python benchmarks/atari.py --steps 40960 --threads 2 --pairs 2
 
-Both tools: ALE/Breakout-v5 with frameskip 1 at the emulator, sticky actions 0.25 (the v5 default; ppo-cli's
-`env.atari` keeps it), the minimal action set; up to 30 no-ops at reset, frame skip 4 with max-pooling, 84x84
-grayscale, 4 stacked frames, episodic life, FIRE on reset, rewards clipped to their sign; 8 envs x 128 steps, 4
-epochs of 256-sample minibatches, learning rate 2.5e-4 decaying linearly to 0, clip 0.1, entropy 0.01, value
-0.5, gamma 0.99, lambda 0.95, gradient clip 0.5; the Nature CNN with one trunk for actor and critic, images
+Both tools run from one description, ppo-cli's composed config (SB3's side is built from it by
+`_common.sb3_atari_ppo`): ALE/Breakout-v5 with frameskip 1 at the emulator, sticky actions 0.25 (the v5 default;
+ppo-cli's `env.atari` keeps it), the minimal action set; up to 30 no-ops at reset, frame skip 4 with max-pooling,
+84x84 grayscale, 4 stacked frames, episodic life, FIRE on reset, rewards clipped to their sign; 8 envs x 128
+steps, 4 epochs of 256-sample minibatches, learning rate 2.5e-4 decaying linearly to 0, clip 0.1, entropy 0.01,
+value 0.5, gamma 0.99, lambda 0.95, gradient clip 0.5; the Nature CNN with one trunk for actor and critic, images
 scaled to [0, 1] in the network. No evaluation during training; ppo-cli writes TensorBoard scalars every update
 and a final checkpoint, SB3 its TensorBoard log. Every run is a fresh subprocess (peak RSS is per run); pairs
 alternate which tool goes first.
@@ -27,29 +28,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import atari_overrides, compose, sb3_atari_ppo  # noqa: E402
 from speed import _cpu_name, _peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GAME = "Breakout"
-ALE_KWARGS = {"frameskip": 1, "repeat_action_probability": 0.25, "full_action_space": False}
-HP = {"num_envs": 8, "n_steps": 128, "batch_size": 256, "epochs": 4, "lr": 2.5e-4, "clip": 0.1, "ent": 0.01,
-      "vf": 0.5, "gamma": 0.99, "lam": 0.95, "max_grad_norm": 0.5}
+
+
+def _cfg(steps: int, threads: int) -> DictConfig:
+    return compose([*atari_overrides(GAME), f"algo.total_timesteps={steps}", "eval.every_steps=0", "eval.final=false",
+                    "eval.objective=train", "checkpoint_interval=0", "device=cpu", f"torch_threads={threads}"])
 
 
 def worker_ppo_cli(steps: int, threads: int) -> dict:
-    from hydra import compose, initialize_config_module
-
-    from ppo_cli.config import register_configs
     from ppo_cli.trainer import Trainer
 
-    register_configs()
-    with initialize_config_module("ppo_cli.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"env={GAME}", "network=cnn", "algo=ppo_atari",
-                                           f"algo.total_timesteps={steps}", "eval.every_steps=0", "eval.final=false",
-                                           "eval.objective=train", "checkpoint_interval=0", "device=cpu",
-                                           f"torch_threads={threads}"])
-    assert cfg.algo.n_steps == HP["n_steps"] and cfg.algo.batch_size == HP["batch_size"]
+    cfg = _cfg(steps, threads)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
         t0 = time.perf_counter()
@@ -61,21 +58,11 @@ def worker_ppo_cli(steps: int, threads: int) -> dict:
 
 
 def worker_sb3(steps: int, threads: int) -> dict:
-    import ale_py
-    import gymnasium as gym
     import torch
-    from stable_baselines3 import PPO
-    from stable_baselines3.common.env_util import make_atari_env
-    from stable_baselines3.common.vec_env import VecFrameStack
 
-    gym.register_envs(ale_py)
     torch.set_num_threads(threads)
-    envs = VecFrameStack(make_atari_env(f"ALE/{GAME}-v5", n_envs=HP["num_envs"], seed=1, env_kwargs=ALE_KWARGS), 4)
     with tempfile.TemporaryDirectory() as log_dir:
-        model = PPO("CnnPolicy", envs, learning_rate=lambda f: f * HP["lr"], n_steps=HP["n_steps"],
-                    batch_size=HP["batch_size"], n_epochs=HP["epochs"], gamma=HP["gamma"], gae_lambda=HP["lam"],
-                    clip_range=HP["clip"], ent_coef=HP["ent"], vf_coef=HP["vf"], max_grad_norm=HP["max_grad_norm"],
-                    device="cpu", seed=1, tensorboard_log=log_dir, verbose=0)
+        model = sb3_atari_ppo(_cfg(steps, threads), device="cpu", tensorboard_log=log_dir)
         t0 = time.perf_counter()
         model.learn(total_timesteps=steps)
         wall = time.perf_counter() - t0
