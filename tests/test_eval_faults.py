@@ -183,11 +183,11 @@ def test_ppo_eval_cuts_endless_episodes_trusts_only_the_command_line_and_names_t
     # --env names the env on the command line: no flag needed, and that env is the one scored and named. CartPole
     # ends within 500 steps, so under a cap of 1,000 nothing is cut (NeverEnds would be).
     result = json.loads(_eval(capsys, ckpt, "--env", "CartPole-v1", "--episodes", "3", "--max-episode-steps",
-                              "1000", "--json"))
+                              "1000", "--no-random-baseline", "--json"))
     assert result["env_id"] == "CartPole-v1" and result["cut_episodes"] == 0 and result["mean_length"] < 500
 
 
-def test_exported_model_is_labelled_and_capped_like_its_checkpoint(never_run, tmp_path, capsys):
+def test_exported_model_is_labelled_and_capped(never_run, tiny_run, tmp_path, capsys):
     run, _ = never_run
     model = _exported(run / "checkpoints" / "checkpoint.pt", tmp_path / "never.torchscript.pt", capsys)
     with pytest.raises(SystemExit):
@@ -196,6 +196,10 @@ def test_exported_model_is_labelled_and_capped_like_its_checkpoint(never_run, tm
     result = json.loads(_eval(capsys, str(model), "--trust-env-code", "--episodes", "2", "--max-episode-steps",
                               "5", "--no-random-baseline", "--json"))
     assert result["env_id"] == NEVER and result["cut_episodes"] == 2 and result["mean_length"] == 5
+    # The model's JSON carries the env, not the run's eval settings: the default cap, and a registered id passes.
+    model = _exported(tiny_run / "checkpoints" / "checkpoint.pt", tmp_path / "cartpole.torchscript.pt", capsys)
+    result = json.loads(_eval(capsys, str(model), "--episodes", "1", "--no-random-baseline", "--json"))
+    assert result["max_episode_steps"] == 108_000 and result["cut_episodes"] == 0
 
 
 # --- --video (22) -------------------------------------------------------------------------------------------------

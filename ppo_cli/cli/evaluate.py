@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _exported_env(model: export.ExportedModel) -> DictConfig:
-    """The env an exported model was trained on, from its metadata (--env replaces the id)."""
+    """The env an exported model was trained on, from its metadata."""
     try:
         return OmegaConf.merge(OmegaConf.structured(EnvConfig), model.metadata.get("env") or {})  # type: ignore[return-value]
     except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
