@@ -327,6 +327,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no periodic evaluation)")
     need(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
+    need(cfg.eval.max_episode_steps >= 1, "eval.max_episode_steps", "must be >= 1")
     need(cfg.eval.train_window >= 1, "eval.train_window", "must be >= 1")
     need(cfg.eval.stop_at_return is None or cfg.eval.every_steps > 0, "eval.stop_at_return",
          "needs periodic evaluation (eval.every_steps > 0)")

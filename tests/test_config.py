@@ -52,6 +52,7 @@ def test_env_presets_compose_and_validate(preset):
     (["algo.batch_size=100000"], "larger than the rollout"),
     (["algo.batch_size=100"], "must divide the rollout"),
     (["network.net_arch=[]"], "network.net_arch"),
+    (["eval.max_episode_steps=0"], "eval.max_episode_steps=0: must be >= 1"),
 ])
 def test_out_of_range_values_are_named(overrides, fragment):
     with pytest.raises(UserError, match="invalid config") as err:

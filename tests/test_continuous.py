@@ -179,8 +179,8 @@ def test_continuous_reach_learns_and_evaluates(tmp_path):
         f"hydra.run.dir={run}", cwd=tmp_path, check=True, timeout=600)
     result = json.loads((run / "result.json").read_text())
     assert result["final_eval"]["mean_return"] > -3.0, result
-    proc = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "20", "--json", cwd=tmp_path,
-               check=True)
+    proc = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "20", "--json", "--trust-env-code",
+               cwd=tmp_path, check=True)
     scored = json.loads(proc.stdout)
     assert scored["mean_return"] > -3.0 and scored["random_mean_return"] < -7.0, scored
 

@@ -15,7 +15,7 @@ def _train_and_eval(tmp_path, *args, flags=()):
     run_dir = tmp_path / "run"
     cli("ppo-train", *flags, *FAST, *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
     ckpt = run_dir / "checkpoints" / "checkpoint.pt"
-    out = cli("ppo-eval", str(ckpt), "--json", "--episodes", "4", cwd=tmp_path, check=True)
+    out = cli("ppo-eval", str(ckpt), "--json", "--episodes", "4", "--trust-env-code", cwd=tmp_path, check=True)
     return json.loads(out.stdout)
 
 
@@ -67,7 +67,8 @@ def test_eval_says_which_module_to_make_importable(tmp_path):
     run_dir = tmp_path / "run"
     cli("ppo-train", *FAST, "algo.total_timesteps=256", "env.entry_point=tests.custom_env:Corridor",
         f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
-    proc = cli("ppo-eval", str(run_dir / "checkpoints" / "checkpoint.pt"), cwd=tmp_path, env={"PYTHONPATH": ""})
+    proc = cli("ppo-eval", str(run_dir / "checkpoints" / "checkpoint.pt"), "--trust-env-code", cwd=tmp_path,
+               env={"PYTHONPATH": ""})
     assert proc.returncode == 2 and "cannot import module 'tests.custom_env'" in proc.stderr
 
 
@@ -76,7 +77,7 @@ def test_video_of_an_env_that_cannot_render_is_one_line(tmp_path):
     cli("ppo-train", *FAST, "algo.total_timesteps=256", "env.entry_point=tests.custom_env:NoDisplay",
         "eval.final=false", "eval.objective=train", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
     proc = cli("ppo-eval", str(run_dir / "checkpoints" / "checkpoint.pt"), "--video", str(tmp_path / "v"),
-               "--episodes", "1", cwd=tmp_path)
+               "--episodes", "1", "--trust-env-code", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("ppo-eval: error:")]
     assert len(errors) == 1 and "could not render (RuntimeError: no OpenGL context on this machine)" in errors[0]

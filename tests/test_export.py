@@ -177,7 +177,8 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
 
     # ppo-eval: the checkpoint and each exported file on the same seeds.
     def eval_json(path: Path, *extra: str) -> dict:
-        eval_cli.main([str(path), "--episodes", "4", "--seed", "3", "--json", "--no-random-baseline", *extra])
+        eval_cli.main([str(path), "--episodes", "4", "--seed", "3", "--json", "--no-random-baseline",
+                       "--trust-env-code", *extra])
         return json.loads(capsys.readouterr().out)
 
     reference = eval_json(ckpt)

@@ -376,7 +376,7 @@ def test_the_cnn_learns_to_go_to_the_lit_cell(tmp_path):
         f"hydra.run.dir={run}", cwd=tmp_path, check=True)
     result = json.loads((run / "result.json").read_text())
     assert result["final_eval"]["mean_return"] == 4.0, result
-    proc = cli("ppo-eval", str(run / "checkpoints" / "best.pt"), "--episodes", "20", "--json", cwd=tmp_path,
-               check=True)
+    proc = cli("ppo-eval", str(run / "checkpoints" / "best.pt"), "--episodes", "20", "--json", "--trust-env-code",
+               cwd=tmp_path, check=True)
     scored = json.loads(proc.stdout)
     assert scored["mean_return"] == 4.0 and scored["random_mean_return"] < 1.5, scored

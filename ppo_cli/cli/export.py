@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -13,7 +12,7 @@ from omegaconf import OmegaConf
 from ppo_cli import checkpoint
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.envs import env_label
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, one_line_errors
 from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
 
 
@@ -58,11 +57,8 @@ def _shape(port: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
+    with one_line_errors("ppo-export"):
         meta = run(args)
-    except UserError as exc:
-        print(f"ppo-export: error: {exc}", file=sys.stderr)
-        sys.exit(2)
     path = meta.pop("path")
     if args.json:
         print(json.dumps(meta))
