@@ -87,6 +87,8 @@ class RewardScaler:
         return {"returns": torch.from_numpy(self.returns.copy()), "mean": self.mean, "var": self.var,
                 "count": self.count}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.returns = state["returns"].numpy().copy()
+    def load_state_dict(self, state: dict[str, Any], episodes: bool = True) -> None:
+        """The statistics, and with `episodes` the per-env discounted returns of the episodes in progress; without
+        (the envs restart from a reset, maybe another number of them) those restart at zero."""
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+        self.returns = state["returns"].numpy().copy() if episodes else np.zeros_like(self.returns)

@@ -2,17 +2,22 @@
 
 It builds the pieces once (envs, policy, optimizer, the rollout's actor, the updater, the evaluator) and owns
 what ties them together: the schedules (derived from the global step, so a resumed run is at the same point of
-them), the checkpoint state, and what SIGINT/SIGTERM do (stop at the current step, save, say how to resume).
-How any one step is computed lives in rollout.py, ppo.py and evaluation.py.
+them), the checkpoint state, and what SIGINT/SIGTERM do. A stop always checkpoints an update boundary, so that
+stopping and resuming equals not stopping: a signal during a rollout drops the rollout after the env step in
+progress and saves the state at its start (captured before every rollout); during an update, the update
+finishes first; an evaluation in progress is abandoned. A second signal ends the process at once and keeps the
+last checkpoint written (docs/evaluation-and-resume.md, "Stopping a run"). Distributed runs stop between
+updates, all ranks together. How any one step is computed lives in rollout.py, ppo.py and evaluation.py.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +54,34 @@ class Diverged(UserError):
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal after saving a checkpoint."""
+    """Training stopped by a signal; `path` holds the state at the update boundary `step`."""
 
-    def __init__(self, signum: int, step: int, path: Path) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step:,}; checkpoint saved")
+    def __init__(self, signum: int, step: int, path: Path, in_final_eval: bool = False) -> None:
+        name = signal.Signals(signum).name
+        if in_final_eval:
+            text = (f"interrupted by {name} during the final evaluation; the run is trained (step {step:,}) and its "
+                    f"checkpoint is kept: {path} (ppo-eval {path} evaluates it)")
+        else:
+            text = (f"interrupted by {name}; checkpoint at step {step:,} (an update boundary) saved to {path}; "
+                    f"resume with: ppo-train resume={path}")
+        super().__init__(text)
         self.signum, self.step, self.path = signum, step, path
+
+
+class _EvaluationStopped(BaseException):
+    """Raised by the signal handler into an evaluation in progress. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way (an env's, or the evaluation's own fault handling) takes it for an
+    env failure."""
+
+
+@dataclass
+class Boundary:
+    """What a rollout changes of the state at the update boundary it starts from: this process's part
+    (Trainer._rank_state: env snapshot, random streams, last observation, reward scaler, recurrent state) and
+    the policy's buffers (observation statistics). Parameters and optimizer change only in the update."""
+
+    own: dict[str, Any]
+    buffers: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -90,15 +118,57 @@ def schedule_value(start: float, end: float, kind: str, progress: float) -> floa
     return start if kind == "constant" else start + (end - start) * min(max(progress, 0.0), 1.0)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
 def stop_signals(handler: Any) -> Iterator[None]:
     """SIGINT and SIGTERM call `handler` inside the block; the previous handlers come back after it."""
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+@contextmanager
+def held_from_workers(remember: Any) -> Iterator[None]:
+    """Processes started inside the block (env.vectorization=async workers) never receive SIGINT or SIGTERM.
+
+    Ctrl-C in a terminal signals the whole foreground process group, and Slurm every process of the job; a worker
+    that died of it would take the run down with it. The signals are blocked here, and a child inherits the
+    blocked mask under every start method (fork, forkserver, spawn). Those that arrive meanwhile go to `remember`
+    when the block ends (or at once, where a thread of this process that does not block them takes them). The
+    trainer ends its workers itself: envs.close(), or SIGKILL (_stop_at_once).
+    """
+    with stop_signals(remember):
+        if not hasattr(signal, "pthread_sigmask"):  # Windows
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _say(text: str) -> None:
+    """One line on stderr from a signal handler: os.write, because the handler may run while the main thread is
+    inside a print to the same stream, where a buffered write would raise "reentrant call"."""
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+def _kill_workers(envs: Any) -> None:
+    """SIGKILL the worker processes of an async vector env (they do not take SIGTERM: held_from_workers)."""
+    for process in getattr(getattr(envs, "unwrapped", None), "processes", ()):
+        try:
+            process.kill()
+        except (OSError, ValueError):  # gone already, or closed
+            pass
 
 
 class Trainer:
@@ -120,7 +190,15 @@ class Trainer:
         self.np_rng = np.random.default_rng(cfg.seed if rank == 0 else [cfg.seed, rank])
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + rank)
         self.env_seed = cfg.seed + rank * cfg.env.num_envs
-        self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
+        self._pid = os.getpid()
+        self._stop_signal: int | None = None
+        self._phase: str | None = None  # "rollout", "update" or "evaluation", for what a signal does and says
+        self._saved: tuple[Path, int] | None = None  # the last checkpoint.pt written (or resumed from), its step
+        # Sync envs run in this process: a Ctrl-C while they are built is a KeyboardInterrupt, as anywhere outside
+        # run(). Async workers must not see it (held_from_workers); it then stops the run at its first boundary.
+        async_workers = cfg.env.vectorization == "async"
+        with held_from_workers(self._remember_signal) if async_workers else nullcontext():
+            self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
         try:
             self._build(cfg, resume, rich_progress)
         except BaseException:  # what was opened so far is closed; the error goes on to the user
@@ -148,15 +226,17 @@ class Trainer:
         self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
         self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        self._stop_signal: int | None = None
         self.clock = Stopwatch(STAGES)
         self.notes: list[str] = []
         self._restored_recurrent: dict[str, torch.Tensor] | None = None
         # best.pt is written by rank 0 alone, so it holds rank 0's part of the state only.
         self.evaluator = PeriodicEvaluator(cfg, self.policy, self.device, self.run_dir / "checkpoints" / BEST_NAME,
-                                           lambda: self.state(all_ranks=False), self._message)
+                                           self._best_state, self._message)
         if resume is not None:
             self._restore(resume)
+            if cfg.get("resume"):
+                self._saved = (Path(cfg.resume), self.global_step)
+        self._first_update = self.update_idx
         # Built after the restore: the fast paths take views of the parameters and the optimizer's state.
         self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs)
         if self._restored_recurrent is not None:
@@ -186,7 +266,8 @@ class Trainer:
 
     # --- checkpoint state -------------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
-        """The part of the training state that is this process's own (checkpoint.RANK_KEYS)."""
+        """The part of the training state that is this process's own (checkpoint.RANK_KEYS). Copies only (the
+        observations are never written in place): a Boundary keeps it while a rollout goes on."""
         env_state, _ = snapshot(self.envs)
         return {
             "rng": self.generator.get_state(),
@@ -195,14 +276,22 @@ class Trainer:
             "last_obs": as_tensors(self.obs),
             "last_mask": None if self.mask is None else torch.from_numpy(self.mask.copy()),
             "recurrent_state": None if self.actor.state is None else {
-                "state": self.actor.state.cpu(), "starts": torch.from_numpy(self.actor.starts.copy())},
+                "state": self.actor.state.cpu().clone(), "starts": torch.from_numpy(self.actor.starts.copy())},
             "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
         }
 
-    def state(self, all_ranks: bool = True) -> dict[str, Any]:
+    def _boundary(self) -> Boundary:
+        """The state a rollout is about to change, for a stop that drops the rollout (Boundary)."""
+        names = {name for name, _ in self.policy.named_buffers()}
+        buffers = {k: v.clone() for k, v in self.policy.state_dict().items() if k in names}
+        return Boundary(self._rank_state(), buffers)
+
+    def state(self, all_ranks: bool = True, at: Boundary | None = None) -> dict[str, Any]:
         """The training state (checkpoint.STATE_KEYS): rank 0's own part at the top level, the other ranks' in
-        `ranks` (gathered: with `all_ranks`, every rank must call this at the same point)."""
-        own = self._rank_state()
+        `ranks` (gathered: with `all_ranks`, every rank must call this at the same point). `at`: the state at the
+        start of the rollout in progress instead of now (one process only)."""
+        own = self._rank_state() if at is None else at.own
+        policy = self.policy.state_dict() if at is None else {**self.policy.state_dict(), **at.buffers}
         others = None
         if self.ranks.active and all_ranks:
             checksum = float(sum(p.detach().double().abs().sum() for p in self.policy.parameters()))
@@ -215,7 +304,7 @@ class Trainer:
             "config_yaml": self.config_yaml,
             "observation_space": self.obs_space,
             "action_space": self.action_space,
-            "policy": self.policy.state_dict(),
+            "policy": policy,
             "optimizer": self.optimizer.state_dict(),
             "global_step": self.global_step,
             "update": self.update_idx,
@@ -248,34 +337,59 @@ class Trainer:
             data = {**data, **data["ranks"][self.ranks.rank - 1]}
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
         self.trained_before = float(data.get("wall_time", 0.0))
-        self.generator.set_state(data["rng"])
+        try:
+            self.generator.set_state(data["rng"])
+        except RuntimeError:  # a generator state of another device type (a cuda run resumed on the CPU, or back)
+            self.generator.manual_seed(self.cfg.seed + self.ranks.rank)
+            self.notes.append(f"note: the checkpoint's minibatch-shuffle generator was saved on another device type "
+                              f"than {self.device.type}; it is reseeded from seed, so the minibatch shuffles (and the "
+                              f"parameters) from here differ from an uninterrupted run's")
         if data.get("np_rng") is not None:
             self.np_rng.bit_generator.state = data["np_rng"]
         self.recent_returns.extend(data.get("recent_returns", []))
         self.evaluator.best = data.get("best_eval")
-        if self.reward_scaler is not None and data.get("reward_scaler") is not None:
-            self.reward_scaler.load_state_dict(data["reward_scaler"])
         env_state = data.get("env_state")
         last_obs = data.get("last_obs")
         last_mask = data.get("last_mask")
-        if (env_state is not None and last_obs is not None and batch_size(last_obs) == self.cfg.env.num_envs
-                and (self.masks is None) == (last_mask is None)):
+        saved_envs = None if last_obs is None else batch_size(last_obs)
+        continues = (env_state is not None and saved_envs == self.cfg.env.num_envs
+                     and (self.masks is None) == (last_mask is None))
+        if self.reward_scaler is not None and data.get("reward_scaler") is not None:
+            # Its statistics carry over; its per-env discounted returns belong to the episodes in progress.
+            self.reward_scaler.load_state_dict(data["reward_scaler"], episodes=continues)
+        if continues:
             restore(self.envs, env_state)
             self.obs = as_arrays(last_obs)
             self.mask = None if last_mask is None else last_mask.numpy()
             self._restored_recurrent = data.get("recurrent_state")
         else:
-            _, why = snapshot(self.envs)
-            self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset "
-                              f"({why or 'the checkpoint holds no env state'})")
+            if saved_envs is not None and saved_envs != self.cfg.env.num_envs:
+                why = f"env.num_envs is {self.cfg.env.num_envs}, the checkpoint's {saved_envs}"
+            else:
+                why = snapshot(self.envs)[1] or "the checkpoint holds no env state"
+            scaler = ("; env.normalize_reward keeps its statistics and restarts its per-env discounted returns"
+                      if self.reward_scaler is not None else "")
+            self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset ({why}){scaler}")
             self.obs, info = self.envs.reset(seed=self.env_seed + self.global_step)
             self.mask = None if self.masks is None else self.masks(self.obs, info, self.envs, self.global_step)
 
-    def save(self, name: str = CHECKPOINT_NAME) -> Path:
-        """Write a checkpoint (rank 0; the other ranks give it their state): every rank calls this together."""
-        state = self.state()
+    def save(self, name: str = CHECKPOINT_NAME, at: Boundary | None = None) -> Path:
+        """Write a checkpoint (rank 0; the other ranks give it their state): every rank calls this together.
+        `at`: of the state at the start of the rollout in progress (Trainer.state)."""
+        state = self.state(at=at)
         path = self.run_dir / "checkpoints" / name
-        return checkpoint.save(state, path) if self.ranks.main else path
+        if not self.ranks.main:
+            return path
+        checkpoint.save(state, path)
+        if name == CHECKPOINT_NAME:
+            self._saved = (path, int(state["global_step"]))
+        return path
+
+    def _best_state(self) -> dict[str, Any]:
+        """The state best.pt holds. The evaluator asks for it just before writing best.pt: from here on the
+        evaluation is over, and a signal waits for the write instead of abandoning it (`_evaluation`)."""
+        self._phase = None
+        return self.state(all_ranks=False)
 
     # --- the loop ---------------------------------------------------------------------------------------
     def _set_schedules(self) -> float:
@@ -287,12 +401,77 @@ class Trainer:
             group["lr"] = schedule_value(base, 0.0, lr_kind, progress)
         return schedule_value(a.ent_coef, a.ent_coef_final, choice(a.ent_schedule), progress)
 
+    # --- signals ----------------------------------------------------------------------------------------
+    def _remember_signal(self, signum: int, _frame: Any) -> None:
+        if os.getpid() == self._pid and self._stop_signal is None:
+            self._stop_signal = signum
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
+        """SIGINT / SIGTERM during run(): see the module doc."""
+        if os.getpid() != self._pid:
+            return  # an env worker forked (evaluation envs, built in run()) inherits this handler: it ignores
+        if self._stop_signal is not None:
+            # One process: a second signal ends it at once. Under torchrun a rank may get a signal twice (from
+            # the terminal or Slurm, and forwarded by torchrun, which later kills what is left): no escalation.
+            if not self.ranks.active:
+                self._stop_at_once(signum)
+            return
         self._stop_signal = signum
+        if self._phase == "evaluation":
+            raise _EvaluationStopped
+        if self.ranks.main:
+            _say(self._stop_notice(signum))
+
+    def _stop_notice(self, signum: int) -> str:
+        name = signal.Signals(signum).name
+        if self.ranks.active:
+            return f"ppo-train: {name}: every process stops after this update and saves a checkpoint"
+        if self._phase == "rollout":
+            what = (f"after the env step in progress; the rollout is dropped and the checkpoint holds step "
+                    f"{self.global_step:,}, where it started")
+        elif self._phase == "update":
+            updates = self.update_idx - self._first_update
+            seconds = self.clock.seconds["advantages"] + self.clock.seconds["update"]
+            what = "after this update" + (f" (about {seconds / updates:.1f} s, as long as the updates so far)"
+                                          if updates else "")
+        else:
+            what = f"at step {self.global_step:,}"
+        return f"ppo-train: {name}: stopping {what} (a second Ctrl-C or SIGTERM stops at once, keeping the last " \
+               f"checkpoint)"
+
+    def _stop_at_once(self, signum: int) -> None:
+        """End the process now (an env step that never returns, a long update): the last checkpoint written is
+        complete (checkpoint.save is atomic) and stays; a write in progress leaves only a temporary file."""
+        if self._saved is None:
+            kept = "this run wrote no checkpoint yet"
+        else:
+            path, step = self._saved
+            kept = f"the last checkpoint is kept: {path} (step {step:,}); resume with: ppo-train resume={path}"
+        _say(f"ppo-train: stopped at once by a second {signal.Signals(signum).name}; {kept}")
+        for envs in (self.envs, self.evaluator.envs):
+            _kill_workers(envs)
+        os._exit(128 + signum)
 
     def _stop_requested(self) -> bool:
-        # Distributed runs stop between updates, all ranks together (run()); one process stops at once.
+        # Distributed runs stop between updates, all ranks together (_stop_agreed); one process also drops a
+        # rollout in progress (run()).
         return self._stop_signal is not None and not self.ranks.active
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop here; under torchrun every rank calls this at the same point and all agree."""
+        return distributed.any_true(self._stop_signal is not None, self.ranks)
+
+    @contextmanager
+    def _evaluation(self) -> Iterator[None]:
+        """An evaluation, which a stop signal abandons (it changes nothing a checkpoint holds but best.pt, whose
+        write `_best_state` shields)."""
+        try:
+            self._phase = "evaluation"
+            if self._stop_signal is not None:
+                raise _EvaluationStopped
+            yield
+        finally:
+            self._phase = None
 
     def run(self) -> TrainResult:
         a, ev, clock = self.cfg.algo, self.cfg.eval, self.clock
@@ -304,21 +483,25 @@ class Trainer:
         try:
             with stop_signals(self._on_signal):
                 while self.global_step < a.total_timesteps:
-                    if self.ranks.active and distributed.any_true(self._stop_signal is not None, self.ranks):
-                        # A signal to any rank stops all of them here, between updates: the checkpoint is then
+                    if self._stop_agreed():
+                        # Between updates (a signal to any rank stops all of them here): the checkpoint is
                         # exactly where an uninterrupted run would be.
                         raise Interrupted(self._stop_signal or signal.SIGTERM, self.global_step, self.save())
                     step0, time0 = self.global_step, clock.total()
                     settings.ent_coef = self._set_schedules()
                     norm = self.policy.obs_norm
-                    before = None if norm is None else (norm.mean.clone(), norm.var.clone(), norm.count.clone())
+                    before = (None if norm is None or not self.ranks.active
+                              else (norm.mean.clone(), norm.var.clone(), norm.count.clone()))
+                    start = None if self.ranks.active else self._boundary()
+                    self._phase = "rollout"
                     with clock["storage"]:
                         rollout = collect(self.envs, self.actor, self.buffer, self.obs, self.reward_scaler,
                                           self._stop_requested, clock, self.masks, self.mask, self.global_step)
+                    if self._stop_requested():  # one process, a signal: the rollout is dropped, its start saved
+                        raise Interrupted(self._stop_signal, step0, self.save(at=start))  # type: ignore[arg-type]
+                    self._phase = "update"
                     self.obs, self.mask = rollout.obs, rollout.mask
                     self.global_step += rollout.steps * self.ranks.world
-                    if not rollout.complete:
-                        raise Interrupted(self._stop_signal, self.global_step, self.save())  # type: ignore[arg-type]
                     if self.ranks.active:
                         if before is not None:
                             distributed.merge_obs_stats(norm, before, self.ranks)
@@ -334,19 +517,15 @@ class Trainer:
                     self._check_finite(stats)
                     self.update_idx += 1
                     self.recent_returns.extend(rollout.returns)
+                    self._phase = None
                     with clock["log_checkpoint"]:
                         sps = (self.global_step - step0) / max(clock.total() - time0, 1e-9)
                         self._log(stats, batch.values, batch.returns, settings.ent_coef, sps, rollout)
-                    if self.evaluator.due(step0, self.global_step):
+                    # A stop already asked for skips the evaluation (one process; the ranks all evaluate or not).
+                    if self.evaluator.due(step0, self.global_step) and not self._stop_requested():
                         reached = False
                         if self.ranks.main:  # rank 0 evaluates; the others wait for its verdict
-                            result, scalars = self.evaluator.periodic(self.global_step)
-                            self.logger.scalars(self.global_step, scalars)
-                            reached = self.evaluator.reached_target(result)
-                            if reached:
-                                self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} "
-                                                    f">= {ev.stop_at_return} at step {self.global_step:,} after "
-                                                    f"{self.wall_time:.1f} s of training")
+                            reached = self._periodic_evaluation()
                         if distributed.any_true(reached, self.ranks):
                             stopped_at = (self.global_step, self.wall_time)
                             break
@@ -355,10 +534,37 @@ class Trainer:
                         with clock["log_checkpoint"]:
                             self.save()
                 path = self.save()
-            final_eval = self.evaluator.evaluate(self.global_step) if ev.final and self.ranks.main else None
+                if self._stop_agreed():  # asked during the last update: the run is trained, the evaluation waits
+                    raise Interrupted(self._stop_signal or signal.SIGTERM, self.global_step, path)
+                final_eval = None
+                if ev.final and self.ranks.main:
+                    try:
+                        with self._evaluation():
+                            final_eval = self.evaluator.evaluate(self.global_step)
+                    except _EvaluationStopped:
+                        raise Interrupted(self._stop_signal, self.global_step, path,  # type: ignore[arg-type]
+                                          in_final_eval=True) from None
             return self._finish(path, final_eval, stopped_at)
         finally:
             self.logger.close()
+
+    def _periodic_evaluation(self) -> bool:
+        """Evaluate (best.pt, TensorBoard, the message); whether eval.stop_at_return is reached. A stop signal
+        abandons it: nothing is logged, and the best so far stays (best.pt was not being written, _best_state)."""
+        best = self.evaluator.best
+        try:
+            with self._evaluation():
+                result, scalars = self.evaluator.periodic(self.global_step)
+        except _EvaluationStopped:
+            self.evaluator.best = best
+            return False
+        self.logger.scalars(self.global_step, scalars)
+        reached = self.evaluator.reached_target(result)
+        if reached:
+            self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
+                                f"{self.cfg.eval.stop_at_return} at step {self.global_step:,} after "
+                                f"{self.wall_time:.1f} s of training")
+        return reached
 
     def _check_finite(self, stats: dict[str, float]) -> None:
         bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]

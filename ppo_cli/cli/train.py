@@ -347,9 +347,8 @@ def _task(cfg: DictConfig) -> float | None:
             return _failed(run_dir, str(exc), started)
         _discard_failed_start()
         sys.exit(2)
-    except Interrupted as exc:
-        print(f"ppo-train: {exc} to {exc.path}\n"
-              f"resume with: ppo-train resume={exc.path}", file=sys.stderr, flush=True)
+    except Interrupted as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), as the shell reports a process they ended
+        print(f"ppo-train: {exc}", file=sys.stderr, flush=True)
         sys.exit(128 + exc.signum)
     except Exception as exc:
         if not multirun:
@@ -602,6 +601,11 @@ def main() -> None:
         _prepare_named_folder(argv)
         sys.argv = [sys.argv[0], *argv]
         _task()
+    except KeyboardInterrupt:  # Ctrl-C outside Trainer.run (which stops at an update boundary): nothing to save
+        print("ppo-train: interrupted by SIGINT while starting or closing the run; checkpoints already written are "
+              "kept", file=sys.stderr, flush=True)
+        _discard_failed_start()
+        sys.exit(130)
     except Exception as exc:
         user = _find(exc, UserError)
         if user is not None:
