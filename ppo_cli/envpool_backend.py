@@ -152,6 +152,7 @@ class SameStepPool(gym.vector.VectorEnv):
         self._game_length = np.zeros(self.num_envs, dtype=np.int64)
         self._cap_return = np.zeros(self.num_envs)
         self._cap_length = np.zeros(self.num_envs, dtype=np.int64)
+        self._none = np.zeros(self.num_envs, dtype=bool)
         if cap is not None:
             from ppo_cli.evaluation import CUT_KEY  # evaluation.py imports envs.py, which imports this module
 
@@ -176,7 +177,8 @@ class SameStepPool(gym.vector.VectorEnv):
         self._fresh = False
         info = _plain_info(info)
         ended = terminated | truncated
-        restart = ended  # the envs to reset now: the ended episodes and, in whole-game evaluation, the lost lives
+        restart = ended  # envpool's ends (the episodes that ended, and in whole-game evaluation the lost lives)
+        cut = self._none  # the episodes that the step cap ends, of which envpool knows nothing
         stats: dict[str, tuple[dict[str, np.ndarray], np.ndarray]] = {}  # final_info key: (r and l, which envs)
         if self.is_atari:
             self._game_score += info["reward"]  # envpool's unclipped reward
@@ -191,30 +193,38 @@ class SameStepPool(gym.vector.VectorEnv):
             self._cap_length += 1
             cut = (self._cap_length >= self.cap) & ~ended
             stats[self._cut_key] = ({"r": self._cap_return.copy(), "l": self._cap_length.copy()}, cut)
-            truncated, ended, restart = truncated | cut, ended | cut, restart | cut
+            truncated, ended = truncated | cut, ended | cut
             self._cap_return[ended], self._cap_length[ended] = 0.0, 0
-        if not restart.any():
+            self._game_score[cut], self._game_length[cut] = 0.0, 0  # a cut game is dropped: the next starts afresh
+        if not (restart.any() or cut.any()):
             return obs, reward, terminated, truncated, info
         if ended.any():
             final_obs = np.empty(self.num_envs, dtype=object)
             for i in np.flatnonzero(ended):
-                final_obs[i] = obs[i].copy()  # a view of the row that the reset below overwrites
+                final_obs[i] = obs[i].copy()  # a view of the row that a reset below overwrites
             final_info = {k: v.copy() for k, v in info.items()} | {"_" + k: ended for k in info}
             for key, (values, which) in stats.items():
                 if which.any():
                     final_info |= {key: values, "_" + key: which}
-        # A step of just these envs: envpool resets an env whose episode ended instead of stepping it (the action
-        # is ignored), as it would have on the next step. Not reset(env_id): that one restarts an Atari game where a
-        # lost life must only restart play.
-        ids = np.flatnonzero(restart).astype(np.int32)
-        first_obs, _, _, _, first_info = self.pool.step(self._idle[:ids.size], ids)
-        rows = first_info["env_id"]
-        obs[rows] = first_obs
-        for key, value in _plain_info(first_info).items():
-            info[key][rows] = value
+        # envpool's own ends: a step of just these envs, which envpool answers with the reset it would have done on the
+        # next step (the action is ignored). Not reset(env_id): that one is forced, and restarts an Atari game where a
+        # lost life must only restart play. A cut episode did not end for envpool: it needs the forced reset.
+        for which, forced in ((restart & ~cut, False), (cut, True)):
+            if not which.any():
+                continue
+            ids = np.flatnonzero(which).astype(np.int32)
+            first_obs, first_info = self.pool.reset(ids) if forced else self._autoreset(ids)
+            rows = first_info["env_id"]
+            obs[rows] = first_obs
+            for key, value in _plain_info(first_info).items():
+                info[key][rows] = value
         if ended.any():
             info |= {"final_obs": final_obs, "_final_obs": ended, "final_info": final_info, "_final_info": ended}
         return obs, reward, terminated, truncated, info
+
+    def _autoreset(self, ids: np.ndarray) -> tuple[Any, dict[str, Any]]:
+        first_obs, _, _, _, first_info = self.pool.step(self._idle[:ids.size], ids)
+        return first_obs, first_info
 
     def close_extras(self, **kwargs: Any) -> None:
         self.pool.close()

@@ -157,9 +157,18 @@ def test_resume_restarts_envpools_episodes_from_a_reset_and_says_so(tmp_path: Pa
 
 @needs_envpool
 def test_evaluation_step_cap_cuts_episodes_on_envpools_envs():
-    """evaluation.StepCap's cut, counted by the pool: cut episodes are reported as cut with their partial returns."""
+    """evaluation.StepCap's cut, counted by the pool: cut episodes are reported as cut with their partial returns, and
+    a cut env starts a new episode (envpool's forced reset: it knew of no end)."""
     cfg = make_cfg("env.backend=envpool")
     envs = make_vec_env(cfg.env, seed=0, num_envs=2, wrappers=[step_cap(5)])
+    envs.reset(seed=0)
+    for t in range(1, 11):
+        obs, _, terminated, truncated, info = envs.step(np.zeros(2, dtype=np.int64))
+        assert not terminated.any() and truncated.all() == (t % 5 == 0)
+        if t % 5 == 0:
+            assert (info["final_info"]["_eval_cut"] == [True, True]).all()
+            assert info["final_info"]["eval_cut"]["l"].tolist() == [5, 5]
+            assert np.abs(obs).max() <= 0.05 and np.abs(np.stack(info["final_obs"])).max() > 0.05  # reset vs final
     capped = evaluate_random(envs, 4, seed=0)
     envs.close()
     assert capped.cut == 4 and capped.lengths == [5] * 4 and capped.returns == [5.0] * 4
