@@ -179,6 +179,17 @@ def test_evaluation_step_cap_cuts_episodes_on_envpools_envs():
 
 
 @needs_envpool
+def test_recording_plays_on_gymnasiums_env_without_envpools_pool_settings():
+    """ppo-eval --video renders one env per frame through gymnasium's recorder: those envs are gymnasium's."""
+    import gymnasium as gym
+
+    envs = make_vec_env(make_cfg("env.backend=envpool", "+env.kwargs.num_threads=1").env, seed=0, num_envs=1,
+                        render_mode="rgb_array")
+    assert isinstance(envs.unwrapped, gym.vector.SyncVectorEnv) and envs.unwrapped.envs[0].render_mode == "rgb_array"
+    envs.close()
+
+
+@needs_envpool
 def test_atari_options_follow_ppo_clis_pipeline():
     task, kwargs = task_and_kwargs(make_cfg("env=Breakout", "env.backend=envpool").env, training=True)
     assert task == "Breakout-v5"
