@@ -78,7 +78,7 @@ def sb3_atari_ppo(cfg: DictConfig, device: str = "cpu", tensorboard_log: str | N
     - PPO: n_steps, batch_size, epochs, gamma, lambda, clip, entropy and value coefficients, gradient clip,
       Adam epsilon and advantage normalization from cfg.algo; the learning rate constant or linear to 0 as
       cfg.algo.lr_schedule says (SB3's progress is read after each rollout, ppo-cli's before it: one rollout
-      apart); seed cfg.seed.
+      apart); seed cfg.seed; its training-episode statistics over the last eval.train_window games, as ppo-cli's.
 
     A setting SB3 has no equal for ends the script with one line naming it."""
     from stable_baselines3 import PPO
@@ -105,4 +105,4 @@ def sb3_atari_ppo(cfg: DictConfig, device: str = "cpu", tensorboard_log: str | N
                n_epochs=a.K_epochs, gamma=a.gamma, gae_lambda=a.gae_lambda, clip_range=a.clip_range,
                normalize_advantage=a.normalize_advantage, ent_coef=a.ent_coef, vf_coef=a.vf_coef,
                max_grad_norm=a.max_grad_norm, policy_kwargs={"optimizer_kwargs": {"eps": a.eps}}, device=device,
-               seed=cfg.seed, tensorboard_log=tensorboard_log, verbose=0)
+               seed=cfg.seed, stats_window_size=cfg.eval.train_window, tensorboard_log=tensorboard_log, verbose=0)

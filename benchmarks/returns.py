@@ -39,6 +39,11 @@ actions (tests/test_bench_returns.py), stacked oldest first as [4, 84, 84], the 
 its VecTransposeImage. One difference remains, in the first 3 steps of a game: a fresh stack repeats the first
 frame in ppo-cli (FrameStackObservation's padding, as CleanRL's) where SB3's VecFrameStack pads with zeros, so
 SB3's policy meets at evaluation a padding it did not train on, for 3 of the hundreds of steps of each game.
+
+The final table also gives each run's mean score over its last 100 training episodes (sampled actions; for Atari
+whole games with raw scores on both sides: ppo-cli's recent_train_return, SB3's Monitor, which sits below its
+AtariWrapper). Early in Atari training a deterministic policy is often one fixed action, which a few evaluation
+games score alike whatever the network; the training games are the steadier signal there.
 """
 
 from __future__ import annotations
@@ -160,8 +165,8 @@ def run_ppo_cli(task: Task, seed: int, overrides: list[str], threads: int, out: 
     if final and (not curve or curve[-1]["step"] != result["global_step"]):
         curve.append({"step": result["global_step"], "mean": final["mean_return"], "std": final["std_return"],
                       "cut": int(final.get("cut_episodes", 0))})
-    return {**row, "steps": result["global_step"], "curve": curve, "train_s": result["wall_time"],
-            "wall_s": wall, "sps": result["sps"]}
+    return {**row, "steps": result["global_step"], "curve": curve, "train_score": result.get("recent_train_return"),
+            "train_s": result["wall_time"], "wall_s": wall, "sps": result["sps"]}
 
 
 def run_sb3(task: Task, seed: int, overrides: list[str], device: str, threads: int, out: Path) -> dict:
@@ -243,7 +248,10 @@ def sb3_worker(overrides: list[str], run_dir: Path, device: str, threads: int) -
         evaluate(model.num_timesteps)
     envs.close()
     train_s = learn_s - eval_s
-    return {"steps": model.num_timesteps, "curve": curve, "train_s": train_s, "sps": model.num_timesteps / train_s}
+    # SB3's Monitor sits below its AtariWrapper, so these are whole games with raw scores, as ppo-cli's.
+    games = [float(e["r"]) for e in model.ep_info_buffer]
+    return {"steps": model.num_timesteps, "curve": curve, "train_score": sum(games) / len(games) if games else None,
+            "train_s": train_s, "sps": model.num_timesteps / train_s}
 
 
 def _score(point: dict | None) -> str:
@@ -251,6 +259,10 @@ def _score(point: dict | None) -> str:
         return "-"
     cut = f" ({point['cut']} cut)" if point["cut"] else ""
     return f"{point['mean']:.1f} +/- {point['std']:.1f}{cut}"
+
+
+def _mean(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def print_side_by_side(ours: dict, peer: dict | None) -> None:
@@ -304,18 +316,19 @@ def main() -> None:
             peer = run_sb3(task, seed, overrides, args.device, args.threads, out) if args.peer else None
             print_side_by_side(ours, peer)
             rows += [(task, r) for r in (ours, peer) if r is not None]
-    print("\n| task | seed | tool | steps | final eval | best eval | target | first >= target at | train time | "
-          "wall time | SPS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| task | seed | tool | steps | final eval | best eval | training episodes (last 100) | target | "
+          "first >= target at | train time | wall time | SPS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task, r in rows:
         if r.get("failed") or not r["curve"]:
-            print(f"| {r['task']} | {r['seed']} | {r['tool']} | failed | | | | | | | |")
+            print(f"| {r['task']} | {r['seed']} | {r['tool']} | failed | | | | | | | | |")
             continue
         curve = r["curve"]
         reached = next((p["step"] for p in curve if task.target is not None and p["mean"] >= task.target), None)
         reached_text = f"{reached:,} steps" if reached is not None else "not reached"
         print(f"| {r['task']} | {r['seed']} | {r['tool']} | {r['steps']:,} | {curve[-1]['mean']:.1f} | "
-              f"{max(p['mean'] for p in curve):.1f} | {task.target_label} | {reached_text} | "
+              f"{max(p['mean'] for p in curve):.1f} | {_mean(r.get('train_score'))} | {task.target_label} | "
+              f"{reached_text} | "
               f"{r['train_s'] / 60:.1f} min | {r['wall_s'] / 60:.1f} min | {r['sps']:,.0f} |")
 
 
