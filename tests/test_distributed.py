@@ -66,6 +66,7 @@ def test_no_two_ranks_share_an_env_seed(tmp_path):
     assert data["ranks"][0]["last_obs"].flatten().tolist() == [9.0, 10.0]
 
 
+@pytest.mark.slow  # the 2-rank update equals the 1-process one (test above)
 def test_two_ranks_learn_cartpole(tmp_path):
     run = tmp_path / "run"
     proc = torchrun("env.num_envs=4", "algo.n_steps=256", "algo.total_timesteps=98304", "eval.every_steps=16384",
@@ -105,6 +106,7 @@ def test_a_crashing_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     assert "Traceback" not in "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("[rank"))
 
 
+@pytest.mark.slow  # a torchrun run for one refusal line
 def test_resuming_with_another_process_count_is_one_line(tmp_path):
     run = tmp_path / "run"
     proc = torchrun(*SMALL, "algo.total_timesteps=256", f"hydra.run.dir={run}", cwd=tmp_path)

@@ -275,8 +275,8 @@ def test_sweep_summary_and_exit_code(tmp_path):
     _one_line(again.stderr, f"sweep folder {sweep} already holds a sweep (jobs 0, 1)")
 
 
-@pytest.mark.parametrize("sweeper", [[], ["hydra/sweeper=ppo_random", "hydra.sweeper.n_trials=2"]],
-                         ids=["grid", "optuna"])
+@pytest.mark.parametrize("sweeper", [[], pytest.param(["hydra/sweeper=ppo_random", "hydra.sweeper.n_trials=2"],
+                                                      marks=pytest.mark.slow)], ids=["grid", "optuna"])
 def test_sweep_where_every_job_failed_exits_1(tmp_path, sweeper):
     sweep = tmp_path / "sweep"
     grid = [] if sweeper else ["algo.clip_range=0.1,0.2"]

@@ -286,6 +286,7 @@ def test_ctrl_c_during_the_final_evaluation_stops_it_and_keeps_the_checkpoint(tm
     assert checkpoint.load(ckpt)["global_step"] == 256
 
 
+@pytest.mark.slow  # waits out a slow start; timing-bound under load
 def test_ctrl_c_while_the_run_starts_is_one_line_and_leaves_no_folder(tmp_path):
     run = tmp_path / "run"
     proc = _spawn([*QUICK, "env.entry_point=tests.signal_envs:SlowStart", f"hydra.run.dir={run}"], tmp_path)

@@ -103,6 +103,7 @@ def test_numpy_loss_with_masks_equals_autograd(tmp_path):
     trainer.close()
 
 
+@pytest.mark.slow  # learning; the masking maths has fast tests
 def test_masked_grid_is_solved_and_evaluated_with_masks(tmp_path):
     """The env raises on a masked action: training, periodic evaluation, ppo-eval and its random baseline all
     run through it, so none took one. The masked policy finds the 20-move path (return 0.81)."""

@@ -138,6 +138,7 @@ def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
     assert resets >= 3
 
 
+@pytest.mark.slow  # learning; the core is pinned by the replay and resume tests
 def test_a_memory_task_is_learned_where_the_mlp_cannot(tmp_path):
     """RepeatCue: the cue is visible at the first of 6 steps only. The LSTM policy repeats it every step (return 6);
     a memoryless one scores 3.5 in expectation (1 + 5 x the share of episodes whose cue its fixed guess matches)."""

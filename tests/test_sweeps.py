@@ -100,6 +100,7 @@ def test_optuna_bayes_sweep_completes_and_reports_best_params(tmp_path):
     assert out["optuna_best_params"] == best["best_params"]
 
 
+@pytest.mark.slow  # the Optuna path runs in test_optuna_bayes_sweep
 def test_random_sweeper_preset_samples_the_space(tmp_path):
     sweep = tmp_path / "sweep"
     cli("ppo-train", "-m", "hydra/sweeper=ppo_random", "hydra.sweeper.n_trials=2", *JOB[:1], "env.num_envs=2",
@@ -111,7 +112,7 @@ def test_random_sweeper_preset_samples_the_space(tmp_path):
     assert params[0] != params[1]
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["joblib", pytest.param("submitit_local", marks=pytest.mark.slow)])
 def test_parallel_launchers_run_two_jobs(launcher, tmp_path):
     sweep = tmp_path / "sweep"
     extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
