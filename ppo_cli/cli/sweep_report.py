@@ -216,7 +216,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
     ranked = sorted(jobs, key=lambda j: (j.status != "ok", -(j.objective or 0.0) if j.status == "ok" else 0.0))
     out = out or sweep_dir
 
-    console.print(f"{sweep_dir}: {len(jobs)} jobs, ranked by objective", soft_wrap=True)
+    console.print(f"{sweep_dir}: {len(jobs)} jobs, ranked by objective", soft_wrap=True, markup=False)
     table = Table()
     for col in ("rank", "job", *_headers(keys), "objective", "steps", "wall s", "status"):
         table.add_column(col, justify="right" if col in ("rank", "objective", "steps", "wall s") else "left")
@@ -266,8 +266,8 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
             for i, j in enumerate(ranked, 1):
                 writer.writerow([i if j.status == "ok" else "", j.name, *(j.params.get(k, "") for k in keys),
                                  j.objective, j.steps, j.wall_time, j.status, j.error or "", " ".join(j.overrides)])
-        console.print(f"table: {out / 'summary.csv'}", soft_wrap=True)
-        console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True)
+        console.print(f"table: {out / 'summary.csv'}", soft_wrap=True, markup=False)
+        console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True, markup=False, highlight=False)
     except OSError as exc:
         raise UserError(f"cannot write the report into {out} ({exc.strerror or exc}); choose another folder with "
                         f"--out DIR") from None
