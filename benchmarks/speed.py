@@ -5,17 +5,22 @@
     python benchmarks/speed.py --settings A --pairs 5
     python benchmarks/speed.py --time-to-475         # setting A: wall time until eval >= 475, both tools
     python benchmarks/speed.py --scaling             # ppo-cli SPS against num_envs and network width
+    python benchmarks/speed.py --settings A --backends gymnasium envpool   # ppo-cli on both env backends, and SB3
 
 Every measurement is a fresh subprocess (`--worker`), so peak RSS is per run and neither tool warms the
 other's caches. Pairs alternate which tool goes first. Both tools get one torch thread, the same envs
 (gymnasium, same ids and counts), network ([w, w] tanh, separate actor and critic, orthogonal init), epochs,
 minibatch size, learning rate, clip range, GAE and loss coefficients. ppo-cli writes TensorBoard scalars every
-update and a final checkpoint; SB3 writes its TensorBoard log too.
+update and a final checkpoint; SB3 writes its TensorBoard log too. `--backends gymnasium envpool` runs ppo-cli on
+gymnasium's vector env and on envpool's (env.backend=envpool, pip install ".[envpool]"; envpool's own thread pool
+steps the envs, at its default of one thread per CPU up to num_envs) in the same pairs; SB3 always runs on
+gymnasium's envs through its DummyVecEnv.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -171,8 +176,9 @@ def worker(args: argparse.Namespace) -> None:
 EXTRA: list[str] = []  # --extra overrides, passed to every ppo-cli worker
 
 
-def spawn(tool: str, setting: str, *opts: str) -> dict:
-    extra = ["--extra", *EXTRA] if EXTRA and tool.startswith("ppo-cli") else []
+def spawn(tool: str, setting: str, *opts: str, backend: str = "gymnasium") -> dict:
+    overrides = [*EXTRA, *([f"env.backend={backend}"] if backend != "gymnasium" else [])]
+    extra = ["--extra", *overrides] if overrides and tool.startswith("ppo-cli") else []
     cmd = [sys.executable, __file__, "--worker", tool, "--setting", setting, *opts, *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -186,34 +192,41 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):>8,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def compare(settings: list[str], pairs: int) -> None:
+def compare(settings: list[str], pairs: int, backends: list[str]) -> None:
+    """Each pair runs ppo-cli once per backend and SB3 once, in an order that rotates from pair to pair."""
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; torch threads 1; {pairs} alternating pairs per setting\n")
+    tools = [("ppo-cli", b) for b in backends] + [("sb3", "gymnasium")]
+    label = {t: ("SB3" if t[0] == "sb3" else "ppo-cli" if len(backends) == 1 else f"ppo-cli {t[1]}") for t in tools}
     rows = []
     for name in settings:
-        ours, theirs = [], []
+        runs: dict[tuple[str, str], list[dict]] = {t: [] for t in tools}
         for i in range(pairs):
-            order = ("ppo-cli", "sb3") if i % 2 == 0 else ("sb3", "ppo-cli")
-            for tool in order:
-                (ours if tool == "ppo-cli" else theirs).append(spawn(tool, name))
-            print(f"  {name} pair {i + 1}: ppo-cli {ours[-1]['sps']:,.0f} SPS, sb3 {theirs[-1]['sps']:,.0f} SPS",
+            for tool in tools[i % len(tools):] + tools[:i % len(tools)]:
+                runs[tool].append(spawn(tool[0], name, backend=tool[1]))
+            print(f"  {name} pair {i + 1}: " + ", ".join(f"{label[t]} {runs[t][-1]['sps']:,.0f} SPS" for t in tools),
                   flush=True)
-        rows.append((name, ours, theirs))
-    print("\n| setting | ppo-cli SPS median (min-max) | SB3 SPS median (min-max) | ratio | peak RSS ppo-cli / SB3 |")
-    print("|---|---|---|---|---|")
-    for name, ours, theirs in rows:
-        ratio = statistics.median(r["sps"] for r in ours) / statistics.median(r["sps"] for r in theirs)
-        rss_ours = statistics.median(r["rss_mb"] for r in ours)
-        rss = f"{rss_ours:.0f} / {statistics.median(r['rss_mb'] for r in theirs):.0f} MB"
-        print(f"| {name} | {_spread([r['sps'] for r in ours])} | {_spread([r['sps'] for r in theirs])} "
-              f"| {ratio:.2f}x | {rss} |")
-    stages = list(rows[0][1][0]["stages"])  # the trainer's own stage names, in its order
+        rows.append((name, runs))
+    ours, sb3 = tools[:-1], tools[-1]
+    print("\n| setting | " + " | ".join(f"{label[t]} SPS median (min-max)" for t in tools) + " | "
+          + " | ".join(f"ratio {label[t]} / SB3" for t in ours) + " | peak RSS " + " / ".join(label[t] for t in tools)
+          + " |")
+    print("|---|" + "---|" * (2 * len(tools)))
+    for name, runs in rows:
+        theirs = statistics.median(r["sps"] for r in runs[sb3])
+        ratios = " | ".join(f"{statistics.median(r['sps'] for r in runs[t]) / theirs:.2f}x" for t in ours)
+        rss = " / ".join(f"{statistics.median(r['rss_mb'] for r in runs[t]):.0f}" for t in tools) + " MB"
+        cells = " | ".join(_spread([r["sps"] for r in runs[t]]) for t in tools)
+        print(f"| {name} | {cells} | {ratios} | {rss} |")
+    stages = list(rows[0][1][ours[0]][0]["stages"])  # the trainer's own stage names, in its order
     print("\nppo-cli time by stage (share of training time, median over runs):")
     print("| setting | " + " | ".join(stages) + " |")
     print("|---|" + "---|" * len(stages))
-    for name, ours, _ in rows:
-        shares = [statistics.median(r["stages"][k] / r["wall"] for r in ours) for k in stages]
-        print(f"| {name} | " + " | ".join(f"{100 * x:.0f}%" for x in shares) + " |")
-    for name, _, _ in rows:
+    for name, runs in rows:
+        for t in ours:
+            shares = [statistics.median(r["stages"][k] / r["wall"] for r in runs[t]) for k in stages]
+            row = name if len(ours) == 1 else f"{name}, {t[1]}"
+            print(f"| {row} | " + " | ".join(f"{100 * x:.0f}%" for x in shares) + " |")
+    for name, _ in rows:
         print(f"  {name}: {SETTINGS[name]['title']}")
 
 
@@ -275,6 +288,8 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument("--target", type=float, default=475.0, help=argparse.SUPPRESS)
     p.add_argument("--extra", nargs="*", help="extra ppo-cli overrides for every ppo-cli run")
+    p.add_argument("--backends", nargs="+", default=["gymnasium"], choices=["gymnasium", "envpool"],
+                   help="ppo-cli's env backends to run, each in every pair (default: gymnasium)")
     args = p.parse_args()
     EXTRA.extend(args.extra or [])
     if args.worker:
@@ -285,10 +300,12 @@ def main() -> None:
             import stable_baselines3  # noqa: F401
         except ImportError:
             raise SystemExit("speed.py compares against Stable-Baselines3: pip install '.[bench]'") from None
+        if "envpool" in args.backends and importlib.util.find_spec("envpool") is None:
+            raise SystemExit("--backends envpool needs envpool: pip install '.[envpool]'")
     if args.scaling:
         scaling()
     else:
-        compare(args.settings, args.pairs)
+        compare(args.settings, args.pairs, args.backends)
         if args.time_to_475:
             time_to_475(args.pairs)
 
