@@ -159,8 +159,8 @@ class EnvConfig:
                              "and rewards clipped to their sign); returns are game scores (docs/pixels.md; needs "
                              "the atari extra)")
     backend: Backend = key(Backend.gymnasium, "gymnasium (gymnasium's vector envs, any env) / envpool (pip install "
-                                              "'.[envpool]': envpool's C++ envs for the Atari, MuJoCo and "
-                                              "classic-control tasks it provides; docs/envpool.md)")
+                                              "'.[envpool]': envpool's C++ envs for the Atari, MuJoCo, Box2D "
+                                              "and classic-control tasks it provides; docs/envpool.md)")
 
 
 class Objective(str, Enum):

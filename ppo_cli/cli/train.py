@@ -265,8 +265,9 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     if end != a.total_timesteps and updates:
         steps += (f" (algo.total_timesteps={a.total_timesteps:,} is not a whole number of rollouts: the run stops "
                   f"after the update that reaches it)")
+    vectorized = "envpool" if choice(e.backend) == "envpool" else choice(e.vectorization)
     print(f"run dir:    {run_dir}\n"
-          f"env:        {env_label(e)} x {e.num_envs} envs ({choice(e.vectorization)}), seed {cfg.seed}\n"
+          f"env:        {env_label(e)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
           f"device:     {device.device.type} ({device.reason})\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
