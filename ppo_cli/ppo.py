@@ -6,10 +6,11 @@ Minimised: -L_clip + vf_coef * L_vf - ent_coef * S, with ratio r = pi_new(a|s) /
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -35,6 +36,22 @@ class UpdateSettings:
 
 
 STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm")
+# Rewards beyond this magnitude (PPO's defaults assume rewards of order 1 to 100) are what an update that diverges
+# is blamed on, unless env.normalize_reward already scales them.
+HUGE_REWARD = 1e6
+
+
+def divergence_message(step: int, bad: Sequence[str], largest_reward: float | None, normalize_reward: bool) -> str:
+    """The one line for an update at `step` whose statistics `bad` became non-finite: the env's rewards as the cause
+    where they were huge and unscaled (`largest_reward`: the largest magnitude the envs returned, from
+    wrappers.largest_reward), else the hyperparameters."""
+    if largest_reward is not None and largest_reward > HUGE_REWARD and not normalize_reward:
+        fix = (f"the env's rewards reached {largest_reward:.3g} in magnitude, too large for the losses: set "
+               f"env.normalize_reward=true")
+    else:
+        fix = "lower algo.lr_actor / algo.lr_critic, algo.clip_range or algo.gae_lambda"
+    return (f"training diverged in the update at step {step:,}: {', '.join(bad)} became non-finite; {fix} "
+            f"(checkpoints written before it are kept)")
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -209,6 +226,12 @@ class Updater:
         Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop
         never waits on a device sync for logging.
         """
+        # An update that diverges overflows the numpy gradients (fastpath) into inf and NaN; the trainer reports it
+        # from the non-finite statistics in one line (divergence_message), so numpy's warnings would only be noise.
+        with np.errstate(all="ignore"):
+            return self._update(batch, s)
+
+    def _update(self, batch: Batch, s: UpdateSettings) -> dict[str, float]:
         n, g = len(batch), self.gradients
         taken: list = []  # per minibatch step: its 5 statistics and its gradient norm
         epochs_done, stopped_early = 0, False
