@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import atari
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.observations import is_image
+from ppo_cli.wrappers import EnvFaults, ReportCalls
 
 SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 # Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
@@ -155,7 +156,9 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
         from ppo_cli import envpool_backend  # only env.backend=envpool needs envpool
 
         return envpool_backend.make_vec_env(env_cfg, seed, n, render_mode, wrappers, training)
-    fn = _env_fn(env_cfg, render_mode, wrappers, training)
+    is_async = env_cfg.vectorization == "async"
+    # In async workers ReportCalls says which call of a sub-env failed (wrappers.py); EnvFaults does the rest.
+    fn = _env_fn(env_cfg, render_mode, (*wrappers, ReportCalls) if is_async else wrappers, training)
     label = env_label(env_cfg)
     try:
         probe = _env_fn(env_cfg)()
@@ -168,11 +171,17 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
                         f"{dict(env_cfg.kwargs)} ({type(exc).__name__}: {exc})") from None
     check_spaces(probe.observation_space, probe.action_space, label)
     probe.close()
-    vec_cls = gym.vector.AsyncVectorEnv if env_cfg.vectorization == "async" else gym.vector.SyncVectorEnv
-    envs = vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP)
+    vec_cls = gym.vector.AsyncVectorEnv if is_async else gym.vector.SyncVectorEnv
+    # EnvFaults sits under the episode statistics, so a NaN reward is reported before anything adds it up; and the
+    # statistics stay the outermost layer, which snapshot() saves.
+    envs = EnvFaults(vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP), label, evaluation=not training)
     # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
     envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
-    envs.reset(seed=seed)
+    try:
+        envs.reset(seed=seed)
+    except BaseException:  # async workers would outlive the error
+        envs.close()
+        raise
     return envs
 
 

@@ -261,7 +261,8 @@ class StrictFloat64(gym.Env):
 class Faulty(Corridor):
     """Goes wrong as `fault` says from its `at`-th call of step() on (counted across episodes; for raise_reset, its
     `at`-th reset(), the first being 1): nan_obs, inf_obs, shape (an observation of shape (3,)), raise_step,
-    raise_reset, nan_reward, inf_reward, huge_reward (1e30 at every step, whatever `at` says)."""
+    raise_reset, nan_reward, inf_reward, huge_reward (1e30 at every step, whatever `at` says), nan_final (a NaN
+    observation as the episode is truncated, which the vector env hands over in info["final_obs"])."""
 
     def __init__(self, fault: str = "nan_obs", at: int = 5):
         super().__init__()
@@ -284,6 +285,8 @@ class Faulty(Corridor):
             raise RuntimeError("the simulator lost its connection")
         if self.fault in ("nan_obs", "inf_obs"):
             obs = np.full_like(obs, np.nan if self.fault == "nan_obs" else -np.inf)
+        elif self.fault == "nan_final":
+            obs, truncated = np.full_like(obs, np.nan), True
         elif self.fault == "shape":
             obs = np.zeros(3, dtype=np.float32)
         elif self.fault in ("nan_reward", "inf_reward"):
