@@ -38,9 +38,10 @@ from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
 from ppo_cli.observations import as_arrays, as_tensors, batch_size
 from ppo_cli.policy import ActorCritic, build_policy
-from ppo_cli.ppo import STAT_NAMES, Updater, UpdateSettings, explained_variance, make_optimizer
+from ppo_cli.ppo import STAT_NAMES, Updater, UpdateSettings, divergence_message, explained_variance, make_optimizer
 from ppo_cli.rollout import RolloutBuffer, choose_actor, collect
 from ppo_cli.timing import Stopwatch
+from ppo_cli.wrappers import count_steps, largest_reward
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -236,6 +237,7 @@ class Trainer:
             self._restore(resume)
             if cfg.get("resume"):
                 self._saved = (Path(cfg.resume), self.global_step)
+        count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the step as the run counts it
         self._first_update = self.update_idx
         # Built after the restore: the fast paths take views of the parameters and the optimizer's state.
         self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs)
@@ -569,9 +571,8 @@ class Trainer:
     def _check_finite(self, stats: dict[str, float]) -> None:
         bad = [k for k in STAT_NAMES if not math.isfinite(stats[k])]
         if bad:
-            raise Diverged(f"training diverged in the update at step {self.global_step:,}: "
-                           f"{', '.join(bad)} became non-finite; lower algo.lr_actor / algo.lr_critic, "
-                           f"algo.clip_range or algo.gae_lambda (checkpoints written before it are kept)")
+            raise Diverged(divergence_message(self.global_step, bad, largest_reward(self.envs),
+                                              self.cfg.env.normalize_reward))
 
     def _finish(self, path: Path, final_eval: EvalResult | None, stopped_at: tuple[int, float] | None) -> TrainResult:
         best = self.evaluator.best

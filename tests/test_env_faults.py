@@ -70,8 +70,6 @@ def test_huge_rewards_stop_the_run_in_one_line_without_numpy_warnings(tmp_path):
     _huge_rewards(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="needs trainer.py's _check_finite to raise Diverged(divergence_message(...)); "
-                                       "remove this mark with that change")
 def test_huge_rewards_are_blamed_on_the_rewards(tmp_path):
     line = _huge_rewards(tmp_path)
     assert "the env's rewards reached 1e+30 in magnitude" in line and "env.normalize_reward=true" in line, line
