@@ -4,6 +4,7 @@
     python benchmarks/returns.py --tasks hopper --seeds 1 2
     python benchmarks/returns.py --tasks pendulum --steps 200000
     python benchmarks/returns.py --tasks breakout pong --peer sb3      # Atari: ppo-cli and SB3, curves side by side
+    python benchmarks/returns.py --tasks breakout --peer sb3 --parallel   # both tools at once, on 2+ cores
     python benchmarks/returns.py --tasks beamrider --steps 1000000 --every 100000 --episodes 10
 
 Each ppo-cli run is a plain `ppo-train` with the preset's overrides (printed, so any row can be rerun by hand),
@@ -55,6 +56,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,6 +289,8 @@ def main() -> None:
     p.add_argument("--peer", choices=PEERS, help="also train this tool on each (Atari) task and print both curves")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="for both tools (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, for both tools (default 1)")
+    p.add_argument("--parallel", action="store_true",
+                   help="train the peer at the same time as ppo-cli (two processes; for a machine with 2+ cores)")
     p.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -312,8 +316,14 @@ def main() -> None:
         for seed in args.seeds:
             overrides = overrides_for(task, seed, args.steps or task.steps, args.every or task.every, args.episodes,
                                       args.device, args.threads)
-            ours = run_ppo_cli(task, seed, overrides, args.threads, out)
-            peer = run_sb3(task, seed, overrides, args.device, args.threads, out) if args.peer else None
+            if args.peer and args.parallel:
+                with ThreadPoolExecutor(2) as pool:  # each side is a subprocess: threads only wait on them
+                    ours_f = pool.submit(run_ppo_cli, task, seed, overrides, args.threads, out)
+                    peer_f = pool.submit(run_sb3, task, seed, overrides, args.device, args.threads, out)
+                    ours, peer = ours_f.result(), peer_f.result()
+            else:
+                ours = run_ppo_cli(task, seed, overrides, args.threads, out)
+                peer = run_sb3(task, seed, overrides, args.device, args.threads, out) if args.peer else None
             print_side_by_side(ours, peer)
             rows += [(task, r) for r in (ours, peer) if r is not None]
     print("\n| task | seed | tool | steps | final eval | best eval | training episodes (last 100) | target | "
