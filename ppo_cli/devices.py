@@ -46,3 +46,24 @@ def choose_device(cfg: DictConfig) -> DeviceChoice:
     return DeviceChoice(torch.device("cpu"), f"auto: an MLP of width {width} with minibatches of "
                                              f"{cfg.algo.batch_size} is faster on the CPU than on the GPU here "
                                              f"(device=cuda forces it)")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX
+    (oneDNN's check). Elsewhere bfloat16 is emulated, and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private oneDNN query; a torch without it says nothing
+        return False
+
+
+def precision_text(cfg: DictConfig, device: torch.device) -> str:
+    """For the banner's device line: '' for float32, else what network.precision does here."""
+    if choice(cfg.network.precision) == "float32":
+        return ""
+    if native_bfloat16(device):
+        return "; encoder in bfloat16 (network.precision)"
+    return (f"; encoder in bfloat16 (network.precision), which this {device.type.upper()} only emulates: slower "
+            f"than float32 here")

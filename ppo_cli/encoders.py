@@ -71,7 +71,26 @@ def _linears_after(in_dim: int, widths: list[int], init: str | None, bias: float
     return layers, in_dim
 
 
-class NatureCNN(nn.Module):
+class ImageEncoder(nn.Module):
+    """What the image encoders share: uint8 images -> `convs` -> flatten -> `head` -> float32 features.
+
+    `compute_dtype` (network.precision) is the dtype the encoder computes in: None for float32, or
+    torch.bfloat16 to run it under torch.autocast, which casts the convolutions' and linear layers' inputs and
+    weights to bfloat16 (the parameters themselves, their gradients and the optimizer stay float32). The
+    features are float32 again before the heads, so logits, log-probs, values and the losses are float32."""
+
+    convs: nn.Module
+    head: nn.Module
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            h = self.head(self.convs(_image_input(x)).flatten(1))
+        return h.float()
+
+
+class NatureCNN(ImageEncoder):
     """The Nature DQN trunk (Mnih et al. 2015) as the PPO paper's Atari setting uses it (`network.type=cnn`):
     conv 32 8x8 stride 4, conv 64 4x4 stride 2, conv 64 3x3 stride 1, then the linear layers of `widths`
     (network=cnn: one of 512), ReLU after each; hidden layers initialized by `init` (orthogonal: gain sqrt 2).
@@ -91,9 +110,6 @@ class NatureCNN(nn.Module):
         layers, self.features_dim = _linears_after(64 * side(h) * side(w), widths, init, bias)
         self.head = nn.Sequential(*layers)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.convs(_image_input(x)).flatten(1))
 
 
 class ResidualBlock(nn.Module):
@@ -119,7 +135,7 @@ class ConvSequence(nn.Module):
         return self.res1(self.res0(x))
 
 
-class ImpalaCNN(nn.Module):
+class ImpalaCNN(ImageEncoder):
     """IMPALA's residual trunk (Espeholt et al. 2018) as CleanRL's procgen PPO builds it (`network.type=impala`):
     three ConvSequences of 16, 32 and 32 channels, ReLU, then the linear layers of `widths` (network=impala: one
     of 256), ReLU after each. Initialized as CleanRL does: PyTorch's default for every layer (network.init is
@@ -137,9 +153,6 @@ class ImpalaCNN(nn.Module):
         layers, self.features_dim = _linears_after(c * h * w, widths, None, 0.0)
         self.head = nn.Sequential(*layers)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.convs(_image_input(x)).flatten(1))
 
 
 def _image_shape(kind: str, n: Any, min_size: int = 1) -> tuple[int, int, int]:

@@ -103,6 +103,9 @@ class DeployedPolicy(nn.Module):
                  action_mask: bool = False) -> None:
         super().__init__()
         self.policy = policy.eval()
+        # ONNX runtimes and TorchScript on most CPUs have no fast bfloat16 convolutions: a model trained with
+        # network.precision=bfloat16 is exported computing in float32 (its parameters are float32 anyway).
+        policy.set_precision("float32")
         self.stochastic, self.with_value = stochastic, with_value
         obs_space, act_space = policy.obs_space, policy.action_space
         self.act_space = act_space

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ppo_cli.config import choice
-from ppo_cli.encoders import RECURRENT, RecurrentCore, build_encoder
+from ppo_cli.encoders import RECURRENT, ImageEncoder, RecurrentCore, build_encoder
 from ppo_cli.heads import build_head
 from ppo_cli.normalize import ObsNormalizer
 from ppo_cli.observations import InputLayout
@@ -45,7 +45,7 @@ class ActorCritic(nn.Module):
                  activation_fn: str = "tanh", init: str = "orthogonal", bias: float = 0.0,
                  shared_trunk: bool = False, log_std_init: float = 0.0, normalize_obs: bool = False,
                  clip_obs: float = 10.0, encoder: str = "mlp", recurrent: str | None = None, rnn_hidden: int = 128,
-                 rnn_shared: bool = False, channels_last: bool | None = None) -> None:
+                 rnn_shared: bool = False, channels_last: bool | None = None, precision: str = "float32") -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
         self.dist = build_head(action_space, log_std_init)
@@ -82,6 +82,15 @@ class ActorCritic(nn.Module):
         _init_head(self.policy_head, POLICY_HEAD_GAIN, bias)
         _init_head(self.value_head, VALUE_HEAD_GAIN, bias)
         self.action_shape, self.action_dtype = self.dist.action_shape, self.dist.action_dtype
+        self.set_precision(precision)
+
+    def set_precision(self, precision: str) -> None:
+        """The dtype the image encoders compute in (`network.precision`; encoders.ImageEncoder): "float32" or
+        "bfloat16". Other encoders always compute in float32 (config.validate refuses bfloat16 for them)."""
+        dtype = None if precision == "float32" else getattr(torch, precision)
+        for module in self.modules():
+            if isinstance(module, ImageEncoder):
+                module.compute_dtype = dtype
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """Trained at lr_critic: the value head, and a critic encoder and recurrent core of its own."""
@@ -210,7 +219,7 @@ def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: A
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
                        float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last)
+                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, choice(n.precision))
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

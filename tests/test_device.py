@@ -4,9 +4,9 @@ checkpoints that load on the CPU (needs a GPU)."""
 import pytest
 import torch
 
-from ppo_cli import checkpoint
+from ppo_cli import checkpoint, devices
 from ppo_cli.cli.evaluate import load_policy
-from ppo_cli.devices import choose_device
+from ppo_cli.devices import choose_device, precision_text
 from ppo_cli.envs import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import evaluate
@@ -38,6 +38,16 @@ def test_cuda_without_a_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="torch sees no CUDA GPU"):
         choose_device(make_cfg("device=cuda"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_banner_says_when_the_encoder_computes_in_bfloat16(native, monkeypatch):
+    cpu = torch.device("cpu")
+    assert precision_text(make_cfg("network=cnn"), cpu) == ""
+    monkeypatch.setattr(devices, "native_bfloat16", lambda device: native)
+    text = precision_text(make_cfg("network=cnn", "network.precision=bfloat16"), cpu)
+    assert text.startswith("; encoder in bfloat16 (network.precision)")
+    assert ("only emulates: slower than float32 here" in text) is not native
 
 
 @needs_cuda

@@ -148,6 +148,46 @@ def test_not_images_stay_flat():
         assert layout.image is None and layout.stored_shape == (layout.dim,) and layout.stored_dtype == torch.float32
 
 
+def test_bfloat16_precision_runs_the_encoder_in_bfloat16_and_the_rest_in_float32():
+    """network.precision=bfloat16: the encoder computes in bfloat16 (its features differ from float32's by
+    bfloat16's rounding), everything a loss reads is float32, the parameters and gradients stay float32, and
+    set_precision("float32") gives float32's results exactly."""
+    space = _space((4, 84, 84))
+    torch.manual_seed(0)
+    half = build_policy(space, DISCRETE, make_cfg("network=cnn", "network.precision=bfloat16"))
+    torch.manual_seed(0)
+    full = build_policy(space, DISCRETE, make_cfg("network=cnn"))
+    assert half.actor_encoder.compute_dtype is torch.bfloat16 and full.actor_encoder.compute_dtype is None
+    x = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
+    h16, h32 = half.actor_encoder(x), full.actor_encoder(x)
+    assert h16.dtype == torch.float32 and not torch.equal(h16, h32)
+    assert torch.allclose(h16, h32, rtol=0.05, atol=0.05 * h32.abs().max().item())
+    actions = torch.randint(0, 4, (16,))
+    logp, entropy, value = half.evaluate(x, actions)
+    assert logp.dtype == entropy.dtype == value.dtype == torch.float32
+    (-logp.mean() + value.pow(2).mean()).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in half.parameters() if p.requires_grad)
+    half.set_precision("float32")
+    assert torch.equal(half.actor_encoder(x), h32)
+
+
+def test_bfloat16_policies_export_in_float32(tmp_path):
+    from ppo_cli.export import export_policy
+
+    torch.manual_seed(0)
+    policy = build_policy(_space((4, 84, 84)), DISCRETE, make_cfg("network=cnn", "network.precision=bfloat16"))
+    export_policy(policy, tmp_path / "m.torchscript.pt", "torchscript", stochastic=True)
+    model = torch.jit.load(str(tmp_path / "m.torchscript.pt"))
+    x = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        assert policy.actor_encoder.compute_dtype is None  # the export computes in float32 ...
+        expected = policy(x)[0]
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        policy.set_precision("bfloat16")  # ... and not in bfloat16
+        assert not torch.allclose(policy(x)[0], expected, atol=1e-5)
+
+
 def test_rollout_buffer_stores_uint8_images(tmp_path):
     cfg = make_cfg(LIT, "network=cnn", *SMALL)
     trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
@@ -169,6 +209,8 @@ def test_rollout_buffer_stores_uint8_images(tmp_path):
     (["network=cnn"], "network.type=cnn needs image observations"),
     ([LIT, "network=cnn", "env.normalize_obs=true"], "image observations (uint8 Box (36, 36, 1)) are scaled"),
     ([LIT, "network=cnn", "+env.kwargs.cell=8"], "images of 24x24 pixels are too small for the Nature trunk"),
+    (["network.precision=bfloat16"], "network.precision='bfloat16': bfloat16 applies to the image encoders (cnn, "
+                                     "impala); network.type=mlp computes in float32 only"),
 ])
 def test_bad_image_input_is_one_line_exit_2(tmp_path, overrides, fragment):
     proc = cli("ppo-train", *overrides, *SMALL, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -366,12 +408,13 @@ def test_atari_pipeline_trains_evaluates_and_records(tmp_path):
 
 # --- a tiny image task the CNN learns ----------------------------------------------------------------------------
 
-def test_the_cnn_learns_to_go_to_the_lit_cell(tmp_path):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_cnn_learns_to_go_to_the_lit_cell(tmp_path, precision):
     """LitCell (36x36, 9 cells): random ~0.44 of 4 per episode; the Nature CNN gets all 4 within 16k steps (it
-    needs about 4k, some seconds)."""
+    needs about 4k, some seconds), in float32 and with the encoder in bfloat16."""
     run = tmp_path / "run"
-    cli("ppo-train", LIT, "network=cnn", "env.num_envs=8", "algo.n_steps=32", "algo.batch_size=64",
-        "algo.K_epochs=4", "algo.lr_actor=1e-3", "algo.lr_critic=1e-3", "algo.clip_range=0.2",
+    cli("ppo-train", LIT, "network=cnn", f"network.precision={precision}", "env.num_envs=8", "algo.n_steps=32",
+        "algo.batch_size=64", "algo.K_epochs=4", "algo.lr_actor=1e-3", "algo.lr_critic=1e-3", "algo.clip_range=0.2",
         "algo.total_timesteps=16384", "eval.every_steps=2048", "eval.episodes=20", "eval.stop_at_return=4.0",
         f"hydra.run.dir={run}", cwd=tmp_path, check=True)
     result = json.loads((run / "result.json").read_text())

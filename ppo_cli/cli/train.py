@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import __version__, checkpoint, distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, validate
-from ppo_cli.devices import choose_device
+from ppo_cli.devices import choose_device, precision_text
 from ppo_cli.envs import check_env, code_in_recipe, env_label
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
@@ -268,7 +268,7 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     vectorized = "envpool" if choice(e.backend) == "envpool" else choice(e.vectorization)
     print(f"run dir:    {run_dir}\n"
           f"env:        {env_label(e)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
-          f"device:     {device.device.type} ({device.reason})\n"
+          f"device:     {device.device.type} ({device.reason}){precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
           f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
