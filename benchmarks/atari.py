@@ -4,6 +4,7 @@
     pip install ".[bench,atari]"
     python benchmarks/atari.py                      # 20,480 steps each, one torch thread, one run each
     python benchmarks/atari.py --steps 40960 --threads 2 --pairs 2
+    python benchmarks/atari.py --bf16               # also ppo-cli with network.precision=bfloat16
 
 Both tools run from one description, ppo-cli's composed config (SB3's side is built from it by
 `_common.sb3_atari_ppo`): ALE/Breakout-v5 with frameskip 1 at the emulator, sticky actions 0.25 (the v5 default;
@@ -38,15 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 GAME = "Breakout"
 
 
-def _cfg(steps: int, threads: int) -> DictConfig:
+def _cfg(steps: int, threads: int, *extra: str) -> DictConfig:
     return compose([*atari_overrides(GAME), f"algo.total_timesteps={steps}", "eval.every_steps=0", "eval.final=false",
-                    "eval.objective=train", "checkpoint_interval=0", "device=cpu", f"torch_threads={threads}"])
+                    "eval.objective=train", "checkpoint_interval=0", "device=cpu", f"torch_threads={threads}", *extra])
 
 
-def worker_ppo_cli(steps: int, threads: int) -> dict:
+# The runs a comparison can have: ppo-cli's overrides by name (SB3 is the peer).
+PPO_CLI = {"ppo-cli": [], "ppo-cli bf16": ["network.precision=bfloat16"]}
+
+
+def worker_ppo_cli(steps: int, threads: int, tool: str) -> dict:
     from ppo_cli.trainer import Trainer
 
-    cfg = _cfg(steps, threads)
+    cfg = _cfg(steps, threads, *PPO_CLI[tool])
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
         t0 = time.perf_counter()
@@ -84,11 +89,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20_480, help="env steps per run (default 20,480: 20 updates)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both (default 1)")
     p.add_argument("--pairs", type=int, default=1, help="runs of each tool, alternating which goes first")
+    p.add_argument("--bf16", action="store_true", help="also run ppo-cli with network.precision=bfloat16")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        out = worker_ppo_cli(args.steps, args.threads) if args.worker == "ppo-cli" else worker_sb3(args.steps,
-                                                                                                   args.threads)
+        out = (worker_sb3(args.steps, args.threads) if args.worker == "sb3"
+               else worker_ppo_cli(args.steps, args.threads, args.worker))
         print("RESULT " + json.dumps(out))
         return
     try:
@@ -98,21 +104,28 @@ def main() -> None:
         raise SystemExit("atari.py needs SB3 and ale-py: pip install '.[bench,atari]'") from None
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; torch threads {args.threads}; ALE/{GAME}-v5, "
           f"{args.steps:,} steps per run, {args.pairs} pair(s)\n", flush=True)
-    ours, theirs = [], []
+    tools = [*PPO_CLI] if args.bf16 else ["ppo-cli"]
+    tools.append("sb3")
+    runs: dict[str, list[dict]] = {tool: [] for tool in tools}
     for i in range(args.pairs):
-        for tool in (("ppo-cli", "sb3") if i % 2 == 0 else ("sb3", "ppo-cli")):
-            (ours if tool == "ppo-cli" else theirs).append(spawn(tool, args.steps, args.threads))
-        print(f"  pair {i + 1}: ppo-cli {ours[-1]['sps']:,.0f} SPS, SB3 {theirs[-1]['sps']:,.0f} SPS", flush=True)
-    sps_ours, sps_theirs = (statistics.median(r["sps"] for r in runs) for runs in (ours, theirs))
+        for tool in tools[i % len(tools):] + tools[:i % len(tools)]:  # each pair rotates which goes first
+            runs[tool].append(spawn(tool, args.steps, args.threads))
+        print(f"  pair {i + 1}: " + ", ".join(f"{_name(t)} {runs[t][-1]['sps']:,.0f} SPS" for t in tools), flush=True)
+    sps = {tool: statistics.median(r["sps"] for r in rs) for tool, rs in runs.items()}
     print("\n| tool | SPS (median) | peak RSS |")
     print("|---|---|---|")
-    print(f"| ppo-cli | {sps_ours:,.0f} | {statistics.median(r['rss_mb'] for r in ours):,.0f} MB |")
-    print(f"| SB3 | {sps_theirs:,.0f} | {statistics.median(r['rss_mb'] for r in theirs):,.0f} MB |")
-    print(f"\nratio ppo-cli / SB3: {sps_ours / sps_theirs:.2f}x")
-    stages = list(ours[0]["stages"])
-    print("ppo-cli time by stage (share of training time, median): " + ", ".join(
-        f"{k} {100 * statistics.median(r['stages'][k] / r['wall'] for r in ours):.0f}%" for k in stages))
+    for tool, rs in runs.items():
+        print(f"| {_name(tool)} | {sps[tool]:,.0f} | {statistics.median(r['rss_mb'] for r in rs):,.0f} MB |")
+    print()
+    for tool in tools[:-1]:
+        ours = runs[tool]
+        print(f"ratio {_name(tool)} / SB3: {sps[tool] / sps['sb3']:.2f}x")
+        print(f"  {_name(tool)} time by stage (share of training time, median): " + ", ".join(
+            f"{k} {100 * statistics.median(r['stages'][k] / r['wall'] for r in ours):.0f}%" for k in ours[0]["stages"]))
 
+
+def _name(tool: str) -> str:
+    return {"sb3": "SB3", "ppo-cli bf16": "ppo-cli network.precision=bfloat16"}.get(tool, tool)
 
 if __name__ == "__main__":
     main()
