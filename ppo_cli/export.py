@@ -50,7 +50,7 @@ from torch import nn
 from ppo_cli import __version__
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.heads import DiagGaussian, build_head
-from ppo_cli.observations import MASK_KEY
+from ppo_cli.observations import MASK_KEY, assemble, space_items
 from ppo_cli.policy import ActorCritic
 
 FORMAT = "ppo-cli-export"
@@ -61,8 +61,8 @@ ONNX_OPSET = 17  # read by onnxruntime >= 1.13 and written by every torch in the
 METADATA_KEY = "ppo_cli"  # the ONNX metadata_props key / the TorchScript extra file holding the metadata
 BATCH = "batch"  # the name of the dynamic dimension
 
-# numpy dtype name of each space's raw values, as gymnasium's spaces make them.
-_PART_DTYPES = {"Discrete": "int64", "MultiDiscrete": "int64", "MultiBinary": "int8"}
+# numpy dtype name of each space's raw values, as gymnasium's spaces make them (a Box's is in its description).
+_RAW_DTYPES = {"Discrete": "int64", "MultiDiscrete": "int64", "MultiBinary": "int8"}
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                  "int64": torch.int64, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
@@ -76,21 +76,19 @@ def _port(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
     return {"name": name, "dtype": dtype, "shape": [BATCH, *shape]}
 
 
+def _value_port(name: str, space: dict[str, Any], box_dtype: str) -> dict[str, Any]:
+    """The port for raw values of `space` (a Discrete's are scalars); a Box's dtype is `box_dtype`."""
+    dtype = box_dtype if space["type"] == "Box" else _RAW_DTYPES[space["type"]]
+    return _port(name, dtype, list(space.get("shape", [])))
+
+
 def _obs_port(name: str, space: dict[str, Any]) -> dict[str, Any]:
-    kind = space["type"]
-    if kind == "Discrete":
-        return _port(name, "int64", [])
-    if kind == "Box":  # the policy reads any Box as float32; images stay bytes (observations.py)
-        return _port(name, "uint8" if space.get("dtype") == "uint8" else "float32", list(space["shape"]))
-    return _port(name, _PART_DTYPES[kind], list(space["shape"]))
+    # The policy reads any Box as float32; images stay bytes (observations.py).
+    return _value_port(name, space, "uint8" if space.get("dtype") == "uint8" else "float32")
 
 
 def _action_port(space: dict[str, Any]) -> dict[str, Any]:
-    kind = space["type"]
-    if kind == "Discrete":
-        return _port("action", "int64", [])
-    dtype = str(space.get("dtype", "float32")) if kind == "Box" else _PART_DTYPES[kind]
-    return _port("action", dtype, list(space["shape"]))
+    return _value_port("action", space, str(space.get("dtype", "float32")))
 
 
 class DeployedPolicy(nn.Module):
@@ -111,19 +109,11 @@ class DeployedPolicy(nn.Module):
         self.act_space = act_space
         head = policy.dist
         self.gaussian = isinstance(head, DiagGaussian)
-        kind = obs_space["type"]
-        # The observation's parts, in the order the inputs take them: (input name, Dict key / Tuple index).
-        if kind == "Dict":
-            self.obs_parts: list[tuple[str, Any]] = [(f"obs.{k}", k) for k in obs_space["spaces"]]
-            subs = list(obs_space["spaces"].values())
-        elif kind == "Tuple":
-            self.obs_parts = [(f"obs.{i}", i) for i in range(len(obs_space["spaces"]))]
-            subs = list(obs_space["spaces"])
-        else:
-            self.obs_parts, subs = [("obs", None)], [obs_space]
-        self.inputs = [_obs_port(name, sub) for (name, _), sub in zip(self.obs_parts, subs, strict=True)]
+        # The observation's parts, in the order the inputs take them: a Dict's keys, a Tuple's indices, or the whole.
+        self.obs_items = space_items(obs_space)
+        self.inputs = [_obs_port("obs" if key is None else f"obs.{key}", sub) for key, sub in self.obs_items]
         # A Dict's `action_mask` key is the mask of a maskable head (masks.py), read as the observation gives it.
-        self.mask_in_obs = head.maskable and kind == "Dict" and MASK_KEY in obs_space["spaces"]
+        self.mask_in_obs = head.maskable and obs_space["type"] == "Dict" and MASK_KEY in obs_space["spaces"]
         self.mask_input = bool(action_mask) and not self.mask_in_obs
         if action_mask and not head.maskable:
             raise UserError(f"--action-mask: masks apply to Discrete and MultiDiscrete actions, not "
@@ -154,15 +144,8 @@ class DeployedPolicy(nn.Module):
         return [p["name"] for p in self.outputs]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        n_obs = len(self.obs_parts)
-        parts = inputs[:n_obs]
-        obs: Any
-        if self.policy.obs_space["type"] == "Dict":
-            obs = {key: t for (_, key), t in zip(self.obs_parts, parts, strict=True)}
-        elif self.policy.obs_space["type"] == "Tuple":
-            obs = tuple(parts)
-        else:
-            obs = parts[0]
+        n_obs = len(self.obs_items)
+        obs = assemble(self.policy.obs_space, list(inputs[:n_obs]))
         rest = list(inputs[n_obs:])
         mask = None
         if self.mask_in_obs:
@@ -190,9 +173,7 @@ class DeployedPolicy(nn.Module):
     def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor, ...]:
         """Valid inputs of the declared dtypes and shapes (what tracing runs on): the lowest value of each
         discrete part (one-hot needs it in range), zeros elsewhere, every action allowed."""
-        obs_space = self.policy.obs_space
-        subs = (list(obs_space["spaces"].values()) if obs_space["type"] == "Dict"
-                else list(obs_space["spaces"]) if obs_space["type"] == "Tuple" else [obs_space])
+        subs = [sub for _, sub in self.obs_items]
         out = []
         for port, sub in zip(self.inputs, subs + [None] * (len(self.inputs) - len(subs)), strict=True):
             shape = [batch, *port["shape"][1:]]
@@ -200,9 +181,8 @@ class DeployedPolicy(nn.Module):
                 out.append(torch.ones(shape, dtype=torch.bool))
                 continue
             t = torch.zeros(shape, dtype=_TORCH_DTYPES[port["dtype"]])
-            if sub is not None and sub["type"] in ("Discrete", "MultiDiscrete"):
-                start = torch.as_tensor(sub.get("start", 0), dtype=torch.int64)
-                t = t + start.reshape(sub.get("shape", [])) if sub["type"] == "MultiDiscrete" else t + start
+            if sub is not None and "start" in sub:  # a Discrete's or a MultiDiscrete's (per component)
+                t = t + torch.as_tensor(sub["start"], dtype=torch.int64).reshape(sub.get("shape", []))
             if sub is not None and self.mask_in_obs and port["name"] == f"obs.{MASK_KEY}":
                 t = torch.ones(shape, dtype=t.dtype)
             out.append(t)

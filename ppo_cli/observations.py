@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from ppo_cli.errors import UserError
 
 MASK_KEY = "action_mask"
-PART_SPACES = ("Box", "Discrete", "MultiBinary", "MultiDiscrete")
 MIN_GRAYSCALE_SIDE = 16  # a rank-2 uint8 Box is an image when both sides are at least this
 MAX_CHANNELS = 4  # channel-order detection: a rank-3 side this small is the channels
 
@@ -69,44 +68,127 @@ def _shape_text(space: dict[str, Any]) -> str:
     return f"uint8 Box {tuple(space['shape'])}"
 
 
-@dataclass(frozen=True)
 class Part:
-    key: str | int | None  # the Dict key or Tuple index; None for a plain space
-    kind: str  # a PART_SPACES name
-    size: int  # columns of the network input
-    space: dict[str, Any]
+    """One part of an observation (a Dict key, a Tuple index, or the whole space: `key` None) and how a batch of
+    its values becomes `size` columns of the network input: `encode` in torch, `np_encode` its numpy twin (the
+    fast rollout). This base flattens to float32; `box` parts are the columns env.normalize_obs normalizes."""
+
+    box = False
+
+    def __init__(self, key: str | int | None, space: dict[str, Any]) -> None:
+        self.key, self.space = key, space
+        self.size = math.prod(space["shape"])
+
+    def encode(self, value: torch.Tensor) -> torch.Tensor:
+        return value.float().reshape(value.shape[0], -1)
+
+    def np_encode(self, value: np.ndarray) -> np.ndarray:
+        return value.reshape(value.shape[0], -1).astype(np.float32, copy=False)
+
+
+class BoxPart(Part):
+    """Flattened to float32, normalized with the other Box parts when env.normalize_obs is on."""
+
+    box = True
+
+
+class MultiBinaryPart(Part):
+    """Its 0/1 values as float32."""
+
+
+class DiscretePart(Part):
+    """One-hot of the value minus the space's start."""
+
+    def __init__(self, key: str | int | None, space: dict[str, Any]) -> None:
+        self.key, self.space, self.size = key, space, space["n"]
+        self.start = space.get("start", 0)
+        self._eye = np.eye(self.size, dtype=np.float32)  # the numpy twin's one-hot table, made once
+
+    def encode(self, value: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(value.long().view(-1) - self.start, self.size).float()
+
+    def np_encode(self, value: np.ndarray) -> np.ndarray:
+        return self._eye[value.reshape(-1) - self.start]
+
+
+class MultiDiscretePart(Part):
+    """One-hot per component, of the value minus the component's start, side by side."""
+
+    def __init__(self, key: str | int | None, space: dict[str, Any]) -> None:
+        self.key, self.space = key, space
+        self.nvec = list(space["nvec"])
+        self.size = sum(self.nvec)
+        self._eyes = [np.eye(n, dtype=np.float32) for n in self.nvec]
+
+    def encode(self, value: torch.Tensor) -> torch.Tensor:
+        v = value.long().flatten(1) - torch.as_tensor(self.space["start"], device=value.device)
+        return torch.cat([F.one_hot(v[:, i], n) for i, n in enumerate(self.nvec)], dim=1).float()
+
+    def np_encode(self, value: np.ndarray) -> np.ndarray:
+        v = value.reshape(value.shape[0], -1) - np.asarray(self.space["start"])
+        return np.concatenate([eye[v[:, i]] for i, eye in enumerate(self._eyes)], axis=1)
+
+
+class ImagePart(Part):
+    """An image observation (module doc), kept uint8 as [n, C, H, W]: a view (an HWC image permuted, which is
+    channels-last in memory; a rank-2 one given one channel)."""
+
+    def __init__(self, space: dict[str, Any], image: Image) -> None:
+        self.key, self.space, self.image = None, space, image
+        self.size = math.prod(image.shape)
+
+    def encode(self, value: torch.Tensor) -> torch.Tensor:
+        order = self.image.order
+        return value.unsqueeze(1) if order == "HW" else value.permute(0, 3, 1, 2) if order == "HWC" else value
+
+    def np_encode(self, value: np.ndarray) -> np.ndarray:
+        order = self.image.order
+        return value[:, None] if order == "HW" else value.transpose(0, 3, 1, 2) if order == "HWC" else value
+
+
+# The spaces an observation part can be, and how each is encoded.
+PARTS: dict[str, type[Part]] = {"Box": BoxPart, "Discrete": DiscretePart, "MultiBinary": MultiBinaryPart,
+                                "MultiDiscrete": MultiDiscretePart}
+
+
+def space_items(space: dict[str, Any]) -> list[tuple[str | int | None, dict[str, Any]]]:
+    """A described space's sub-spaces with their Dict keys or Tuple indices, or [(None, space)] for a plain one."""
+    if space["type"] == "Dict":
+        return list(space["spaces"].items())
+    if space["type"] == "Tuple":
+        return list(enumerate(space["spaces"]))
+    return [(None, space)]
+
+
+def assemble(space: dict[str, Any], values: list[Any]) -> Any:
+    """A batch of `space`'s observations from its parts' values in space_items order (space_items undone)."""
+    if space["type"] == "Dict":
+        return dict(zip(space["spaces"], values, strict=True))
+    return tuple(values) if space["type"] == "Tuple" else values[0]
 
 
 def _parts(space: dict[str, Any], masked: bool) -> list[Part]:
-    if space["type"] in ("Dict", "Tuple"):
-        items = space["spaces"].items() if space["type"] == "Dict" else enumerate(space["spaces"])
-        parts = []
-        for key, sub in items:
-            if masked and key == MASK_KEY:
-                continue
-            if sub["type"] not in PART_SPACES:
-                raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
-                                f"{space['type']} (supported: {', '.join(PART_SPACES)})")
-            if _image(sub, None) is not None:
-                raise UserError(f"observation key {key!r} is an image ({_shape_text(sub)}): images inside a "
-                                f"{space['type']} are not supported yet; give the env a plain image observation "
-                                f"for network=cnn, or a float32 space for that key to read it flat (docs/pixels.md)")
-            parts.append(_part(key, sub))
-        if not parts:
-            raise UserError(f"the {space['type']} observation space has no key the policy can read")
-        return parts
-    return [_part(None, space)]
-
-
-def _part(key: str | int | None, space: dict[str, Any]) -> Part:
-    kind = space["type"]
-    if kind == "Discrete":
-        size = space["n"]
-    elif kind == "MultiDiscrete":
-        size = sum(space["nvec"])
-    else:
-        size = math.prod(space["shape"])
-    return Part(key, kind, size, space)
+    structure = space["type"]
+    if structure not in ("Dict", "Tuple"):
+        if structure not in PARTS:
+            raise UserError(f"a {structure} observation space is not supported (supported: {', '.join(PARTS)}, "
+                            f"or a Dict or Tuple of them)")
+        return [PARTS[structure](None, space)]
+    parts = []
+    for key, sub in space_items(space):
+        if masked and key == MASK_KEY:
+            continue
+        if sub["type"] not in PARTS:
+            raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
+                            f"{structure} (supported: {', '.join(PARTS)})")
+        if _image(sub, None) is not None:
+            raise UserError(f"observation key {key!r} is an image ({_shape_text(sub)}): images inside a "
+                            f"{structure} are not supported yet; give the env a plain image observation "
+                            f"for network=cnn, or a float32 space for that key to read it flat (docs/pixels.md)")
+        parts.append(PARTS[sub["type"]](key, sub))
+    if not parts:
+        raise UserError(f"the {structure} observation space has no key the policy can read")
+    return parts
 
 
 class InputLayout:
@@ -118,18 +200,15 @@ class InputLayout:
         # An image observation (module doc): one part, kept as uint8 [C, H, W], never normalized.
         self.image = _image(space, channels_last)
         if self.image is not None:
-            self.parts = [Part(None, "Image", math.prod(self.image.shape), space)]
-        self.box_parts = [p for p in self.parts if p.kind == "Box"]
-        self.other_parts = [p for p in self.parts if p.kind != "Box"]
+            self.parts = [ImagePart(space, self.image)]
+        self.box_parts = [p for p in self.parts if p.box]
+        self.other_parts = [p for p in self.parts if not p.box]
         self.box_dim = sum(p.size for p in self.box_parts)
         self.dim = sum(p.size for p in self.parts)
         self.structured = space["type"] in ("Dict", "Tuple")
         # What the network reads and the rollout buffer stores per observation.
         self.stored_shape: tuple[int, ...] = self.image.shape if self.image is not None else (self.dim,)
         self.stored_dtype = torch.uint8 if self.image is not None else torch.float32
-        # One-hot tables of the numpy twin, one per Discrete (or MultiDiscrete component), made once.
-        self._eyes = {id(p): [np.eye(n, dtype=np.float32) for n in p.space.get("nvec", [p.size])]
-                      for p in self.other_parts if p.kind in ("Discrete", "MultiDiscrete")}
 
     def _get(self, obs: Any, part: Part) -> Any:
         return obs[part.key] if self.structured else obs
@@ -165,60 +244,31 @@ class InputLayout:
         """The Box parts as float32 columns [n, box_dim] (what the normalizer's statistics are of)."""
         if not self.box_parts:
             return None
-        cols = [self._get(obs, p).float().reshape(self._get(obs, p).shape[0], -1) for p in self.box_parts]
+        cols = [p.encode(self._get(obs, p)) for p in self.box_parts]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
-    def _encode(self, part: Part, value: torch.Tensor) -> torch.Tensor:
-        if part.kind == "Discrete":
-            return F.one_hot(value.long().view(-1) - part.space.get("start", 0), part.size).float()
-        if part.kind == "MultiDiscrete":
-            v = value.long().flatten(1) - torch.as_tensor(part.space["start"], device=value.device)
-            return torch.cat([F.one_hot(v[:, i], n) for i, n in enumerate(part.space["nvec"])], dim=1).float()
-        return value.float().flatten(1)  # MultiBinary
-
-    def _image_input(self, obs: torch.Tensor) -> torch.Tensor:
-        """An image batch as uint8 [n, C, H, W] (a view: HWC is permuted, which is channels-last in memory)."""
-        order = self.image.order  # type: ignore[union-attr]
-        if order == "HW":
-            return obs.unsqueeze(1)
-        return obs.permute(0, 3, 1, 2) if order == "HWC" else obs
-
     def prepare(self, obs: Any, norm: torch.nn.Module | None) -> torch.Tensor:
-        if self.image is not None:
-            return self._image_input(obs)
         box = self.box_input(obs)
         if box is not None and norm is not None:
             box = norm(box)
-        cols = ([box] if box is not None else []) + [self._encode(p, self._get(obs, p)) for p in self.other_parts]
+        cols = ([box] if box is not None else []) + [p.encode(self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     # --- numpy twin (fastpath.NumpyActor) ------------------------------------------------------------------
     def np_box_input(self, obs: Any) -> np.ndarray | None:
         if not self.box_parts:
             return None
-        cols = [self._get(obs, p) for p in self.box_parts]
-        cols = [c.reshape(c.shape[0], -1).astype(np.float32, copy=False) for c in cols]
+        cols = [p.np_encode(self._get(obs, p)) for p in self.box_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
-
-    def _np_encode(self, part: Part, value: np.ndarray) -> np.ndarray:
-        if part.kind == "Discrete":
-            return self._eyes[id(part)][0][value.reshape(-1) - part.space.get("start", 0)]
-        if part.kind == "MultiDiscrete":
-            v = value.reshape(value.shape[0], -1) - np.asarray(part.space["start"])
-            return np.concatenate([eye[v[:, i]] for i, eye in enumerate(self._eyes[id(part)])], axis=1)
-        return value.reshape(value.shape[0], -1).astype(np.float32)
 
     def np_prepare(self, obs: Any, norm: Any, update_stats: bool) -> np.ndarray:
         """prepare in numpy; folds the Box parts into `norm`'s statistics first when `update_stats`."""
-        if self.image is not None:
-            order = self.image.order
-            return obs[:, None] if order == "HW" else obs.transpose(0, 3, 1, 2) if order == "HWC" else obs
         box = self.np_box_input(obs)
         if box is not None and norm is not None:
             if update_stats:
                 norm.update(torch.from_numpy(box))
             box = np.clip((box - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
-        cols = ([box] if box is not None else []) + [self._np_encode(p, self._get(obs, p)) for p in self.other_parts]
+        cols = ([box] if box is not None else []) + [p.np_encode(self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
 
