@@ -194,24 +194,28 @@ class RecurrentCore(nn.Module):
     the first from the sequence's stored state, the others from zeros.
     """
 
-    def __init__(self, kind: str, in_dim: int, hidden: int) -> None:
+    RNN: type[nn.LSTM] | type[nn.GRU]  # the torch layer; each subclass says which, and how its state is split
+    STATE_PARTS = 1  # tensors of `hidden` values in the layer's state (an LSTM's h and c: 2)
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.kind, self.hidden = kind, hidden
-        self.rnn = (nn.LSTM if kind == "lstm" else nn.GRU)(in_dim, hidden, batch_first=True)
+        self.hidden = hidden
+        self.rnn = self.RNN(in_dim, hidden, batch_first=True)
         for name, param in self.rnn.named_parameters():  # as CleanRL's ppo_atari_lstm
             if "weight" in name:
                 nn.init.orthogonal_(param, 1.0)
             else:
                 nn.init.constant_(param, 0.0)
         self.features_dim = hidden
-        self.state_size = 2 * hidden if kind == "lstm" else hidden
+        self.state_size = self.STATE_PARTS * hidden
 
-    def _split(self, state: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        s = state.unsqueeze(0).contiguous()
-        return (s[..., :self.hidden].contiguous(), s[..., self.hidden:].contiguous()) if self.kind == "lstm" else s
+    def _split(self, state: torch.Tensor) -> Any:
+        """The state tensor [n, state_size] as the torch layer takes it."""
+        return state.unsqueeze(0).contiguous()
 
-    def _join(self, state: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return torch.cat(state, dim=-1)[0] if self.kind == "lstm" else state[0]
+    def _join(self, state: Any) -> torch.Tensor:
+        """The torch layer's state as one tensor [n, state_size]."""
+        return state[0]
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output [n, hidden], next state) for one time step of n envs."""
@@ -246,7 +250,23 @@ class RecurrentCore(nn.Module):
         return result.reshape(b, t, self.hidden)
 
 
-RECURRENT: dict[str, Callable[[int, int], RecurrentCore]] = {
-    "lstm": lambda in_dim, hidden: RecurrentCore("lstm", in_dim, hidden),
-    "gru": lambda in_dim, hidden: RecurrentCore("gru", in_dim, hidden),
-}
+class GRUCore(RecurrentCore):
+    RNN = nn.GRU
+
+
+class LSTMCore(RecurrentCore):
+    """Its state tensor is h and c side by side."""
+
+    RNN = nn.LSTM
+    STATE_PARTS = 2
+
+    def _split(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = state.unsqueeze(0)
+        return s[..., :self.hidden].contiguous(), s[..., self.hidden:].contiguous()
+
+    def _join(self, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.cat(state, dim=-1)[0]
+
+
+# network.recurrent -> core(input features, hidden size)
+RECURRENT: dict[str, type[RecurrentCore]] = {"lstm": LSTMCore, "gru": GRUCore}

@@ -4,7 +4,7 @@ state, resume, evaluation's per-env state, a memory task learned, and bad settin
 import pytest
 import torch
 
-from ppo_cli.encoders import RecurrentCore
+from ppo_cli.encoders import RECURRENT
 from ppo_cli.rollout import TorchActor, collect
 from tests.conftest import TINY, check_resume_is_bitwise, cli, make_cfg
 
@@ -17,7 +17,7 @@ def test_sequence_replay_equals_stepping_with_resets(kind):
     """Two sequences with hand-placed episode starts (one at the first step, two inside): the fused replay gives
     the outputs of stepping one step at a time and zeroing the state at each start."""
     torch.manual_seed(0)
-    core = RecurrentCore(kind, 5, 8)
+    core = RECURRENT[kind](5, 8)
     b, t = 2, 9
     x = torch.randn(b, t, 5)
     starts = torch.zeros(b, t, dtype=torch.bool)
