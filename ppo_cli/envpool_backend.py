@@ -130,6 +130,7 @@ class SameStepPool(gym.vector.VectorEnv):
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+    unsaved_because = "envpool's envs live in C++ and cannot be saved"  # envs.snapshot's reason
 
     def __init__(self, make: Callable[[int], Any], seed: int, is_atari: bool = False, whole_games: bool = False,
                  cap: int | None = None) -> None:

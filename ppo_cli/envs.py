@@ -331,7 +331,8 @@ def _snapshot_obj(obj: Any) -> dict[str, Any]:
 def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
     """(state, None) for envs whose full state is plain data, else (None, reason)."""
     if not isinstance(envs.unwrapped, gym.vector.SyncVectorEnv):
-        return None, "only sync vector envs can be saved"
+        # A backend's own vector env says why where it knows better (envpool_backend.SameStepPool).
+        return None, getattr(envs.unwrapped, "unsaved_because", "only sync vector envs can be saved")
     try:
         stats = _snapshot_obj(envs)  # RecordEpisodeStatistics: returns so far of the running episodes
         per_env = [[_snapshot_obj(layer) for layer in _layers(e)] for e in envs.unwrapped.envs]
