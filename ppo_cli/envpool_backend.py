@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import atari
 from ppo_cli.errors import UserError, extra_hint
+from ppo_cli.wrappers import EnvFaults
 
 # The envpool task families this backend covers (tested): their ids are gymnasium's own (ALE/<Game>-v5 for Atari).
 FAMILIES = {"envpool.classic_control": "classic control", "envpool.box2d": "Box2D", "envpool.mujoco.gym": "MuJoCo",
@@ -290,5 +291,7 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int, render_mode: str
         raise UserError(f"{label!r}: envpool could not create {task} with env.kwargs={dict(env_cfg.kwargs)} "
                         f"({type(exc).__name__}: {first})") from None
     gym_envs.check_spaces(envs.single_observation_space, envs.single_action_space, label)
-    # Atari: episodes report whole games with their raw scores, as on gymnasium's backend.
-    return atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
+    # As on gymnasium's backend: faults (a MuJoCo simulation gone NaN, say) in one line, under the statistics;
+    # Atari's report whole games with their raw scores.
+    faults = EnvFaults(envs, label, evaluation=not training)
+    return atari.GameStatistics(faults) if env_cfg.get("atari") else RecordEpisodeStatistics(faults)

@@ -157,6 +157,17 @@ def test_resume_restarts_envpools_episodes_from_a_reset_and_says_so(tmp_path: Pa
 
 
 @needs_envpool
+def test_envpools_envs_report_faults_in_one_line_as_gymnasiums_do():
+    """wrappers.EnvFaults sits under the statistics on this backend too: a NaN action makes Pendulum's state NaN."""
+    envs = make_vec_env(make_cfg("env=Pendulum-v1", "env.backend=envpool").env, seed=0, num_envs=2, training=True)
+    envs.reset(seed=0)
+    envs.step(np.zeros((2, 1), dtype=np.float32))
+    with pytest.raises(UserError, match=r"^env 'Pendulum-v1': step\(\) returned a NaN observation \(at step 2\)$"):
+        envs.step(np.full((2, 1), np.nan, dtype=np.float32))
+    envs.close()
+
+
+@needs_envpool
 def test_evaluation_step_cap_cuts_episodes_on_envpools_envs():
     """evaluation.StepCap's cut, counted by the pool: cut episodes are reported as cut with their partial returns, and
     a cut env starts a new episode (envpool's forced reset: it knew of no end)."""
