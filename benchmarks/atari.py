@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import atari_overrides, compose, sb3_atari_ppo  # noqa: E402
-from speed import _cpu_name, _peak_rss_mb  # noqa: E402
+from speed import _cpu_name, _peak_rss_mb, timed_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GAME = "Breakout"
@@ -49,17 +49,7 @@ PPO_CLI = {"ppo-cli": [], "ppo-cli bf16": ["network.precision=bfloat16"]}
 
 
 def worker_ppo_cli(steps: int, threads: int, tool: str) -> dict:
-    from ppo_cli.trainer import Trainer
-
-    cfg = _cfg(steps, threads, *PPO_CLI[tool])
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
-        t0 = time.perf_counter()
-        result = trainer.run()
-        wall = time.perf_counter() - t0
-        trainer.close()
-    return {"sps": result.global_step / wall, "steps": result.global_step, "wall": wall,
-            "stages": trainer.stage_seconds, "rss_mb": _peak_rss_mb()}
+    return timed_training(_cfg(steps, threads, *PPO_CLI[tool]))
 
 
 def worker_sb3(steps: int, threads: int) -> dict:

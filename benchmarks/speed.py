@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS: dict[str, dict] = {
@@ -71,9 +73,13 @@ def _ppo_cli_cfg(s: dict, steps: int, extra: list[str]):
 
 
 def worker_ppo_cli(s: dict, steps: int, extra: list[str]) -> dict:
+    return timed_training(_ppo_cli_cfg(s, steps, extra))
+
+
+def timed_training(cfg: DictConfig) -> dict:
+    """Train `cfg` in a throwaway folder: SPS, wall time, the trainer's seconds by stage, peak RSS."""
     from ppo_cli.trainer import Trainer
 
-    cfg = _ppo_cli_cfg(s, steps, extra)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
         t0 = time.perf_counter()

@@ -11,9 +11,18 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from ppo_cli import atari
 from ppo_cli.config import register_configs
+from ppo_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
+try:
+    atari.register()
+    HAVE_ATARI = True
+except UserError:  # the atari extra (ale-py, opencv) is not installed
+    HAVE_ATARI = False
+needs_atari = pytest.mark.skipif(not HAVE_ATARI, reason="ale-py / opencv not installed: pip install '.[atari]'")
+
 # Small, fast runs: 2 envs x 64 steps per update.
 TINY = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32", "algo.total_timesteps=256",
         "eval.episodes=2", "eval.every_steps=0", "checkpoint_interval=1"]

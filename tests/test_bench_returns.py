@@ -9,21 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppo_cli import atari
-from ppo_cli.errors import UserError
+from .conftest import HAVE_ATARI, needs_atari
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import returns  # noqa: E402
 from _common import atari_overrides, compose  # noqa: E402
-
-try:
-    atari.register()
-    HAVE_ATARI = True
-except UserError:
-    HAVE_ATARI = False
-needs_atari = pytest.mark.skipif(not HAVE_ATARI, reason="ale-py / opencv not installed: pip install '.[atari]'")
 
 
 def _sb3():

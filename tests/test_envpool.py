@@ -22,12 +22,10 @@ from ppo_cli.rollout import RolloutBuffer, TorchActor, collect
 from ppo_cli.timing import Stopwatch
 from ppo_cli.trainer import Trainer
 
-from .conftest import cli, make_cfg
+from .conftest import cli, make_cfg, needs_atari
 
 needs_envpool = pytest.mark.skipif(importlib.util.find_spec("envpool") is None,
                                    reason="envpool is not installed (pip install '.[envpool]', Python 3.11+)")
-needs_atari = pytest.mark.skipif(importlib.util.find_spec("ale_py") is None,
-                                 reason="gymnasium's Atari pipeline needs ale-py (pip install '.[atari]')")
 
 
 @pytest.fixture

@@ -21,14 +21,7 @@ from ppo_cli.rollout import RolloutBuffer, TorchActor, collect
 from ppo_cli.timing import Stopwatch
 from ppo_cli.trainer import Trainer
 
-from .conftest import cli, make_cfg
-
-try:
-    atari.register()
-    HAVE_ATARI = True
-except UserError:
-    HAVE_ATARI = False
-needs_atari = pytest.mark.skipif(not HAVE_ATARI, reason="ale-py / opencv not installed: pip install '.[atari]'")
+from .conftest import cli, make_cfg, needs_atari
 
 
 class LitCell(gym.Env):
