@@ -1,9 +1,11 @@
 """The one exception type for problems the user can fix (bad config, missing file, ...), and how the entry points
 report it."""
 
+import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 def extra_hint(extra: str) -> str:
@@ -24,4 +26,13 @@ def one_line_errors(prog: str) -> Iterator[None]:
     except UserError as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser with its errors as one line, like every other error of the entry points (argparse's own
+    print the usage first): `prog: error: <message> (see prog --help)`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)

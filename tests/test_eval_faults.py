@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ppo_cli.cli import evaluate as eval_cli
 from ppo_cli.cli import export as export_cli
+from ppo_cli.cli import sweep_report
 from ppo_cli.errors import UserError, one_line_errors
 
 from .conftest import ROOT, TINY, cli
@@ -74,6 +75,8 @@ ROWS = {
                        "the model's env recipe would import or call code: env.entry_point=subprocess:Popen"),
     # item 12
     "seed-negative": (lambda c, t, m, mp, cs: [c, "--seed", "-1"], "--seed=-1: must be >= 0"),
+    "seed-not-a-number": (lambda c, t, m, mp, cs: [c, "--seed", "abc"],
+                          "argument --seed: invalid int value: 'abc' (see ppo-eval --help)"),
     "tampered-space": (lambda c, t, m, mp, cs: [_crafted(c, t / "t.pt", observation_space={"type": "Box"})],
                        "the checkpoint's space description is damaged (KeyError: 'shape'"),
     "tampered-space-value": (lambda c, t, m, mp, cs: [_crafted(c, t / "t.pt",
@@ -118,6 +121,18 @@ def test_ppo_eval_faults_are_one_line_exit_2(row, tiny_run, tmp_path, monkeypatc
         assert f"If you trust {argv[0]}, add --trust-env-code" in lines[0]
     assert not marker.exists()  # no code ran
     assert _digest(tmp_path) == before  # every file as it was (nothing written, nothing half-written)
+
+
+@pytest.mark.parametrize(("main", "argv", "said"), [
+    (export_cli.main, ["x.pt", "--opset", "17"], "ppo-export: error: unrecognized arguments: --opset 17 (see "),
+    (export_cli.main, [], "ppo-export: error: the following arguments are required: checkpoint (see ppo-export"),
+    (sweep_report.main, ["multirun", "--bogus"], "ppo-sweep-report: error: unrecognized arguments: --bogus (see "),
+])
+def test_argument_errors_of_every_tool_are_one_line(main, argv, said, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith(said), err
 
 
 def test_one_line_errors_joins_a_multi_line_message(capsys):

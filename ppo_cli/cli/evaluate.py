@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import checkpoint, export
 from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml
 from ppo_cli.envs import code_in_recipe, describe_space, env_label, make_vec_env
-from ppo_cli.errors import UserError, extra_hint, one_line_errors
+from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
 from ppo_cli.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes, step_cap
 from ppo_cli.policy import ActorCritic, build_policy
 
@@ -41,7 +41,7 @@ def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppo-eval", description="Evaluate a ppo-cli checkpoint: run whole episodes "
+    p = OneLineParser(prog="ppo-eval", description="Evaluate a ppo-cli checkpoint: run whole episodes "
                                 "and report the return, next to a uniformly random policy on the same seeds.")
     p.add_argument("checkpoint", help="path to a checkpoint.pt written by ppo-train, or to a model written by "
                    "ppo-export (.onnx, .torchscript.pt: run through onnxruntime / TorchScript)")

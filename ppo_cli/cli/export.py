@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 from ppo_cli import checkpoint
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.envs import env_label
-from ppo_cli.errors import UserError, one_line_errors
+from ppo_cli.errors import OneLineParser, UserError, one_line_errors
 from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ppo-export", description="Export a ppo-cli checkpoint's policy to ONNX or "
+    p = OneLineParser(prog="ppo-export", description="Export a ppo-cli checkpoint's policy to ONNX or "
                                 "TorchScript: raw observation in, env action out, observation normalization baked "
                                 "in; a <file>.json beside it describes the spaces and the inputs and outputs.")
     p.add_argument("checkpoint", help="path to a checkpoint.pt (or best.pt) written by ppo-train")

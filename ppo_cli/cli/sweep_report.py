@@ -7,7 +7,6 @@ summary.csv and curves.png into DIR (or --out).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -22,7 +21,7 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
-from ppo_cli.errors import UserError, extra_hint
+from ppo_cli.errors import OneLineParser, UserError, extra_hint
 
 
 class RecordSweepDir(Callback):
@@ -277,7 +276,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="ppo-sweep-report", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="ppo-sweep-report", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. runs/multirun/2026-11-27/10-00-00")
     p.add_argument("--out", type=Path, help="where summary.csv and curves.png go (default: the sweep folder)")
     p.add_argument("--top", type=int, default=5, help="jobs to plot (default: 5 best)")
