@@ -297,3 +297,25 @@ def test_ctrl_c_while_the_run_starts_is_one_line_and_leaves_no_folder(tmp_path):
     assert _ours(err) == ["ppo-train: interrupted by SIGINT while starting or closing the run; checkpoints already "
                           "written are kept"]
     assert not run.exists()
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "sweep_report", "export"])
+def test_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
+    """The console scripts' launcher: a SIGINT that lands while the tool's modules import (torch, Hydra: a second
+    or more) is one line and exit 130, not a traceback through the imports. The signal is sent from inside the
+    import call, so the test does not depend on timing."""
+    code = ("import importlib, os, signal\n"
+            "from ppo_cli.cli import launch\n"
+            "real = importlib.import_module\n"
+            "def interrupted(name):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(name)\n"
+            "importlib.import_module = interrupted\n"
+            f"launch.{tool}()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    prog = {"train": "ppo-train", "evaluate": "ppo-eval", "sweep_report": "ppo-sweep-report",
+            "export": "ppo-export"}[tool]
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == f"{prog}: interrupted by SIGINT while starting; nothing was written\n"
+    assert not list(tmp_path.iterdir())
