@@ -56,8 +56,11 @@ class MLPEncoder(nn.Sequential):
 
 
 def _image_input(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images [n, C, H, W] (any memory order) -> float32 in [0, 1], channels-last in memory."""
-    return x.contiguous(memory_format=torch.channels_last).float().mul_(1.0 / 255.0)
+    """Images [n, C, H, W] of pixel values 0-255 (uint8, or float32 where other inputs came with them; any memory
+    order) -> float32 in [0, 1], channels-last in memory."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    # In place on uint8's new float copy; a float input may share memory with the caller's tensor.
+    return x.float().mul_(1.0 / 255.0) if x.dtype == torch.uint8 else x * (1.0 / 255.0)
 
 
 def _linears_after(in_dim: int, widths: list[int], init: str | None, bias: float) -> tuple[list[nn.Module], int]:
@@ -74,6 +77,10 @@ def _linears_after(in_dim: int, widths: list[int], init: str | None, bias: float
 class ImageEncoder(nn.Module):
     """What the image encoders share: uint8 images -> `convs` -> flatten -> `head` -> float32 features.
 
+    An image that came with other inputs (a Dict observation; observations.py) arrives as one float32 row per
+    observation, the pixels ([C, H, W] flattened) and then `extra_dim` other columns; these join the flattened
+    convolution features before `head`.
+
     `compute_dtype` (network.precision) is the dtype the encoder computes in: None for float32, or
     torch.bfloat16 to run it under torch.autocast, which casts the convolutions' and linear layers' inputs and
     weights to bfloat16 (the parameters themselves, their gradients and the optimizer stay float32). The
@@ -83,10 +90,19 @@ class ImageEncoder(nn.Module):
     head: nn.Module
     compute_dtype: torch.dtype | None = None
 
+    def __init__(self, shape: tuple[int, int, int], extra_dim: int) -> None:
+        super().__init__()
+        self.image_shape, self.extra_dim = shape, extra_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            h = self.head(self.convs(_image_input(x)).flatten(1))
+            if self.extra_dim:
+                pixels = x[:, :-self.extra_dim].reshape(x.shape[0], *self.image_shape)
+                h = torch.cat([self.convs(_image_input(pixels)).flatten(1), x[:, -self.extra_dim:]], dim=1)
+            else:
+                h = self.convs(_image_input(x)).flatten(1)
+            h = self.head(h)
         return h.float()
 
 
@@ -99,15 +115,15 @@ class NatureCNN(ImageEncoder):
     MIN_SIZE = 36
 
     def __init__(self, shape: tuple[int, int, int], widths: list[int], init: str = "orthogonal",
-                 bias: float = 0.0) -> None:
-        super().__init__()
+                 bias: float = 0.0, extra_dim: int = 0) -> None:
+        super().__init__(shape, extra_dim)
         c, h, w = shape
         convs = [nn.Conv2d(c, 32, 8, stride=4), nn.Conv2d(32, 64, 4, stride=2), nn.Conv2d(64, 64, 3, stride=1)]
         for conv in convs:
             init_hidden(conv, init, "relu", bias)  # type: ignore[arg-type]
         self.convs = nn.Sequential(*(m for conv in convs for m in (conv, nn.ReLU())))
         side = lambda n: ((n - 8) // 4 + 1 - 4) // 2 + 1 - 2  # noqa: E731 - the three convs' output side
-        layers, self.features_dim = _linears_after(64 * side(h) * side(w), widths, init, bias)
+        layers, self.features_dim = _linears_after(64 * side(h) * side(w) + extra_dim, widths, init, bias)
         self.head = nn.Sequential(*layers)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
@@ -141,16 +157,16 @@ class ImpalaCNN(ImageEncoder):
     of 256), ReLU after each. Initialized as CleanRL does: PyTorch's default for every layer (network.init is
     not used)."""
 
-    def __init__(self, shape: tuple[int, int, int], widths: list[int], channels: tuple[int, ...] = (16, 32, 32)
-                 ) -> None:
-        super().__init__()
+    def __init__(self, shape: tuple[int, int, int], widths: list[int], channels: tuple[int, ...] = (16, 32, 32),
+                 extra_dim: int = 0) -> None:
+        super().__init__(shape, extra_dim)
         c, h, w = shape
         stacks = []
         for out in channels:
             stacks.append(ConvSequence(c, out))
             c, h, w = out, (h + 1) // 2, (w + 1) // 2
         self.convs = nn.Sequential(*stacks, nn.ReLU())
-        layers, self.features_dim = _linears_after(c * h * w, widths, None, 0.0)
+        layers, self.features_dim = _linears_after(c * h * w + extra_dim, widths, None, 0.0)
         self.head = nn.Sequential(*layers)
         self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
@@ -168,12 +184,12 @@ def _image_shape(kind: str, n: Any, min_size: int = 1) -> tuple[int, int, int]:
 
 
 # network.type -> factory(input dimension, the network settings as plain values) -> encoder. Image encoders also
-# read `input_shape` ([C, H, W], observations.InputLayout.stored_shape) from the settings.
+# read `input_shape` (the image's [C, H, W]) and `extra_dim` (observations.InputLayout) from the settings.
 ENCODERS: dict[str, Callable[[int, Any], nn.Module]] = {
     "mlp": lambda in_dim, n: MLPEncoder(in_dim, list(n.net_arch), n.activation_fn, n.init, n.bias),
     "cnn": lambda in_dim, n: NatureCNN(_image_shape("cnn", n, NatureCNN.MIN_SIZE), list(n.net_arch), n.init,
-                                       n.bias),
-    "impala": lambda in_dim, n: ImpalaCNN(_image_shape("impala", n), list(n.net_arch)),
+                                       n.bias, n.extra_dim),
+    "impala": lambda in_dim, n: ImpalaCNN(_image_shape("impala", n), list(n.net_arch), extra_dim=n.extra_dim),
 }
 IMAGE_ENCODERS = ("cnn", "impala")  # the encoders that read images (and only images)
 

@@ -14,7 +14,13 @@ Images (docs/pixels.md) are the exception to flat: an observation that is a uint
 with both sides >= 16 (`is_image`), is kept as it is, uint8 [n, C, H, W] (an HWC image permuted, a rank-2 one
 given one channel), for an image encoder (encoders.IMAGE_ENCODERS), which scales it to [0, 1]. The rollout
 buffer stores it so (`stored_shape`, `stored_dtype`). Channel order: `channels_last` says it, or, where it is
-None, the shape: last dim <= 4 is HWC, else first dim <= 4 is CHW. Images inside a Dict or Tuple are refused.
+None, the shape: last dim <= 4 is HWC, else first dim <= 4 is CHW.
+
+One image inside a Dict or Tuple, beside other keys (a camera and a robot's joint readings, say): the network
+input is then one float32 row, the image's pixel values (0-255, [C, H, W] order, flattened) followed by the
+other parts as above; the image encoder takes the pixels apart, runs its convolutions on them and reads the
+other columns beside the convolutions' features (`extra_dim`). Stored as float32, such an input takes 4x the
+memory of a plain image's uint8.
 """
 
 from __future__ import annotations
@@ -133,8 +139,8 @@ class ImagePart(Part):
     """An image observation (module doc), kept uint8 as [n, C, H, W]: a view (an HWC image permuted, which is
     channels-last in memory; a rank-2 one given one channel)."""
 
-    def __init__(self, space: dict[str, Any], image: Image) -> None:
-        self.key, self.space, self.image = None, space, image
+    def __init__(self, key: str | int | None, space: dict[str, Any], image: Image) -> None:
+        self.key, self.space, self.image = key, space, image
         self.size = math.prod(image.shape)
 
     def encode(self, value: torch.Tensor) -> torch.Tensor:
@@ -167,25 +173,28 @@ def assemble(space: dict[str, Any], values: list[Any]) -> Any:
     return tuple(values) if space["type"] == "Tuple" else values[0]
 
 
-def _parts(space: dict[str, Any], masked: bool) -> list[Part]:
+def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None) -> list[Part]:
     structure = space["type"]
     if structure not in ("Dict", "Tuple"):
         if structure not in PARTS:
             raise UserError(f"a {structure} observation space is not supported (supported: {', '.join(PARTS)}, "
                             f"or a Dict or Tuple of them)")
-        return [PARTS[structure](None, space)]
-    parts = []
+        image = _image(space, channels_last)
+        return [ImagePart(None, space, image) if image is not None else PARTS[structure](None, space)]
+    parts: list[Part] = []
     for key, sub in space_items(space):
         if masked and key == MASK_KEY:
             continue
         if sub["type"] not in PARTS:
             raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
                             f"{structure} (supported: {', '.join(PARTS)})")
-        if _image(sub, None) is not None:
-            raise UserError(f"observation key {key!r} is an image ({_shape_text(sub)}): images inside a "
-                            f"{structure} are not supported yet; give the env a plain image observation "
-                            f"for network=cnn, or a float32 space for that key to read it flat (docs/pixels.md)")
-        parts.append(PARTS[sub["type"]](key, sub))
+        image = _image(sub, channels_last)
+        if image is not None and any(isinstance(p, ImagePart) for p in parts):
+            first = next(p.key for p in parts if isinstance(p, ImagePart))
+            raise UserError(f"observation keys {first!r} and {key!r} are both images: one image per observation "
+                            f"is supported (stack them into one image of more channels, or give one a float32 "
+                            f"space to read it flat; docs/pixels.md)")
+        parts.append(ImagePart(key, sub, image) if image is not None else PARTS[sub["type"]](key, sub))
     if not parts:
         raise UserError(f"the {structure} observation space has no key the policy can read")
     return parts
@@ -196,19 +205,21 @@ class InputLayout:
 
     def __init__(self, space: dict[str, Any], masked: bool = False, channels_last: bool | None = None) -> None:
         self.space = space
-        self.parts = _parts(space, masked)
-        # An image observation (module doc): one part, kept as uint8 [C, H, W], never normalized.
-        self.image = _image(space, channels_last)
-        if self.image is not None:
-            self.parts = [ImagePart(space, self.image)]
+        self.parts = _parts(space, masked, channels_last)
+        # An image (module doc): kept as uint8 [C, H, W] when it is the whole observation, never normalized.
+        self.image_part = next((p for p in self.parts if isinstance(p, ImagePart)), None)
+        self.image = None if self.image_part is None else self.image_part.image
         self.box_parts = [p for p in self.parts if p.box]
-        self.other_parts = [p for p in self.parts if not p.box]
+        self.other_parts = [p for p in self.parts if not p.box and p is not self.image_part]
         self.box_dim = sum(p.size for p in self.box_parts)
         self.dim = sum(p.size for p in self.parts)
         self.structured = space["type"] in ("Dict", "Tuple")
+        # The columns beside an image (module doc): what the image encoder reads next to its convolutions.
+        self.extra_dim = 0 if self.image_part is None else self.dim - self.image_part.size
         # What the network reads and the rollout buffer stores per observation.
-        self.stored_shape: tuple[int, ...] = self.image.shape if self.image is not None else (self.dim,)
-        self.stored_dtype = torch.uint8 if self.image is not None else torch.float32
+        plain_image = self.image is not None and not self.extra_dim
+        self.stored_shape: tuple[int, ...] = self.image.shape if plain_image else (self.dim,)  # type: ignore[union-attr]
+        self.stored_dtype = torch.uint8 if plain_image else torch.float32
 
     def _get(self, obs: Any, part: Part) -> Any:
         return obs[part.key] if self.structured else obs
@@ -226,16 +237,18 @@ class InputLayout:
                                 f"rank 2 with both sides >= {MIN_GRAYSCALE_SIDE}); this env's observation space is "
                                 f"{_describe(self.space)}: use network=mlp")
             return
-        shown = _shape_text(self.space)
+        key = self.image_part.key  # type: ignore[union-attr]
+        shown = _shape_text(self.image_part.space)  # type: ignore[union-attr]
         if encoder not in IMAGE_ENCODERS:
-            raise UserError(f"the observations are images ({shown}): use network=cnn (or network=impala), not "
-                            f"network.type={encoder}, which would read them as {math.prod(img.shape):,} flat "
+            what = "the observations are images" if key is None else f"observation key {key!r} is an image"
+            raise UserError(f"{what} ({shown}): use network=cnn (or network=impala), not network.type={encoder}, "
+                            f"which would read {'them' if key is None else 'it'} as {math.prod(img.shape):,} flat "
                             f"inputs (Atari: env.atari=true network=cnn algo=ppo_atari; docs/pixels.md)")
         if img.order is None:
             raise UserError(f"cannot tell the channel order of images {img.space_shape} (neither the first nor the "
                             f"last dim is <= {MAX_CHANNELS}): set network.channels_last=true (height, width, "
                             f"channels) or false (channels, height, width)")
-        if normalize_obs:
+        if normalize_obs and not self.box_parts:
             raise UserError(f"env.normalize_obs=true: image observations ({shown}) are scaled to [0, 1] inside "
                             f"the network, not normalized; set env.normalize_obs=false")
 
@@ -248,10 +261,16 @@ class InputLayout:
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     def prepare(self, obs: Any, norm: torch.nn.Module | None) -> torch.Tensor:
+        cols = []
+        if self.image_part is not None:
+            image = self.image_part.encode(self._get(obs, self.image_part))
+            if not self.extra_dim:
+                return image
+            cols.append(image.reshape(image.shape[0], -1).float())
         box = self.box_input(obs)
         if box is not None and norm is not None:
             box = norm(box)
-        cols = ([box] if box is not None else []) + [p.encode(self._get(obs, p)) for p in self.other_parts]
+        cols += ([box] if box is not None else []) + [p.encode(self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
     # --- numpy twin (fastpath.NumpyActor) ------------------------------------------------------------------
@@ -263,12 +282,18 @@ class InputLayout:
 
     def np_prepare(self, obs: Any, norm: Any, update_stats: bool) -> np.ndarray:
         """prepare in numpy; folds the Box parts into `norm`'s statistics first when `update_stats`."""
+        cols = []
+        if self.image_part is not None:
+            image = self.image_part.np_encode(self._get(obs, self.image_part))
+            if not self.extra_dim:
+                return image
+            cols.append(image.reshape(image.shape[0], -1).astype(np.float32))
         box = self.np_box_input(obs)
         if box is not None and norm is not None:
             if update_stats:
                 norm.update(torch.from_numpy(box))
             box = np.clip((box - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
-        cols = ([box] if box is not None else []) + [p.np_encode(self._get(obs, p)) for p in self.other_parts]
+        cols += ([box] if box is not None else []) + [p.np_encode(self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
 

@@ -55,8 +55,10 @@ class ActorCritic(nn.Module):
         in_dim = self.layout.dim
         # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
         self.shared_trunk = shared_trunk or (recurrent is not None and rnn_shared)
+        image = self.layout.image
         settings = SimpleNamespace(net_arch=list(net_arch), activation_fn=activation_fn, init=init, bias=bias,
-                                   input_shape=self.layout.stored_shape)
+                                   input_shape=self.layout.stored_shape if image is None else image.shape,
+                                   extra_dim=self.layout.extra_dim)
         # Only the Box parts are normalized: one-hot and binary inputs are already on a fixed scale.
         self.obs_norm = (ObsNormalizer(self.layout.box_dim, clip_obs) if normalize_obs and self.layout.box_dim
                          else None)

@@ -75,6 +75,7 @@ EXTRAS = {
     "lstm": ["env.entry_point=tests.custom_env:RepeatCue", "network.recurrent=lstm", "network.rnn_hidden=16",
              "network.net_arch=[16]", "algo.batch_size=128"],
     "cnn": ["env.entry_point=tests.test_pixels:LitCell", "network=cnn"],
+    "cnn-dict": ["env.entry_point=tests.test_pixels:LitCell", "+env.kwargs.mirror=true", "network=cnn"],
 }
 CASES = {**{f"{h}-{'norm' if n else 'raw'}": [*o, f"env.normalize_obs={str(n).lower()}"]
             for h, o in HEADS.items() for n in (False, True)}, **EXTRAS}
