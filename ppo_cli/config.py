@@ -206,8 +206,10 @@ class TrainConfig:
                        "and the envs (env i gets seed + i)")
     device: Device = key(Device.auto, "auto / cpu / cuda; auto picks the faster for the policy: the GPU for CNNs "
                                       "and large MLPs, the CPU for small MLPs (ppo_cli/devices.py)")
-    torch_threads: int = key(1, "torch intra-op threads, and numpy's BLAS threads (small MLPs are fastest on "
-                                "one); 0 keeps the libraries' defaults")
+    torch_threads: int | None = key(None, "torch intra-op threads, and numpy's BLAS threads; null (auto): 1 for "
+                                          "MLPs (small MLPs are fastest on one), torch's default (a thread per "
+                                          "core) for image encoders, shared among the processes of a torchrun "
+                                          "on the machine; 0 keeps the libraries' defaults")
     fast_rollout: bool = key(True, "act in numpy during rollouts where the numpy path covers the policy (CPU, "
                                    "float32, ppo-cli's MLP actor-critic: every head, observation normalization, "
                                    "shared or separate trunks); false acts through torch. Both take the same "
@@ -336,7 +338,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(all(isinstance(w, (dict, DictConfig)) and "_target_" in w for w in e.wrappers), "env.wrappers",
          "must be a list of {_target_: module.WrapperClass, ...} entries")
     need(0 <= cfg.seed <= 2**32 - 1, "seed", "must be in [0, 2**32 - 1]")
-    need(cfg.torch_threads >= 0, "torch_threads", "must be >= 0 (0 keeps torch's default)")
+    need(cfg.torch_threads is None or cfg.torch_threads >= 0, "torch_threads",
+         "must be >= 0 (0 keeps torch's default) or null (auto)")
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no periodic evaluation)")

@@ -10,15 +10,19 @@ geometric mean. CNNs, whose convolutions dwarf any launch overhead, always go to
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
 
 from ppo_cli.config import choice
+from ppo_cli.encoders import IMAGE_ENCODERS
 from ppo_cli.errors import UserError
 
 GPU_WORK = 6e6  # batch_size x (widest hidden layer)^2 from which an MLP trains faster on the GPU
+# torch's own thread count (a thread per physical core, or OMP_NUM_THREADS), read before any run sets it.
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 class DeviceChoice(NamedTuple):
@@ -67,3 +71,14 @@ def precision_text(cfg: DictConfig, device: torch.device) -> str:
         return "; encoder in bfloat16 (network.precision)"
     return (f"; encoder in bfloat16 (network.precision), which this {device.type.upper()} only emulates: slower "
             f"than float32 here")
+
+
+def torch_threads(cfg: DictConfig) -> int:
+    """The torch_threads a run uses, `null` (auto) resolved: 1 for MLPs, whose small matrix products a second
+    thread only slows; for image encoders, whose convolutions split well, torch's default (a thread per physical
+    core) divided among the processes a torchrun starts on this machine. 0 keeps the libraries' defaults."""
+    if cfg.torch_threads is not None:
+        return int(cfg.torch_threads)
+    if choice(cfg.network.type) not in IMAGE_ENCODERS:
+        return 1
+    return max(1, DEFAULT_THREADS // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from ppo_cli import checkpoint, distributed
 from ppo_cli.config import choice
-from ppo_cli.devices import choose_device
+from ppo_cli.devices import choose_device, torch_threads
 from ppo_cli.envs import describe_space, env_label, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
@@ -176,10 +176,11 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        threads = torch_threads(cfg)
+        if threads:
+            torch.set_num_threads(threads)
             # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
-            threadpool_limits(cfg.torch_threads)
+            threadpool_limits(threads)
         self.device = choose_device(cfg).device
         # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
         self.ranks = distributed.setup(self.device)

@@ -6,7 +6,7 @@ import torch
 
 from ppo_cli import checkpoint, devices
 from ppo_cli.cli.evaluate import load_policy
-from ppo_cli.devices import choose_device, precision_text
+from ppo_cli.devices import choose_device, precision_text, torch_threads
 from ppo_cli.envs import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import evaluate
@@ -48,6 +48,16 @@ def test_the_banner_says_when_the_encoder_computes_in_bfloat16(native, monkeypat
     text = precision_text(make_cfg("network=cnn", "network.precision=bfloat16"), cpu)
     assert text.startswith("; encoder in bfloat16 (network.precision)")
     assert ("only emulates: slower than float32 here" in text) is not native
+
+
+def test_torch_threads_auto_is_one_for_mlps_and_the_cores_for_image_encoders(monkeypatch):
+    monkeypatch.setattr(devices, "DEFAULT_THREADS", 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert torch_threads(make_cfg()) == 1
+    assert torch_threads(make_cfg("network=cnn")) == torch_threads(make_cfg("network=impala")) == 8
+    assert torch_threads(make_cfg("network=cnn", "torch_threads=3")) == 3  # a set value is kept
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's processes on this machine share the cores
+    assert torch_threads(make_cfg("network=cnn")) == 2 and torch_threads(make_cfg()) == 1
 
 
 @needs_cuda

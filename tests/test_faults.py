@@ -190,7 +190,7 @@ def test_three_runs_at_once_banner_async_and_no_train_log(tmp_path):
     assert not list(tmp_path.rglob("train.log"))
     banner = outs[0][0]
     assert "env:        CartPole-v1 x 2 envs (async), seed 1\n" in banner
-    assert re.search(r"^device:     cpu \(auto: .+\)$", banner, re.MULTILINE), banner
+    assert re.search(r"^device:     cpu \(auto: .+\), 1 torch thread$", banner, re.MULTILINE), banner
     assert "algo.n_steps 64 x env.num_envs 2 = 128 steps per update" in banner
     assert ("training:   256 steps = 2 updates of 128 (algo.total_timesteps=200 is not a whole number of rollouts: "
             "the run stops after the update that reaches it)") in banner

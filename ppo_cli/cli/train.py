@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli import __version__, checkpoint, distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, validate
-from ppo_cli.devices import choose_device, precision_text
+from ppo_cli.devices import choose_device, precision_text, torch_threads
 from ppo_cli.envs import check_env, code_in_recipe, env_label
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
@@ -266,9 +266,12 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
         steps += (f" (algo.total_timesteps={a.total_timesteps:,} is not a whole number of rollouts: the run stops "
                   f"after the update that reaches it)")
     vectorized = "envpool" if choice(e.backend) == "envpool" else choice(e.vectorization)
+    n_threads = torch_threads(cfg)
+    threads = "" if device.device.type != "cpu" or not n_threads else (
+        f", {n_threads} torch thread{'s' if n_threads > 1 else ''}")
     print(f"run dir:    {run_dir}\n"
           f"env:        {env_label(e)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
-          f"device:     {device.device.type} ({device.reason}){precision_text(cfg, device.device)}\n"
+          f"device:     {device.device.type} ({device.reason}){threads}{precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
           f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
