@@ -304,12 +304,14 @@ def test_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     """The console scripts' launcher: a SIGINT that lands while the tool's modules import (torch, Hydra: a second
     or more) is one line and exit 130, not a traceback through the imports. The signal is sent from inside the
     import call, so the test does not depend on timing."""
+    # SIGINT as in a terminal: a process started with it ignored (an xdist worker's child) would never see it.
     code = ("import importlib, os, signal\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from ppo_cli.cli import launch\n"
             "real = importlib.import_module\n"
-            "def interrupted(name):\n"
+            "def interrupted(name, *rest):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "    return real(name)\n"
+            "    return real(name, *rest)\n"
             "importlib.import_module = interrupted\n"
             f"launch.{tool}()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
