@@ -227,7 +227,7 @@ class InputLayout:
     def check(self, encoder: str, normalize_obs: bool) -> None:
         """One UserError where the encoder cannot read these observations: an image with an encoder that is not
         an image encoder, an image encoder without an image, an image without a channel order, or observation
-        normalization of an image."""
+        normalization where the image is all there is (in a Dict, the other Box keys are normalized)."""
         from ppo_cli.encoders import IMAGE_ENCODERS
 
         img = self.image
