@@ -220,6 +220,12 @@ def test_an_image_in_a_dict_goes_through_the_cnn_with_the_other_keys_beside_its_
     assert torch.equal(x[:, :pixels], torch.as_tensor(chw.reshape(3, -1), dtype=torch.float32))  # not scaled in place
     with pytest.raises(UserError, match=r"^observation key 'image' is an image \(uint8 Box .*\): use network=cnn"):
         build_policy(describe_space(space), DISCRETE, make_cfg())
+    # env.normalize_obs normalizes the vector beside the image, never the pixels.
+    normed = build_policy(describe_space(space), DISCRETE, make_cfg("network=cnn", "env.normalize_obs=true"))
+    assert normed.layout.box_dim == 2 and normed.obs_norm is not None
+    normed.update_obs_stats(as_tensors(batch))
+    y = normed.prepare(as_tensors(batch))
+    assert torch.equal(y[:, :pixels], x[:, :pixels]) and not torch.allclose(y[:, pixels:], x[:, pixels:])
 
 
 def test_rollout_buffer_stores_uint8_images(tmp_path):
