@@ -185,6 +185,15 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     return envs
 
 
+def kill_workers(envs: Any) -> None:
+    """SIGKILL the worker processes of an async vector env (they ignore SIGINT and SIGTERM: trainer.py)."""
+    for process in getattr(getattr(envs, "unwrapped", None), "processes", ()):
+        try:
+            process.kill()
+        except (OSError, ValueError):  # gone already, or closed
+            pass
+
+
 def _missing_extra(message: str) -> str:
     """gymnasium's message names its own extras; name ours, which pin the same packages."""
     lowered = message.lower()

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from ppo_cli import checkpoint
-from ppo_cli.envs import describe_space, make_vec_env
+from ppo_cli.envs import describe_space, kill_workers, make_vec_env
 from ppo_cli.masks import ActionMasks
 from ppo_cli.observations import as_tensors
 from ppo_cli.policy import ActorCritic
@@ -224,6 +224,17 @@ class PeriodicEvaluator:
     def reached_target(self, result: EvalResult) -> bool:
         target = self.cfg.eval.stop_at_return
         return target is not None and result.mean_return >= target
+
+    def abandon(self) -> None:
+        """Discard the envs of an evaluation a signal cut short. They may be inside a call: an async vector env's
+        pipes then hold replies half read, and a graceful close would read them as answers to its own "close" and
+        shut the pipes while a worker still writes (a BrokenPipeError traceback from the worker). So the workers
+        are killed and the envs closed without a word to them; the next evaluation builds new ones."""
+        if self.envs is None:
+            return
+        kill_workers(self.envs)
+        self.envs.close(terminate=True)
+        self.envs = None
 
     def close(self) -> None:
         if self.envs is not None:

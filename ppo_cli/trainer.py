@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from ppo_cli import checkpoint, distributed
 from ppo_cli.config import choice
 from ppo_cli.devices import choose_device, torch_threads
-from ppo_cli.envs import describe_space, env_label, make_vec_env, restore, snapshot
+from ppo_cli.envs import describe_space, env_label, kill_workers, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
 from ppo_cli.logger import Logger, QuietLogger
@@ -161,15 +161,6 @@ def _say(text: str) -> None:
         os.write(2, (text + "\n").encode())
     except OSError:
         pass
-
-
-def _kill_workers(envs: Any) -> None:
-    """SIGKILL the worker processes of an async vector env (they do not take SIGTERM: held_from_workers)."""
-    for process in getattr(getattr(envs, "unwrapped", None), "processes", ()):
-        try:
-            process.kill()
-        except (OSError, ValueError):  # gone already, or closed
-            pass
 
 
 class Trainer:
@@ -452,7 +443,7 @@ class Trainer:
             kept = f"the last checkpoint is kept: {path} (step {step:,}); resume with: ppo-train resume={path}"
         _say(f"ppo-train: stopped at once by a second {signal.Signals(signum).name}; {kept}")
         for envs in (self.envs, self.evaluator.envs):
-            _kill_workers(envs)
+            kill_workers(envs)
         os._exit(128 + signum)
 
     def _stop_requested(self) -> bool:
@@ -545,6 +536,7 @@ class Trainer:
                         with self._evaluation():
                             final_eval = self.evaluator.evaluate(self.global_step)
                     except _EvaluationStopped:
+                        self.evaluator.abandon()
                         raise Interrupted(self._stop_signal, self.global_step, path,  # type: ignore[arg-type]
                                           in_final_eval=True) from None
             return self._finish(path, final_eval, stopped_at)
@@ -560,6 +552,7 @@ class Trainer:
                 result, scalars = self.evaluator.periodic(self.global_step)
         except _EvaluationStopped:
             self.evaluator.best = best
+            self.evaluator.abandon()
             return False
         self.logger.scalars(self.global_step, scalars)
         reached = self.evaluator.reached_target(result)
