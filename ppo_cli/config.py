@@ -217,11 +217,13 @@ class TrainConfig:
     fast_update: bool = key(True, "compute the loss and its gradients in numpy where the numpy path covers the "
                                   "policy (as for fast_rollout); false uses torch autograd. Both compute the same "
                                   "update; a policy it does not cover trains with autograd and the run says why")
-    torch_compile: bool = key(False, "pass the autograd loss through torch.compile; it only runs where the numpy "
-                                     "update does not (fast_update=false, device=cuda): about 35% off an autograd "
-                                     "minibatch step at [64, 64], 5% at [256, 256], for 5-20 s of compiling at "
-                                     "the first update; needs a C++ compiler on the CPU. Where the numpy update "
-                                     "runs it has no effect and the run says so")
+    torch_compile: bool = key(False, "pass the autograd loss and the torch rollout's policy step through "
+                                     "torch.compile; they only run where the numpy paths do not (fast_update / "
+                                     "fast_rollout=false, CNNs, device=cuda): about 35% off an autograd minibatch "
+                                     "step at [64, 64], 5% at [256, 256], for 5-20 s of compiling; needs a C++ "
+                                     "compiler on the CPU, and where compiling fails the run says so in one line "
+                                     "and goes on uncompiled. Where the numpy update runs the loss is not "
+                                     "compiled and the run says so")
     log_interval: int = key(1, "updates between plain console lines (TensorBoard always gets every update)")
     checkpoint_interval: int = key(10, "updates between periodic checkpoints; 0 writes only the final one")
     resume: str | None = key(None, "a checkpoint.pt to continue from (docs/evaluation-and-resume.md)")

@@ -1,4 +1,5 @@
 """Which device a run trains on: `device=cpu` / `cuda` force it; `device=auto` picks the faster one for the policy.
+And how the rollout's per-step arrays cross between the envs (host) and that device (`HostStaging`).
 
 The rule comes from measurements on one H100 with 16 CPU cores (issue 16's table, CartPole, each tool's best): an
 MLP with 8 envs, [64, 64] and minibatches of 64 ran 6.3x faster on the CPU (the numpy path: per-step GPU launches
@@ -11,8 +12,9 @@ geometric mean. CNNs, whose convolutions dwarf any launch overhead, always go to
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -82,3 +84,58 @@ def torch_threads(cfg: DictConfig) -> int:
     if choice(cfg.network.type) not in IMAGE_ENCODERS:
         return 1
     return max(1, DEFAULT_THREADS // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+class HostStaging:
+    """The rollout's per-step copies between host and device, through one page-locked buffer per name.
+
+    From pageable numpy memory a copy to a GPU is synchronous: the host waits for it, then launches the policy's
+    kernels. From page-locked memory it is queued (non_blocking) and the host goes on. Each name keeps its buffer
+    (reallocated only when the shape or dtype changes) and an event recorded after the copy it fed, which a write
+    to the buffer waits for, so a buffer is never overwritten while a copy reads it. `to_host` is the one wait of
+    a rollout step: the env needs the actions. On the CPU, pinning is off and the copies are plain ones (the
+    tests run this class there; the trainer only stages for other devices)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._events: dict[str, Any] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+            self._buffers[name] = buf
+        event = self._events.pop(name, None)
+        if event is not None:
+            event.synchronize()
+        return buf
+
+    def to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """A new device tensor holding `array`, its copy queued on the current stream."""
+        array = np.asarray(array)
+        buf = self._buffer(name, array.shape, torch.from_numpy(np.empty(0, array.dtype)).dtype)
+        buf.numpy()[...] = array
+        out = buf.to(self.device, non_blocking=True, copy=True)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._events[name] = event
+        return out
+
+    def tensors(self, obs: Any) -> Any:
+        """A batch of observations (array, dict or tuple of arrays) as device tensors of the same structure."""
+        if isinstance(obs, dict):
+            return {k: self.to_device(f"obs.{k}", v) for k, v in obs.items()}
+        if isinstance(obs, tuple):
+            return tuple(self.to_device(f"obs.{i}", v) for i, v in enumerate(obs))
+        return self.to_device("obs", obs)
+
+    def to_host(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """`tensor` on the host, once every queued copy and kernel before it is done (a copy: the buffer is reused)."""
+        buf = self._buffer(name, tuple(tensor.shape), tensor.dtype)
+        buf.copy_(tensor, non_blocking=self.cuda)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+        return buf.numpy().copy()

@@ -181,12 +181,22 @@ class ActorCritic(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(actions, log-probs, values, next state) for a batch of network inputs: sampled with `rng`, or the
         mode; `state` is None without a recurrent core."""
-        out, value, new_state = self.step(x, state)
         if deterministic or rng is None:
+            out, value, new_state = self.step(x, state)
             action = self.dist.mode(out, mask)
-        else:
-            noise = torch.from_numpy(self.dist.noise(rng, out.shape[0])).to(out.device)
-            action = self.dist.sample(out, noise, mask)
+            logp, _ = self.dist.log_prob_entropy(out, action, mask)
+            return action, logp, value, new_state
+        noise = torch.from_numpy(self.dist.noise(rng, x.shape[0])).to(x.device)
+        return self.sample_step(x, state, noise, mask)
+
+    @torch.no_grad()
+    def sample_step(self, x: torch.Tensor, state: torch.Tensor | None, noise: torch.Tensor,
+                    mask: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """act_step's sampling with its randomness drawn already (`dist.noise`, on x's device): tensors in, tensors
+        out, which is what the rollout compiles (torch_compile) and stages on a GPU (rollout.TorchActor)."""
+        out, value, new_state = self.step(x, state)
+        action = self.dist.sample(out, noise, mask)
         logp, _ = self.dist.log_prob_entropy(out, action, mask)
         return action, logp, value, new_state
 

@@ -16,8 +16,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ppo_cli import distributed
+from ppo_cli.compiled import with_fallback
 from ppo_cli.distributed import Ranks
-from ppo_cli.errors import UserError
 from ppo_cli.fastpath import NumpyGradients, covers
 from ppo_cli.rollout import Batch
 
@@ -99,31 +99,15 @@ def minibatch_loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[tor
 LossFn = Callable[[nn.Module, Batch, UpdateSettings], tuple[torch.Tensor, torch.Tensor]]
 
 
-def compile_loss() -> LossFn:
-    """minibatch_loss through torch.compile, for the autograd path (`torch_compile=true`).
+def compile_loss(say: Callable[[str], None]) -> LossFn:
+    """minibatch_loss through torch.compile, for the autograd path (`torch_compile=true`); where it cannot be
+    compiled, `say` one note and compute it uncompiled (compiled.with_fallback).
 
     Inductor fuses the loss's forward and backward graphs into a few generated kernels: about 35% off an
     autograd minibatch step of a [64, 64] shared-trunk policy on the CPU, about 5% at [256, 256] and batch
-    2048, for 5-20 s of compiling at the first minibatch. A failure to compile (on the CPU it needs a C++
-    compiler) surfaces there, as one message.
+    2048, for 5-20 s of compiling at the first minibatch.
     """
-    compiled = torch.compile(minibatch_loss)
-    compiled_once = False
-
-    def loss(policy: nn.Module, mb: Batch, s: UpdateSettings) -> tuple[torch.Tensor, torch.Tensor]:
-        nonlocal compiled_once
-        if compiled_once:
-            return compiled(policy, mb, s)
-        try:
-            out = compiled(policy, mb, s)
-        except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"torch_compile=true: torch.compile could not compile the loss ({reason}); "
-                            f"run with torch_compile=false") from e
-        compiled_once = True
-        return out
-
-    return loss
+    return with_fallback(minibatch_loss, "the loss", say)
 
 
 class Gradients(Protocol):
@@ -187,10 +171,10 @@ class Updater:
 
     @classmethod
     def build(cls, policy: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-              fast_update: bool = True, torch_compile: bool = False,
-              ranks: Ranks | None = None) -> tuple[Updater, list[str]]:
+              fast_update: bool = True, torch_compile: bool = False, ranks: Ranks | None = None,
+              say: Callable[[str], None] = print) -> tuple[Updater, list[str]]:
         """The updater for `policy`, and the notes to print: where fast_update=true cannot use the numpy loss
-        (saying why), or torch_compile=true has nothing to compile."""
+        (saying why), or torch_compile=true has nothing to compile; `say` tells of a loss that fails to compile."""
         notes = []
         gradients: Gradients | None = None
         if fast_update:
@@ -204,7 +188,7 @@ class Updater:
             else:
                 notes.append(f"note: fast_update: computing gradients with autograd ({why})")
         if gradients is None:
-            gradients = AutogradGradients(policy, optimizer, compile_loss() if torch_compile else minibatch_loss)
+            gradients = AutogradGradients(policy, optimizer, compile_loss(say) if torch_compile else minibatch_loss)
         step = (FusedAdamStep.build(optimizer) if fast_update else None) or optimizer.step
         return cls(gradients, step, generator, ranks), notes
 

@@ -16,10 +16,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from ppo_cli.compiled import with_fallback
+from ppo_cli.devices import HostStaging
 from ppo_cli.fastpath import NumpyActor, covers
 from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
-from ppo_cli.observations import as_tensors, stack
+from ppo_cli.observations import as_tensors, batch_size, stack
 from ppo_cli.policy import ActorCritic
 from ppo_cli.timing import Stopwatch
 
@@ -82,13 +84,21 @@ class Batch:
 
 
 class RolloutBuffer:
-    """Preallocated [n_steps, num_envs, ...] storage, written one step at a time through `add`."""
+    """Preallocated [n_steps, num_envs, ...] storage, written one step at a time through `add`.
 
-    FIELDS = ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end")
+    Each field is written where it is produced. What the policy computes (inputs, actions, log-probs, values,
+    V(final obs)) goes straight into the tensors on the policy's device. What the envs return (rewards, ends,
+    masks, episode starts) is numpy on the host: on the CPU it is written through numpy views of the same tensors;
+    on another device (`staged`) into host buffers (page-locked on a GPU) that `advantages` copies over once per
+    rollout, so a GPU rollout step never waits on a copy of its own.
+    """
+
+    POLICY_FIELDS = ("obs", "actions", "logp", "values")
+    ENV_FIELDS = ("rewards", "terminated", "episode_end")
 
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
-                 mask_size: int | None = None, state_size: int = 0) -> None:
+                 mask_size: int | None = None, state_size: int = 0, staged: bool | None = None) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
@@ -105,38 +115,52 @@ class RolloutBuffer:
         self.starts = zeros(dtype=torch.bool) if state_size else None
         self.state0 = torch.zeros(num_envs, state_size, device=device) if state_size else None  # at the rollout's start
         self.step = 0
-        # On the CPU, steps are written through numpy views of the same memory: a numpy row assignment costs
-        # about a microsecond, a torch one several, and the rollout writes eight per step.
-        self._on_cpu = self.device.type == "cpu"
-        self._rows = [getattr(self, f).numpy() if self._on_cpu else getattr(self, f) for f in self.FIELDS]
-        self._final = self.final_values.numpy() if self._on_cpu else self.final_values
-        self._masks = self.masks.numpy() if self._on_cpu and self.masks is not None else self.masks
-
-    def _row(self, value: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-        return value if self._on_cpu else torch.as_tensor(value, device=self.device)
+        self.staged = self.device.type != "cpu" if staged is None else staged
+        env_fields = [getattr(self, f) for f in self.ENV_FIELDS] + [t for t in (self.masks, self.starts)
+                                                                      if t is not None]
+        # (device tensor, its host twin) for each env field; on the CPU unstaged, the twin is the tensor itself.
+        pin = self.device.type == "cuda"
+        self._uploads = [(t, torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) if self.staged else t)
+                         for t in env_fields]
+        host = iter(h.numpy() for _, h in self._uploads)
+        self._env_rows = [next(host) for _ in self.ENV_FIELDS]
+        self._masks = None if self.masks is None else next(host)
+        self._starts = None if self.starts is None else next(host)
+        # On the CPU, the policy's outputs are written through numpy views too: a numpy row assignment costs about
+        # a microsecond, a torch one several, and the rollout writes eight per step. Elsewhere, device copies.
+        self._policy_rows = [getattr(self, f) if self.staged else getattr(self, f).numpy()
+                             for f in self.POLICY_FIELDS]
+        self._uploaded: Any = None  # a CUDA event after the upload of the envs' side
 
     def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
             logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, episode_end: np.ndarray, masks: np.ndarray | None = None,
             starts: np.ndarray | None = None) -> None:
-        """Store one step of every env (numpy arrays or tensors, on any device)."""
+        """Store one step of every env: the policy's outputs as it gave them (tensors on its device, or the numpy
+        actor's arrays on the CPU), the envs' as numpy arrays."""
         t = self.step
+        if t == 0:
+            self.final_values.zero_()
+            if self._uploaded is not None:  # the last rollout's upload still reads the host buffers
+                self._uploaded.synchronize()
+                self._uploaded = None
         if self._masks is not None:
-            self._masks[t] = self._row(masks)
-        if self.starts is not None:
-            self.starts[t] = torch.as_tensor(starts, device=self.device)
-        if not self._on_cpu:
-            obs, actions, logp, values, rewards, terminated, episode_end = (
-                self._row(v) for v in (obs, actions, logp, values, rewards, terminated, episode_end))
-        r_obs, r_act, r_logp, r_val, r_rew, r_term, r_end = self._rows
+            self._masks[t] = masks
+        if self._starts is not None:
+            self._starts[t] = starts
+        r_obs, r_act, r_logp, r_val = self._policy_rows
+        if self.staged:
+            obs, actions, logp, values = (torch.as_tensor(v, device=self.device)
+                                          for v in (obs, actions, logp, values))
         r_obs[t], r_act[t], r_logp[t], r_val[t] = obs, actions, logp, values
+        r_rew, r_term, r_end = self._env_rows
         r_rew[t], r_term[t], r_end[t] = rewards, terminated, episode_end
-        self._final[t] = 0.0
         self.step = t + 1
 
     def set_final_values(self, env_idx: np.ndarray, values: torch.Tensor | np.ndarray) -> None:
         """Record V(final obs) for envs truncated at the step just added."""
-        self._final[self.step - 1, self._row(env_idx)] = self._row(values)
+        rows = torch.as_tensor(env_idx, device=self.device)
+        self.final_values[self.step - 1, rows] = torch.as_tensor(values, device=self.device)
 
     @property
     def full(self) -> bool:
@@ -144,6 +168,12 @@ class RolloutBuffer:
 
     def advantages(self, last_values: torch.Tensor, gamma: float, gae_lambda: float) -> Batch:
         """GAE over the full buffer, then flatten to [T*N, ...]; `last_values` = V(obs after the last step)."""
+        if self.staged:  # the envs' side of the rollout, in one copy per field
+            for tensor, host in self._uploads:
+                tensor.copy_(host, non_blocking=True)
+            if self.device.type == "cuda":
+                self._uploaded = torch.cuda.Event()
+                self._uploaded.record()
         next_values = torch.cat([self.values[1:], torch.as_tensor(last_values, device=self.device).unsqueeze(0)])
         # Where an episode ended, the next stored value belongs to the reset observation: use V(final obs)
         # (truncation) or nothing (termination, masked inside compute_gae).
@@ -185,22 +215,39 @@ class Actor(Protocol):
 
 
 class TorchActor:
-    """The policy itself as the rollout's actor, on its device; it carries a recurrent policy's state."""
+    """The policy itself as the rollout's actor, on its device; it carries a recurrent policy's state.
 
-    def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device, num_envs: int = 0) -> None:
-        self.policy, self.rng, self.device = policy, rng, device
+    On a device other than the CPU (`staged`), each step's observations, noise and mask go over in queued copies
+    from page-locked buffers and the actions come back in one copy the host waits for (devices.HostStaging):
+    that wait, which the env needs, is the step's only one. `step` replaces the policy's sample_step (by its
+    torch.compile'd form: choose_actor)."""
+
+    def __init__(self, policy: ActorCritic, rng: np.random.Generator, device: torch.device, num_envs: int = 0,
+                 staged: bool | None = None, step: Callable[..., Any] | None = None) -> None:
+        self.policy, self.rng, self.device, self.num_envs = policy, rng, torch.device(device), num_envs
         self.state = policy.initial_state(num_envs, device)
         self.starts = None if self.state is None else np.ones(num_envs, dtype=bool)
+        staged = self.device.type != "cpu" if staged is None else staged
+        self.staging = HostStaging(self.device) if staged else None
+        self._sample = step or policy.sample_step
 
     def inputs(self, obs: Any, update_stats: bool = True) -> torch.Tensor:
-        t = as_tensors(obs, self.device)
+        # Only the step's own batch is staged; the few rows of a truncation bootstrap are copied plainly.
+        staged = self.staging is not None and batch_size(obs) == self.num_envs
+        t = self.staging.tensors(obs) if staged else as_tensors(obs, self.device)  # type: ignore[union-attr]
         if update_stats:
             self.policy.update_obs_stats(t)
         return self.policy.prepare(t)
 
     def act(self, x: torch.Tensor, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = None if mask is None else torch.as_tensor(mask, device=self.device)
-        action, logp, value, self.state = self.policy.act_step(x, self.state, self.rng, mask=m)
+        noise = self.policy.dist.noise(self.rng, x.shape[0])
+        if self.staging is not None:
+            noise_t = self.staging.to_device("noise", noise)
+            m = None if mask is None else self.staging.to_device("mask", mask)
+        else:
+            noise_t = torch.from_numpy(noise).to(self.device)
+            m = None if mask is None else torch.as_tensor(mask, device=self.device)
+        action, logp, value, self.state = self._sample(x, self.state, noise_t, m)
         if self.starts is not None:
             self.starts[:] = False
         return action, logp, value
@@ -211,22 +258,30 @@ class TorchActor:
 
     def end_episodes(self, ended: np.ndarray) -> None:
         if self.state is not None and ended.any():
-            self.state[torch.as_tensor(ended, device=self.device)] = 0.0
+            # By index, not by boolean mask: a mask's index_put finds its rows on the device, and waits for them.
+            self.state[torch.from_numpy(np.flatnonzero(ended)).to(self.device)] = 0.0
             self.starts |= ended  # type: ignore[operator]
 
     def env_action(self, action: torch.Tensor) -> np.ndarray:
+        if self.staging is not None:
+            return self.policy.env_action(self.staging.to_host("action", action))
         return self.policy.env_action(action)
 
 
 def choose_actor(policy: ActorCritic, rng: np.random.Generator, device: torch.device, fast: bool,
-                 num_envs: int) -> tuple[Actor, str | None]:
-    """(the rollout's actor, a one-line note when fast_rollout=true could not be honoured)."""
+                 num_envs: int, compiled: bool = False,
+                 say: Callable[[str], None] = print) -> tuple[Actor, str | None]:
+    """(the rollout's actor, a one-line note when fast_rollout=true could not be honoured). `compiled`
+    (torch_compile=true) compiles the torch actor's policy step; `say` tells of a step that fails to compile."""
     if fast:
         activation, why = covers(policy)
         if activation is not None:
             return NumpyActor(policy, activation, rng), None
-        return TorchActor(policy, rng, device, num_envs), f"note: fast_rollout: acting through torch ({why})"
-    return TorchActor(policy, rng, device, num_envs), None
+        note = f"note: fast_rollout: acting through torch ({why})"
+    else:
+        note = None
+    step = with_fallback(policy.sample_step, "the policy step", say) if compiled else None
+    return TorchActor(policy, rng, device, num_envs, step=step), note
 
 
 @dataclass

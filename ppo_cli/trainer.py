@@ -232,12 +232,13 @@ class Trainer:
         count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the step as the run counts it
         self._first_update = self.update_idx
         # Built after the restore: the fast paths take views of the parameters and the optimizer's state.
-        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs)
+        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs,
+                                        cfg.torch_compile, self._message)
         if self._restored_recurrent is not None:
             self.actor.state = self._restored_recurrent["state"].to(self.device)
             self.actor.starts = self._restored_recurrent["starts"].numpy().copy()
         self.updater, update_notes = Updater.build(self.policy, self.optimizer, self.generator, cfg.fast_update,
-                                                   cfg.torch_compile, self.ranks)
+                                                   cfg.torch_compile, self.ranks, self._message)
         self.notes += [n for n in (note, *update_notes) if n]
         if self.ranks.main:
             self.logger = Logger(self.run_dir, a.total_timesteps, self.global_step, self.config_yaml,

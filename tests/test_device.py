@@ -1,6 +1,7 @@
 """device=auto's choice (with and without a GPU); device=cuda end to end: rollout and update on the GPU,
 checkpoints that load on the CPU (needs a GPU)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,99 @@ def test_cuda_training_and_cpu_loading(env, tmp_path):
         assert len(evaluate(policy, envs, episodes=2, seed=0).returns) == 2
     finally:
         envs.close()
+
+
+# --- the GPU rollout's transfers (devices.HostStaging, staged RolloutBuffer and TorchActor), run on the CPU ---------
+def _staged(trainer: Trainer) -> Trainer:
+    """The trainer's torch actor and buffer swapped for staged ones, as a GPU run builds them."""
+    from ppo_cli.rollout import RolloutBuffer
+
+    old, a = trainer.buffer, trainer.cfg.algo
+    trainer.buffer = RolloutBuffer(a.n_steps, old.num_envs, tuple(old.obs.shape[2:]), old.obs.dtype,
+                                   tuple(old.actions.shape[2:]), old.actions.dtype, trainer.device,
+                                   None if old.masks is None else old.masks.shape[-1], trainer.policy.state_size,
+                                   staged=True)
+    trainer.actor = TorchActor(trainer.policy, trainer.np_rng, trainer.device, old.num_envs, staged=True)
+    return trainer
+
+
+@pytest.mark.parametrize(("overrides", "truncations"), [
+    (["env.max_episode_steps=20"], True),  # terminations and time-limit truncations (bootstrapped from final obs)
+    (["env=MaskedGrid-v0", "env.max_episode_steps=12"], True),  # action masks
+    (["env=GoalReach-v0", "env.normalize_obs=true"], False),  # a Dict observation, normalized
+    (["env=CartPoleNoVel-v1", "algo=ppo_lstm", "algo.n_steps=32", "algo.batch_size=64", "algo.K_epochs=2",
+      "env.max_episode_steps=25"], True),  # a recurrent policy: episode starts, state zeroed at ends
+])
+def test_a_staged_rollout_trains_exactly_as_the_plain_one(overrides, truncations, tmp_path):
+    """A GPU run stages each step's copies and writes the envs' side of the rollout on the host, copied over once
+    per rollout; on the CPU the same code must give the plain rollout's buffer and parameters bit for bit."""
+    cfg = make_cfg(*TINY, *overrides, "fast_rollout=false", "checkpoint_interval=0", "eval.final=false",
+                   "eval.objective=train", "device=cpu")
+    runs = []
+    for name, staged in (("plain", False), ("staged", True)):
+        trainer = Trainer(cfg, tmp_path / name, rich_progress=False)
+        if staged:
+            _staged(trainer)
+        assert trainer.buffer.staged is staged and (trainer.actor.staging is not None) is staged
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        runs.append(trainer)
+    plain, staged_run = runs
+    for field in ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "final_values",
+                  "masks", "starts"):
+        a, b = getattr(plain.buffer, field), getattr(staged_run.buffer, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    if truncations:  # the last rollout bootstrapped truncated episodes from their final observations
+        assert (plain.buffer.final_values != 0).any()
+    for p, q in zip(plain.policy.parameters(), staged_run.policy.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_host_staging_copies_and_never_aliases_its_buffers():
+    staging = devices.HostStaging(torch.device("cpu"))
+    obs = np.arange(6, dtype=np.float32).reshape(2, 3)
+    first = staging.to_device("obs", obs)
+    second = staging.to_device("obs", obs + 1)  # the same buffer, refilled: the first tensor must not change
+    assert torch.equal(first, torch.from_numpy(obs)) and torch.equal(second, torch.from_numpy(obs + 1))
+    parts = staging.tensors({"a": obs, "b": np.ones(2, dtype=bool)})
+    assert parts["b"].dtype == torch.bool and torch.equal(parts["a"], first)
+    back = staging.to_host("action", torch.tensor([1, 2]))
+    again = staging.to_host("action", torch.tensor([3, 4]))
+    assert back.tolist() == [1, 2] and again.tolist() == [3, 4]
+
+
+@needs_cuda
+def test_cuda_update_equals_the_cpu_autograd_update_on_the_same_batch():
+    """The CUDA path's update (autograd on the GPU, fused Adam, the shuffles' generator moved along) against the
+    CPU autograd update, on one batch and one permutation stream: parameters agree to float tolerance."""
+    from ppo_cli.policy import build_policy
+    from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
+    from ppo_cli.rollout import Batch
+
+    cfg = make_cfg("network.net_arch=[64,64]")
+    obs_space = {"type": "Box", "shape": [4], "dtype": "float32"}
+    act_space = {"type": "Discrete", "n": 2, "start": 0}
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        policy = build_policy(obs_space, act_space, cfg).to(device)
+        opt = make_optimizer(policy, "adam", 3e-4, 3e-4, 1e-5, 0.0)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = 512
+        data = torch.Generator().manual_seed(1)
+        batch = Batch(torch.randn(n, 4, generator=data), torch.randint(0, 2, (n, 1), generator=data),
+                      -torch.rand(n, generator=data), torch.randn(n, generator=data), torch.randn(n, generator=data),
+                      torch.randn(n, generator=data))
+        batch = Batch(*(t.to(device) for t in (batch.obs, batch.actions, batch.logp, batch.values,
+                                               batch.advantages, batch.returns)))
+        updater, _ = Updater.build(policy, opt, g, fast_update=False)
+        updater._permutation = lambda b, g=g: torch.randperm(len(b), generator=g).to(b.obs.device)
+        stats = updater.update(batch, UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 3, 64, True, None))
+        results.append(([p.detach().cpu() for p in policy.parameters()], stats))
+    (cpu_params, cpu_stats), (gpu_params, gpu_stats) = results
+    for a, b in zip(cpu_params, gpu_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for key in cpu_stats:
+        assert cpu_stats[key] == pytest.approx(gpu_stats[key], rel=1e-3, abs=1e-5), key
