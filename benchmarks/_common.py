@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """The environment for a benchmark's worker process: this checkout first on PYTHONPATH, and whatever was on it
+    kept (a device machine's carried wheels live there)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **overrides}
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import child_env  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 # Per rank: 16 envs x 256 steps, minibatches of 1024 (16 minibatch steps an update, each one all-reduce: on the
 # 2-core development VM a gloo all-reduce between two processes takes about 1.3 ms whatever its size), and
@@ -39,7 +42,7 @@ def run(nproc: int, *overrides: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ppo_cli.cli.train", *COMMON, *overrides, f"hydra.run.dir={d}/run"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+        env = child_env(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, atari_overrides, compose, sb3_atari_ppo  # noqa: E402
+from _common import ROOT, atari_overrides, child_env, compose, sb3_atari_ppo  # noqa: E402
 
 # name: (overrides, default steps, default eval interval, target return to report against)
 TASKS: dict[str, tuple[list[str], int, int, float]] = {
@@ -131,7 +130,7 @@ def _stream(cmd: list[str], env: dict[str, str], prefix: str, keep: str) -> tupl
 
 
 def _env(threads: int) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    return child_env(OMP_NUM_THREADS=str(threads))
 
 
 def _last_line(stderr: str, code: int) -> str:

@@ -6,6 +6,8 @@
     python benchmarks/speed.py --time-to-475         # setting A: wall time until eval >= 475, both tools
     python benchmarks/speed.py --scaling             # ppo-cli SPS against num_envs and network width
     python benchmarks/speed.py --settings A --backends gymnasium envpool   # ppo-cli on both env backends, and SB3
+    python benchmarks/speed.py --settings B G --devices cuda --sb3-device cuda   # on a GPU (issue 16's table)
+    python benchmarks/speed.py --settings A --devices auto cpu --pairs 1          # device=auto against the CPU
 
 Every measurement is a fresh subprocess (`--worker`), so peak RSS is per run and neither tool warms the
 other's caches. Pairs alternate which tool goes first. Both tools get one torch thread, the same envs
@@ -14,7 +16,8 @@ minibatch size, learning rate, clip range, GAE and loss coefficients. ppo-cli wr
 update and a final checkpoint; SB3 writes its TensorBoard log too. `--backends gymnasium envpool` runs ppo-cli on
 gymnasium's vector env and on envpool's (env.backend=envpool, pip install ".[envpool]"; envpool's own thread pool
 steps the envs, at its default of one thread per CPU up to num_envs) in the same pairs; SB3 always runs on
-gymnasium's envs through its DummyVecEnv.
+gymnasium's envs through its DummyVecEnv. `--devices` does the same for ppo-cli's `device` (cpu, cuda, auto: each
+in every pair), `--sb3-device` sets SB3's (default cpu). Setting G is sized for a GPU (issue 16's table).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import child_env  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
     "A": {"title": "CartPole-v1, source defaults: 8 envs, n_steps 1024, batch 64, K 3, [64, 64]",
@@ -42,6 +46,9 @@ SETTINGS: dict[str, dict] = {
     "B": {"title": "CartPole-v1, large batch: 64 envs, n_steps 128, batch 2048, K 10, [256, 256]",
           "env": "CartPole-v1", "num_envs": 64, "n_steps": 128, "batch_size": 2048, "K_epochs": 10, "width": 256,
           "gamma": 0.99, "gae_lambda": 0.9, "clip_range": 0.1, "ent_coef": 0.01, "steps": 163_840},
+    "G": {"title": "CartPole-v1, GPU-sized: 256 envs, n_steps 128, batch 8192, K 10, [512, 512]",
+          "env": "CartPole-v1", "num_envs": 256, "n_steps": 128, "batch_size": 8192, "K_epochs": 10, "width": 512,
+          "gamma": 0.99, "gae_lambda": 0.9, "clip_range": 0.1, "ent_coef": 0.01, "steps": 327_680},
     "C": {"title": "Pendulum-v1, continuous: 1 env, n_steps 2048, batch 64, K 10, [64, 64]",
           "env": "Pendulum-v1", "num_envs": 1, "n_steps": 2048, "batch_size": 64, "K_epochs": 10, "width": 64,
           "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2, "ent_coef": 0.0, "steps": 20_480},
@@ -67,7 +74,7 @@ def _ppo_cli_cfg(s: dict, steps: int, extra: list[str]):
                  f"algo.ent_coef={s['ent_coef']}", f"algo.lr_actor={LR}", f"algo.lr_critic={LR}",
                  f"algo.vf_coef={VF_COEF}", f"algo.max_grad_norm={MAX_GRAD_NORM}", f"algo.total_timesteps={steps}",
                  "eval.every_steps=0", "eval.final=false", "eval.objective=train", "checkpoint_interval=0",
-                 "torch_threads=1", "device=cpu", *extra]
+                 "torch_threads=1", *extra]
     with initialize_config_module("ppo_cli.conf", version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -90,7 +97,7 @@ def timed_training(cfg: DictConfig) -> dict:
             "stages": trainer.stage_seconds, "rss_mb": _peak_rss_mb(), "stopped_at": result.stopped_at}
 
 
-def _sb3_model(s: dict, log_dir: str, seed: int = 1):
+def _sb3_model(s: dict, log_dir: str, seed: int = 1, device: str = "cpu"):
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -99,15 +106,15 @@ def _sb3_model(s: dict, log_dir: str, seed: int = 1):
     env = make_vec_env(s["env"], n_envs=s["num_envs"], seed=seed)
     return PPO("MlpPolicy", env, learning_rate=LR, n_steps=s["n_steps"], batch_size=s["batch_size"],
                n_epochs=s["K_epochs"], gamma=s["gamma"], gae_lambda=s["gae_lambda"], clip_range=s["clip_range"],
-               ent_coef=s["ent_coef"], vf_coef=VF_COEF, max_grad_norm=MAX_GRAD_NORM, device="cpu", seed=seed,
+               ent_coef=s["ent_coef"], vf_coef=VF_COEF, max_grad_norm=MAX_GRAD_NORM, device=device, seed=seed,
                tensorboard_log=log_dir, verbose=0,
                policy_kwargs={"net_arch": {"pi": [s["width"]] * 2, "vf": [s["width"]] * 2},
                               "activation_fn": torch.nn.Tanh})
 
 
-def worker_sb3(s: dict, steps: int) -> dict:
+def worker_sb3(s: dict, steps: int, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as log_dir:
-        model = _sb3_model(s, log_dir)
+        model = _sb3_model(s, log_dir, device=device)
         t0 = time.perf_counter()
         model.learn(total_timesteps=steps)
         wall = time.perf_counter() - t0
@@ -164,14 +171,15 @@ def worker(args: argparse.Namespace) -> None:
         s["width"] = args.width
     steps = args.steps or s["steps"]
     if args.worker == "ppo-cli":
-        out = worker_ppo_cli(s, steps, args.extra or [])
+        out = worker_ppo_cli(s, steps, [f"device={args.device}", *(args.extra or [])])
     elif args.worker == "ppo-cli-ttt":
-        out = worker_ppo_cli(s, 500_000, [f"eval.every_steps={args.every}", f"eval.episodes={args.episodes}",
-                                          f"eval.stop_at_return={args.target}", *(args.extra or [])])
+        out = worker_ppo_cli(s, 500_000, ["device=cpu", f"eval.every_steps={args.every}",
+                                          f"eval.episodes={args.episodes}", f"eval.stop_at_return={args.target}",
+                                          *(args.extra or [])])
         out = {"reached": out["stopped_at"], "train_seconds": out["stopped_at"][1] if out["stopped_at"] else None,
                "rss_mb": out["rss_mb"]}
     elif args.worker == "sb3":
-        out = worker_sb3(s, steps)
+        out = worker_sb3(s, steps, args.device)
     else:
         out = worker_sb3_time_to(s, args.target, args.every, args.episodes, 500_000)
         out["train_seconds"] = out["train_seconds"] if out["reached"] else None
@@ -182,11 +190,11 @@ def worker(args: argparse.Namespace) -> None:
 EXTRA: list[str] = []  # --extra overrides, passed to every ppo-cli worker
 
 
-def spawn(tool: str, setting: str, *opts: str, backend: str = "gymnasium") -> dict:
+def spawn(tool: str, setting: str, *opts: str, backend: str = "gymnasium", device: str = "cpu") -> dict:
     overrides = [*EXTRA, *([f"env.backend={backend}"] if backend != "gymnasium" else [])]
     extra = ["--extra", *overrides] if overrides and tool.startswith("ppo-cli") else []
-    cmd = [sys.executable, __file__, "--worker", tool, "--setting", setting, *opts, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, __file__, "--worker", tool, "--setting", setting, "--device", device, *opts, *extra]
+    env = child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -198,20 +206,38 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.median(values):>8,.0f} ({min(values):,.0f}-{max(values):,.0f})"
 
 
-def compare(settings: list[str], pairs: int, backends: list[str]) -> None:
-    """Each pair runs ppo-cli once per backend and SB3 once, in an order that rotates from pair to pair."""
-    print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; torch threads 1; {pairs} alternating pairs per setting\n")
-    tools = [("ppo-cli", b) for b in backends] + [("sb3", "gymnasium")]
-    label = {t: ("SB3" if t[0] == "sb3" else "ppo-cli" if len(backends) == 1 else f"ppo-cli {t[1]}") for t in tools}
+def compare(settings: list[str], pairs: int, backends: list[str], devices: list[str] | None = None,
+            sb3_device: str = "cpu") -> None:
+    """Each pair runs ppo-cli once per backend and device and SB3 once, in an order that rotates from pair to
+    pair."""
+    devices = devices or ["cpu"]
+    card = ""
+    if any(d != "cpu" for d in (*devices, sb3_device)):
+        import torch
+
+        card = f"; GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no CUDA GPU"
+    print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}{card}; torch threads 1; {pairs} alternating pairs per "
+          f"setting\n")
+    tools = [("ppo-cli", b, d) for b in backends for d in devices] + [("sb3", "gymnasium", sb3_device)]
+
+    def tool_label(t: tuple[str, str, str]) -> str:
+        parts = ["SB3" if t[0] == "sb3" else "ppo-cli"]
+        if t[0] != "sb3" and len(backends) > 1:
+            parts.append(t[1])
+        if len({*devices, sb3_device}) > 1:
+            parts.append(t[2])
+        return " ".join(parts)
+
+    label = {t: tool_label(t) for t in tools}
     rows = []
-    for name in settings:
-        runs: dict[tuple[str, str], list[dict]] = {t: [] for t in tools}
+    for setting in settings:
+        runs: dict[tuple[str, str, str], list[dict]] = {t: [] for t in tools}
         for i in range(pairs):
             for tool in tools[i % len(tools):] + tools[:i % len(tools)]:
-                runs[tool].append(spawn(tool[0], name, backend=tool[1]))
-            print(f"  {name} pair {i + 1}: " + ", ".join(f"{label[t]} {runs[t][-1]['sps']:,.0f} SPS" for t in tools),
-                  flush=True)
-        rows.append((name, runs))
+                runs[tool].append(spawn(tool[0], setting, backend=tool[1], device=tool[2]))
+            print(f"  {setting} pair {i + 1}: " + ", ".join(f"{label[t]} {runs[t][-1]['sps']:,.0f} SPS"
+                                                        for t in tools), flush=True)
+        rows.append((setting, runs))
     ours, sb3 = tools[:-1], tools[-1]
     print("\n| setting | " + " | ".join(f"{label[t]} SPS median (min-max)" for t in tools) + " | "
           + " | ".join(f"ratio {label[t]} / SB3" for t in ours) + " | peak RSS " + " / ".join(label[t] for t in tools)
@@ -230,7 +256,7 @@ def compare(settings: list[str], pairs: int, backends: list[str]) -> None:
     for name, runs in rows:
         for t in ours:
             shares = [statistics.median(r["stages"][k] / r["wall"] for r in runs[t]) for k in stages]
-            row = name if len(ours) == 1 else f"{name}, {t[1]}"
+            row = name if len(ours) == 1 else f"{name}, {label[t]}"
             print(f"| {row} | " + " | ".join(f"{100 * x:.0f}%" for x in shares) + " |")
     for name, _ in rows:
         print(f"  {name}: {SETTINGS[name]['title']}")
@@ -296,6 +322,10 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", help="extra ppo-cli overrides for every ppo-cli run")
     p.add_argument("--backends", nargs="+", default=["gymnasium"], choices=["gymnasium", "envpool"],
                    help="ppo-cli's env backends to run, each in every pair (default: gymnasium)")
+    p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda", "auto"],
+                   help="ppo-cli's devices to run, each in every pair (default: cpu)")
+    p.add_argument("--sb3-device", default="cpu", choices=["cpu", "cuda"], help="SB3's device (default: cpu)")
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
     EXTRA.extend(args.extra or [])
     if args.worker:
@@ -311,7 +341,7 @@ def main() -> None:
     if args.scaling:
         scaling()
     else:
-        compare(args.settings, args.pairs, args.backends)
+        compare(args.settings, args.pairs, args.backends, args.devices, args.sb3_device)
         if args.time_to_475:
             time_to_475(args.pairs)
 

@@ -103,6 +103,8 @@ def _staged(trainer: Trainer) -> Trainer:
     (["env=GoalReach-v0", "env.normalize_obs=true"], False),  # a Dict observation, normalized
     (["env=CartPoleNoVel-v1", "algo=ppo_lstm", "algo.n_steps=32", "algo.batch_size=64", "algo.K_epochs=2",
       "env.max_episode_steps=25"], True),  # a recurrent policy: episode starts, state zeroed at ends
+    (["env.entry_point=tests.test_pixels:LitCell", "+env.kwargs.mirror=true", "network=cnn", "algo.n_steps=16",
+      "algo.batch_size=16", "algo.total_timesteps=64"], False),  # uint8 images beside a vector, with the CNN
 ])
 def test_a_staged_rollout_trains_exactly_as_the_plain_one(overrides, truncations, tmp_path):
     """A GPU run stages each step's copies and writes the envs' side of the rollout on the host, copied over once
