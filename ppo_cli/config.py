@@ -47,6 +47,7 @@ class Recurrent(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
 
@@ -137,8 +138,10 @@ class NetworkConfig:
                                                   "torch.autocast in bfloat16 (rollout, update, evaluation); "
                                                   "parameters, optimizer, heads and losses stay float32. On a "
                                                   "CPU with native bfloat16 (AVX512-BF16, AMX) a minibatch "
-                                                  "step is 1.65x faster (docs/pixels.md); other networks "
-                                                  "compute in float32 only")
+                                                  "step is 1.65x faster (docs/pixels.md). auto: bfloat16 where "
+                                                  "the device computes it natively (those CPUs, GPUs from "
+                                                  "Ampere on), else float32; the banner says which. Other "
+                                                  "networks compute in float32 only")
     channels_last: bool | None = key(None, "image observations: true if they are (height, width, channels), false "
                                            "if (channels, height, width); null tells from the shape (last dim <= 4: "
                                            "channels last, else first dim <= 4: channels first)")
@@ -325,7 +328,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.eps > 0, "algo.eps", "must be > 0")
     need(a.target_kl is None or a.target_kl > 0, "algo.target_kl", "must be > 0 or null")
     need(n.type in ENCODERS, "network.type", f"must name an encoder: {', '.join(ENCODERS)}")
-    need(choice(n.precision) == "float32" or n.type in IMAGE_ENCODERS, "network.precision",
+    need(choice(n.precision) != "bfloat16" or n.type in IMAGE_ENCODERS, "network.precision",
          f"bfloat16 applies to the image encoders ({', '.join(IMAGE_ENCODERS)}); network.type={n.type} computes "
          f"in float32 only")
     need(len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch), "network.net_arch",

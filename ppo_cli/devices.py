@@ -65,11 +65,27 @@ def native_bfloat16(device: torch.device) -> bool:
         return False
 
 
+def resolve_precision(precision: str, network_type: str, device: torch.device) -> str:
+    """The dtype name the encoder computes in: network.precision with `auto` decided for `device`. Only image
+    encoders compute in bfloat16."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if network_type in IMAGE_ENCODERS and native_bfloat16(device) else "float32"
+
+
 def precision_text(cfg: DictConfig, device: torch.device) -> str:
-    """For the banner's device line: '' for float32, else what network.precision does here."""
-    if choice(cfg.network.precision) == "float32":
+    """For the banner's device line: '' where the network computes in float32 without a choice, else what
+    network.precision does here."""
+    asked, kind = choice(cfg.network.precision), choice(cfg.network.type)
+    if kind not in IMAGE_ENCODERS or asked == "float32":
         return ""
-    if native_bfloat16(device):
+    native = native_bfloat16(device)
+    if asked == "auto":
+        here = f"this {device.type.upper()} computes bfloat16 natively" if native else \
+            f"this {device.type.upper()} has no native bfloat16"
+        dtype = "bfloat16" if native else "float32"
+        return f"; encoder in {dtype} (network.precision=auto: {here})"
+    if native:
         return "; encoder in bfloat16 (network.precision)"
     return (f"; encoder in bfloat16 (network.precision), which this {device.type.upper()} only emulates: slower "
             f"than float32 here")

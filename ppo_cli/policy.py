@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ppo_cli.config import choice
+from ppo_cli.devices import resolve_precision
 from ppo_cli.encoders import RECURRENT, ImageEncoder, RecurrentCore, build_encoder
 from ppo_cli.heads import build_head
 from ppo_cli.normalize import ObsNormalizer
@@ -225,13 +226,16 @@ class ActorCritic(nn.Module):
         return self.dist.env_action(action if isinstance(action, np.ndarray) else action.cpu().numpy())
 
 
-def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: Any) -> ActorCritic:
-    """The policy a run config describes (network group, plus env.normalize_obs / env.clip_obs)."""
+def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: Any,
+                 device: torch.device | str = "cpu") -> ActorCritic:
+    """The policy a run config describes (network group, plus env.normalize_obs / env.clip_obs), computing in the
+    precision network.precision gives on `device` (where it will run; the policy is built on the CPU)."""
     n, e = cfg.network, cfg.env
+    precision = resolve_precision(choice(n.precision), choice(n.type), torch.device(device))
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
                        float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, choice(n.precision))
+                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision)
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

@@ -203,7 +203,7 @@ class Trainer:
         a = cfg.algo
         self.obs_space = describe_space(self.envs.single_observation_space)
         self.action_space = describe_space(self.envs.single_action_space, bounds=True)
-        self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg).to(self.device)
+        self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg, self.device).to(self.device)
         self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
                                         a.weight_decay)
         self.obs, info = self.envs.reset(seed=self.env_seed)

@@ -49,6 +49,24 @@ def test_the_banner_says_when_the_encoder_computes_in_bfloat16(native, monkeypat
     text = precision_text(make_cfg("network=cnn", "network.precision=bfloat16"), cpu)
     assert text.startswith("; encoder in bfloat16 (network.precision)")
     assert ("only emulates: slower than float32 here" in text) is not native
+    auto = precision_text(make_cfg("network=cnn", "network.precision=auto"), cpu)
+    assert auto == ("; encoder in bfloat16 (network.precision=auto: this CPU computes bfloat16 natively)" if native
+                    else "; encoder in float32 (network.precision=auto: this CPU has no native bfloat16)")
+    assert precision_text(make_cfg("network.precision=auto"), cpu) == ""  # an MLP has no choice to report
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bfloat16_for_image_encoders_where_the_device_computes_it_natively(native, monkeypatch):
+    from ppo_cli.policy import build_policy
+
+    monkeypatch.setattr(devices, "native_bfloat16", lambda device: native)
+    image = {"type": "Box", "shape": [4, 84, 84], "dtype": "uint8", "low": 0, "high": 255}
+    act = {"type": "Discrete", "n": 4, "start": 0}
+    policy = build_policy(image, act, make_cfg("network=cnn", "network.precision=auto"))
+    assert policy.actor_encoder.compute_dtype is (torch.bfloat16 if native else None)
+    assert build_policy(image, act, make_cfg("network=cnn")).actor_encoder.compute_dtype is None  # float32 default
+    assert devices.resolve_precision("auto", "mlp", torch.device("cpu")) == "float32"
+    assert devices.resolve_precision("bfloat16", "cnn", torch.device("cpu")) == "bfloat16"  # asked: as asked
 
 
 def test_torch_threads_auto_is_one_for_mlps_and_the_cores_for_image_encoders(monkeypatch):
