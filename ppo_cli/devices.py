@@ -102,6 +102,11 @@ def torch_threads(cfg: DictConfig) -> int:
     return max(1, DEFAULT_THREADS // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def stages(device: torch.device) -> bool:
+    """Whether the rollout stages its copies for `device` (HostStaging, RolloutBuffer): everywhere but the CPU."""
+    return torch.device(device).type != "cpu"
+
+
 class HostStaging:
     """The rollout's per-step copies between host and device, through one page-locked buffer per name.
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ppo_cli.compiled import with_fallback
-from ppo_cli.devices import HostStaging
+from ppo_cli.devices import HostStaging, stages
 from ppo_cli.fastpath import NumpyActor, covers
 from ppo_cli.masks import ActionMasks
 from ppo_cli.normalize import RewardScaler
@@ -115,7 +115,7 @@ class RolloutBuffer:
         self.starts = zeros(dtype=torch.bool) if state_size else None
         self.state0 = torch.zeros(num_envs, state_size, device=device) if state_size else None  # at the rollout's start
         self.step = 0
-        self.staged = self.device.type != "cpu" if staged is None else staged
+        self.staged = stages(self.device) if staged is None else staged
         env_fields = [getattr(self, f) for f in self.ENV_FIELDS] + [t for t in (self.masks, self.starts)
                                                                       if t is not None]
         # (device tensor, its host twin) for each env field; on the CPU unstaged, the twin is the tensor itself.
@@ -227,7 +227,7 @@ class TorchActor:
         self.policy, self.rng, self.device, self.num_envs = policy, rng, torch.device(device), num_envs
         self.state = policy.initial_state(num_envs, device)
         self.starts = None if self.state is None else np.ones(num_envs, dtype=bool)
-        staged = self.device.type != "cpu" if staged is None else staged
+        staged = stages(self.device) if staged is None else staged
         self.staging = HostStaging(self.device) if staged else None
         self._sample = step or policy.sample_step
 
