@@ -29,7 +29,7 @@ from threadpoolctl import threadpool_limits
 
 from ppo_cli import checkpoint, distributed
 from ppo_cli.config import choice
-from ppo_cli.devices import choose_device, torch_threads
+from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
 from ppo_cli.envs import describe_space, env_label, kill_workers, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
@@ -173,6 +173,8 @@ class Trainer:
             # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
             threadpool_limits(threads)
         self.device = choose_device(cfg).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
         self.ranks = distributed.setup(self.device)
         rank = self.ranks.rank

@@ -1,6 +1,10 @@
 """device=auto's choice (with and without a GPU); device=cuda end to end: rollout and update on the GPU,
 checkpoints that load on the CPU (needs a GPU)."""
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +81,37 @@ def test_torch_threads_auto_is_one_for_mlps_and_the_cores_for_image_encoders(mon
     assert torch_threads(make_cfg("network=cnn", "torch_threads=3")) == 3  # a set value is kept
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's processes on this machine share the cores
     assert torch_threads(make_cfg("network=cnn")) == 2 and torch_threads(make_cfg()) == 1
+
+
+# Blocks of 10 to 30 MB, each a little larger than the last, as a CNN's activations grow with the minibatch: by
+# default glibc maps each one on its own (its threshold follows the largest block freed), so each is paged in anew.
+PAGE_FAULTS = """
+import resource, sys, torch
+from ppo_cli.devices import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for mb in range(10, 31):
+    torch.empty(mb << 20, dtype=torch.uint8).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_cpu_runs_keep_freed_memory_instead_of_paging_it_in_every_step(monkeypatch):
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], env={"PATH": ""},
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    pages = sum(range(10, 31)) << 8  # 4 KB pages in all the blocks: 107,520
+    kept, default = faults("keep"), faults("default")
+    assert default > 0.9 * pages  # the premise: every block paged in
+    assert kept < 0.2 * pages  # the heap grows to the largest block once and keeps it
+    for name, value in (("LD_PRELOAD", "libjemalloc.so"), ("MALLOC_TRIM_THRESHOLD_", "131072")):
+        with monkeypatch.context() as m:  # the user's allocator, or their own thresholds, are left alone
+            m.setenv(name, value)
+            assert not devices.keep_freed_memory()
 
 
 @needs_cuda
