@@ -128,7 +128,7 @@ class GameScore(gym.Wrapper):
 
 class EpisodicLife(gym.Wrapper):
     """A lost life ends the episode (terminated) for PPO, but not the game: the next reset only steps on (a no-op)
-    unless the game is over (as SB3's and CleanRL's EpisodicLifeEnv)."""
+    unless the game is over (as SB3's and CleanRL's EpisodicLifeEnv) or the reset is given a seed."""
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
@@ -144,7 +144,9 @@ class EpisodicLife(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        if self.game_over:
+        # A seeded reset (a run's start, a resume that restarts its episodes) starts a new game from that seed;
+        # only the vector env's reset after a lost life, which passes none, lets the game go on.
+        if self.game_over or kwargs.get("seed") is not None:
             obs, info = self.env.reset(**kwargs)
         else:
             obs, _, terminated, truncated, info = self.env.step(0)

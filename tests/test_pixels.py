@@ -326,6 +326,18 @@ def _lives_envs(n, training):
     return atari.GameStatistics(envs)
 
 
+def test_a_lost_life_continues_the_game_but_a_seeded_reset_starts_a_new_one():
+    env = atari.EpisodicLife(LivesEnv())
+    env.reset(seed=0)
+    for _ in range(10):
+        _, _, terminated, _, _ = env.step(0)
+    assert terminated and env.unwrapped.ale.n == 2  # the first life lost: PPO's episode ends
+    env.reset()
+    assert env.unwrapped.ale.n == 2 and env.unwrapped.t == 11  # the game went on, one no-op later
+    env.reset(seed=1)  # the trainer's seeded reset (its start, a resume): a new game, not a step of the old one
+    assert env.unwrapped.ale.n == 3 and env.unwrapped.t == 0
+
+
 def test_training_episodes_are_lives_but_returns_are_whole_unclipped_games():
     """PPO trains on lives with clipped rewards; the rollout's returns (TensorBoard, recent returns) are games."""
     envs = _lives_envs(2, training=True)
