@@ -73,6 +73,56 @@ def test_sb3_gets_ppo_cli_hyperparameters():
     assert ale._frameskip == 1 and ale.ale.getFloat("repeat_action_probability") == 0.25 and ale.action_space.n == 6
 
 
+@needs_atari
+def test_ppo_cli_updates_the_policy_exactly_as_sb3_does_from_the_same_weights_and_rollout():
+    """SB3 collects a Breakout rollout; ppo-cli's policy gets SB3's weights and its Updater the same samples. With
+    minibatches of the whole rollout (so the tools' shuffles cannot matter), four epochs leave the same
+    parameters and losses: the Atari learning comparison differs by its random streams, not by its algorithm."""
+    _sb3()
+    import torch
+    from _common import sb3_atari_ppo
+
+    from ppo_cli.envs import describe_space, make_vec_env
+    from ppo_cli.policy import build_policy
+    from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
+    from ppo_cli.rollout import Batch
+
+    cfg = compose([*atari_overrides("Breakout"), "env.num_envs=4", "algo.n_steps=32"])
+    model = sb3_atari_ppo(cfg)
+    model.batch_size = n = 4 * 32
+    _, callback = model._setup_learn(n, callback=None, progress_bar=False)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
+    envs = make_vec_env(cfg.env, 0, num_envs=1)
+    policy = build_policy(describe_space(envs.single_observation_space), describe_space(envs.single_action_space),
+                          cfg)
+    envs.close()
+    theirs = list(model.policy.parameters())
+    with torch.no_grad():
+        for mine, their in zip(policy.parameters(), theirs, strict=True):
+            mine.copy_(their)
+    buf = model.rollout_buffer
+
+    def rows(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a.reshape(n, *a.shape[2:]))
+
+    batch = Batch(rows(buf.observations).to(torch.uint8), rows(buf.actions).reshape(-1).long(),
+                  *(rows(x).reshape(-1).float() for x in (buf.log_probs, buf.values, buf.advantages, buf.returns)))
+    a = cfg.algo
+    optimizer = make_optimizer(policy, "adam", a.lr_actor, a.lr_critic, a.eps, 0.0)
+    updater, _ = Updater.build(policy, optimizer, torch.Generator().manual_seed(0))
+    ours = updater.update(batch, UpdateSettings(a.clip_range, None, a.ent_coef, a.vf_coef, a.max_grad_norm,
+                                                a.K_epochs, n, a.normalize_advantage, None))
+    before = [p.detach().clone() for p in theirs]
+    model.train()
+    logged = model.logger.name_to_value
+    moved = max(float((p - b).abs().max()) for p, b in zip(theirs, before, strict=True))
+    differ = max(float((p - q).abs().max()) for p, q in zip(policy.parameters(), theirs, strict=True))
+    assert moved > 1e-4 and differ < 1e-3 * moved  # both took the same four steps
+    assert ours["value_loss"] == pytest.approx(logged["train/value_loss"], rel=1e-4)
+    assert ours["entropy"] == pytest.approx(-logged["train/entropy_loss"], rel=1e-4)
+    assert ours["policy_loss"] == pytest.approx(logged["train/policy_gradient_loss"], rel=1e-3, abs=1e-7)
+
+
 def test_sb3_refuses_a_setting_it_has_no_equal_for():
     from _common import _sb3_gaps
 
