@@ -1,5 +1,6 @@
 """Which device a run trains on: `device=cpu` / `cuda` force it; `device=auto` picks the faster one for the policy.
-And how the rollout's per-step arrays cross between the envs (host) and that device (`HostStaging`).
+And how the rollout's per-step arrays cross between the envs (host) and that device (`HostStaging`); on the CPU,
+that the memory a training step frees is kept for the next (`keep_freed_memory`).
 
 The rule comes from measurements on one H100 with 16 CPU cores (issue 16's table, CartPole, each tool's best): an
 MLP with 8 envs, [64, 64] and minibatches of 64 ran 6.3x faster on the CPU (the numpy path: per-step GPU launches
@@ -117,7 +118,7 @@ def keep_freed_memory() -> bool:
 
     A CNN's minibatch step allocates tens of MB of activations and gradients and frees them all. By default
     glibc maps a block that large on its own and unmaps it when freed, or trims the heap's free top back to the
-    kernel, so every step pages the same memory in again: about 20,000 page faults a step on the Nature CNN at
+    kernel, so every step pages the same memory in again: 6,000-20,000 page faults a step on the Nature CNN at
     256 images, each a kernel entry and a zeroed 4 KB page. Raising the two thresholds keeps those pages mapped;
     the peak memory is the same, and it is held until the process ends rather than given back between steps.
     Not where the user set these thresholds (MALLOC_*_THRESHOLD_, GLIBC_TUNABLES) or preloaded another allocator
