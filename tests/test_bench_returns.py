@@ -82,7 +82,7 @@ def test_ppo_cli_updates_the_policy_exactly_as_sb3_does_from_the_same_weights_an
     import torch
     from _common import sb3_atari_ppo
 
-    from ppo_cli.envs import describe_space, make_vec_env
+    from ppo_cli.envs import describe_space
     from ppo_cli.policy import build_policy
     from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
     from ppo_cli.rollout import Batch
@@ -92,10 +92,8 @@ def test_ppo_cli_updates_the_policy_exactly_as_sb3_does_from_the_same_weights_an
     model.batch_size = n = 4 * 32
     _, callback = model._setup_learn(n, callback=None, progress_bar=False)
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=model.n_steps)
-    envs = make_vec_env(cfg.env, 0, num_envs=1)
-    policy = build_policy(describe_space(envs.single_observation_space), describe_space(envs.single_action_space),
-                          cfg)
-    envs.close()
+    # SB3's spaces are ppo-cli's: uint8 [4, 84, 84] frames (channels first) and the game's minimal action set
+    policy = build_policy(describe_space(model.observation_space), describe_space(model.action_space), cfg)
     theirs = list(model.policy.parameters())
     with torch.no_grad():
         for mine, their in zip(policy.parameters(), theirs, strict=True):
