@@ -106,6 +106,39 @@ def test_nature_cnn_shapes_and_init():
     assert torch.allclose(trunk.convs[0](x.float() / 255), trunk.convs[0](trunk_input(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [0, 3])
+def test_the_linear_layer_over_the_maps_computes_flatten_then_linear(extra, monkeypatch):
+    """encoders.linear_over_maps (the CPU's form: a convolution with the whole map as its kernel) gives the outputs
+    and the gradients of flatten + nn.Linear, with and without other inputs beside the maps; a trunk on the CPU
+    computes its features through it."""
+    from ppo_cli import encoders
+    from ppo_cli.encoders import linear_over_maps
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64 * 7 * 7 + extra, 32)
+    maps = torch.randn(6, 64, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    other = torch.randn(6, extra) if extra else None
+    plain = linear(maps.flatten(1) if other is None else torch.cat([maps.flatten(1), other], dim=1))
+    grads = torch.autograd.grad(plain.square().sum(), [maps, linear.weight, linear.bias])
+    fast = linear_over_maps(linear, maps, other)
+    fast_grads = torch.autograd.grad(fast.square().sum(), [maps, linear.weight, linear.bias])
+    assert fast.shape == plain.shape and torch.allclose(fast, plain, rtol=1e-5, atol=1e-4)
+    for g, f in zip(grads, fast_grads, strict=True):
+        assert torch.allclose(f, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
+    # The column order matters: a weight read as [out, H, W, C] instead of [out, C, H, W] gives other sums.
+    assert not torch.allclose(fast, linear(torch.cat([maps.permute(0, 2, 3, 1).flatten(1), *(
+        [other] if extra else [])], dim=1)), atol=1e-2)
+    # A trunk on the CPU takes this form for batches of MAPS_AS_KERNEL_MIN_ROWS and more (a minibatch), the plain
+    # one below (a rollout step), where the convolution's weight reordering would cost more than it saves.
+    trunk = NatureCNN((2, 40, 40), [32])
+    x = torch.randint(0, 256, (encoders.MAPS_AS_KERNEL_MIN_ROWS, 2, 40, 40), dtype=torch.uint8)
+    plain_features = torch.relu(trunk.head[0](trunk.convs(trunk_input(x)).flatten(1)))
+    calls = []
+    monkeypatch.setattr(encoders, "linear_over_maps", lambda *a: calls.append(a) or linear_over_maps(*a))
+    assert torch.allclose(trunk(x), plain_features, rtol=1e-5, atol=1e-5) and len(calls) == 1
+    assert torch.allclose(trunk(x[1:]), plain_features[1:], rtol=1e-5, atol=1e-5) and len(calls) == 1
+
+
 def trunk_input(x):
     from ppo_cli.encoders import _image_input
     return _image_input(x)
@@ -240,6 +273,23 @@ def test_rollout_buffer_stores_uint8_images(tmp_path):
         assert seen.max() == 255 and set(np.unique(seen)) <= {0, 255}  # the images themselves, not scaled
     finally:
         trainer.close()
+
+
+def test_rollout_buffer_lays_images_out_channels_last_and_minibatches_keep_it():
+    """obs_channels_last: the buffer holds [C, H, W] images in [H, W, C] memory order (the encoders'), stores each
+    step's images unchanged, and the flattened batch and a shuffled minibatch of it keep that order."""
+    rng = np.random.default_rng(0)
+    buffer = RolloutBuffer(3, 2, (4, 10, 12), torch.uint8, (), torch.int64, torch.device("cpu"), obs_channels_last=True)
+    images = [torch.from_numpy(rng.integers(0, 256, (2, 4, 10, 12), dtype=np.uint8)) for _ in range(3)]
+    for x in images:
+        buffer.add(x, torch.zeros(2, dtype=torch.int64), torch.zeros(2), torch.zeros(2), np.zeros(2, np.float32),
+                   np.zeros(2, bool), np.zeros(2, bool))
+    assert buffer.obs.shape == (3, 2, 4, 10, 12) and buffer.obs.stride()[2:] == (1, 12 * 4, 4)  # C innermost
+    batch = buffer.advantages(torch.zeros(2), 0.99, 0.95)
+    assert torch.equal(batch.obs, torch.cat(images)) and batch.obs.is_contiguous(memory_format=torch.channels_last)
+    minibatch = batch[torch.tensor([5, 0, 3])][:2]
+    assert torch.equal(minibatch.obs, torch.cat(images)[[5, 0]])
+    assert minibatch.obs.is_contiguous(memory_format=torch.channels_last)
 
 
 # --- bad input: one line each ------------------------------------------------------------------------------------
