@@ -220,6 +220,7 @@ class InputLayout:
         plain_image = self.image is not None and not self.extra_dim
         self.stored_shape: tuple[int, ...] = self.image.shape if plain_image else (self.dim,)  # type: ignore[union-attr]
         self.stored_dtype = torch.uint8 if plain_image else torch.float32
+        self.stored_channels_last = plain_image  # the order the image encoders convolve in (RolloutBuffer)
 
     def _get(self, obs: Any, part: Part) -> Any:
         return obs[part.key] if self.structured else obs

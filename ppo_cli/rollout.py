@@ -98,12 +98,20 @@ class RolloutBuffer:
 
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
-                 mask_size: int | None = None, state_size: int = 0, staged: bool | None = None) -> None:
+                 mask_size: int | None = None, state_size: int = 0, staged: bool | None = None,
+                 obs_channels_last: bool = False) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
         self.n_steps, self.num_envs, self.device = n_steps, num_envs, torch.device(device)
-        self.obs = zeros(*obs_shape, dtype=obs_dtype)
+        if obs_channels_last:
+            # Images [C, H, W] laid out as [H, W, C] in memory: the order the image encoders convolve in, so each
+            # step's copy into the buffer reorders the 8 new images once, where the update would reorder every
+            # minibatch in every epoch (a shuffle's indexing keeps the order: docs/pixels.md has the figures).
+            c, h, w = obs_shape
+            self.obs = zeros(h, w, c, dtype=obs_dtype).permute(0, 1, 4, 2, 3)
+        else:
+            self.obs = zeros(*obs_shape, dtype=obs_dtype)
         self.actions = zeros(*action_shape, dtype=action_dtype)
         self.logp = zeros()
         self.values = zeros()

@@ -215,7 +215,8 @@ class Trainer:
         self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, self.policy.layout.stored_shape,
                                     self.policy.layout.stored_dtype,
                                     self.policy.action_shape, self.policy.action_dtype, self.device,
-                                    None if self.masks is None else self.masks.n_outputs, self.policy.state_size)
+                                    None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
+                                    obs_channels_last=self.policy.layout.stored_channels_last)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
