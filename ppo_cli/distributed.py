@@ -18,10 +18,15 @@ Each rank keeps its own envs (seeded apart), action samples, minibatch shuffles 
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -69,6 +74,40 @@ def setup(device: torch.device) -> Ranks:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_after(body: Callable[[], Any]) -> NoReturn:
+    """Run `body` (a rank's whole program), then end the process as Python would, less the interpreter's teardown.
+
+    gloo's worker threads can still be releasing the last collective's tensors when the program ends, which takes
+    the GIL; one that asks for it while the interpreter finalizes aborts the process ("terminate called without an
+    active exception", pytorch/pytorch PR 179291), and torchrun then kills the other ranks, maybe mid-write.
+    destroy_process_group leaves the group (and its threads) alive in reference cycles, and collecting it joins
+    those threads while holding the GIL, which can deadlock on the same release. So a rank ends the way
+    finalization would, in order, and then os._exit: other threads joined, exit handlers run, streams flushed."""
+    try:
+        body()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the same exit status
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - what finalization would run; os._exit skips it
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
 
 
 def average(flat: torch.Tensor, ranks: Ranks) -> None:

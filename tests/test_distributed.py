@@ -106,6 +106,31 @@ def test_a_crashing_rank_ends_the_run_with_one_line_naming_it(tmp_path):
     assert "Traceback" not in "\n".join(ln for ln in proc.stderr.splitlines() if ln.startswith("[rank"))
 
 
+@pytest.mark.parametrize(("body", "code", "err"), [
+    ("sys.exit(3)", 3, ""),
+    ("sys.exit('ppo-train: error: bad')", 1, "ppo-train: error: bad"),
+    ("raise ValueError('broken')", 1, "ValueError: broken"),
+])
+def test_a_rank_ends_as_python_would_with_exit_handlers_threads_and_buffered_output(body, code, err):
+    # A rank skips the interpreter's teardown (gloo's threads can abort it); what teardown does must still happen.
+    script = f"""
+import atexit, sys, threading, time
+from ppo_cli.distributed import exit_after
+atexit.register(lambda: print("handler ran", flush=True))
+def body():
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+    sys.stdout.write("buffered, no newline")
+    {body}
+exit_after(body)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout.startswith("buffered, no newline") and "thread finished" in proc.stdout
+    assert proc.stdout.index("thread finished") < proc.stdout.index("handler ran"), proc.stdout
+    assert err in proc.stderr and ("Traceback" in proc.stderr) == body.startswith("raise")
+
+
 @pytest.mark.slow  # a torchrun run for one refusal line
 def test_resuming_with_another_process_count_is_one_line(tmp_path):
     run = tmp_path / "run"

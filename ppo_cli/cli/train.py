@@ -590,6 +590,12 @@ def sweep_summary(sweep_dir: Path) -> bool:
 
 
 def main() -> None:
+    if distributed.from_environment().active:
+        distributed.exit_after(_main)
+    _main()
+
+
+def _main() -> None:
     argv = sys.argv[1:]
     if "--version" in argv:
         print(f"ppo-cli {__version__}")
