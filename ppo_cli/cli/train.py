@@ -591,8 +591,9 @@ def sweep_summary(sweep_dir: Path) -> bool:
 
 def main() -> None:
     if distributed.from_environment().active:
-        distributed.exit_after(_main)
-    _main()
+        distributed.exit_after(_main)  # ends the process itself: why in exit_after
+    else:
+        _main()
 
 
 def _main() -> None:
