@@ -230,9 +230,10 @@ class TrainConfig:
     log_interval: int = key(1, "updates between plain console lines (TensorBoard always gets every update)")
     checkpoint_interval: int = key(10, "updates between periodic checkpoints; 0 writes only the final one")
     resume: str | None = key(None, "a checkpoint.pt to continue from (docs/evaluation-and-resume.md)")
-    trust_env_code: bool = key(False, "with resume: let the checkpoint's env recipe import or call code outside "
-                                      "ppo-cli and gymnasium (env.entry_point, a module:Id id, wrapper targets); "
-                                      "without it such a checkpoint is refused and nothing runs")
+    trust_env_code: bool = key(False, "with resume: let the checkpoint's config run code: env recipe imports and "
+                                      "calls beyond ppo-cli's allowlist (env.entry_point, a module:Id id, wrapper "
+                                      "targets, nested targets), and interpolations; without it such a checkpoint "
+                                      "is refused and nothing runs")
 
 
 # docs/configuration.md's key tables: one per group, in this order, with the line that introduces each.
@@ -283,13 +284,31 @@ def choice(value: Any) -> str:
     return value.value if isinstance(value, Enum) else str(value)
 
 
-def config_from_yaml(text: str) -> DictConfig:
-    """A run config stored in a checkpoint, typed by the schema (keys it lacks take today's defaults)."""
+def stored_config(text: Any, what: str = "checkpoint") -> dict[str, Any]:
+    """A run config stored in a file, as plain data exactly as written: nothing resolved, nothing built (recipe.py
+    decides what of it may run)."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))  # type: ignore[return-value]
+        node = OmegaConf.create(text) if isinstance(text, str) else None
+    except Exception as exc:  # noqa: BLE001 - any YAML or OmegaConf parse error means the same thing here
+        raise UserError(f"the {what}'s config is not readable YAML ({str(exc).strip().splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise UserError(f"the {what}'s config is not a mapping of keys (read a {type(text).__name__})")
+    return OmegaConf.to_container(node, resolve=False)  # type: ignore[return-value]
+
+
+def config_from_yaml(text: str) -> DictConfig:
+    """A run config stored in a checkpoint, typed by the schema (keys it lacks take today's defaults) and resolved
+    (only after recipe.check let its interpolations through)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
     except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
         raise UserError(f"the checkpoint's config does not fit this ppo-cli version "
                         f"({str(exc).strip().splitlines()[0]})") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as exc:  # noqa: BLE001 - a resolver may fail in any way
+        raise UserError(f"the checkpoint's config cannot be resolved ({str(exc).strip().splitlines()[0]})") from None
+    return cfg  # type: ignore[return-value]
 
 
 def register_configs() -> None:

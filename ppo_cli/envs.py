@@ -74,33 +74,6 @@ def env_spec(env_cfg: DictConfig) -> EnvSpec:
     return EnvSpec(id=attr, entry_point=entry_point)
 
 
-# Modules whose code a checkpoint's env recipe may name without the user's say-so: ppo-cli's and gymnasium's.
-TRUSTED_MODULES = ("ppo_cli", "gymnasium")
-
-
-def _trusted(reference: str) -> bool:
-    module = reference.rpartition(":")[0] if ":" in reference else reference.rpartition(".")[0]
-    return module.split(".")[0] in TRUSTED_MODULES
-
-
-def code_in_recipe(env_cfg: DictConfig, named: Sequence[str] = ()) -> list[str]:
-    """The parts of an env recipe that import or call code outside ppo-cli and gymnasium (`env.entry_point`, a
-    `module:Id` id, a wrapper's `_target_`), as `key=value` strings; keys in `named` (set by the user on this
-    command line) are the user's own choice and not listed."""
-    found = []
-    entry_point = env_cfg.get("entry_point")
-    if entry_point and "env.entry_point" not in named and not _trusted(entry_point):
-        found.append(f"env.entry_point={entry_point}")
-    if ":" in str(env_cfg.id) and "env.id" not in named and not _trusted(str(env_cfg.id)):
-        found.append(f"env.id={env_cfg.id}")
-    if "env.wrappers" not in named:
-        for i, wrapper in enumerate(_user_wrappers(env_cfg)):
-            target = str(wrapper.get("_target_", "")) if isinstance(wrapper, dict) else ""
-            if not _trusted(target):
-                found.append(f"env.wrappers[{i}]._target_={target}")
-    return found
-
-
 def env_label(env_cfg: DictConfig) -> str:
     return env_cfg.get("entry_point") or env_cfg.id
 

@@ -39,6 +39,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -321,14 +322,16 @@ class ExportedModel:
     """A model written by ppo-export, loaded with onnxruntime or torch.jit; `run(feeds)` maps input names to
     arrays and returns the outputs by name."""
 
-    def __init__(self, path: str | os.PathLike[str], fmt: str) -> None:
-        self.path, self.format = Path(path), fmt
+    def __init__(self, path: str | os.PathLike[str], fmt: str, run_code: bool = False) -> None:
+        """`run_code`: the user's word that `path` may run code. A TorchScript file is a program (torch.jit.load has
+        no safe mode), so without it only its metadata is read, from the archive, and `load()` refuses."""
+        self.path, self.format, self.run_code = Path(path), fmt, run_code
         p = self.path
         if not p.is_file():
             raise UserError(f"model {str(p)!r} does not exist" if not p.exists() else f"model {str(p)!r} is not a file")
         # The copy inside the model describes exactly these bytes; the sidecar is the fallback (a model whose
         # metadata was stripped by another tool).
-        text = self._load_onnx() if fmt == "onnx" else self._load_torchscript()
+        text = self._load_onnx() if fmt == "onnx" else self._torchscript_metadata()
         side = sidecar_path(p)
         if text is None and side.is_file():
             try:
@@ -365,21 +368,38 @@ class ExportedModel:
             raise UserError(f"model {str(self.path)!r} is not a valid ONNX model ({first[:160]})") from None
         return self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
 
-    def _load_torchscript(self) -> str | None:
-        extra = {METADATA_KEY: ""}
+    def _torchscript_metadata(self) -> str | None:
+        """The metadata torch.jit.save stored as an extra file (`<archive>/extra/<key>`), read as a zip member:
+        nothing of the program is loaded."""
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{METADATA_KEY}"]
+                return archive.read(names[0]).decode() if names else None
+        except (zipfile.BadZipFile, OSError, UnicodeDecodeError, RuntimeError) as exc:
+            raise UserError(f"model {str(self.path)!r} is not a TorchScript model ({str(exc)[:160]})") from None
+
+    def load(self) -> None:
+        """Load the runtime: an onnxruntime session is made on reading; a TorchScript program only here, on the
+        user's word."""
+        if self.format == "onnx" or hasattr(self, "_module"):
+            return
+        if not self.run_code:
+            raise UserError(f"model {str(self.path)!r} is TorchScript, a program that loading runs (torch.jit.load has "
+                            f"no safe mode); refused, nothing was loaded. If you trust it, add --trust-env-code (an "
+                            f"ONNX export holds no code: ppo-export --format onnx)")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._module = torch.jit.load(str(self.path), map_location="cpu", _extra_files=extra)
+                self._module = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a foreign or corrupt archive fails in many ways
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"model {str(self.path)!r} is not a TorchScript model ({first[:160]})") from None
         self._module.eval()
-        return extra[METADATA_KEY] or None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.format == "onnx":
             return dict(zip(self.output_names, self._session.run(self.output_names, feeds), strict=True))
+        self.load()
         with torch.inference_mode():
             result = self._module(*[torch.from_numpy(np.ascontiguousarray(feeds[i["name"]])) for i in self.inputs])
         result = result if isinstance(result, tuple) else (result,)

@@ -50,7 +50,8 @@ def _evil_module(tmp: Path, marker: Path, monkeypatch) -> None:
 
 
 def _exported(ckpt: Path, out: Path, capsys) -> Path:
-    export_cli.main([str(ckpt), "--format", "torchscript", "--out", str(out)])  # writing it runs no env code
+    # Writing it runs no env code; the recipe is copied on the user's word (ppo-export refuses it otherwise).
+    export_cli.main([str(ckpt), "--format", "onnx", "--out", str(out), "--trust-env-code"])
     capsys.readouterr()
     return out
 
@@ -60,18 +61,19 @@ def _exported(ckpt: Path, out: Path, capsys) -> Path:
 ROWS = {
     # item 1: the env recipe would import or call code
     "entry-point": (lambda c, t, m, mp, cs: [_crafted(c, t / "evil.pt", yaml=_popen(m))],
-                    "the checkpoint's env recipe would import or call code: env.entry_point=subprocess:Popen; "
-                    "refused, nothing was run. If you trust "),
+                    "the checkpoint's env recipe would import or call code: env.entry_point=subprocess:Popen (is "
+                    "subprocess.Popen, not on the allowlist); refused, nothing was run. If you trust "),
     "module-id": (lambda c, t, m, mp, cs: (_evil_module(t, m, mp), [_crafted(
                       c, t / "evil.pt", yaml=[("id: CartPole-v1", "id: evil_env_module:Evil-v0")])])[1],
-                  "would import or call code: env.id=evil_env_module:Evil-v0"),
+                  "would import or call code: env.id=evil_env_module:Evil-v0 (imports module evil_env_module)"),
     "wrapper-target": (lambda c, t, m, mp, cs: [_crafted(c, t / "evil.pt", yaml=_wrapper(m))],
-                       "would import or call code: env.wrappers[0]._target_=subprocess.Popen"),
+                       "would import or call code: env.wrappers[0]._target_=subprocess.Popen (is subprocess.Popen, "
+                       "not on the allowlist)"),
     "--env-does-not-vouch-for-wrappers": (
         lambda c, t, m, mp, cs: [_crafted(c, t / "evil.pt", yaml=_wrapper(m)), "--env", "CartPole-v1"],
         "env.wrappers[0]._target_=subprocess.Popen"),
     "exported-model": (lambda c, t, m, mp, cs: [_exported(_crafted(c, t / "evil.pt", yaml=_popen(m)),
-                                                          t / "evil.torchscript.pt", cs)],
+                                                          t / "evil.onnx", cs)],
                        "the model's env recipe would import or call code: env.entry_point=subprocess:Popen"),
     # item 12
     "seed-negative": (lambda c, t, m, mp, cs: [c, "--seed", "-1"], "--seed=-1: must be >= 0"),
@@ -181,7 +183,8 @@ def test_ppo_eval_cuts_endless_episodes_trusts_only_the_command_line_and_names_t
         eval_cli.main([ckpt])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
-    assert f"env.entry_point={NEVER}; refused, nothing was run. If you trust {ckpt}, add --trust-env-code" in err
+    assert f"env.entry_point={NEVER} (not on the allowlist); refused, nothing was run. If you trust {ckpt}, add " \
+           "--trust-env-code" in err
     # With it: the checkpoint's cap (30) cuts every episode, the random baseline's too, and the JSON says so.
     result = json.loads(_eval(capsys, ckpt, "--trust-env-code", "--episodes", "3", "--json"))
     assert result["env_id"] == NEVER  # the env scored, not the id left at its default (item 17)
@@ -204,7 +207,7 @@ def test_ppo_eval_cuts_endless_episodes_trusts_only_the_command_line_and_names_t
 
 def test_exported_model_is_labelled_and_capped(never_run, tiny_run, tmp_path, capsys):
     run, _ = never_run
-    model = _exported(run / "checkpoints" / "checkpoint.pt", tmp_path / "never.torchscript.pt", capsys)
+    model = _exported(run / "checkpoints" / "checkpoint.pt", tmp_path / "never.onnx", capsys)
     with pytest.raises(SystemExit):
         eval_cli.main([str(model)])
     assert "the model's env recipe would import or call code" in capsys.readouterr().err
@@ -212,7 +215,7 @@ def test_exported_model_is_labelled_and_capped(never_run, tiny_run, tmp_path, ca
                               "5", "--no-random-baseline", "--json"))
     assert result["env_id"] == NEVER and result["cut_episodes"] == 2 and result["mean_length"] == 5
     # The model's JSON carries the env, not the run's eval settings: the default cap, and a registered id passes.
-    model = _exported(tiny_run / "checkpoints" / "checkpoint.pt", tmp_path / "cartpole.torchscript.pt", capsys)
+    model = _exported(tiny_run / "checkpoints" / "checkpoint.pt", tmp_path / "cartpole.onnx", capsys)
     result = json.loads(_eval(capsys, str(model), "--episodes", "1", "--no-random-baseline", "--json"))
     assert result["max_episode_steps"] == 108_000 and result["cut_episodes"] == 0
 

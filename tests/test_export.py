@@ -122,7 +122,7 @@ def _allowed(mask: np.ndarray) -> np.ndarray:
 
 def _export(path: Path, fmt: str, *args: str) -> Path:
     out = path.parent / f"{path.stem}-{'-'.join(a.strip('-') for a in args) or 'plain'}{export.SUFFIXES[fmt]}"
-    export_cli.main([str(path), "--format", fmt, "--out", str(out), *args])
+    export_cli.main([str(path), "--format", fmt, "--out", str(out), *args, "--trust-env-code"])  # the user's own envs
     return out
 
 
@@ -155,7 +155,7 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
         assert action.dtype == np.float64 and np.abs(action).max() <= 0.1  # clipped in float64, as the env checks
 
     for fmt in export.FORMATS:
-        deterministic = export.ExportedModel(_export(ckpt, fmt, "--with-value"), fmt)
+        deterministic = export.ExportedModel(_export(ckpt, fmt, "--with-value"), fmt, run_code=True)
         got = deterministic.run(deterministic.feeds(obs, mask, np_state))
         assert got["action"].dtype == action.dtype and got["action"].shape == action.shape, (fmt, got["action"].shape)
         if action.dtype.kind == "f":
@@ -166,7 +166,7 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
         if new_state is not None:
             np.testing.assert_allclose(got["state_out"], new_state, atol=ATOL, rtol=0)
 
-        stochastic = export.ExportedModel(_export(ckpt, fmt, "--stochastic"), fmt)
+        stochastic = export.ExportedModel(_export(ckpt, fmt, "--stochastic"), fmt, run_code=True)
         got = stochastic.run(stochastic.feeds(obs, mask, np_state))
         if "mean" in got:
             np.testing.assert_allclose(got["mean"], out, atol=ATOL, rtol=0)
@@ -226,7 +226,7 @@ def test_info_masks_need_an_action_mask_input(tmp_path, capsys):
         meta = json.loads(export.sidecar_path(model).read_text())
         assert [p["name"] for p in meta["inputs"]] == ["obs", "action_mask"]
         capsys.readouterr()
-        eval_cli.main([str(model), "--episodes", "3", "--json", "--no-random-baseline"])
+        eval_cli.main([str(model), "--episodes", "3", "--json", "--no-random-baseline", "--trust-env-code"])
         assert json.loads(capsys.readouterr().out)["returns"] == reference["returns"]
 
 
@@ -244,7 +244,7 @@ def test_any_batch_size_and_the_sidecar_describes_the_model(tmp_path):
         assert meta["outputs"] == [{"name": "action", "dtype": "float32", "shape": ["batch", 1]},
                                    {"name": "value", "dtype": "float32", "shape": ["batch"]}]
         assert meta["env_id"] == "tests.custom_env:Reach-v0" and meta["env"]["normalize_obs"] is True
-        model = export.ExportedModel(path, fmt)
+        model = export.ExportedModel(path, fmt, run_code=True)
         assert model.metadata == meta  # the copy inside the model is the sidecar
         for n in (1, 7, 64):
             obs = np.random.default_rng(n).uniform(-1, 1, (n, 2)).astype(np.float32)

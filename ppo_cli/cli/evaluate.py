@@ -9,14 +9,15 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import checkpoint, export
-from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml
-from ppo_cli.envs import code_in_recipe, describe_space, env_label, make_vec_env
+from ppo_cli import checkpoint, export, recipe
+from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, stored_config
+from ppo_cli.envs import describe_space, env_label, make_vec_env
 from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
 from ppo_cli.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes, step_cap
 from ppo_cli.policy import ActorCritic, build_policy
@@ -52,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--env", metavar="ID", help="evaluate on another env id with the same spaces (replaces the "
                    "checkpoint's env.id and env.entry_point)")
     p.add_argument("--trust-env-code", action="store_true",
-                   help="let the file's env recipe import or call code outside ppo-cli and gymnasium (env.entry_point, "
-                        "a module:Id id, wrapper targets); without it such a file is refused and nothing runs")
+                   help="let the file run code: its env recipe's imports and calls beyond ppo-cli's allowlist "
+                        "(env.entry_point, a module:Id id, wrapper targets), its config's interpolations, and a "
+                        "TorchScript model (a program: loading it runs it); without it such a file is refused and "
+                        "nothing runs")
     p.add_argument("--max-episode-steps", type=int, metavar="N",
                    help="cut an episode after N steps (default: the run's eval.max_episode_steps); cut episodes "
                         "are counted and reported")
@@ -100,17 +103,20 @@ def _video_wrappers(folder: str, episodes: int) -> list:
     return [wrap]
 
 
-def _recipe_env(env_cfg: DictConfig, args: argparse.Namespace, what: str) -> DictConfig:
-    """The env to score: the file's recipe, or the one --env names. A recipe that imports or calls code outside
-    ppo-cli and gymnasium runs only on the user's word (--env, --trust-env-code), never on the file's."""
-    named: tuple[str, ...] = ()
-    if args.env:  # the user's env replaces the file's, its entry point included (else that would be scored)
+def _file_env(config: Any, args: argparse.Namespace, what: str, env_only: bool = False) -> tuple[str, ...]:
+    """Refuse the file's config where it would run or resolve anything the user did not ask for (recipe.py);
+    the keys the user's --env names are theirs. Returns those keys."""
+    named = ("env.id", "env.entry_point") if args.env else ()
+    recipe.check(config, trusted=args.trust_env_code, what=what, source=args.checkpoint,
+                 how="--trust-env-code (or name the env with --env)", named=named, env_only=env_only)
+    return named
+
+
+def _with_env_arg(env_cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
+    """The env to score: the file's recipe, or the one --env names (its entry point cleared too, else that env
+    would be scored)."""
+    if args.env:
         env_cfg.id, env_cfg.entry_point = args.env, None
-        named = ("env.id", "env.entry_point")
-    code = code_in_recipe(env_cfg, named)
-    if code and not args.trust_env_code:
-        raise UserError(f"the {what}'s env recipe would import or call code: {', '.join(code)}; refused, nothing was "
-                        f"run. If you trust {args.checkpoint}, add --trust-env-code (or name the env with --env)")
     return env_cfg
 
 
@@ -127,8 +133,9 @@ def run(args: argparse.Namespace) -> dict:
     play: Callable[[gym.vector.VectorEnv], EvalResult]
     if fmt is None:
         data = checkpoint.load(args.checkpoint)
+        _file_env(stored_config(data["config_yaml"]), args, "checkpoint")
         policy, cfg = load_policy(data)
-        env_cfg = _recipe_env(cfg.env.copy(), args, "checkpoint")
+        env_cfg = _with_env_arg(cfg.env.copy(), args)
         max_steps = int(cfg.eval.max_episode_steps)
         expected, global_step = (data["observation_space"], data["action_space"]), int(data["global_step"])
 
@@ -136,8 +143,10 @@ def run(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
     else:
-        model = export.ExportedModel(args.checkpoint, fmt)
-        env_cfg = _recipe_env(_exported_env(model), args, "model")
+        model = export.ExportedModel(args.checkpoint, fmt, run_code=args.trust_env_code)
+        _file_env(model.metadata.get("env") or {}, args, "model", env_only=True)
+        model.load()
+        env_cfg = _with_env_arg(_exported_env(model), args)
         max_steps = EvalConfig.max_episode_steps  # an export carries the env, not the run's eval settings
         meta = model.metadata
         expected, global_step = (meta["observation_space"], meta["action_space"]), int(meta.get("global_step", 0))
@@ -206,7 +215,9 @@ def run(args: argparse.Namespace) -> dict:
 def _exported_env(model: export.ExportedModel) -> DictConfig:
     """The env an exported model was trained on, from its metadata."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(EnvConfig), model.metadata.get("env") or {})  # type: ignore[return-value]
+        env = OmegaConf.merge(OmegaConf.structured(EnvConfig), model.metadata.get("env") or {})
+        OmegaConf.resolve(env)  # only interpolations the user trusted get here (_file_env)
+        return env  # type: ignore[return-value]
     except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
         raise UserError(f"the env config in {model.path}'s metadata does not fit this ppo-cli version "
                         f"({str(exc).strip().splitlines()[0]})") from None

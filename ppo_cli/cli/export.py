@@ -9,8 +9,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ppo_cli import checkpoint
+from ppo_cli import checkpoint, recipe
 from ppo_cli.cli.evaluate import load_policy
+from ppo_cli.config import stored_config
 from ppo_cli.envs import env_label
 from ppo_cli.errors import OneLineParser, UserError, one_line_errors
 from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
@@ -22,7 +23,12 @@ def _parser() -> argparse.ArgumentParser:
                                 "in; a <file>.json beside it describes the spaces and the inputs and outputs.")
     p.add_argument("checkpoint", help="path to a checkpoint.pt (or best.pt) written by ppo-train")
     p.add_argument("--format", default="onnx", metavar="FORMAT",
-                   help=f"{' or '.join(FORMATS)} (default: onnx; onnx needs the 'export' extra)")
+                   help=f"{' or '.join(FORMATS)} (default: onnx; onnx needs the 'export' extra). A TorchScript file "
+                        "is a program: loading it runs it (torch.jit.load has no safe mode), so whoever plays it must "
+                        "trust its source (ppo-eval asks for --trust-env-code); ONNX holds no code")
+    p.add_argument("--trust-env-code", action="store_true",
+                   help="copy into the model a checkpoint env recipe that imports or calls code beyond ppo-cli's "
+                        "allowlist, or a config with interpolations; without it such a checkpoint is refused")
     p.add_argument("--out", metavar="FILE", help="where to write the model (default: beside the checkpoint, "
                    f"<name>{SUFFIXES['onnx']} or <name>{SUFFIXES['torchscript']})")
     p.add_argument("--with-value", action="store_true", help="also output the critic's value V(s)")
@@ -40,6 +46,10 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--format {args.format}: unknown format (choose {' or '.join(FORMATS)})")
     source = Path(args.checkpoint)
     data = checkpoint.load(source)
+    # The model carries the checkpoint's env recipe on to whoever plays it: what ppo-eval would refuse is not
+    # passed on without the user's word either.
+    recipe.check(stored_config(data["config_yaml"]), trusted=args.trust_env_code, what="checkpoint",
+                 source=args.checkpoint, how="--trust-env-code")
     policy, cfg = load_policy(data)
     out = Path(args.out) if args.out else source.with_name(source.stem + SUFFIXES[args.format])
     if out.resolve() == source.resolve():

@@ -34,11 +34,11 @@ from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import __version__, checkpoint, distributed
+from ppo_cli import __version__, checkpoint, distributed, recipe
 from ppo_cli.cli import sweep_report
-from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, validate
+from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, stored_config, validate
 from ppo_cli.devices import choose_device, precision_text, torch_threads
-from ppo_cli.envs import check_env, code_in_recipe, env_label
+from ppo_cli.envs import check_env, env_label
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.trainer import Interrupted, Trainer, TrainResult
 
@@ -228,14 +228,12 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
     data = None
     if cfg.resume:
         data = checkpoint.load(cfg.resume)
-        trusted = bool(cfg.trust_env_code)  # the user's word on this command line, never the checkpoint's
         overridden = _overridden_keys()
+        # The user's word on this command line, never the checkpoint's; the keys they set are theirs.
+        recipe.check(stored_config(data["config_yaml"]), trusted=bool(cfg.trust_env_code), what="checkpoint",
+                     source=str(cfg.resume), how="trust_env_code=true (or set those keys on the command line)",
+                     named=overridden)
         cfg = config_for_resume(data, cfg, overridden)
-        code = code_in_recipe(cfg.env, overridden)
-        if code and not trusted:
-            raise UserError(f"the checkpoint's env recipe would import or call code: {', '.join(code)}; refused, "
-                            f"nothing was run. If you trust {cfg.resume}, add trust_env_code=true (or set those "
-                            f"keys on the command line)")
     validate(cfg)
     banner(cfg, run_dir, int(data["global_step"]) if data else 0)
     if cfg.env.check:
