@@ -62,13 +62,20 @@ def setup(device: torch.device) -> Ranks:
         return ranks
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed; run one process or install a torch with it")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl":
+    backend = backend_for(device)
+    if "nccl" in backend:
         if not dist.is_nccl_available():
             raise UserError("device=cuda under torchrun needs NCCL, which this torch build lacks; use device=cpu")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=TIMEOUT)
     return ranks
+
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend for a run on `device`. The gradients live on the device, but the decisions,
+    statistics and normalization sums are small CPU tensors (any_true, mean, normalize, merge_obs_stats), and NCCL
+    moves CUDA tensors only: a GPU run joins gloo for the CPU and nccl for CUDA."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def teardown() -> None:

@@ -128,15 +128,19 @@ class MultiCategorical(ActionHead):
         return rng.random((n, len(self.nvec)), dtype=np.float32)
 
     def sample(self, out: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # Inverse-CDF sampling; the clamp guards against a cdf that rounds to just below 1 (to the last allowed
-        # action, where a mask forbids the last ones).
+        # Inverse-CDF sampling. The clamp to the last allowed action guards against a cdf that rounds to just below
+        # 1; the one to the first allowed action against a noise of exactly 0.0 (one draw in 2^24), which no masked
+        # leading action's cdf of 0 is below.
         out = self._masked(out, mask)
         masks = self._segments(mask) if mask is not None else [None] * len(self.nvec)
         parts = []
         for i, (logits, m) in enumerate(zip(self._segments(out), masks, strict=True)):
-            last = logits.shape[-1] - 1 if m is None else logits.shape[-1] - 1 - m.flip(-1).long().argmax(-1)
-            parts.append(torch.minimum((noise[:, i:i + 1] > F.softmax(logits, dim=-1).cumsum(-1)).sum(-1),
-                                       torch.as_tensor(last)))
+            drawn = (noise[:, i:i + 1] > F.softmax(logits, dim=-1).cumsum(-1)).sum(-1)
+            if m is None:
+                parts.append(drawn.clamp(max=logits.shape[-1] - 1))
+            else:
+                first, last = m.long().argmax(-1), logits.shape[-1] - 1 - m.flip(-1).long().argmax(-1)
+                parts.append(torch.minimum(torch.maximum(drawn, first), last))
         return self._stack(parts)
 
     def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -165,8 +169,11 @@ class MultiCategorical(ActionHead):
             exp = np.exp(shifted)
             total = exp.sum(axis=1, keepdims=True)
             cdf = np.cumsum(exp / total, axis=1)
-            last = logits.shape[1] - 1 if m is None else logits.shape[1] - 1 - m[:, ::-1].argmax(axis=1)
-            action = np.minimum((noise[:, j:j + 1] > cdf).sum(axis=1), last)
+            drawn = (noise[:, j:j + 1] > cdf).sum(axis=1)  # clamped as sample() says why
+            if m is None:
+                action = np.minimum(drawn, logits.shape[1] - 1)
+            else:
+                action = np.clip(drawn, m.argmax(axis=1), logits.shape[1] - 1 - m[:, ::-1].argmax(axis=1))
             lp = (shifted - np.log(total))[rows, action]
             logp = lp if logp is None else logp + lp
             actions.append(action)

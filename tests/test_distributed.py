@@ -213,3 +213,29 @@ def test_two_ranks_update_equals_one_process_on_both_halves(tmp_path):
         assert any(not torch.equal(one[k], r["initial"][k]) for k in one)  # the update moved the parameters
         for name in one:
             torch.testing.assert_close(two[name], one[name], atol=1e-6, rtol=1e-5, msg=f"{name} (numpy={fast})")
+
+
+def test_a_gpu_run_joins_a_backend_for_every_device_its_collectives_use(monkeypatch):
+    """Issue 30, item 7: a torchrun run on cuda joined nccl alone, and the CPU tensors of any_true, mean and normalize
+    then raised 'No backend type associated with device type cpu' at the first update. The collectives are run
+    here with recording stand-ins (no GPU needed), and every device type they hand a collective must have a
+    backend in what setup joins for cuda."""
+    from ppo_cli import distributed
+    from ppo_cli.normalize import ObsNormalizer
+
+    used = set()
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: used.add(t.device.type))
+    monkeypatch.setattr(distributed.dist, "all_gather_object",
+                        lambda out, obj: (used.add(obj.device.type), out.__setitem__(slice(None), [obj] * len(out))))
+    ranks = distributed.Ranks(0, 2)
+    distributed.any_true(True, ranks)
+    distributed.mean(1.0, ranks)
+    distributed.normalize(torch.arange(6.0), ranks)
+    norm = ObsNormalizer(3, clip=10.0)
+    before = (norm.mean.clone(), norm.var.clone(), norm.count.clone())
+    norm.update(torch.randn(5, 3))
+    distributed.merge_obs_stats(norm, before, ranks)
+    assert used == {"cpu"}
+    backends = dict(part.split(":") for part in distributed.backend_for(torch.device("cuda")).split(","))
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}  # the gradients (average) are on cuda, the rest on the CPU
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"

@@ -183,8 +183,8 @@ def test_ppo_eval_cuts_endless_episodes_trusts_only_the_command_line_and_names_t
         eval_cli.main([ckpt])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
-    assert f"env.entry_point={NEVER} (not on the allowlist); refused, nothing was run. If you trust {ckpt}, add " \
-           "--trust-env-code" in err
+    assert f"env.entry_point={NEVER} (" in err  # "(is tests.custom_env.NeverEnds, " where already imported
+    assert f"not on the allowlist); refused, nothing was run. If you trust {ckpt}, add --trust-env-code" in err
     # With it: the checkpoint's cap (30) cuts every episode, the random baseline's too, and the JSON says so.
     result = json.loads(_eval(capsys, ckpt, "--trust-env-code", "--episodes", "3", "--json"))
     assert result["env_id"] == NEVER  # the env scored, not the id left at its default (item 17)

@@ -53,6 +53,27 @@ def test_no_masked_action_is_ever_sampled(twin):
     assert a.tolist() == [[0, 0]]
 
 
+@pytest.mark.parametrize("twin", ["torch", "numpy"])
+def test_a_noise_of_exactly_zero_takes_the_first_allowed_action(twin):
+    """Issue 30, item 8: with the leading actions masked their cdf is 0, and a noise of exactly 0.0 (one float32 draw
+    in 2^24) was below no cdf: action 0, masked, with a log-prob of -3.4e38."""
+    cases = [(Categorical({"type": "Discrete", "n": 4}), [[False, False, True, True]], [0.0], [2]),
+             (MultiCategorical({"type": "MultiDiscrete", "nvec": [3, 3], "start": [0, 0], "shape": [2]}),
+              [[False, True, True, False, False, True]], [0.0, 0.0], [1, 2])]
+    for head, mask, noise, expected in cases:
+        mask = np.array(mask)
+        out = np.zeros(mask.shape, np.float32)
+        noise = np.array([noise], np.float32)
+        if twin == "torch":
+            action = head.sample(torch.from_numpy(out), torch.from_numpy(noise), torch.from_numpy(mask))
+            logp, _ = head.log_prob_entropy(torch.from_numpy(out), action, torch.from_numpy(mask))
+            action, logp = action.numpy(), logp.numpy()
+        else:
+            action, logp = head.np_sample(out, noise, mask)
+        assert np.asarray(action).reshape(-1).tolist() == expected
+        assert np.isfinite(logp).all() and float(logp[0]) > -10
+
+
 def _rollout_batch(tmp_path):
     from ppo_cli.trainer import Trainer
 
