@@ -38,7 +38,7 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def run_ppo_cli(overrides: list[str]) -> Any:
     """Train with these overrides (plus no periodic checkpoints, CPU, one thread) and return the TrainResult."""
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     cfg = compose(["checkpoint_interval=0", "device=cpu", "torch_threads=1", *overrides])
     with tempfile.TemporaryDirectory() as d:
@@ -93,9 +93,8 @@ def sb3_atari_ppo(cfg: DictConfig, device: str = "cpu", tensorboard_log: str | N
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
 
-    from ppo_cli import atari
-    from ppo_cli.config import choice
-    from ppo_cli.envs import env_label
+    from ppo_cli.config import choice, env_label
+    from ppo_cli.envs import atari
 
     gaps = _sb3_gaps(cfg)
     if gaps:

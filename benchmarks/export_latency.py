@@ -31,8 +31,8 @@ import _common  # noqa: F401 - puts the repository on sys.path
 import numpy as np
 import torch
 
-from ppo_cli.export import ExportedModel, export_policy
-from ppo_cli.policy import ActorCritic
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.export import ExportedModel, export_policy
 
 # (label, observation space, action space, ActorCritic keyword arguments)
 POLICIES = [

@@ -27,7 +27,7 @@ on the same task in a process of its own, built by `_common.sb3_atari_ppo` from 
 How SB3 is evaluated, and why this way: by ppo-cli's own evaluation code, not SB3's `evaluate_policy`. A callback
 evaluates after the update that crosses each multiple of --every, which is where ppo-cli's PeriodicEvaluator
 evaluates (both tools advance n_steps x num_envs steps per update, so the steps are the same), and once more at
-the end where the last update did not cross one. It plays the episodes with `ppo_cli.evaluation.run_episodes`
+the end where the last update did not cross one. It plays the episodes with `ppo_cli.run.evaluation.run_episodes`
 on envs from ppo-cli's env factory `make_vec_env`, built as PeriodicEvaluator builds them (seeds seed +
 EVAL_SEED_OFFSET, min(episodes, num_envs) envs, the same step cap), acting with SB3's deterministic action
 (`model.predict(..., deterministic=True)`). So both tools are scored by one protocol: the same games, seeds,
@@ -194,8 +194,8 @@ def sb3_worker(overrides: list[str], run_dir: Path, device: str, threads: int) -
     import torch
     from stable_baselines3.common.callbacks import BaseCallback
 
-    from ppo_cli.envs import make_vec_env
-    from ppo_cli.evaluation import EVAL_SEED_OFFSET, run_episodes, step_cap
+    from ppo_cli.envs.make import make_vec_env
+    from ppo_cli.run.evaluation import EVAL_SEED_OFFSET, run_episodes
 
     torch.set_num_threads(threads)
     cfg = compose(overrides)
@@ -203,7 +203,7 @@ def sb3_worker(overrides: list[str], run_dir: Path, device: str, threads: int) -
     model = sb3_atari_ppo(cfg, device=device, tensorboard_log=str(run_dir))
     seed = cfg.seed + EVAL_SEED_OFFSET
     envs = make_vec_env(cfg.env, seed=seed, num_envs=min(ev.episodes, cfg.env.num_envs),
-                        wrappers=[step_cap(ev.max_episode_steps)])
+                        step_cap=ev.max_episode_steps)
     if model.observation_space.shape != envs.single_observation_space.shape:
         raise SystemExit(f"SB3 reads {model.observation_space.shape} observations, ppo-cli's evaluation envs give "
                          f"{envs.single_observation_space.shape}")

@@ -19,7 +19,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli.encoders import ENCODERS, IMAGE_ENCODERS
 from ppo_cli.errors import UserError
 
 GROUPS = ("algo", "network", "env")
@@ -111,6 +110,11 @@ class AlgoConfig:
                                         "1.5 x target_kl")
     clip_range_vf: float | None = key(None, "clip the value update around the old value (PPO2's pessimistic max "
                                             "form)")
+
+
+# The encoders a config may name (network.type); policy/encoders.py builds each (ENCODERS, in this order).
+ENCODER_NAMES = ("mlp", "cnn", "impala")
+IMAGE_ENCODERS = ("cnn", "impala")  # the encoders that read images (and only images)
 
 
 @dataclass
@@ -284,6 +288,11 @@ def choice(value: Any) -> str:
     return value.value if isinstance(value, Enum) else str(value)
 
 
+def env_label(env_cfg: DictConfig) -> str:
+    """How the env is named to the user: an entry_point env by its entry point, not the default id beside it."""
+    return env_cfg.get("entry_point") or env_cfg.id
+
+
 def stored_config(text: Any, what: str = "checkpoint") -> dict[str, Any]:
     """A run config stored in a file, as plain data exactly as written: nothing resolved, nothing built (recipe.py
     decides what of it may run)."""
@@ -346,7 +355,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.weight_decay >= 0, "algo.weight_decay", "must be >= 0")
     need(a.eps > 0, "algo.eps", "must be > 0")
     need(a.target_kl is None or a.target_kl > 0, "algo.target_kl", "must be > 0 or null")
-    need(n.type in ENCODERS, "network.type", f"must name an encoder: {', '.join(ENCODERS)}")
+    need(n.type in ENCODER_NAMES, "network.type", f"must name an encoder: {', '.join(ENCODER_NAMES)}")
     need(choice(n.precision) != "bfloat16" or n.type in IMAGE_ENCODERS, "network.precision",
          f"bfloat16 applies to the image encoders ({', '.join(IMAGE_ENCODERS)}); network.type={n.type} computes "
          f"in float32 only")

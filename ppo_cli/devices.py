@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ppo_cli.config import choice
-from ppo_cli.encoders import IMAGE_ENCODERS
+from ppo_cli.config import IMAGE_ENCODERS, choice
 from ppo_cli.errors import UserError
 
 GPU_WORK = 6e6  # batch_size x (widest hidden layer)^2 from which an MLP trains faster on the GPU

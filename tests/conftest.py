@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from ppo_cli import atari
 from ppo_cli.config import register_configs
+from ppo_cli.envs import atari
 from ppo_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,8 @@ def tiny_run(_tiny_run_once: Path, tmp_path: Path) -> Path:
 def check_resume_is_bitwise(overrides: list[str], tmp_path: Path, total: int, split: int) -> dict:
     """Train `total` steps straight, and `split` steps then resume to `total`: the parameters must be the same bit
     for bit. Returns the checkpoint written at the split, for the caller's own checks."""
-    from ppo_cli import checkpoint
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run import checkpoint
+    from ppo_cli.run.trainer import Trainer
 
     straight = Trainer(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "a", rich_progress=False)
     straight.run()

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cli import checkpoint
-from ppo_cli.fastpath import NumpyActor, covers
-from ppo_cli.heads import HEADS
-from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import AutogradGradients, Updater, UpdateSettings, make_optimizer
-from ppo_cli.rollout import Batch, TorchActor, choose_actor
-from ppo_cli.timing import Stopwatch
+from ppo_cli.algo.fastpath import NumpyActor, covers
+from ppo_cli.algo.rollout import TorchActor, choose_actor
+from ppo_cli.algo.storage import Batch
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.algo.update import AutogradGradients, Updater, UpdateSettings, make_optimizer
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.heads import HEADS
+from ppo_cli.run import checkpoint
 from tests.conftest import TINY, make_cfg
 
 OBS = {"type": "Box", "shape": [5]}
@@ -117,7 +118,7 @@ def test_torch_and_numpy_actors_take_the_same_actions_from_the_same_seed(obs_spa
 
 
 def _train(*overrides, tmp_path):
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     trainer = Trainer(make_cfg(*TINY, "eval.final=false", "eval.objective=train", "checkpoint_interval=0",
                                *overrides), tmp_path, rich_progress=False)
@@ -195,3 +196,49 @@ def test_format_1_checkpoints_still_load_and_evaluate(tiny_run, tmp_path):
               check=True)
     ref = cli("ppo-eval", str(path), "--json", "--episodes", "2", "--no-random-baseline", cwd=tmp_path, check=True)
     assert out.stdout.split('"checkpoint"')[0] == ref.stdout.split('"checkpoint"')[0]
+
+
+# --- the package's shape: stages in the order data flows, nothing below importing anything above ----------------
+# Base modules every stage may use; then the stages, lowest first. Public modules that configs and checkpoints name
+# (ppo_cli.wrappers, ppo_cli.example_envs) keep their stable top-level names and sit with the envs.
+STAGES = [("errors", "config", "devices", "distributed"), ("envs", "wrappers", "example_envs"), ("policy",),
+          ("algo",), ("run",), ("cli",)]
+
+
+def _stage(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "ppo_cli" or len(parts) < 2:
+        return None
+    return next((i for i, names in enumerate(STAGES) if parts[1] in names), None)
+
+
+def _imports(path) -> list[str]:
+    """Every ppo_cli module `path` imports, at module level or inside functions."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ppo_cli"):
+            found += [f"{node.module}.{a.name}" if node.module == "ppo_cli" else node.module for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("ppo_cli")]
+    return found
+
+
+def test_every_module_belongs_to_a_stage_and_imports_nothing_above_it():
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "ppo_cli"
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        module = ".".join(rel.parts).removesuffix(".__init__")
+        if module in ("ppo_cli", "ppo_cli.conf"):
+            continue
+        own = _stage(module)
+        if own is None:
+            problems.append(f"{module} belongs to no stage")
+            continue
+        problems += [f"{module} (stage {own}) imports {imported} (stage {_stage(imported)})"
+                     for imported in _imports(path) if (_stage(imported) or 0) > own]
+    assert problems == []

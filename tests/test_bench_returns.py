@@ -30,7 +30,7 @@ def test_sb3_trains_on_the_frames_ppo_cli_trains_on():
     _sb3()
     from _common import sb3_atari_ppo
 
-    from ppo_cli.envs import make_vec_env
+    from ppo_cli.envs.make import make_vec_env
 
     cfg = compose([*atari_overrides("Breakout"), "env.num_envs=2"])
     theirs = sb3_atari_ppo(cfg).get_env()
@@ -95,8 +95,8 @@ def test_ppo_cli_trains_in_lockstep_with_sb3_given_the_same_weights_noise_shuffl
     import torch
     from _common import sb3_atari_ppo
 
-    from ppo_cli.ppo import Updater
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.algo.update import Updater
+    from ppo_cli.run.trainer import Trainer
 
     envs, steps, minibatch, epochs, updates = 4, 64, 64, 2, 2
     n = envs * steps
@@ -174,7 +174,7 @@ def test_sb3_is_evaluated_at_ppo_clis_steps_by_ppo_clis_protocol(tmp_path):
     """Evaluations after the updates that cross a multiple of eval.every_steps (PeriodicEvaluator.due's rule), whole
     games on ppo-cli's evaluation envs, cut at eval.max_episode_steps."""
     _sb3()
-    from ppo_cli.evaluation import PeriodicEvaluator
+    from ppo_cli.run.evaluation import PeriodicEvaluator
 
     overrides = [*atari_overrides("Breakout"), "env.num_envs=2", "algo.n_steps=16", "algo.batch_size=32",
                  "algo.K_epochs=1", "algo.total_timesteps=96", "eval.every_steps=40", "eval.episodes=1",

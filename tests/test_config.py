@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from ppo_cli.cli.train import check_overrides
 from ppo_cli.config import validate
-from ppo_cli.envs import make_vec_env
+from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 
 from .conftest import cli, make_cfg

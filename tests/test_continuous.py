@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli import atari, checkpoint
 from ppo_cli.cli.evaluate import load_policy
-from ppo_cli.envs import _missing_extra, make_vec_env
-from ppo_cli.evaluation import evaluate
-from ppo_cli.normalize import ObsNormalizer, RewardScaler
-from ppo_cli.policy import ActorCritic
-from ppo_cli.trainer import Interrupted, Trainer
+from ppo_cli.envs import atari
+from ppo_cli.envs.make import _missing_extra, make_vec_env
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.normalize import ObsNormalizer, RewardScaler
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import evaluate
+from ppo_cli.run.trainer import Interrupted, Trainer
 
 from .conftest import ROOT, cli, make_cfg
 from .test_resume_and_signals import _train

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli import checkpoint, devices
+from ppo_cli import devices
+from ppo_cli.algo.rollout import TorchActor
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.devices import choose_device, precision_text, torch_threads
-from ppo_cli.envs import make_vec_env
+from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
-from ppo_cli.evaluation import evaluate
-from ppo_cli.rollout import TorchActor
-from ppo_cli.trainer import Trainer
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import evaluate
+from ppo_cli.run.trainer import Trainer
 
 from .conftest import TINY, make_cfg
 
@@ -61,7 +62,7 @@ def test_the_banner_says_when_the_encoder_computes_in_bfloat16(native, monkeypat
 
 @pytest.mark.parametrize("native", [True, False])
 def test_precision_auto_is_bfloat16_for_image_encoders_where_the_device_computes_it_natively(native, monkeypatch):
-    from ppo_cli.policy import build_policy
+    from ppo_cli.policy.actor_critic import build_policy
 
     monkeypatch.setattr(devices, "native_bfloat16", lambda device: native)
     image = {"type": "Box", "shape": [4, 84, 84], "dtype": "uint8", "low": 0, "high": 255}
@@ -139,7 +140,7 @@ def test_cuda_training_and_cpu_loading(env, tmp_path):
 # --- the GPU rollout's transfers (devices.HostStaging, staged RolloutBuffer and TorchActor), run on the CPU ---------
 def _staged(trainer: Trainer) -> Trainer:
     """The trainer's torch actor and buffer swapped for staged ones, as a GPU run builds them."""
-    from ppo_cli.rollout import RolloutBuffer
+    from ppo_cli.algo.storage import RolloutBuffer
 
     old, a = trainer.buffer, trainer.cfg.algo
     trainer.buffer = RolloutBuffer(a.n_steps, old.num_envs, tuple(old.obs.shape[2:]), old.obs.dtype,
@@ -203,9 +204,9 @@ def test_host_staging_copies_and_never_aliases_its_buffers():
 def test_cuda_update_equals_the_cpu_autograd_update_on_the_same_batch():
     """The CUDA path's update (autograd on the GPU, fused Adam, the shuffles' generator moved along) against the
     CPU autograd update, on one batch and one permutation stream: parameters agree to float tolerance."""
-    from ppo_cli.policy import build_policy
-    from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
-    from ppo_cli.rollout import Batch
+    from ppo_cli.algo.storage import Batch
+    from ppo_cli.algo.update import Updater, UpdateSettings, make_optimizer
+    from ppo_cli.policy.actor_critic import build_policy
 
     cfg = make_cfg("network.net_arch=[64,64]")
     obs_space = {"type": "Box", "shape": [4], "dtype": "float32"}

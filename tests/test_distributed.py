@@ -156,10 +156,10 @@ def _update_worker(rank: int, port: int, out: str) -> None:
     import gymnasium as gym
 
     from ppo_cli import distributed
-    from ppo_cli.envs import describe_space
-    from ppo_cli.policy import build_policy
-    from ppo_cli.ppo import Updater, UpdateSettings, make_optimizer
-    from ppo_cli.rollout import Batch
+    from ppo_cli.algo.storage import Batch
+    from ppo_cli.algo.update import Updater, UpdateSettings, make_optimizer
+    from ppo_cli.envs.spaces import describe_space
+    from ppo_cli.policy.actor_critic import build_policy
     from tests.conftest import make_cfg
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
@@ -221,7 +221,7 @@ def test_a_gpu_run_joins_a_backend_for_every_device_its_collectives_use(monkeypa
     here with recording stand-ins (no GPU needed), and every device type they hand a collective must have a
     backend in what setup joins for cuda."""
     from ppo_cli import distributed
-    from ppo_cli.normalize import ObsNormalizer
+    from ppo_cli.policy.normalize import ObsNormalizer
 
     used = set()
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: used.add(t.device.type))

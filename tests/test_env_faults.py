@@ -10,10 +10,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from ppo_cli.envs import make_vec_env
+from ppo_cli.algo.update import divergence_message
+from ppo_cli.envs.faults import EnvFaults, count_steps, largest_reward
+from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
-from ppo_cli.ppo import divergence_message
-from ppo_cli.wrappers import EnvFaults, count_steps, largest_reward
 
 from .conftest import TINY, cli, make_cfg
 

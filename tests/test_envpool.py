@@ -1,4 +1,4 @@
-"""env.backend=envpool (ppo_cli/envpool_backend.py): envpool's NEXT_STEP autoreset turned into the SAME_STEP
+"""env.backend=envpool (ppo_cli/envs/envpool_backend.py): envpool's NEXT_STEP autoreset turned into the SAME_STEP
 transitions the rollout stores, episode statistics, Atari's pipeline and game scores, evaluation's step cap, resume,
 and the one-line errors."""
 
@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli import checkpoint
-from ppo_cli.envpool_backend import task_and_kwargs
-from ppo_cli.envs import describe_space, make_vec_env
+from ppo_cli.algo.rollout import TorchActor, collect
+from ppo_cli.algo.storage import RolloutBuffer
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.envs.envpool_backend import task_and_kwargs
+from ppo_cli.envs.make import make_vec_env
+from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import UserError
-from ppo_cli.evaluation import evaluate_random, step_cap
-from ppo_cli.policy import build_policy
-from ppo_cli.rollout import RolloutBuffer, TorchActor, collect
-from ppo_cli.timing import Stopwatch
-from ppo_cli.trainer import Trainer
+from ppo_cli.policy.actor_critic import build_policy
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import evaluate_random
+from ppo_cli.run.trainer import Trainer
 
 from .conftest import cli, make_cfg, needs_atari
 
@@ -170,7 +172,7 @@ def test_evaluation_step_cap_cuts_episodes_on_envpools_envs():
     """evaluation.StepCap's cut, counted by the pool: cut episodes are reported as cut with their partial returns, and
     a cut env starts a new episode (envpool's forced reset: it knew of no end)."""
     cfg = make_cfg("env.backend=envpool")
-    envs = make_vec_env(cfg.env, seed=0, num_envs=2, wrappers=[step_cap(5)])
+    envs = make_vec_env(cfg.env, seed=0, num_envs=2, step_cap=5)
     envs.reset(seed=0)
     for t in range(1, 11):
         obs, _, terminated, truncated, info = envs.step(np.zeros(2, dtype=np.int64))
@@ -182,7 +184,7 @@ def test_evaluation_step_cap_cuts_episodes_on_envpools_envs():
     capped = evaluate_random(envs, 4, seed=0)
     envs.close()
     assert capped.cut == 4 and capped.lengths == [5] * 4 and capped.returns == [5.0] * 4
-    envs = make_vec_env(cfg.env, seed=0, num_envs=2, wrappers=[step_cap(1000)])
+    envs = make_vec_env(cfg.env, seed=0, num_envs=2, step_cap=1000)
     whole = evaluate_random(envs, 4, seed=0)
     envs.close()
     assert whole.cut == 0 and whole.returns == [float(n) for n in whole.lengths] and max(whole.lengths) > 5

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli import checkpoint, export
 from ppo_cli.cli import evaluate as eval_cli
 from ppo_cli.cli import export as export_cli
 from ppo_cli.cli.evaluate import load_policy
-from ppo_cli.envs import make_vec_env
-from ppo_cli.observations import as_tensors
-from ppo_cli.trainer import Trainer
+from ppo_cli.envs.make import make_vec_env
+from ppo_cli.policy import export
+from ppo_cli.policy.observations import as_tensors
+from ppo_cli.run import checkpoint
+from ppo_cli.run.trainer import Trainer
 
 from .conftest import ROOT, TINY, cli, make_cfg
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.fastpath import NumpyActor, NumpyLoss, covers
-from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import AutogradGradients, Updater, UpdateSettings, make_optimizer, minibatch_loss
-from ppo_cli.rollout import Batch
+from ppo_cli.algo.fastpath import NumpyActor, NumpyLoss, covers
+from ppo_cli.algo.storage import Batch
+from ppo_cli.algo.update import AutogradGradients, Updater, UpdateSettings, make_optimizer, minibatch_loss
+from ppo_cli.policy.actor_critic import ActorCritic
 
 OBS = {"type": "Box", "shape": [5]}
 SPACES = {"Discrete": {"type": "Discrete", "n": 3},
@@ -125,7 +125,7 @@ def test_numpy_actor_samples_from_the_policy_distribution():
 def test_clip_grad_norm_matches_torch():
     from torch import nn
 
-    from ppo_cli.ppo import clip_grad_norm
+    from ppo_cli.algo.update import clip_grad_norm
 
     for scale in (0.01, 100.0):  # below and above the limit
         a = [nn.Parameter(torch.zeros(3, 4)), nn.Parameter(torch.zeros(5))]
@@ -140,7 +140,7 @@ def test_clip_grad_norm_matches_torch():
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_fused_adam_step_matches_optimizer_step(name):
-    from ppo_cli.ppo import FusedAdamStep, make_optimizer
+    from ppo_cli.algo.update import FusedAdamStep, make_optimizer
 
     runs = []
     for direct in (False, True):
@@ -164,7 +164,7 @@ def test_fused_adam_step_matches_optimizer_step(name):
 
 
 def test_fused_adam_step_is_not_used_where_it_does_not_apply():
-    from ppo_cli.ppo import FusedAdamStep
+    from ppo_cli.algo.update import FusedAdamStep
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert FusedAdamStep.build(torch.optim.Adam(params)) is None  # not fused
@@ -176,9 +176,9 @@ def test_fused_adam_step_is_not_used_where_it_does_not_apply():
 
 
 def test_torch_compile_compiles_the_loss_and_the_policy_step_and_says_when_it_has_no_effect(tmp_path):
-    from ppo_cli.ppo import minibatch_loss
-    from ppo_cli.rollout import TorchActor
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.algo.rollout import TorchActor
+    from ppo_cli.algo.update import minibatch_loss
+    from ppo_cli.run.trainer import Trainer
     from tests.conftest import TINY, make_cfg
 
     torch._dynamo.reset()
@@ -208,7 +208,7 @@ def test_torch_compile_compiles_the_loss_and_the_policy_step_and_says_when_it_ha
 def test_a_loss_that_cannot_be_compiled_says_so_in_one_line_and_runs_uncompiled(monkeypatch):
     import torch._inductor.config as inductor_config
 
-    from ppo_cli.ppo import compile_loss, minibatch_loss
+    from ppo_cli.algo.update import compile_loss, minibatch_loss
 
     torch._dynamo.reset()
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)

@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 
-from ppo_cli import __version__, checkpoint
+from ppo_cli import __version__
 from ppo_cli.cli import sweep_report, train
 from ppo_cli.cli.train import check_overrides
 from ppo_cli.config import config_from_yaml
 from ppo_cli.errors import UserError
-from ppo_cli.logger import Logger
+from ppo_cli.run import checkpoint
+from ppo_cli.run.logger import Logger
 
 from .conftest import ROOT, TINY, cli, make_cfg
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ppo_cli import envs, export, recipe
 from ppo_cli.cli import evaluate as eval_cli
 from ppo_cli.cli import export as export_cli
 from ppo_cli.config import EnvConfig
+from ppo_cli.envs import make as envs
+from ppo_cli.envs import recipe
+from ppo_cli.policy import export
 
 from .conftest import cli
 
@@ -56,8 +58,8 @@ VARIANTS = {
     "attribute-of-gymnasium": (lambda m: _wrappers(f"{{_target_: gymnasium.utils.seeding.np.savez, _args_: ['{m}']}}"),
                                "env.wrappers[0]._target_=gymnasium.utils.seeding.np.savez (is numpy.savez, not on the "
                                "allowlist)"),
-    "attribute-of-ppo-cli": (lambda m: _wrappers(f"{{_target_: ppo_cli.trainer.os.system, _args_: ['touch {m}']}}"),
-                             "env.wrappers[0]._target_=ppo_cli.trainer.os.system ("),
+    "attribute-of-ppo-cli": (lambda m: _wrappers(f"{{_target_: ppo_cli.run.trainer.os.system, _args_: ['touch {m}']}}"),
+                             "env.wrappers[0]._target_=ppo_cli.run.trainer.os.system ("),
     "hydra-key": (lambda m: _wrappers("{_target_: gymnasium.wrappers.TimeLimit, _partial_: true, "
                                       "max_episode_steps: 5}"),
                   "env.wrappers[0]._partial_=True (a Hydra instantiation key)"),
@@ -254,7 +256,7 @@ def pool_module(tmp_path, monkeypatch):
 
 
 TARGETS = ["recipe_pool.fn", "recipe_pool:wrapper_like", "recipe_pool.sub.deep", "recipe_pool.np.savez",
-           "recipe_pool_lazy.x", "gymnasium.utils.seeding.np.savez", "ppo_cli.recipe.importlib.import_module",
+           "recipe_pool_lazy.x", "gymnasium.utils.seeding.np.savez", "ppo_cli.envs.recipe.importlib.import_module",
            "builtins.exec", "os.system", "gymnasium.wrappers.TransformReward",
            # allowed ones, some by another name: nested or with Hydra keys they are refused all the same
            "gymnasium.wrappers.TimeLimit", "gymnasium.wrappers.common.TimeLimit", "gymnasium.wrappers.ClipReward",

@@ -2,7 +2,7 @@
 
 import torch
 
-from ppo_cli.rollout import RolloutBuffer, compute_gae
+from ppo_cli.algo.storage import RolloutBuffer, compute_gae
 
 GAMMA, LAM = 0.9, 0.8  # gamma * lambda = 0.72
 

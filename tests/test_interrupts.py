@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppo_cli import checkpoint
-from ppo_cli.trainer import Interrupted, Trainer
+from ppo_cli.run import checkpoint
+from ppo_cli.run.trainer import Interrupted, Trainer
 
 from .conftest import ROOT, make_cfg
 from .signal_envs import SignalAt

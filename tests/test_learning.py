@@ -6,7 +6,7 @@ stop-at-threshold test. Measured first reaching >= 475 at 82k-115k steps over se
 
 import json
 
-from ppo_cli import checkpoint
+from ppo_cli.run import checkpoint
 
 from .conftest import cli
 

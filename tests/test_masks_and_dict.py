@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.fastpath import NumpyActor, NumpyLoss, covers
-from ppo_cli.heads import Categorical, MultiCategorical
-from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import UpdateSettings, minibatch_loss
-from ppo_cli.rollout import TorchActor
+from ppo_cli.algo.fastpath import NumpyActor, NumpyLoss, covers
+from ppo_cli.algo.rollout import TorchActor
+from ppo_cli.algo.update import UpdateSettings, minibatch_loss
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.heads import Categorical, MultiCategorical
 from tests.conftest import TINY, check_resume_is_bitwise, cli, make_cfg
 
 MASKED_GRID = ["env=MaskedGrid-v0"]
@@ -75,10 +75,10 @@ def test_a_noise_of_exactly_zero_takes_the_first_allowed_action(twin):
 
 
 def _rollout_batch(tmp_path):
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     trainer = Trainer(make_cfg(*TINY, *MASKED_GRID, "eval.final=false", "eval.objective=train"), tmp_path)
-    from ppo_cli.rollout import collect
+    from ppo_cli.algo.rollout import collect
 
     collected = collect(trainer.envs, trainer.actor, trainer.buffer, trainer.obs, None, lambda: False,
                         trainer.clock, trainer.masks, trainer.mask)
@@ -147,7 +147,7 @@ def test_resume_with_masks_is_bitwise(tmp_path):
 
 def test_multidiscrete_masks_from_a_dict_key(tmp_path):
     """MaskedDigits gives the mask as an observation key (not network input) and raises on a masked action."""
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     trainer = Trainer(make_cfg(*TINY, "env.entry_point=tests.custom_env:MaskedDigits", "eval.every_steps=128"),
                       tmp_path)
@@ -160,7 +160,7 @@ def test_multidiscrete_masks_from_a_dict_key(tmp_path):
 
 def test_dict_observations_train_exactly_as_the_keys_concatenated_by_hand(tmp_path):
     """GoalReach's Dict and the same env through FlattenObservation give the same network input, so the same run."""
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     runs = []
     for extra in ([], ["env.wrappers=[{_target_: gymnasium.wrappers.FlattenObservation}]"]):

@@ -3,8 +3,8 @@
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cli import checkpoint
-from ppo_cli.trainer import Trainer
+from ppo_cli.run import checkpoint
+from ppo_cli.run.trainer import Trainer
 
 from .conftest import TINY, cli, make_cfg
 

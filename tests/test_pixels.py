@@ -11,16 +11,19 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
 
-from ppo_cli import atari, checkpoint
-from ppo_cli.encoders import NatureCNN
-from ppo_cli.envs import describe_space, make_vec_env, restore, snapshot
+from ppo_cli.algo.rollout import TorchActor, collect
+from ppo_cli.algo.storage import RolloutBuffer
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.envs import atari
+from ppo_cli.envs.make import make_vec_env, restore, snapshot
+from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import UserError
-from ppo_cli.evaluation import run_episodes
-from ppo_cli.observations import InputLayout, as_tensors
-from ppo_cli.policy import ActorCritic, build_policy
-from ppo_cli.rollout import RolloutBuffer, TorchActor, collect
-from ppo_cli.timing import Stopwatch
-from ppo_cli.trainer import Trainer
+from ppo_cli.policy.actor_critic import ActorCritic, build_policy
+from ppo_cli.policy.encoders import NatureCNN
+from ppo_cli.policy.observations import InputLayout, as_tensors
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import run_episodes
+from ppo_cli.run.trainer import Trainer
 
 from .conftest import cli, make_cfg, needs_atari
 
@@ -111,8 +114,8 @@ def test_the_linear_layer_over_the_maps_computes_flatten_then_linear(extra, monk
     """encoders.linear_over_maps (the CPU's form: a convolution with the whole map as its kernel) gives the outputs
     and the gradients of flatten + nn.Linear, with and without other inputs beside the maps; a trunk on the CPU
     computes its features through it."""
-    from ppo_cli import encoders
-    from ppo_cli.encoders import linear_over_maps
+    from ppo_cli.policy import encoders
+    from ppo_cli.policy.encoders import linear_over_maps
 
     torch.manual_seed(0)
     linear = nn.Linear(64 * 7 * 7 + extra, 32)
@@ -140,7 +143,7 @@ def test_the_linear_layer_over_the_maps_computes_flatten_then_linear(extra, monk
 
 
 def trunk_input(x):
-    from ppo_cli.encoders import _image_input
+    from ppo_cli.policy.encoders import _image_input
     return _image_input(x)
 
 
@@ -210,7 +213,7 @@ def test_bfloat16_precision_runs_the_encoder_in_bfloat16_and_the_rest_in_float32
 
 
 def test_bfloat16_policies_export_in_float32(tmp_path):
-    from ppo_cli.export import export_policy
+    from ppo_cli.policy.export import export_policy
 
     torch.manual_seed(0)
     policy = build_policy(_space((4, 84, 84)), DISCRETE, make_cfg("network=cnn", "network.precision=bfloat16"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.policy import ActorCritic
-from ppo_cli.ppo import make_optimizer
+from ppo_cli.algo.update import make_optimizer
+from ppo_cli.policy.actor_critic import ActorCritic
 
 OBS = {"type": "Box", "shape": [4]}
 ACT = {"type": "Discrete", "n": 3}

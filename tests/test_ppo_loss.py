@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from ppo_cli.ppo import UpdateSettings, clipped_surrogate, minibatch_loss, value_loss
-from ppo_cli.rollout import Batch
+from ppo_cli.algo.storage import Batch
+from ppo_cli.algo.update import UpdateSettings, clipped_surrogate, minibatch_loss, value_loss
 
 
 def test_ratio_is_new_over_old():

@@ -4,8 +4,8 @@ state, resume, evaluation's per-env state, a memory task learned, and bad settin
 import pytest
 import torch
 
-from ppo_cli.encoders import RECURRENT
-from ppo_cli.rollout import TorchActor, collect
+from ppo_cli.algo.rollout import TorchActor, collect
+from ppo_cli.policy.encoders import RECURRENT
 from tests.conftest import TINY, check_resume_is_bitwise, cli, make_cfg
 
 LSTM = ["network.recurrent=lstm", "network.rnn_hidden=16", "network.net_arch=[16]", "algo.n_steps=32",
@@ -39,7 +39,7 @@ def test_sequence_replay_equals_stepping_with_resets(kind):
 
 
 def _trainer(tmp_path, *extra):
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     return Trainer(make_cfg(*TINY, *LSTM, "env=CartPoleNoVel-v1", "eval.final=false", "eval.objective=train",
                             *extra), tmp_path, rich_progress=False)
@@ -102,8 +102,8 @@ def test_resume_is_bitwise(tmp_path):
 
 
 def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
-    from ppo_cli.envs import make_vec_env
-    from ppo_cli.evaluation import evaluate
+    from ppo_cli.envs.make import make_vec_env
+    from ppo_cli.run.evaluation import evaluate
 
     trainer = _trainer(tmp_path)
     policy = trainer.policy
@@ -142,7 +142,7 @@ def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
 def test_a_memory_task_is_learned_where_the_mlp_cannot(tmp_path):
     """RepeatCue: the cue is visible at the first of 6 steps only. The LSTM policy repeats it every step (return 6);
     a memoryless one scores 3.5 in expectation (1 + 5 x the share of episodes whose cue its fixed guess matches)."""
-    from ppo_cli.trainer import Trainer
+    from ppo_cli.run.trainer import Trainer
 
     common = ["env.entry_point=tests.custom_env:RepeatCue", "env.num_envs=8", "algo.n_steps=48", "algo.batch_size=96",
               "algo.K_epochs=4", "algo.lr_actor=3e-3", "algo.lr_critic=3e-3", "algo.gae_lambda=0.95",

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppo_cli import checkpoint
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.errors import UserError
-from ppo_cli.trainer import Interrupted, Trainer
+from ppo_cli.run import checkpoint
+from ppo_cli.run.trainer import Interrupted, Trainer
 
 from .conftest import ROOT, cli, make_cfg
 

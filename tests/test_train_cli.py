@@ -6,8 +6,8 @@ import re
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ppo_cli import checkpoint
 from ppo_cli.cli.evaluate import load_policy
+from ppo_cli.run import checkpoint
 
 from .conftest import TINY, cli
 

@@ -15,12 +15,15 @@ import gymnasium as gym
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import checkpoint, export, recipe
-from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, stored_config
-from ppo_cli.envs import describe_space, env_label, make_vec_env
+from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, env_label, stored_config
+from ppo_cli.envs import recipe
+from ppo_cli.envs.make import make_vec_env
+from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
-from ppo_cli.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes, step_cap
-from ppo_cli.policy import ActorCritic, build_policy
+from ppo_cli.policy import export
+from ppo_cli.policy.actor_critic import ActorCritic, build_policy
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes
 
 
 def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
@@ -163,12 +166,11 @@ def run(args: argparse.Namespace) -> dict:
     num_envs = args.num_envs or min(args.episodes, env_cfg.num_envs)
     if args.video:
         num_envs = 1  # one recorder, so the files are exactly the evaluated episodes, in order
-    cap = step_cap(max_steps)
     videos_before = [f for f in _video_files(args.video, args.episodes) if f.exists()] if args.video else []
-    wrappers = [cap, *(_video_wrappers(args.video, args.episodes) if args.video else [])]
+    wrappers = _video_wrappers(args.video, args.episodes) if args.video else []
     try:
         envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
-                            render_mode="rgb_array" if args.video else None, wrappers=wrappers)
+                            render_mode="rgb_array" if args.video else None, wrappers=wrappers, step_cap=max_steps)
         try:
             spaces = (describe_space(envs.single_observation_space),
                       describe_space(envs.single_action_space, bounds=True))
@@ -193,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--video: {label!r} could not render ({type(exc).__name__}: {first}){hint}") from None
     baseline: EvalResult | None = None
     if not args.no_random_baseline:
-        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs, wrappers=[cap])
+        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs, step_cap=max_steps)
         try:
             baseline = evaluate_random(rand_envs, args.episodes, args.seed)
         finally:

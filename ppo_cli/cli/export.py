@@ -9,12 +9,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ppo_cli import checkpoint, recipe
 from ppo_cli.cli.evaluate import load_policy
-from ppo_cli.config import stored_config
-from ppo_cli.envs import env_label
+from ppo_cli.config import env_label, stored_config
+from ppo_cli.envs import recipe
 from ppo_cli.errors import OneLineParser, UserError, one_line_errors
-from ppo_cli.export import FORMATS, SUFFIXES, export_policy, sidecar_path
+from ppo_cli.policy.export import FORMATS, SUFFIXES, export_policy, sidecar_path
+from ppo_cli.run import checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -34,13 +34,24 @@ from hydra.errors import CompactHydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import __version__, checkpoint, distributed, recipe
+from ppo_cli import __version__, distributed
 from ppo_cli.cli import sweep_report
-from ppo_cli.config import GROUPS, TrainConfig, choice, config_from_yaml, register_configs, stored_config, validate
+from ppo_cli.config import (
+    GROUPS,
+    TrainConfig,
+    choice,
+    config_from_yaml,
+    env_label,
+    register_configs,
+    stored_config,
+    validate,
+)
 from ppo_cli.devices import choose_device, precision_text, torch_threads
-from ppo_cli.envs import check_env, env_label
+from ppo_cli.envs import recipe
+from ppo_cli.envs.make import check_env
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.trainer import Interrupted, Trainer, TrainResult
+from ppo_cli.run import checkpoint
+from ppo_cli.run.trainer import Interrupted, Trainer, TrainResult
 
 try:
     import fcntl

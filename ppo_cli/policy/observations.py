@@ -33,17 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ppo_cli.config import IMAGE_ENCODERS
+from ppo_cli.envs.spaces import MASK_KEY, MIN_GRAYSCALE_SIDE, is_image, space_items
 from ppo_cli.errors import UserError
 
-MASK_KEY = "action_mask"
-MIN_GRAYSCALE_SIDE = 16  # a rank-2 uint8 Box is an image when both sides are at least this
 MAX_CHANNELS = 4  # channel-order detection: a rank-3 side this small is the channels
-
-
-def is_image(shape: Any, dtype: Any) -> bool:
-    """Whether a Box of this shape and dtype is an image: uint8, rank 3, or rank 2 with both sides >= 16."""
-    shape = tuple(shape)
-    return str(dtype) == "uint8" and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= MIN_GRAYSCALE_SIDE))
 
 
 @dataclass(frozen=True)
@@ -157,22 +151,6 @@ PARTS: dict[str, type[Part]] = {"Box": BoxPart, "Discrete": DiscretePart, "Multi
                                 "MultiDiscrete": MultiDiscretePart}
 
 
-def space_items(space: dict[str, Any]) -> list[tuple[str | int | None, dict[str, Any]]]:
-    """A described space's sub-spaces with their Dict keys or Tuple indices, or [(None, space)] for a plain one."""
-    if space["type"] == "Dict":
-        return list(space["spaces"].items())
-    if space["type"] == "Tuple":
-        return list(enumerate(space["spaces"]))
-    return [(None, space)]
-
-
-def assemble(space: dict[str, Any], values: list[Any]) -> Any:
-    """A batch of `space`'s observations from its parts' values in space_items order (space_items undone)."""
-    if space["type"] == "Dict":
-        return dict(zip(space["spaces"], values, strict=True))
-    return tuple(values) if space["type"] == "Tuple" else values[0]
-
-
 def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None) -> list[Part]:
     structure = space["type"]
     if structure not in ("Dict", "Tuple"):
@@ -229,8 +207,6 @@ class InputLayout:
         """One UserError where the encoder cannot read these observations: an image with an encoder that is not
         an image encoder, an image encoder without an image, an image without a channel order, or observation
         normalization where the image is all there is (in a Dict, the other Box keys are normalized)."""
-        from ppo_cli.encoders import IMAGE_ENCODERS
-
         img = self.image
         if img is None:
             if encoder in IMAGE_ENCODERS:

@@ -22,8 +22,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from ppo_cli.envs.spaces import MASK_KEY
 from ppo_cli.errors import UserError
-from ppo_cli.observations import MASK_KEY
 
 SOURCES = ("observation", "info", "method")
 

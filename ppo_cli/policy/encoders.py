@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ppo_cli.config import ENCODER_NAMES
 from ppo_cli.errors import UserError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}
@@ -217,7 +218,7 @@ ENCODERS: dict[str, Callable[[int, Any], nn.Module]] = {
                                        n.bias, n.extra_dim),
     "impala": lambda in_dim, n: ImpalaCNN(_image_shape("impala", n), list(n.net_arch), extra_dim=n.extra_dim),
 }
-IMAGE_ENCODERS = ("cnn", "impala")  # the encoders that read images (and only images)
+assert tuple(ENCODERS) == ENCODER_NAMES, "config.ENCODER_NAMES lists the encoders a config may name"
 
 
 def build_encoder(kind: str, in_dim: int, settings: Any) -> nn.Module:

@@ -24,10 +24,10 @@ from torch import nn
 
 from ppo_cli.config import choice
 from ppo_cli.devices import resolve_precision
-from ppo_cli.encoders import RECURRENT, ImageEncoder, RecurrentCore, build_encoder
-from ppo_cli.heads import build_head
-from ppo_cli.normalize import ObsNormalizer
-from ppo_cli.observations import InputLayout
+from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, RecurrentCore, build_encoder
+from ppo_cli.policy.heads import build_head
+from ppo_cli.policy.normalize import ObsNormalizer
+from ppo_cli.policy.observations import InputLayout
 
 POLICY_HEAD_GAIN = 0.01  # near-uniform initial policy: every action gets explored
 VALUE_HEAD_GAIN = 1.0

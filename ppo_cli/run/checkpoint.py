@@ -20,6 +20,7 @@ import torch
 
 from ppo_cli import __version__
 from ppo_cli.errors import UserError
+from ppo_cli.policy.actor_critic import migrate_v1_state  # the policy owns its parameter names
 
 FORMAT = "ppo-cli-checkpoint"
 # 2: the policy's encoders are `actor_encoder` / `critic_encoder` and the Gaussian's log-std `dist.log_std`
@@ -149,7 +150,5 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if missing:
         raise UserError(f"checkpoint {str(p)!r} is incomplete: missing {', '.join(missing)}")
     if version < 2 and isinstance(data["policy"], dict):
-        from ppo_cli.policy import migrate_v1_state  # the policy owns its parameter names
-
         data["policy"] = migrate_v1_state(data["policy"])
     return data

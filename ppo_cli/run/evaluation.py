@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +22,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ppo_cli import checkpoint
-from ppo_cli.envs import describe_space, kill_workers, make_vec_env
-from ppo_cli.masks import ActionMasks
-from ppo_cli.observations import as_tensors
-from ppo_cli.policy import ActorCritic
-
-CUT_KEY = "eval_cut"  # the info key of the step where StepCap cut an episode
-
-
-class StepCap(gym.Wrapper):
-    """Truncates an episode that reaches `max_steps` steps. The step that cuts puts the episode's return and length
-    in `info[CUT_KEY]` so that `run_episodes` counts it as cut; they are counted here, not read from the episode
-    statistics, because wrappers below this one (Atari's game score) do not see the cut as the end of an episode."""
-
-    def __init__(self, env: gym.Env, max_steps: int) -> None:
-        super().__init__(env)
-        self.max_steps = max_steps
-        self.total, self.length = 0.0, 0
-
-    def reset(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        self.total, self.length = 0.0, 0
-        return self.env.reset(**kwargs)
-
-    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.total += float(reward)
-        self.length += 1
-        if self.length >= self.max_steps and not (terminated or truncated):
-            truncated = True
-            info = {**info, CUT_KEY: {"r": self.total, "l": self.length}}
-        return obs, reward, terminated, truncated, info
-
-
-def step_cap(max_steps: int) -> Callable[[gym.Env], gym.Env]:
-    """The wrapper for `make_vec_env(wrappers=...)` that caps evaluation episodes at `max_steps` steps."""
-    return partial(StepCap, max_steps=max_steps)
+from ppo_cli.envs.make import kill_workers, make_vec_env
+from ppo_cli.envs.masks import ActionMasks
+from ppo_cli.envs.spaces import describe_space
+from ppo_cli.envs.step_cap import CUT_KEY
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.observations import as_tensors
+from ppo_cli.run import checkpoint
 
 
 @dataclass
@@ -197,7 +167,7 @@ class PeriodicEvaluator:
         seed = self.cfg.seed + EVAL_SEED_OFFSET
         if self.envs is None:
             self.envs = make_vec_env(self.cfg.env, seed=seed, num_envs=min(ev.episodes, self.cfg.env.num_envs),
-                                     wrappers=[step_cap(ev.max_episode_steps)])
+                                     step_cap=ev.max_episode_steps)
         result = evaluate(self.policy, self.envs, ev.episodes, seed=seed, deterministic=ev.deterministic,
                           device=self.device)
         self.seconds += time.perf_counter() - t0

@@ -16,10 +16,10 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ppo_cli import distributed
-from ppo_cli.compiled import with_fallback
+from ppo_cli.algo.compiled import with_fallback
+from ppo_cli.algo.fastpath import NumpyGradients, covers
+from ppo_cli.algo.storage import Batch
 from ppo_cli.distributed import Ranks
-from ppo_cli.fastpath import NumpyGradients, covers
-from ppo_cli.rollout import Batch
 
 
 @dataclass

@@ -49,10 +49,10 @@ import torch
 from torch import nn
 
 from ppo_cli import __version__
+from ppo_cli.envs.spaces import MASK_KEY, assemble, space_items
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.heads import DiagGaussian, build_head
-from ppo_cli.observations import MASK_KEY, assemble, space_items
-from ppo_cli.policy import ActorCritic
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.heads import DiagGaussian, build_head
 
 FORMAT = "ppo-cli-export"
 FORMAT_VERSION = 1

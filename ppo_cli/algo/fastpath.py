@@ -24,17 +24,16 @@ branches, which gives the same total whenever it matters (a tie with r outside t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ppo_cli.encoders import MLPEncoder
-from ppo_cli.policy import ActorCritic
-
-if TYPE_CHECKING:
-    from ppo_cli.rollout import Batch
+from ppo_cli import distributed
+from ppo_cli.algo.storage import Batch
+from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.encoders import MLPEncoder
 
 _SLOPE = np.float32(0.01)  # nn.LeakyReLU's default negative slope, which encoders.MLPEncoder uses
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu"}
@@ -296,7 +295,6 @@ class NumpyGradients:
         return np.append(stats, clip_flat_grad(self.loss.flat_grad, max_norm))
 
     def average(self, ranks: Any) -> None:
-        from ppo_cli import distributed  # only distributed runs need it
 
         distributed.average(torch.from_numpy(self.loss.flat_grad), ranks)  # the buffer itself, in place
 

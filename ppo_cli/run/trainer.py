@@ -27,21 +27,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
-from ppo_cli import checkpoint, distributed
-from ppo_cli.config import choice
+from ppo_cli import distributed
+from ppo_cli.algo.rollout import choose_actor, collect
+from ppo_cli.algo.storage import RolloutBuffer
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.algo.update import (
+    STAT_NAMES,
+    Updater,
+    UpdateSettings,
+    divergence_message,
+    explained_variance,
+    make_optimizer,
+)
+from ppo_cli.config import choice, env_label
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
-from ppo_cli.envs import describe_space, env_label, kill_workers, make_vec_env, restore, snapshot
+from ppo_cli.envs.faults import count_steps, largest_reward
+from ppo_cli.envs.make import kill_workers, make_vec_env, restore, snapshot
+from ppo_cli.envs.masks import ActionMasks
+from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import UserError
-from ppo_cli.evaluation import EvalResult, PeriodicEvaluator
-from ppo_cli.logger import Logger, QuietLogger
-from ppo_cli.masks import ActionMasks
-from ppo_cli.normalize import RewardScaler
-from ppo_cli.observations import as_arrays, as_tensors, batch_size
-from ppo_cli.policy import ActorCritic, build_policy
-from ppo_cli.ppo import STAT_NAMES, Updater, UpdateSettings, divergence_message, explained_variance, make_optimizer
-from ppo_cli.rollout import RolloutBuffer, choose_actor, collect
-from ppo_cli.timing import Stopwatch
-from ppo_cli.wrappers import count_steps, largest_reward
+from ppo_cli.policy.actor_critic import ActorCritic, build_policy
+from ppo_cli.policy.normalize import RewardScaler
+from ppo_cli.policy.observations import as_arrays, as_tensors, batch_size
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import EvalResult, PeriodicEvaluator
+from ppo_cli.run.logger import Logger, QuietLogger
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"

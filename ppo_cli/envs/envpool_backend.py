@@ -2,7 +2,7 @@
 
 Autoreset. envpool resets an env on the step *after* the one that ends its episode (NEXT_STEP: that step ignores
 the action and returns the first observation with reward 0), while the rollout needs gymnasium's SAME_STEP mode
-(envs.py). `SameStepPool` gives it: after a step that ends episodes it steps those envs alone at once, which
+(make.py). `SameStepPool` gives it: after a step that ends episodes it steps those envs alone at once, which
 envpool answers with their reset, hands back their first observations in place of the final ones, and puts the real
 final observations in `info["final_obs"]` and the ending step's info in `info["final_info"]`, as gymnasium's vector
 envs do. So no stored transition crosses a reset, a truncation bootstraps from the real final observation, and
@@ -31,9 +31,12 @@ from gymnasium.vector.utils import batch_space
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import atari
+from ppo_cli.config import env_label
+from ppo_cli.envs import atari
+from ppo_cli.envs.faults import EnvFaults
+from ppo_cli.envs.spaces import check_spaces
+from ppo_cli.envs.step_cap import CUT_KEY
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.wrappers import EnvFaults
 
 # The envpool task families this backend covers (tested): their ids are gymnasium's own (ALE/<Game>-v5 for Atari).
 FAMILIES = {"envpool.classic_control": "classic control", "envpool.box2d": "Box2D", "envpool.mujoco.gym": "MuJoCo",
@@ -127,7 +130,7 @@ class SameStepPool(gym.vector.VectorEnv):
     """envpool's sync vector env in gymnasium's SAME_STEP autoreset mode (module doc).
 
     `make(seed)` builds the pool (env i seeded seed + i, as envpool does). `whole_games`: Atari evaluation, where a
-    lost life is not an episode end. `cap`: evaluation's step cap (evaluation.StepCap), counted here.
+    lost life is not an episode end. `cap`: evaluation's step cap (step_cap.StepCap's), counted here.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -155,10 +158,6 @@ class SameStepPool(gym.vector.VectorEnv):
         self._cap_return = np.zeros(self.num_envs)
         self._cap_length = np.zeros(self.num_envs, dtype=np.int64)
         self._none = np.zeros(self.num_envs, dtype=bool)
-        if cap is not None:
-            from ppo_cli.evaluation import CUT_KEY  # evaluation.py imports envs.py, which imports this module
-
-            self._cut_key = CUT_KEY
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         """Reset every env; `seed` reseeds as gymnasium does (env i gets seed + i), which envpool can only do by
@@ -194,7 +193,7 @@ class SameStepPool(gym.vector.VectorEnv):
             self._cap_return += reward
             self._cap_length += 1
             cut = (self._cap_length >= self.cap) & ~ended
-            stats[self._cut_key] = ({"r": self._cap_return.copy(), "l": self._cap_length.copy()}, cut)
+            stats[CUT_KEY] = ({"r": self._cap_return.copy(), "l": self._cap_length.copy()}, cut)
             truncated, ended = truncated | cut, ended | cut
             self._cap_return[ended], self._cap_length[ended] = 0.0, 0
             self._game_score[cut], self._game_length[cut] = 0.0, 0  # a cut game is dropped: the next starts afresh
@@ -237,22 +236,6 @@ def _plain_info(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in ("env_id", "players")}
 
 
-def _step_cap(wrappers: Sequence[Callable[[Any], Any]]) -> int | None:
-    """The step cap among the per-env wrappers evaluation asks for; any other wrapper cannot wrap envpool's envs."""
-    if not wrappers:
-        return None
-    from ppo_cli.evaluation import StepCap  # evaluation.py imports envs.py, which imports this module
-
-    cap = None
-    for wrap in wrappers:
-        if getattr(wrap, "func", None) is StepCap:
-            cap = int(wrap.keywords["max_steps"])  # type: ignore[attr-defined]
-        else:
-            raise UserError(f"env.backend=envpool cannot apply the wrapper {getattr(wrap, '__name__', wrap)!r} to "
-                            f"envpool's C++ envs; use env.backend=gymnasium")
-    return cap
-
-
 def on_gymnasium(env_cfg: DictConfig) -> DictConfig:
     """The same env on gymnasium's backend (envpool's pool settings dropped from env.kwargs)."""
     cfg = copy.deepcopy(env_cfg)
@@ -262,19 +245,17 @@ def on_gymnasium(env_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int, render_mode: str | None,
-                 wrappers: Sequence[Callable[[Any], Any]], training: bool) -> gym.vector.VectorEnv:
-    """envs.make_vec_env for env.backend=envpool: the same vector env interface (SAME_STEP autoreset, episode
-    statistics; Atari: game scores). Recording (a render mode: ppo-eval --video) plays on gymnasium's envs, which
-    render one env per frame."""
-    from ppo_cli import envs as gym_envs  # envs.py calls this module; the import is cyclic at module level
-
-    if render_mode is not None:
-        return gym_envs.make_vec_env(on_gymnasium(env_cfg), seed, num_envs, render_mode, wrappers, training)
-    cap = _step_cap(wrappers)
+def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int, wrappers: Sequence[Callable[[Any], Any]],
+                 training: bool, step_cap: int | None) -> gym.vector.VectorEnv:
+    """make.make_vec_env for env.backend=envpool: the same vector env interface (SAME_STEP autoreset, episode
+    statistics; Atari: game scores), the step cap counted by the pool."""
+    if wrappers:
+        names = ", ".join(repr(getattr(w, "__name__", w)) for w in wrappers)
+        raise UserError(f"env.backend=envpool cannot apply the wrapper {names} to envpool's C++ envs; use "
+                        f"env.backend=gymnasium")
     task, kwargs = task_and_kwargs(env_cfg, training)
     envpool = import_envpool()
-    label = gym_envs.env_label(env_cfg)
+    label = env_label(env_cfg)
 
     def make(env_seed: int) -> Any:
         with warnings.catch_warnings():  # envpool gives its Box spaces float64 bounds, which gymnasium casts, warning
@@ -285,12 +266,12 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int, render_mode: str
         return pool
 
     try:
-        envs = SameStepPool(make, seed, bool(env_cfg.get("atari")), not training, cap)
+        envs = SameStepPool(make, seed, bool(env_cfg.get("atari")), not training, step_cap)
     except Exception as exc:  # noqa: BLE001 - envpool's C++ raises its own kinds for bad settings
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(f"{label!r}: envpool could not create {task} with env.kwargs={dict(env_cfg.kwargs)} "
                         f"({type(exc).__name__}: {first})") from None
-    gym_envs.check_spaces(envs.single_observation_space, envs.single_action_space, label)
+    check_spaces(envs.single_observation_space, envs.single_action_space, label)
     # As on gymnasium's backend: faults (a MuJoCo simulation gone NaN, say) in one line, under the statistics;
     # Atari's report whole games with their raw scores.
     faults = EnvFaults(envs, label, evaluation=not training)

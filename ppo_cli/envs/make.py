@@ -14,6 +14,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -24,14 +25,12 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli import atari
+from ppo_cli.config import env_label
+from ppo_cli.envs import atari, envpool_backend
+from ppo_cli.envs.faults import EnvFaults, ReportCalls
+from ppo_cli.envs.spaces import check_spaces
+from ppo_cli.envs.step_cap import StepCap
 from ppo_cli.errors import UserError, extra_hint
-from ppo_cli.observations import is_image
-from ppo_cli.wrappers import EnvFaults, ReportCalls
-
-SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
-# Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
-SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 def _import(module: str, key: str, value: str) -> None:
@@ -72,10 +71,6 @@ def env_spec(env_cfg: DictConfig) -> EnvSpec:
     if not hasattr(importlib.import_module(module), attr):
         raise UserError(f"env.entry_point={entry_point!r}: module {module!r} has no attribute {attr!r}")
     return EnvSpec(id=attr, entry_point=entry_point)
-
-
-def env_label(env_cfg: DictConfig) -> str:
-    return env_cfg.get("entry_point") or env_cfg.id
 
 
 def _user_wrappers(env_cfg: DictConfig) -> list[Any]:
@@ -121,17 +116,22 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
 
 
 def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, render_mode: str | None = None,
-                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False) -> gym.vector.VectorEnv:
+                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False,
+                 step_cap: int | None = None) -> gym.vector.VectorEnv:
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
-    the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither)."""
+    the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither).
+    `step_cap`: cut episodes at this many steps and say so (step_cap.py; evaluation). `wrappers`: more of ours
+    around each env (video recording; gymnasium's backend only)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     if env_cfg.get("backend", "gymnasium") == "envpool":
-        from ppo_cli import envpool_backend  # only env.backend=envpool needs envpool
-
-        return envpool_backend.make_vec_env(env_cfg, seed, n, render_mode, wrappers, training)
+        if render_mode is None:
+            return envpool_backend.make_vec_env(env_cfg, seed, n, wrappers, training, step_cap)
+        # Recording (ppo-eval --video) plays on gymnasium's envs, which render one env per frame.
+        env_cfg = envpool_backend.on_gymnasium(env_cfg)
     is_async = env_cfg.vectorization == "async"
-    # In async workers ReportCalls says which call of a sub-env failed (wrappers.py); EnvFaults does the rest.
-    fn = _env_fn(env_cfg, render_mode, (*wrappers, ReportCalls) if is_async else wrappers, training)
+    ours = [*([partial(StepCap, max_steps=step_cap)] if step_cap is not None else []), *wrappers]
+    # In async workers ReportCalls says which call of a sub-env failed (faults.py); EnvFaults does the rest.
+    fn = _env_fn(env_cfg, render_mode, (*ours, ReportCalls) if is_async else ours, training)
     label = env_label(env_cfg)
     try:
         probe = _env_fn(env_cfg)()
@@ -192,54 +192,6 @@ def check_env(env_cfg: DictConfig) -> list[str]:
         finally:
             env.close()
     return sorted({str(w.message).strip() for w in caught})
-
-
-def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
-    if not isinstance(act_space, SUPPORTED_ACTIONS) or (
-            isinstance(act_space, gym.spaces.Box) and not np.issubdtype(act_space.dtype, np.floating)):
-        raise UserError(f"{env_id!r}: action space {act_space} is not supported "
-                        f"(supported: {', '.join(c.__name__ for c in SUPPORTED_ACTIONS)})")
-    names = ", ".join(c.__name__ for c in SUPPORTED_OBS)
-    if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)):
-        items = obs_space.spaces.items() if isinstance(obs_space, gym.spaces.Dict) else enumerate(obs_space.spaces)
-        for key, sub in items:
-            if not isinstance(sub, SUPPORTED_OBS):
-                raise UserError(f"{env_id!r}: observation key {key!r} has space {sub}, which is not supported "
-                                f"inside a {type(obs_space).__name__} (supported: {names})")
-    elif not isinstance(obs_space, SUPPORTED_OBS):
-        raise UserError(f"{env_id!r}: observation space {obs_space} is not supported (supported: {names}, or a "
-                        f"Dict or Tuple of them)")
-
-
-def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
-    """A plain-data description of a space, stored in checkpoints to rebuild the policy without the env.
-
-    `bounds`: also record a Box's low/high (action spaces: the policy clips to them; observation bounds are
-    not needed and can be large).
-    """
-    if isinstance(space, gym.spaces.Discrete):
-        if int(space.start) != 0:
-            return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
-        return {"type": "Discrete", "n": int(space.n)}
-    if isinstance(space, gym.spaces.Box):
-        out: dict[str, Any] = {"type": "Box", "shape": list(space.shape)}
-        if bounds:
-            out.update(low=space.low.flatten().tolist(), high=space.high.flatten().tolist())
-            if space.dtype != np.float32:  # float32, the usual, is left unsaid: older checkpoints describe it so
-                out["dtype"] = str(space.dtype)
-        elif is_image(space.shape, space.dtype):  # images are read by a CNN, as bytes (observations.py)
-            out["dtype"] = "uint8"
-        return out
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return {"type": "MultiDiscrete", "shape": list(space.shape), "nvec": space.nvec.flatten().tolist(),
-                "start": space.start.flatten().tolist()}
-    if isinstance(space, gym.spaces.MultiBinary):
-        return {"type": "MultiBinary", "shape": list(np.atleast_1d(space.n).tolist())}
-    if isinstance(space, gym.spaces.Dict):
-        return {"type": "Dict", "spaces": {k: describe_space(v, bounds) for k, v in space.spaces.items()}}
-    if isinstance(space, gym.spaces.Tuple):
-        return {"type": "Tuple", "spaces": [describe_space(v, bounds) for v in space.spaces]}
-    return {"type": type(space).__name__}
 
 
 # --- Saving and restoring the envs' own state, so that a resumed run continues the same episodes. ---

@@ -1,0 +1,90 @@
+"""Spaces in one place: which gymnasium spaces ppo-cli trains on, the plain-data description of a space that
+checkpoints and exports store (`describe_space`, read back without the env), and the questions every stage asks
+of a described space (is it an image, its parts, the action-mask key). Both env backends check their spaces here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from ppo_cli.errors import UserError
+
+MASK_KEY = "action_mask"
+MIN_GRAYSCALE_SIDE = 16  # a rank-2 uint8 Box is an image when both sides are at least this
+SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+# Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
+SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+
+def is_image(shape: Any, dtype: Any) -> bool:
+    """Whether a Box of this shape and dtype is an image: uint8, rank 3, or rank 2 with both sides >= 16."""
+    shape = tuple(shape)
+    return str(dtype) == "uint8" and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= MIN_GRAYSCALE_SIDE))
+
+
+def space_items(space: dict[str, Any]) -> list[tuple[str | int | None, dict[str, Any]]]:
+    """A described space's sub-spaces with their Dict keys or Tuple indices, or [(None, space)] for a plain one."""
+    if space["type"] == "Dict":
+        return list(space["spaces"].items())
+    if space["type"] == "Tuple":
+        return list(enumerate(space["spaces"]))
+    return [(None, space)]
+
+
+def assemble(space: dict[str, Any], values: list[Any]) -> Any:
+    """A batch of `space`'s observations from its parts' values in space_items order (space_items undone)."""
+    if space["type"] == "Dict":
+        return dict(zip(space["spaces"], values, strict=True))
+    return tuple(values) if space["type"] == "Tuple" else values[0]
+
+
+def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
+    if not isinstance(act_space, SUPPORTED_ACTIONS) or (
+            isinstance(act_space, gym.spaces.Box) and not np.issubdtype(act_space.dtype, np.floating)):
+        raise UserError(f"{env_id!r}: action space {act_space} is not supported "
+                        f"(supported: {', '.join(c.__name__ for c in SUPPORTED_ACTIONS)})")
+    names = ", ".join(c.__name__ for c in SUPPORTED_OBS)
+    if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)):
+        items = obs_space.spaces.items() if isinstance(obs_space, gym.spaces.Dict) else enumerate(obs_space.spaces)
+        for key, sub in items:
+            if not isinstance(sub, SUPPORTED_OBS):
+                raise UserError(f"{env_id!r}: observation key {key!r} has space {sub}, which is not supported "
+                                f"inside a {type(obs_space).__name__} (supported: {names})")
+    elif not isinstance(obs_space, SUPPORTED_OBS):
+        raise UserError(f"{env_id!r}: observation space {obs_space} is not supported (supported: {names}, or a "
+                        f"Dict or Tuple of them)")
+
+
+def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
+    """A plain-data description of a space, stored in checkpoints to rebuild the policy without the env.
+
+    `bounds`: also record a Box's low/high (action spaces: the policy clips to them; observation bounds are
+    not needed and can be large).
+    """
+    if isinstance(space, gym.spaces.Discrete):
+        if int(space.start) != 0:
+            return {"type": "Discrete", "n": int(space.n), "start": int(space.start)}
+        return {"type": "Discrete", "n": int(space.n)}
+    if isinstance(space, gym.spaces.Box):
+        out: dict[str, Any] = {"type": "Box", "shape": list(space.shape)}
+        if bounds:
+            out.update(low=space.low.flatten().tolist(), high=space.high.flatten().tolist())
+            if space.dtype != np.float32:  # float32, the usual, is left unsaid: older checkpoints describe it so
+                out["dtype"] = str(space.dtype)
+        elif is_image(space.shape, space.dtype):  # images are read by a CNN, as bytes (observations.py)
+            out["dtype"] = "uint8"
+        return out
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "MultiDiscrete", "shape": list(space.shape), "nvec": space.nvec.flatten().tolist(),
+                "start": space.start.flatten().tolist()}
+    if isinstance(space, gym.spaces.MultiBinary):
+        return {"type": "MultiBinary", "shape": list(np.atleast_1d(space.n).tolist())}
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": {k: describe_space(v, bounds) for k, v in space.spaces.items()}}
+    if isinstance(space, gym.spaces.Tuple):
+        return {"type": "Tuple", "spaces": [describe_space(v, bounds) for v in space.spaces]}
+    return {"type": type(space).__name__}
