@@ -38,11 +38,11 @@ def compose(overrides: list[str]) -> DictConfig:
 
 def run_ppo_cli(overrides: list[str]) -> Any:
     """Train with these overrides (plus no periodic checkpoints, CPU, one thread) and return the TrainResult."""
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
     cfg = compose(["checkpoint_interval=0", "device=cpu", "torch_threads=1", *overrides])
     with tempfile.TemporaryDirectory() as d:
-        trainer = Trainer(cfg, Path(d), rich_progress=False)
+        trainer = Runner(cfg, Path(d), rich_progress=False)
         with contextlib.redirect_stdout(io.StringIO()):
             result = trainer.run()
         trainer.close()

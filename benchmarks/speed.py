@@ -85,10 +85,10 @@ def worker_ppo_cli(s: dict, steps: int, extra: list[str]) -> dict:
 
 def timed_training(cfg: DictConfig) -> dict:
     """Train `cfg` in a throwaway folder: SPS, wall time, the trainer's seconds by stage, peak RSS."""
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir), rich_progress=False)
+        trainer = Runner(cfg, Path(run_dir), rich_progress=False)
         t0 = time.perf_counter()
         result = trainer.run()
         wall = time.perf_counter() - t0

@@ -64,17 +64,17 @@ def check_resume_is_bitwise(overrides: list[str], tmp_path: Path, total: int, sp
     """Train `total` steps straight, and `split` steps then resume to `total`: the parameters must be the same bit
     for bit. Returns the checkpoint written at the split, for the caller's own checks."""
     from ppo_cli.run import checkpoint
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
-    straight = Trainer(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "a", rich_progress=False)
+    straight = Runner(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "a", rich_progress=False)
     straight.run()
-    first = Trainer(make_cfg(*overrides, f"algo.total_timesteps={split}"), tmp_path / "b", rich_progress=False)
+    first = Runner(make_cfg(*overrides, f"algo.total_timesteps={split}"), tmp_path / "b", rich_progress=False)
     first.run()
     data = checkpoint.load(tmp_path / "b" / "checkpoints" / "checkpoint.pt")
-    resumed = Trainer(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "b", resume=data,
+    resumed = Runner(make_cfg(*overrides, f"algo.total_timesteps={total}"), tmp_path / "b", resume=data,
                       rich_progress=False)
     resumed.run()
-    for a, b in zip(straight.policy.parameters(), resumed.policy.parameters(), strict=True):
+    for a, b in zip(straight.algo.policy.parameters(), resumed.algo.policy.parameters(), strict=True):
         assert torch.equal(a, b)
     for t in (straight, first, resumed):
         t.close()

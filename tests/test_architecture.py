@@ -118,19 +118,19 @@ def test_torch_and_numpy_actors_take_the_same_actions_from_the_same_seed(obs_spa
 
 
 def _train(*overrides, tmp_path):
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
-    trainer = Trainer(make_cfg(*TINY, "eval.final=false", "eval.objective=train", "checkpoint_interval=0",
+    trainer = Runner(make_cfg(*TINY, "eval.final=false", "eval.objective=train", "checkpoint_interval=0",
                                *overrides), tmp_path, rich_progress=False)
     first = {}
-    original = trainer.buffer.advantages
+    original = trainer.algo.buffer.advantages
 
     def record(*args, **kwargs):
         if not first:
-            first.update(actions=trainer.buffer.actions.clone(), rewards=trainer.buffer.rewards.clone())
+            first.update(actions=trainer.algo.buffer.actions.clone(), rewards=trainer.algo.buffer.rewards.clone())
         return original(*args, **kwargs)
 
-    trainer.buffer.advantages = record
+    trainer.algo.buffer.advantages = record
     trainer.run()
     trainer.close()
     return trainer, first
@@ -141,10 +141,10 @@ def test_fast_rollout_does_not_change_the_run(tmp_path):
     the numbers differ only by the float rounding of numpy against torch kernels."""
     fast, fast_first = _train("fast_rollout=true", tmp_path=tmp_path / "a")
     slow, slow_first = _train("fast_rollout=false", tmp_path=tmp_path / "b")
-    assert isinstance(fast.actor, NumpyActor) and isinstance(slow.actor, TorchActor)
+    assert isinstance(fast.algo.actor, NumpyActor) and isinstance(slow.algo.actor, TorchActor)
     assert torch.equal(fast_first["actions"], slow_first["actions"])
     assert torch.equal(fast_first["rewards"], slow_first["rewards"])
-    for a, b in zip(fast.policy.parameters(), slow.policy.parameters(), strict=True):
+    for a, b in zip(fast.algo.policy.parameters(), slow.algo.policy.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

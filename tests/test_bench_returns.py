@@ -75,7 +75,7 @@ def test_sb3_gets_ppo_cli_hyperparameters():
 
 @needs_atari
 def test_ppo_cli_trains_in_lockstep_with_sb3_given_the_same_weights_noise_shuffles_and_frames(tmp_path, monkeypatch):
-    """ppo-cli's Trainer and SB3's learn() on Breakout, from the same weights, sampling actions from the same noise
+    """ppo-cli's Runner and SB3's learn() on Breakout, from the same weights, sampling actions from the same noise
     (one numpy stream each, ppo-cli's inverse-CDF sampling on each tool's logits), with the same shuffles, env seeds
     and frame-stack padding (SB3 pads a new episode's stack with zeros, gymnasium with its first frame: the one
     difference between the tools' envs, patched away here). Two updates of 4 envs x 64 steps, lives lost on the
@@ -96,7 +96,7 @@ def test_ppo_cli_trains_in_lockstep_with_sb3_given_the_same_weights_noise_shuffl
     from _common import sb3_atari_ppo
 
     from ppo_cli.algo.update import Updater
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
     envs, steps, minibatch, epochs, updates = 4, 64, 64, 2, 2
     n = envs * steps
@@ -107,14 +107,14 @@ def test_ppo_cli_trains_in_lockstep_with_sb3_given_the_same_weights_noise_shuffl
     stack = gym.wrappers.FrameStackObservation
     monkeypatch.setattr(gym.wrappers, "FrameStackObservation", lambda env, k: stack(env, k, padding_type="zero"))
     model = sb3_atari_ppo(cfg)
-    trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
-    policy, theirs = trainer.policy, list(model.policy.parameters())
+    trainer = Runner(cfg, tmp_path / "run", rich_progress=False)
+    policy, theirs = trainer.algo.policy, list(model.policy.parameters())
     with torch.no_grad():
         for mine, their in zip(policy.parameters(), theirs, strict=True):
             mine.copy_(their)
     start = [p.detach().clone() for p in theirs]
 
-    trainer.actor.rng, their_rng = np.random.default_rng(7), np.random.default_rng(7)
+    trainer.algo.actor.rng, their_rng = np.random.default_rng(7), np.random.default_rng(7)
     dist = policy.dist
 
     def sb3_forward(obs, deterministic=False):
@@ -131,8 +131,8 @@ def test_ppo_cli_trains_in_lockstep_with_sb3_given_the_same_weights_noise_shuffl
     monkeypatch.setattr(np.random, "permutation", lambda k: next(theirs_perm) if k == n else permutation(k))
     monkeypatch.setattr(Updater, "_permutation", lambda self, batch: next(ours_perm))
     ours, sb3_rollouts = [], []
-    update = trainer.updater.update
-    monkeypatch.setattr(trainer.updater, "update", lambda batch, s: ours.append(batch[torch.arange(n)]) or
+    update = trainer.algo.updater.update
+    monkeypatch.setattr(trainer.algo.updater, "update", lambda batch, s: ours.append(batch[torch.arange(n)]) or
                         update(batch, s))
     train = model.train
 
@@ -180,7 +180,7 @@ def test_sb3_is_evaluated_at_ppo_clis_steps_by_ppo_clis_protocol(tmp_path):
                  "algo.K_epochs=1", "algo.total_timesteps=96", "eval.every_steps=40", "eval.episodes=1",
                  "eval.max_episode_steps=30"]
     result = returns.sb3_worker(overrides, tmp_path, "cpu", 1)
-    due = PeriodicEvaluator(compose(overrides), *[None] * 5).due
+    due = PeriodicEvaluator(compose(overrides), *[None] * 3).due
     ends = range(32, 96 + 1, 32)  # each update's last step
     assert [p["step"] for p in result["curve"]] == [s for s in ends if due(s - 32, s)] == [64, 96]
     assert result["steps"] == 96

@@ -14,7 +14,7 @@ from ppo_cli.policy.actor_critic import ActorCritic
 from ppo_cli.policy.normalize import ObsNormalizer, RewardScaler
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import evaluate
-from ppo_cli.run.trainer import Interrupted, Trainer
+from ppo_cli.run.runner import Interrupted, Runner
 
 from .conftest import ROOT, cli, make_cfg
 from .test_resume_and_signals import _train
@@ -112,13 +112,13 @@ NORM_CFG = ["env=Pendulum-v1", "algo=ppo_pendulum", "env.num_envs=2", "algo.n_st
 
 
 def test_normalization_stats_are_checkpointed_and_resume_is_bitwise(tmp_path):
-    straight = _train(make_cfg(*NORM_CFG), tmp_path / "straight")
+    straight = _train(make_cfg(*NORM_CFG), tmp_path / "straight").algo
     assert straight.policy.obs_norm.count > 256  # every training observation was counted
     with pytest.raises(Interrupted) as stop:
         _train(make_cfg(*NORM_CFG), tmp_path / "split", interrupt_after=2)
     data = checkpoint.load(stop.value.path)
     assert "obs_norm.mean" in data["policy"] and data["reward_scaler"]["count"] > 128
-    resumed = _train(make_cfg(*NORM_CFG), tmp_path / "split", resume=data)
+    resumed = _train(make_cfg(*NORM_CFG), tmp_path / "split", resume=data).algo
     for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert straight.reward_scaler.state_dict()["var"] == resumed.reward_scaler.state_dict()["var"]
@@ -128,7 +128,7 @@ def test_evaluation_uses_frozen_statistics(tmp_path):
     trainer = _train(make_cfg(*NORM_CFG), tmp_path / "run")
     policy, cfg = load_policy(checkpoint.load(tmp_path / "run" / "checkpoints" / "checkpoint.pt"))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    assert torch.equal(before["obs_norm.mean"], trainer.policy.obs_norm.mean)
+    assert torch.equal(before["obs_norm.mean"], trainer.algo.policy.obs_norm.mean)
     envs = make_vec_env(cfg.env, seed=3, num_envs=2)
     try:
         evaluate(policy, envs, episodes=2, seed=3)
@@ -152,7 +152,7 @@ def test_every_env_preset_trains_a_few_updates(env, tmp_path):
                    "algo.n_steps=16", "algo.batch_size=16",
                    "algo.total_timesteps=64", "eval.final=false", "eval.every_steps=0", "eval.objective=train",
                    "checkpoint_interval=0")
-    trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
+    trainer = Runner(cfg, tmp_path / "run", rich_progress=False)
     try:
         result = trainer.run()
     finally:

@@ -17,7 +17,7 @@ from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import evaluate
-from ppo_cli.run.trainer import Trainer
+from ppo_cli.run.runner import Runner
 
 from .conftest import TINY, make_cfg
 
@@ -119,12 +119,12 @@ def test_cpu_runs_keep_freed_memory_instead_of_paging_it_in_every_step(monkeypat
 @pytest.mark.parametrize("env", ["env=CartPole-v1", "env=Pendulum-v1"])
 def test_cuda_training_and_cpu_loading(env, tmp_path):
     cfg = make_cfg(*TINY, env, "device=cuda", "eval.every_steps=128")
-    trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
+    trainer = Runner(cfg, tmp_path / "run", rich_progress=False)
     try:
-        assert isinstance(trainer.actor, TorchActor)  # the numpy rollout is CPU-only
+        assert isinstance(trainer.algo.actor, TorchActor)  # the numpy rollout is CPU-only
         result = trainer.run()
-        assert all(p.device.type == "cuda" for p in trainer.policy.parameters())
-        assert trainer.buffer.obs.device.type == "cuda"
+        assert all(p.device.type == "cuda" for p in trainer.algo.policy.parameters())
+        assert trainer.algo.buffer.obs.device.type == "cuda"
     finally:
         trainer.close()
     data = checkpoint.load(result.checkpoint)  # maps to CPU
@@ -138,16 +138,16 @@ def test_cuda_training_and_cpu_loading(env, tmp_path):
 
 
 # --- the GPU rollout's transfers (devices.HostStaging, staged RolloutBuffer and TorchActor), run on the CPU ---------
-def _staged(trainer: Trainer) -> Trainer:
+def _staged(trainer: Runner) -> Runner:
     """The trainer's torch actor and buffer swapped for staged ones, as a GPU run builds them."""
     from ppo_cli.algo.storage import RolloutBuffer
 
-    old, a = trainer.buffer, trainer.cfg.algo
-    trainer.buffer = RolloutBuffer(a.n_steps, old.num_envs, tuple(old.obs.shape[2:]), old.obs.dtype,
+    old, a = trainer.algo.buffer, trainer.cfg.algo
+    trainer.algo.buffer = RolloutBuffer(a.n_steps, old.num_envs, tuple(old.obs.shape[2:]), old.obs.dtype,
                                    tuple(old.actions.shape[2:]), old.actions.dtype, trainer.device,
-                                   None if old.masks is None else old.masks.shape[-1], trainer.policy.state_size,
+                                   None if old.masks is None else old.masks.shape[-1], trainer.algo.policy.state_size,
                                    staged=True)
-    trainer.actor = TorchActor(trainer.policy, trainer.np_rng, trainer.device, old.num_envs, staged=True)
+    trainer.algo.actor = TorchActor(trainer.algo.policy, trainer.algo.np_rng, trainer.device, old.num_envs, staged=True)
     return trainer
 
 
@@ -167,10 +167,10 @@ def test_a_staged_rollout_trains_exactly_as_the_plain_one(overrides, truncations
                    "eval.objective=train", "device=cpu")
     runs = []
     for name, staged in (("plain", False), ("staged", True)):
-        trainer = Trainer(cfg, tmp_path / name, rich_progress=False)
+        trainer = Runner(cfg, tmp_path / name, rich_progress=False)
         if staged:
             _staged(trainer)
-        assert trainer.buffer.staged is staged and (trainer.actor.staging is not None) is staged
+        assert trainer.algo.buffer.staged is staged and (trainer.algo.actor.staging is not None) is staged
         try:
             trainer.run()
         finally:
@@ -179,11 +179,11 @@ def test_a_staged_rollout_trains_exactly_as_the_plain_one(overrides, truncations
     plain, staged_run = runs
     for field in ("obs", "actions", "logp", "values", "rewards", "terminated", "episode_end", "final_values",
                   "masks", "starts"):
-        a, b = getattr(plain.buffer, field), getattr(staged_run.buffer, field)
+        a, b = getattr(plain.algo.buffer, field), getattr(staged_run.algo.buffer, field)
         assert (a is None and b is None) or torch.equal(a, b), field
     if truncations:  # the last rollout bootstrapped truncated episodes from their final observations
-        assert (plain.buffer.final_values != 0).any()
-    for p, q in zip(plain.policy.parameters(), staged_run.policy.parameters(), strict=True):
+        assert (plain.algo.buffer.final_values != 0).any()
+    for p, q in zip(plain.algo.policy.parameters(), staged_run.algo.policy.parameters(), strict=True):
         assert torch.equal(p, q)
 
 

@@ -22,7 +22,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import build_policy
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import evaluate_random
-from ppo_cli.run.trainer import Trainer
+from ppo_cli.run.runner import Runner
 
 from .conftest import cli, make_cfg, needs_atari
 
@@ -125,18 +125,18 @@ def test_the_same_short_cartpole_training_runs_through_both_backends(tmp_path: P
                  "eval.episodes=4", "checkpoint_interval=0", "eval.final=false"]
     runs = {}
     for name, backend in (("gymnasium", "gymnasium"), ("envpool", "envpool"), ("envpool again", "envpool")):
-        trainer = Trainer(make_cfg(*overrides, f"env.backend={backend}"), tmp_path / name, rich_progress=False)
+        trainer = Runner(make_cfg(*overrides, f"env.backend={backend}"), tmp_path / name, rich_progress=False)
         result = trainer.run()
         runs[name] = (trainer, result)
         trainer.close()
     gym_run, pool_run = runs["gymnasium"][0], runs["envpool"][0]
-    assert pool_run.obs_space == gym_run.obs_space and pool_run.action_space == gym_run.action_space
+    assert pool_run.algo.obs_space == gym_run.algo.obs_space and pool_run.algo.action_space == gym_run.algo.action_space
     for trainer, result in (runs["gymnasium"], runs["envpool"]):
         assert result.global_step == 4096
         best = trainer.evaluator.best
         assert best is not None and best["mean_return"] > 50 and best["cut_episodes"] == 0  # random play: 22
         assert len(trainer.recent_returns) > 20
-    for a, b in zip(pool_run.policy.parameters(), runs["envpool again"][0].policy.parameters(), strict=True):
+    for a, b in zip(pool_run.algo.policy.parameters(), runs["envpool again"][0].algo.policy.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -144,12 +144,12 @@ def test_the_same_short_cartpole_training_runs_through_both_backends(tmp_path: P
 def test_resume_restarts_envpools_episodes_from_a_reset_and_says_so(tmp_path: Path):
     overrides = ["env.backend=envpool", "env.num_envs=2", "algo.n_steps=64", "algo.batch_size=64",
                  "eval.every_steps=0", "eval.final=false", "checkpoint_interval=1"]
-    first = Trainer(make_cfg(*overrides, "algo.total_timesteps=256"), tmp_path, rich_progress=False)
+    first = Runner(make_cfg(*overrides, "algo.total_timesteps=256"), tmp_path, rich_progress=False)
     first.run()
     first.close()
     data = checkpoint.load(tmp_path / "checkpoints" / "checkpoint.pt")
     assert data["env_state"] is None  # envpool's C++ envs hold no state a checkpoint can keep
-    resumed = Trainer(make_cfg(*overrides, "algo.total_timesteps=512"), tmp_path, resume=data, rich_progress=False)
+    resumed = Runner(make_cfg(*overrides, "algo.total_timesteps=512"), tmp_path, resume=data, rich_progress=False)
     said = "restart from a reset (envpool's envs live in C++ and cannot be saved)"
     assert any(said in note for note in resumed.notes), resumed.notes
     assert resumed.run().global_step == 512

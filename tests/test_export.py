@@ -25,7 +25,7 @@ from ppo_cli.envs.make import make_vec_env
 from ppo_cli.policy import export
 from ppo_cli.policy.observations import as_tensors
 from ppo_cli.run import checkpoint
-from ppo_cli.run.trainer import Trainer
+from ppo_cli.run.runner import Runner
 
 from .conftest import ROOT, TINY, cli, make_cfg
 
@@ -85,7 +85,7 @@ CASES = {**{f"{h}-{'norm' if n else 'raw'}": [*o, f"env.normalize_obs={str(n).lo
 def _checkpoint(tmp_path: Path, overrides: list[str]) -> Path:
     """A trained tiny policy whose head outputs are scaled up: logits far apart (no near-ties for the argmax to
     break differently in float32) and Gaussian means well outside the bounds (so the clip is exercised)."""
-    trainer = Trainer(make_cfg(*QUICK, *overrides), tmp_path / "run", rich_progress=False)
+    trainer = Runner(make_cfg(*QUICK, *overrides), tmp_path / "run", rich_progress=False)
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.run()
     trainer.close()

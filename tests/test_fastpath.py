@@ -178,29 +178,30 @@ def test_fused_adam_step_is_not_used_where_it_does_not_apply():
 def test_torch_compile_compiles_the_loss_and_the_policy_step_and_says_when_it_has_no_effect(tmp_path):
     from ppo_cli.algo.rollout import TorchActor
     from ppo_cli.algo.update import minibatch_loss
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
     from tests.conftest import TINY, make_cfg
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     overrides = [*TINY, "fast_update=false", "fast_rollout=false", "network.net_arch=[16]",
                  "algo.total_timesteps=128", "eval.objective=train", "eval.final=false", "checkpoint_interval=0"]
-    compiled = Trainer(make_cfg(*overrides, "torch_compile=true"), tmp_path / "a")
-    assert compiled.updater.gradients.loss_fn is not minibatch_loss and not compiled.notes
-    assert isinstance(compiled.actor, TorchActor) and compiled.actor._sample != compiled.policy.sample_step
+    compiled = Runner(make_cfg(*overrides, "torch_compile=true"), tmp_path / "a")
+    assert compiled.algo.updater.gradients.loss_fn is not minibatch_loss and not compiled.notes
+    actor = compiled.algo.actor
+    assert isinstance(actor, TorchActor) and actor._sample != compiled.algo.policy.sample_step
     result = compiled.run()
     assert result.global_step == 128
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the loss and the step went through dynamo
-    eager = Trainer(make_cfg(*overrides), tmp_path / "b")
+    eager = Runner(make_cfg(*overrides), tmp_path / "b")
     eager.run()
     # The same draws make the same actions; the compiled kernels round differently, so log-probs are close only.
-    assert torch.equal(compiled.buffer.actions, eager.buffer.actions)
-    torch.testing.assert_close(compiled.buffer.logp, eager.buffer.logp, rtol=1e-4, atol=1e-5)
+    assert torch.equal(compiled.algo.buffer.actions, eager.algo.buffer.actions)
+    torch.testing.assert_close(compiled.algo.buffer.logp, eager.algo.buffer.logp, rtol=1e-4, atol=1e-5)
     for t in (compiled, eager):
         t.close()
 
-    plain = Trainer(make_cfg(*TINY, "torch_compile=true"), tmp_path / "c")
-    assert not isinstance(plain.updater.gradients, AutogradGradients)
+    plain = Runner(make_cfg(*TINY, "torch_compile=true"), tmp_path / "c")
+    assert not isinstance(plain.algo.updater.gradients, AutogradGradients)
     assert any("torch_compile=true has no effect" in note for note in plain.notes)
     plain.close()
 

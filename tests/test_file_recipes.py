@@ -58,8 +58,8 @@ VARIANTS = {
     "attribute-of-gymnasium": (lambda m: _wrappers(f"{{_target_: gymnasium.utils.seeding.np.savez, _args_: ['{m}']}}"),
                                "env.wrappers[0]._target_=gymnasium.utils.seeding.np.savez (is numpy.savez, not on the "
                                "allowlist)"),
-    "attribute-of-ppo-cli": (lambda m: _wrappers(f"{{_target_: ppo_cli.run.trainer.os.system, _args_: ['touch {m}']}}"),
-                             "env.wrappers[0]._target_=ppo_cli.run.trainer.os.system ("),
+    "attribute-of-ppo-cli": (lambda m: _wrappers(f"{{_target_: ppo_cli.run.runner.os.system, _args_: ['touch {m}']}}"),
+                             "env.wrappers[0]._target_=ppo_cli.run.runner.os.system ("),
     "hydra-key": (lambda m: _wrappers("{_target_: gymnasium.wrappers.TimeLimit, _partial_: true, "
                                       "max_episode_steps: 5}"),
                   "env.wrappers[0]._partial_=True (a Hydra instantiation key)"),

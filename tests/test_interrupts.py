@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ppo_cli.run import checkpoint
-from ppo_cli.run.trainer import Interrupted, Trainer
+from ppo_cli.run.runner import Interrupted, Runner
 
 from .conftest import ROOT, make_cfg
 from .signal_envs import SignalAt
@@ -41,7 +41,7 @@ def signals_fail_the_test():
 def _run(overrides, run_dir, resume=None, armed=False, patch=None):
     """Train in this process; (the trainer, the Interrupted it raised or None)."""
     SignalAt.armed = armed
-    trainer = Trainer(make_cfg(*overrides), run_dir, resume=resume, rich_progress=False)
+    trainer = Runner(make_cfg(*overrides), run_dir, resume=resume, rich_progress=False)
     if patch is not None:
         patch(trainer)
     try:
@@ -54,14 +54,14 @@ def _run(overrides, run_dir, resume=None, armed=False, patch=None):
         trainer.close()
 
 
-def _assert_same_training(a: Trainer, b: Trainer) -> None:
-    for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values(), strict=True):
+def _assert_same_training(a: Runner, b: Runner) -> None:
+    for (name, x), y in zip(a.algo.policy.state_dict().items(), b.algo.policy.state_dict().values(), strict=True):
         assert torch.equal(x, y), name  # parameters and observation statistics
-    for sa, sb in zip(a.optimizer.state_dict()["state"].values(), b.optimizer.state_dict()["state"].values(),
+    for sa, sb in zip(a.algo.optimizer.state_dict()["state"].values(), b.algo.optimizer.state_dict()["state"].values(),
                       strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    if a.reward_scaler is not None:
-        assert a.reward_scaler.state_dict()["var"] == b.reward_scaler.state_dict()["var"]
+    if a.algo.reward_scaler is not None:
+        assert a.algo.reward_scaler.state_dict()["var"] == b.algo.reward_scaler.state_dict()["var"]
     assert a.global_step == b.global_step and a.update_idx == b.update_idx
 
 
@@ -95,14 +95,14 @@ def test_a_signal_mid_rollout_checkpoints_the_rollouts_start_and_resumes_bitwise
 
 def test_a_signal_during_an_update_stops_after_it(tmp_path, capfd, signals_fail_the_test):
     def signal_in_second_update(trainer):
-        update = trainer.updater.update
+        update = trainer.algo.updater.update
 
         def update_then_signal(*args):
             if trainer.update_idx == 1:
                 os.kill(os.getpid(), signal.SIGINT)
             return update(*args)
 
-        trainer.updater.update = update_then_signal
+        trainer.algo.updater.update = update_then_signal
 
     stop, data = _split_and_resume(BASE, tmp_path, patch=signal_in_second_update, armed=False)
     assert stop.step == 256 and data["update"] == 2
@@ -157,10 +157,10 @@ def test_another_num_envs_on_resume_restarts_the_episodes_and_keeps_the_reward_s
     _, data = _first_half(overrides, tmp_path)
     saved = data["reward_scaler"]
     assert saved["returns"].shape == (4,) and saved["returns"].abs().sum() > 0
-    trainer = Trainer(make_cfg(*overrides, "env.num_envs=2"), tmp_path / "first", resume=data, rich_progress=False)
+    trainer = Runner(make_cfg(*overrides, "env.num_envs=2"), tmp_path / "first", resume=data, rich_progress=False)
     try:
-        assert trainer.reward_scaler.returns.tolist() == [0.0, 0.0]
-        assert (trainer.reward_scaler.mean, trainer.reward_scaler.var) == (saved["mean"], saved["var"])
+        assert trainer.algo.reward_scaler.returns.tolist() == [0.0, 0.0]
+        assert (trainer.algo.reward_scaler.mean, trainer.algo.reward_scaler.var) == (saved["mean"], saved["var"])
         notes = [n for n in trainer.notes if "restart from a reset" in n]
         assert notes == ["note: episodes in progress at the checkpoint restart from a reset (env.num_envs is 2, the "
                          "checkpoint's 4); env.normalize_reward keeps its statistics and restarts its per-env "
@@ -176,10 +176,10 @@ def test_envs_that_cannot_be_saved_restart_the_reward_scalers_returns_too(tmp_pa
                  "env.entry_point=tests.signal_envs:Unsaveable", "env.normalize_reward=true"]
     _, data = _first_half(overrides, tmp_path)
     assert data["env_state"] is None and data["reward_scaler"]["returns"].abs().sum() > 0
-    trainer = Trainer(make_cfg(*overrides), tmp_path / "first", resume=data, rich_progress=False)
+    trainer = Runner(make_cfg(*overrides), tmp_path / "first", resume=data, rich_progress=False)
     try:
-        assert not trainer.reward_scaler.returns.any()
-        assert trainer.reward_scaler.count == data["reward_scaler"]["count"]
+        assert not trainer.algo.reward_scaler.returns.any()
+        assert trainer.algo.reward_scaler.count == data["reward_scaler"]["count"]
         assert any("Unsaveable.connection" in n and "restarts its per-env discounted returns" in n
                    for n in trainer.notes)
     finally:

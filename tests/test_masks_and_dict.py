@@ -75,16 +75,16 @@ def test_a_noise_of_exactly_zero_takes_the_first_allowed_action(twin):
 
 
 def _rollout_batch(tmp_path):
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
-    trainer = Trainer(make_cfg(*TINY, *MASKED_GRID, "eval.final=false", "eval.objective=train"), tmp_path)
+    trainer = Runner(make_cfg(*TINY, *MASKED_GRID, "eval.final=false", "eval.objective=train"), tmp_path)
     from ppo_cli.algo.rollout import collect
 
-    collected = collect(trainer.envs, trainer.actor, trainer.buffer, trainer.obs, None, lambda: False,
-                        trainer.clock, trainer.masks, trainer.mask)
+    collected = collect(trainer.envs, trainer.algo.actor, trainer.algo.buffer, trainer.algo.obs, None, lambda: False,
+                        trainer.clock, trainer.algo.masks, trainer.algo.mask)
     assert collected.complete
     with torch.no_grad():
-        batch = trainer.buffer.advantages(torch.zeros(2), 0.99, 0.9)
+        batch = trainer.algo.buffer.advantages(torch.zeros(2), 0.99, 0.9)
     return trainer, batch
 
 
@@ -94,17 +94,17 @@ def test_masks_are_stored_and_the_first_epoch_ratio_is_one(tmp_path):
     assert not batch.masks.all()  # walls were met
     assert batch.masks[torch.arange(128), batch.actions].all()  # every stored action was allowed
     with torch.no_grad():
-        logp, _, _ = trainer.policy.evaluate(batch.obs, batch.actions, batch.masks)
+        logp, _, _ = trainer.algo.policy.evaluate(batch.obs, batch.actions, batch.masks)
     torch.testing.assert_close(logp, batch.logp, rtol=1e-5, atol=1e-6)
     s = UpdateSettings(0.1, None, 0.01, 0.5, 0.5, 1, 128, True, None)
-    _, stats = minibatch_loss(trainer.policy, batch, s)
+    _, stats = minibatch_loss(trainer.algo.policy, batch, s)
     assert abs(float(stats[3])) < 1e-6 and float(stats[4]) == 0.0  # approx_kl 0, nothing clipped
     trainer.close()
 
 
 def test_numpy_loss_with_masks_equals_autograd(tmp_path):
     trainer, batch = _rollout_batch(tmp_path)
-    policy = trainer.policy
+    policy = trainer.algo.policy
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -147,12 +147,12 @@ def test_resume_with_masks_is_bitwise(tmp_path):
 
 def test_multidiscrete_masks_from_a_dict_key(tmp_path):
     """MaskedDigits gives the mask as an observation key (not network input) and raises on a masked action."""
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
-    trainer = Trainer(make_cfg(*TINY, "env.entry_point=tests.custom_env:MaskedDigits", "eval.every_steps=128"),
+    trainer = Runner(make_cfg(*TINY, "env.entry_point=tests.custom_env:MaskedDigits", "eval.every_steps=128"),
                       tmp_path)
-    assert trainer.masks.source == "observation"
-    assert trainer.policy.layout.dim == 2  # the observation key only
+    assert trainer.algo.masks.source == "observation"
+    assert trainer.algo.policy.layout.dim == 2  # the observation key only
     result = trainer.run()
     trainer.close()
     assert result.final_eval.mean_return == 2.0
@@ -160,17 +160,17 @@ def test_multidiscrete_masks_from_a_dict_key(tmp_path):
 
 def test_dict_observations_train_exactly_as_the_keys_concatenated_by_hand(tmp_path):
     """GoalReach's Dict and the same env through FlattenObservation give the same network input, so the same run."""
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
     runs = []
     for extra in ([], ["env.wrappers=[{_target_: gymnasium.wrappers.FlattenObservation}]"]):
-        trainer = Trainer(make_cfg(*TINY, "env=GoalReach-v0", "eval.final=false", "eval.objective=train", *extra),
+        trainer = Runner(make_cfg(*TINY, "env=GoalReach-v0", "eval.final=false", "eval.objective=train", *extra),
                           tmp_path / str(len(runs)))
         trainer.run()
         trainer.close()
         runs.append(trainer)
-    assert runs[0].obs_space["type"] == "Dict" and runs[1].obs_space["type"] == "Box"
-    for a, b in zip(runs[0].policy.parameters(), runs[1].policy.parameters(), strict=True):
+    assert runs[0].algo.obs_space["type"] == "Dict" and runs[1].algo.obs_space["type"] == "Box"
+    for a, b in zip(runs[0].algo.policy.parameters(), runs[1].algo.policy.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

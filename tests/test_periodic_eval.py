@@ -4,7 +4,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ppo_cli.run import checkpoint
-from ppo_cli.run.trainer import Trainer
+from ppo_cli.run.runner import Runner
 
 from .conftest import TINY, cli, make_cfg
 
@@ -30,12 +30,12 @@ def test_eval_tags_and_best_checkpoint(tmp_path):
 
 
 def _params(*overrides, tmp):
-    trainer = Trainer(make_cfg(*SMALL, *overrides), tmp, rich_progress=False)
+    trainer = Runner(make_cfg(*SMALL, *overrides), tmp, rich_progress=False)
     try:
         trainer.run()
     finally:
         trainer.close()
-    return trainer.policy.state_dict(), trainer.evaluator.seconds
+    return trainer.algo.policy.state_dict(), trainer.evaluator.seconds
 
 
 def test_evaluation_does_not_change_training(tmp_path):
@@ -48,7 +48,7 @@ def test_evaluation_does_not_change_training(tmp_path):
 
 def test_stochastic_evaluation_option(tmp_path):
     cfg = make_cfg(*SMALL, "eval.every_steps=512", "eval.deterministic=false")
-    trainer = Trainer(cfg, tmp_path, rich_progress=False)
+    trainer = Runner(cfg, tmp_path, rich_progress=False)
     try:
         result = trainer.run()
     finally:

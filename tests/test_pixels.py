@@ -23,7 +23,7 @@ from ppo_cli.policy.encoders import NatureCNN
 from ppo_cli.policy.observations import InputLayout, as_tensors
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import run_episodes
-from ppo_cli.run.trainer import Trainer
+from ppo_cli.run.runner import Runner
 
 from .conftest import cli, make_cfg, needs_atari
 
@@ -266,13 +266,14 @@ def test_an_image_in_a_dict_goes_through_the_cnn_with_the_other_keys_beside_its_
 
 def test_rollout_buffer_stores_uint8_images(tmp_path):
     cfg = make_cfg(LIT, "network=cnn", *SMALL)
-    trainer = Trainer(cfg, tmp_path / "run", rich_progress=False)
+    trainer = Runner(cfg, tmp_path / "run", rich_progress=False)
     try:
-        assert trainer.buffer.obs.dtype == torch.uint8 and tuple(trainer.buffer.obs.shape) == (16, 2, 1, 36, 36)
+        stored = trainer.algo.buffer.obs
+        assert stored.dtype == torch.uint8 and tuple(stored.shape) == (16, 2, 1, 36, 36)
         floats = RolloutBuffer(16, 2, (36 * 36,), torch.float32, (), torch.int64, torch.device("cpu"))
-        assert floats.obs.nbytes == 4 * trainer.buffer.obs.nbytes
+        assert floats.obs.nbytes == 4 * trainer.algo.buffer.obs.nbytes
         trainer.run()
-        seen = trainer.buffer.obs.numpy()
+        seen = trainer.algo.buffer.obs.numpy()
         assert seen.max() == 255 and set(np.unique(seen)) <= {0, 255}  # the images themselves, not scaled
     finally:
         trainer.close()
@@ -448,14 +449,14 @@ def test_snapshot_keeps_the_frame_stack():
 
 
 def _train(cfg, run_dir, resume=None, stop_after=None):
-    trainer = Trainer(cfg, run_dir, resume=resume, rich_progress=False)
+    trainer = Runner(cfg, run_dir, resume=resume, rich_progress=False)
     if stop_after is not None:
         log = trainer._log
 
         def log_then_stop(*args):
             log(*args)
             if trainer.update_idx == stop_after:
-                trainer._stop_signal = 2
+                trainer.stops.signal = 2
 
         trainer._log = log_then_stop
     try:
@@ -474,13 +475,14 @@ def test_resume_of_a_frame_stacked_image_run_is_exact(tmp_path):
             "algo.batch_size=16", "algo.total_timesteps=128", "eval.final=false", "eval.every_steps=0",
             "eval.objective=train", "checkpoint_interval=0"]
     straight, _ = _train(make_cfg(*args), tmp_path / "straight")
-    assert straight.policy.layout.stored_shape == (4, 36, 36)
+    assert straight.algo.policy.layout.stored_shape == (4, 36, 36)
     _, stop = _train(make_cfg(*args), tmp_path / "split", stop_after=2)
     data = checkpoint.load(stop.path)
     assert data["global_step"] == 64 and data["env_state"] is not None
     resumed, _ = _train(make_cfg(*args), tmp_path / "split", resume=data)
     assert not resumed.notes or all("restart from a reset" not in n for n in resumed.notes)
-    for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
+    for (name, a), b in zip(straight.algo.policy.state_dict().items(), resumed.algo.policy.state_dict().values(),
+                            strict=True):
         assert torch.equal(a, b), name
 
 
@@ -494,13 +496,14 @@ def test_atari_pipeline_trains_evaluates_and_records(tmp_path):
     cfg = make_cfg("env=Breakout", "network=cnn", "algo=ppo_atari", "env.num_envs=2", "algo.total_timesteps=512",
                    "eval.every_steps=0", "eval.episodes=1", "eval.final=false", "eval.objective=train",
                    "checkpoint_interval=1")
-    trainer = Trainer(cfg, run, rich_progress=False)
+    trainer = Runner(cfg, run, rich_progress=False)
     try:
-        assert trainer.buffer.obs.dtype == torch.uint8 and tuple(trainer.buffer.obs.shape) == (128, 2, 4, 84, 84)
+        stored = trainer.algo.buffer.obs
+        assert stored.dtype == torch.uint8 and tuple(stored.shape) == (128, 2, 4, 84, 84)
         assert cfg.algo.batch_size == 256 and cfg.algo.K_epochs == 4 and cfg.algo.lr_actor == 2.5e-4
         result = trainer.run()
         assert result.global_step == 512
-        assert set(trainer.buffer.rewards.unique().tolist()) <= {-1.0, 0.0, 1.0}
+        assert set(trainer.algo.buffer.rewards.unique().tolist()) <= {-1.0, 0.0, 1.0}
         assert trainer.recent_returns  # random Breakout games last 120-300 steps: each env finished one
         assert snapshot(trainer.envs)[1] == "the env holds state that cannot be saved: AtariEnv.ale (ALEInterface)"
     finally:

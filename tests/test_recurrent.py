@@ -39,15 +39,15 @@ def test_sequence_replay_equals_stepping_with_resets(kind):
 
 
 def _trainer(tmp_path, *extra):
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
-    return Trainer(make_cfg(*TINY, *LSTM, "env=CartPoleNoVel-v1", "eval.final=false", "eval.objective=train",
+    return Runner(make_cfg(*TINY, *LSTM, "env=CartPoleNoVel-v1", "eval.final=false", "eval.objective=train",
                             *extra), tmp_path, rich_progress=False)
 
 
 def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_state(tmp_path):
     trainer = _trainer(tmp_path, "env.max_episode_steps=7")  # short episodes: resets and truncations inside
-    actor, policy = trainer.actor, trainer.policy
+    actor, policy = trainer.algo.actor, trainer.algo.policy
     assert isinstance(actor, TorchActor) and actor.state.shape == (2, 64)
     with torch.no_grad():  # a state far from zero, so that a zeroed one would give other values
         actor.state.normal_()
@@ -60,8 +60,8 @@ def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_sta
         return original(x, rows)
 
     actor.value = record
-    collect(trainer.envs, actor, trainer.buffer, trainer.obs, None, lambda: False, trainer.clock)
-    buf = trainer.buffer
+    collect(trainer.envs, actor, trainer.algo.buffer, trainer.algo.obs, None, lambda: False, trainer.clock)
+    buf = trainer.algo.buffer
     assert buf.starts[1:].any()  # episodes started inside the rollout
     # Replay the rollout step by step from the stored initial state: the state each truncated episode reached.
     state, after = buf.state0.clone(), []
@@ -106,7 +106,7 @@ def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
     from ppo_cli.run.evaluation import evaluate
 
     trainer = _trainer(tmp_path)
-    policy = trainer.policy
+    policy = trainer.algo.policy
     envs = make_vec_env(trainer.cfg.env, seed=0, num_envs=3)
     seen = []
     original_step, original_act = envs.step, policy.act_step
@@ -142,7 +142,7 @@ def test_evaluation_resets_each_envs_state_at_its_own_episode_start(tmp_path):
 def test_a_memory_task_is_learned_where_the_mlp_cannot(tmp_path):
     """RepeatCue: the cue is visible at the first of 6 steps only. The LSTM policy repeats it every step (return 6);
     a memoryless one scores 3.5 in expectation (1 + 5 x the share of episodes whose cue its fixed guess matches)."""
-    from ppo_cli.run.trainer import Trainer
+    from ppo_cli.run.runner import Runner
 
     common = ["env.entry_point=tests.custom_env:RepeatCue", "env.num_envs=8", "algo.n_steps=48", "algo.batch_size=96",
               "algo.K_epochs=4", "algo.lr_actor=3e-3", "algo.lr_critic=3e-3", "algo.gae_lambda=0.95",
@@ -150,7 +150,7 @@ def test_a_memory_task_is_learned_where_the_mlp_cannot(tmp_path):
     results = {}
     for name, extra in (("lstm", ["network.recurrent=lstm", "network.rnn_hidden=32", "network.net_arch=[32]"]),
                         ("mlp", ["network.net_arch=[32]"])):
-        trainer = Trainer(make_cfg(*common, *extra), tmp_path / name, rich_progress=False)
+        trainer = Runner(make_cfg(*common, *extra), tmp_path / name, rich_progress=False)
         results[name] = trainer.run().final_eval.mean_return
         trainer.close()
     assert results["lstm"] >= 5.9, results

@@ -14,7 +14,7 @@ import torch
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.errors import UserError
 from ppo_cli.run import checkpoint
-from ppo_cli.run.trainer import Interrupted, Trainer
+from ppo_cli.run.runner import Interrupted, Runner
 
 from .conftest import ROOT, cli, make_cfg
 
@@ -24,14 +24,14 @@ RESUME_CFG = ["env.num_envs=4", "algo.n_steps=32", "algo.batch_size=32", "algo.t
 
 
 def _train(cfg, run_dir, resume=None, interrupt_after=None):
-    trainer = Trainer(cfg, run_dir, resume=resume, rich_progress=False)
+    trainer = Runner(cfg, run_dir, resume=resume, rich_progress=False)
     if interrupt_after is not None:  # deliver a "signal" right after the n-th update, as a Ctrl-C would
         log = trainer._log
 
         def log_then_interrupt(*args):
             log(*args)
             if trainer.update_idx == interrupt_after:
-                trainer._stop_signal = signal.SIGINT
+                trainer.stops.signal = signal.SIGINT
 
         trainer._log = log_then_interrupt
     try:
@@ -51,6 +51,7 @@ def test_interrupt_and_resume_gives_bitwise_identical_parameters(tmp_path):
     assert data["global_step"] == 256 and data["env_state"] is not None
     resumed = _train(make_cfg(*RESUME_CFG), tmp_path / "split", resume=data)
     assert resumed.global_step == straight.global_step == 512
+    straight, resumed = straight.algo, resumed.algo
     for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for sa, sb in zip(straight.optimizer.state_dict()["state"].values(),

@@ -51,7 +51,8 @@ from ppo_cli.envs import recipe
 from ppo_cli.envs.make import check_env
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.run import checkpoint
-from ppo_cli.run.trainer import Interrupted, Trainer, TrainResult
+from ppo_cli.run.runner import Runner, TrainResult
+from ppo_cli.run.signals import Interrupted
 
 try:
     import fcntl
@@ -253,7 +254,7 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
               + (" with warnings:" if findings else ""), flush=True)
         for line in findings:
             print(f"  - {line}", flush=True)
-    trainer = Trainer(cfg, run_dir, resume=data)
+    trainer = Runner(cfg, run_dir, resume=data)
     try:
         result = trainer.run()
     finally:
@@ -621,7 +622,7 @@ def _main() -> None:
         _prepare_named_folder(argv)
         sys.argv = [sys.argv[0], *argv]
         _task()
-    except KeyboardInterrupt:  # Ctrl-C outside Trainer.run (which stops at an update boundary): nothing to save
+    except KeyboardInterrupt:  # Ctrl-C outside Runner.run (which stops at an update boundary): nothing to save
         print("ppo-train: interrupted by SIGINT while starting or closing the run; checkpoints already written are "
               "kept", file=sys.stderr, flush=True)
         _discard_failed_start()

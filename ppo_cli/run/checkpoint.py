@@ -27,7 +27,7 @@ FORMAT = "ppo-cli-checkpoint"
 # (version 1: `actor_trunk` / `critic_trunk` / `log_std`); version 1 files are migrated on load.
 FORMAT_VERSION = 2
 
-# The training state a checkpoint holds: key -> what it is. Trainer.state() writes exactly these.
+# The training state a checkpoint holds: key -> what it is. Runner.state() writes exactly these.
 STATE_KEYS: dict[str, str] = {
     "config_yaml": "the resolved run config, as YAML text",
     "observation_space": "plain description of the observation space, to rebuild the policy without the env",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -28,7 +27,6 @@ from ppo_cli.envs.spaces import describe_space
 from ppo_cli.envs.step_cap import CUT_KEY
 from ppo_cli.policy.actor_critic import ActorCritic
 from ppo_cli.policy.observations import as_tensors
-from ppo_cli.run import checkpoint
 
 
 @dataclass
@@ -143,12 +141,11 @@ EVAL_SEED_OFFSET = 10_000  # evaluation envs get their own seeds, far from the t
 
 class PeriodicEvaluator:
     """Evaluation during a training run: every `eval.every_steps` steps and at the end, on envs of its own
-    (seeds seed + EVAL_SEED_OFFSET, ...), keeping the best result and the checkpoint that made it (best.pt)."""
+    (seeds seed + EVAL_SEED_OFFSET, ...), keeping the best result (the runner writes best.pt)."""
 
-    def __init__(self, cfg: DictConfig, policy: ActorCritic, device: torch.device, best_path: Path,
-                 state: Callable[[], dict[str, Any]], message: Callable[[str], None]) -> None:
-        self.cfg, self.policy, self.device = cfg, policy, device
-        self.best_path, self.state, self.message = best_path, state, message
+    def __init__(self, cfg: DictConfig, policy: ActorCritic, device: torch.device,
+                 message: Callable[[str], None]) -> None:
+        self.cfg, self.policy, self.device, self.message = cfg, policy, device, message
         self.envs: gym.vector.VectorEnv | None = None
         self.best: dict[str, Any] | None = None  # summary of the best evaluation, with its global_step
         self.seconds = 0.0
@@ -177,19 +174,22 @@ class PeriodicEvaluator:
                          f"{cut_note(result.cut, len(result.returns), ev.max_episode_steps, 'eval.max_episode_steps')}")
         return result
 
-    def periodic(self, step: int) -> tuple[EvalResult, dict[str, float]]:
-        """Evaluate, save best.pt on a new best, say so; (the result, its TensorBoard scalars)."""
+    def periodic(self, step: int) -> tuple[EvalResult, bool]:
+        """Evaluate; (the result, whether it is the best so far: the runner then saves best.pt and `report`s)."""
         result = self.evaluate(step)
         improved = self.best is None or result.mean_return > self.best["mean_return"]
         if improved:
             self.best = {**result.summary(), "global_step": step}
-            checkpoint.save({**self.state(), "eval": self.best}, self.best_path)
-        saved = ", saved best.pt" if improved else ""
+        return result, improved
+
+    def report(self, step: int, result: EvalResult, saved: bool) -> dict[str, float]:
+        """Say how a periodic evaluation went; its TensorBoard scalars."""
         self.message(f"eval @ {step:,}: mean return {result.mean_return:.2f} +/- {result.std_return:.2f} "
-                     f"over {len(result.returns)} episodes (best {self.best['mean_return']:.2f}{saved})")
-        return result, {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return,
-                        "eval/mean_length": result.mean_length, "eval/cut_episodes": result.cut,
-                        "charts/eval_seconds": self.seconds}
+                     f"over {len(result.returns)} episodes (best {self.best['mean_return']:.2f}"  # type: ignore[index]
+                     f"{', saved best.pt' if saved else ''})")
+        return {"eval/mean_return": result.mean_return, "eval/std_return": result.std_return,
+                "eval/mean_length": result.mean_length, "eval/cut_episodes": result.cut,
+                "charts/eval_seconds": self.seconds}
 
     def reached_target(self, result: EvalResult) -> bool:
         target = self.cfg.eval.stop_at_return

@@ -1,0 +1,394 @@
+"""The runner: drives an algorithm (algo/ppo.py's PPO) through collect -> learn -> log -> evaluate -> checkpoint until
+total_timesteps.
+
+It owns what ties a run together and is no algorithm's business: the envs, the step and update counters, stop
+signals and the ranks' agreement on them (signals.py), checkpoints at update boundaries (the algorithm's state
+plus the run's), periodic evaluation and best.pt, TensorBoard and the console, the objective. A second algorithm
+plugs in by offering the same five calls: collect, learn, own_state / buffers, state_dict / load_state_dict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from threadpoolctl import threadpool_limits
+
+from ppo_cli import distributed
+from ppo_cli.algo.ppo import OWN_KEYS, PPO
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.algo.update import STAT_NAMES, divergence_message
+from ppo_cli.config import choice
+from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
+from ppo_cli.envs.faults import count_steps, largest_reward
+from ppo_cli.envs.make import kill_workers, make_vec_env, restore, snapshot
+from ppo_cli.errors import UserError
+from ppo_cli.policy.observations import batch_size
+from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import EvalResult, PeriodicEvaluator
+from ppo_cli.run.logger import Logger, QuietLogger
+from ppo_cli.run.signals import (
+    EvaluationStopped,
+    Interrupted,
+    StopSignals,
+    held_from_workers,
+    notice,
+    say,
+    stop_signals,
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+# Where training time goes; `storage` is the rollout loop's own time: conversions, buffer writes, episode
+# bookkeeping, truncation bootstraps, reward scaling.
+STAGES = ("env", "policy", "storage", "advantages", "update", "log_checkpoint")
+
+
+class Diverged(UserError):
+    """The update produced non-finite losses; parameters after it are garbage, so nothing more is saved."""
+
+
+@dataclass
+class Boundary:
+    """What a rollout changes of the state at the update boundary it starts from: this process's part (the
+    algorithm's own state and the envs') and the policy's buffers. Parameters and optimizer change only in learn."""
+
+    own: dict[str, Any]
+    buffers: dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    global_step: int
+    wall_time: float  # training only; evaluation time is eval_seconds
+    sps: float
+    final_eval: EvalResult | None
+    best_eval: dict[str, Any] | None  # summary of the best periodic evaluation, with its global_step
+    eval_seconds: float
+    stopped_at: tuple[int, float] | None  # (step, training seconds) where eval.stop_at_return was met
+    recent_return: float | None  # mean return of the last eval.train_window training episodes
+    objective: float  # what eval.objective names: final eval, best eval or recent training return
+
+
+def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
+    """The run's settings as flat scalars for TensorBoard's hparams (lists and nulls as strings)."""
+    flat: dict[str, float | int | str | bool] = {}
+    for group in ("algo", "network", "env"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():  # type: ignore[union-attr]
+            value = choice(value)  # type: ignore[assignment]
+            if key in ("kwargs", "wrappers") and not value:
+                continue
+            ok = isinstance(value, (bool, int, float, str))
+            flat[f"{group}.{key}"] = value if ok else str(value)
+    flat["seed"] = int(cfg.seed)
+    return flat
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
+                 rich_progress: bool | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        threads = torch_threads(cfg)
+        if threads:
+            torch.set_num_threads(threads)
+            # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
+            threadpool_limits(threads)
+        self.device = choose_device(cfg).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
+        self.ranks = distributed.setup(self.device)
+        torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
+        self.env_seed = cfg.seed + self.ranks.rank * cfg.env.num_envs  # each rank's envs are seeded apart
+        self.stops = StopSignals(self.ranks, self._stop_notice, self._stop_at_once)
+        self._saved: tuple[Path, int] | None = None  # the last checkpoint.pt written (or resumed from), its step
+        # Sync envs run in this process: a Ctrl-C while they are built is a KeyboardInterrupt, as anywhere outside
+        # run(). Async workers must not see it (held_from_workers); it then stops the run at its first boundary.
+        async_workers = cfg.env.vectorization == "async"
+        with held_from_workers(self.stops.remember) if async_workers else nullcontext():
+            self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
+        try:
+            self._build(cfg, resume, rich_progress)
+        except BaseException:  # what was opened so far is closed; the error goes on to the user
+            self.envs.close()
+            distributed.teardown()
+            raise
+
+    def _build(self, cfg: DictConfig, resume: dict[str, Any] | None, rich_progress: bool | None) -> None:
+        self.clock = Stopwatch(STAGES)
+        obs, info = self.envs.reset(seed=self.env_seed)
+        self.algo = PPO(cfg, self.envs, obs, info, self.device, self.ranks, self.clock, self._message)
+        self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
+        self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
+        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        self.notes: list[str] = []
+        self.evaluator = PeriodicEvaluator(cfg, self.algo.policy, self.device, self._message)
+        if resume is not None:
+            self._restore(resume)
+            if cfg.get("resume"):
+                self._saved = (Path(cfg.resume), self.global_step)
+        count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the step as the run counts it
+        self._first_update = self.update_idx
+        self.notes += self.algo.prepare()
+        if self.ranks.main:
+            self.logger = Logger(self.run_dir, cfg.algo.total_timesteps, self.global_step, self.config_yaml,
+                                 cfg.log_interval, purge_step=self.global_step if resume else None,
+                                 rich_progress=rich_progress)
+        else:
+            self.logger = QuietLogger()
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds of training (evaluation excluded), including before a resume."""
+        return self.trained_before + self.clock.total()
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        return self.clock.seconds
+
+    def _message(self, text: str) -> None:
+        self.logger.message(text)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        total, stops = self.cfg.algo.total_timesteps, self.stops
+        for note in self.notes:
+            self.logger.message(note)
+        stopped_at: tuple[int, float] | None = None
+        try:
+            with stop_signals(stops.handle):
+                while self.global_step < total:
+                    if stops.agreed():  # between updates: exactly where an uninterrupted run would be
+                        raise Interrupted(stops.signal or signal.SIGTERM, self.global_step, self.save())
+                    step0, time0 = self.global_step, self.clock.total()
+                    start = None if self.ranks.active else self._boundary()
+                    stops.phase = "rollout"
+                    rollout = self.algo.collect(self.envs, stops.requested, step0)
+                    if stops.requested():  # one process, a signal: the rollout is dropped, its start saved
+                        raise Interrupted(stops.signal, step0, self.save(at=start))  # type: ignore[arg-type]
+                    stops.phase = "update"
+                    self.global_step += rollout.steps * self.ranks.world
+                    returns, lengths = self._episodes(rollout)
+                    scalars = self.algo.learn(progress=step0 / total)
+                    self._check_finite(scalars)
+                    self.update_idx += 1
+                    self.recent_returns.extend(returns)
+                    stops.phase = None
+                    with self.clock["log_checkpoint"]:
+                        self._log(scalars, (self.global_step - step0) / max(self.clock.total() - time0, 1e-9),
+                                  returns, lengths)
+                    if self._evaluate_due(step0):
+                        stopped_at = (self.global_step, self.wall_time)
+                        break
+                    # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
+                    if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
+                        with self.clock["log_checkpoint"]:
+                            self.save()
+                path = self.save()
+                if stops.agreed():  # asked during the last update: the run is trained, the evaluation waits
+                    raise Interrupted(stops.signal or signal.SIGTERM, self.global_step, path)
+                final_eval = self._final_evaluation(path)
+            return self._finish(path, final_eval, stopped_at)
+        finally:
+            self.logger.close()
+
+    def _episodes(self, rollout: Any) -> tuple[list[float], list[int]]:
+        """The returns and lengths of the episodes the rollout finished, over all ranks."""
+        if not self.ranks.active:
+            return rollout.returns, rollout.lengths
+        episodes = distributed.gather((rollout.returns, rollout.lengths), self.ranks)
+        return [r for rs, _ in episodes for r in rs], [n for _, ns in episodes for n in ns]
+
+    def _check_finite(self, scalars: dict[str, float]) -> None:
+        bad = [k for k in STAT_NAMES if not math.isfinite(scalars[f"losses/{k}"])]
+        if bad:
+            raise Diverged(divergence_message(self.global_step, bad, largest_reward(self.envs),
+                                              self.cfg.env.normalize_reward))
+
+    def _log(self, scalars: dict[str, float], sps: float, returns: list[float], lengths: list[int]) -> None:
+        scalars = {**scalars, "charts/SPS": sps}
+        if returns:
+            scalars["charts/episodic_return"] = float(np.mean(returns))
+            scalars["charts/episodic_length"] = float(np.mean(lengths))
+        self.logger.scalars(self.global_step, scalars)
+        mean_ret = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        self.logger.update_done(self.update_idx, self.global_step, sps, mean_ret)
+
+    # --- evaluation -------------------------------------------------------------------------------------
+    def _evaluate_due(self, step0: int) -> bool:
+        """A periodic evaluation where one is due (rank 0 evaluates; the others wait for its verdict); whether
+        eval.stop_at_return is reached. A stop already asked for skips it (one process; the ranks all evaluate
+        or not)."""
+        if not self.evaluator.due(step0, self.global_step) or self.stops.requested():
+            return False
+        reached = self._periodic_evaluation() if self.ranks.main else False
+        return distributed.any_true(reached, self.ranks)
+
+    def _periodic_evaluation(self) -> bool:
+        """Evaluate, write best.pt on a new best, log; whether eval.stop_at_return is reached. A stop signal
+        abandons it: nothing is logged, and the best so far stays."""
+        best = self.evaluator.best
+        try:
+            with self.stops.evaluation():
+                result, improved = self.evaluator.periodic(self.global_step)
+                if improved:  # the evaluation is over: a signal from here waits for the write, not abandons it
+                    self.stops.phase = None
+                    checkpoint.save({**self.state(all_ranks=False), "eval": self.evaluator.best},
+                                    self.run_dir / "checkpoints" / BEST_NAME)  # rank 0's part of the state
+        except EvaluationStopped:
+            self.evaluator.best = best
+            self.evaluator.abandon()
+            return False
+        self.logger.scalars(self.global_step, self.evaluator.report(self.global_step, result, improved))
+        reached = self.evaluator.reached_target(result)
+        if reached:
+            self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
+                                f"{self.cfg.eval.stop_at_return} at step {self.global_step:,} after "
+                                f"{self.wall_time:.1f} s of training")
+        return reached
+
+    def _final_evaluation(self, path: Path) -> EvalResult | None:
+        if not (self.cfg.eval.final and self.ranks.main):
+            return None
+        try:
+            with self.stops.evaluation():
+                return self.evaluator.evaluate(self.global_step)
+        except EvaluationStopped:
+            self.evaluator.abandon()
+            raise Interrupted(self.stops.signal, self.global_step, path,  # type: ignore[arg-type]
+                              in_final_eval=True) from None
+
+    def _finish(self, path: Path, final_eval: EvalResult | None, stopped_at: tuple[int, float] | None) -> TrainResult:
+        best = self.evaluator.best
+        recent = float(np.mean(self.recent_returns)) if self.recent_returns else None
+        objective = {"final": final_eval.mean_return if final_eval else None,
+                     "best": best["mean_return"] if best else None,
+                     "train": recent}[choice(self.cfg.eval.objective)]
+        objective = float("nan") if objective is None else float(objective)
+        sps = self.global_step / max(self.wall_time, 1e-9)
+        metrics = {"hparam/objective": objective, "hparam/sps": sps}
+        if final_eval is not None:
+            metrics["hparam/final_return"] = final_eval.mean_return
+        self.logger.hparams(hparams_of(self.cfg), metrics, self.global_step)
+        return TrainResult(self.run_dir, path, self.global_step, self.wall_time, sps, final_eval, best,
+                           self.evaluator.seconds, stopped_at, recent, objective)
+
+    # --- checkpoint state -------------------------------------------------------------------------------
+    def _own_state(self) -> dict[str, Any]:
+        """This process's own part of the state: the algorithm's and the envs' (checkpoint.STATE_KEYS)."""
+        return {**self.algo.own_state(), "env_state": snapshot(self.envs)[0]}
+
+    def _boundary(self) -> Boundary:
+        """The state a rollout is about to change, for a stop that drops the rollout (Boundary)."""
+        return Boundary(self._own_state(), self.algo.buffers())
+
+    def state(self, all_ranks: bool = True, at: Boundary | None = None) -> dict[str, Any]:
+        """The training state (checkpoint.STATE_KEYS): rank 0's own part at the top level, the other ranks' in
+        `ranks` (gathered: with `all_ranks`, every rank must call this at the same point). `at`: the state at the
+        start of the rollout in progress instead of now (one process only)."""
+        own = self._own_state() if at is None else at.own
+        policy = self.algo.policy.state_dict() if at is None else {**self.algo.policy.state_dict(), **at.buffers}
+        others = None
+        if self.ranks.active and all_ranks:
+            checksum = float(sum(p.detach().double().abs().sum() for p in self.algo.policy.parameters()))
+            gathered = distributed.gather({**own, "param_checksum": checksum}, self.ranks)
+            if len({g["param_checksum"] for g in gathered}) != 1:
+                raise RuntimeError("the ranks' parameters diverged (checksums "
+                                   f"{[g['param_checksum'] for g in gathered]}); this is a bug in ppo-cli")
+            others = [{k: v for k, v in g.items() if k != "param_checksum"} for g in gathered[1:]]
+        return {
+            "config_yaml": self.config_yaml,
+            "observation_space": self.algo.obs_space,
+            "action_space": self.algo.action_space,
+            "policy": policy,
+            "optimizer": self.algo.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "update": self.update_idx,
+            **own,
+            "world_size": self.ranks.world,
+            "ranks": others,
+            "recent_returns": list(self.recent_returns),
+            "wall_time": self.wall_time,
+            "best_eval": self.evaluator.best,
+        }
+
+    def _restore(self, data: dict[str, Any]) -> None:
+        if data["observation_space"] != self.algo.obs_space or data["action_space"] != self.algo.action_space:
+            raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
+                            f"{data['action_space']}) differ from env.id={self.cfg.env.id!r}'s")
+        saved_world = int(data.get("world_size", 1))
+        if saved_world != self.ranks.world and not (self.ranks.world == 1 and data.get("ranks") is None):
+            raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "
+                            f"{self.ranks.world}; resume with torchrun --nproc_per_node={saved_world} (ppo-eval "
+                            f"evaluates it as it is, and a new run can start from scratch with any number)")
+        if self.ranks.rank > 0:  # this rank's own part of the state
+            data = {**data, **data["ranks"][self.ranks.rank - 1]}
+        self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
+        self.trained_before = float(data.get("wall_time", 0.0))
+        self.recent_returns.extend(data.get("recent_returns", []))
+        self.evaluator.best = data.get("best_eval")
+        env_state, last_obs = data.get("env_state"), data.get("last_obs")
+        saved_envs = None if last_obs is None else batch_size(last_obs)
+        continues = (env_state is not None and saved_envs == self.cfg.env.num_envs
+                     and (self.algo.masks is None) == (data.get("last_mask") is None))
+        self.notes += self.algo.load_state_dict({k: data.get(k) for k in ("policy", "optimizer", *OWN_KEYS)},
+                                                continues)
+        if continues:
+            restore(self.envs, env_state)
+            return
+        if saved_envs is not None and saved_envs != self.cfg.env.num_envs:
+            why = f"env.num_envs is {self.cfg.env.num_envs}, the checkpoint's {saved_envs}"
+        else:
+            why = snapshot(self.envs)[1] or "the checkpoint holds no env state"
+        scaler = ("; env.normalize_reward keeps its statistics and restarts its per-env discounted returns"
+                  if self.algo.reward_scaler is not None else "")
+        self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset ({why}){scaler}")
+        obs, info = self.envs.reset(seed=self.env_seed + self.global_step)
+        self.algo.start(self.envs, obs, info, self.global_step)
+
+    def save(self, name: str = CHECKPOINT_NAME, at: Boundary | None = None) -> Path:
+        """Write a checkpoint (rank 0; the other ranks give it their state): every rank calls this together.
+        `at`: of the state at the start of the rollout in progress (Runner.state)."""
+        state = self.state(at=at)
+        path = self.run_dir / "checkpoints" / name
+        if not self.ranks.main:
+            return path
+        checkpoint.save(state, path)
+        if name == CHECKPOINT_NAME:
+            self._saved = (path, int(state["global_step"]))
+        return path
+
+    # --- signals ----------------------------------------------------------------------------------------
+    def _stop_notice(self, signum: int) -> str:
+        seconds = self.clock.seconds["advantages"] + self.clock.seconds["update"]
+        return notice(signum, self.stops.phase, self.ranks.active, self.global_step,
+                      self.update_idx - self._first_update, seconds)
+
+    def _stop_at_once(self, signum: int) -> None:
+        """End the process now (an env step that never returns, a long update): the last checkpoint written is
+        complete (checkpoint.save is atomic) and stays; a write in progress leaves only a temporary file."""
+        if self._saved is None:
+            kept = "this run wrote no checkpoint yet"
+        else:
+            path, step = self._saved
+            kept = f"the last checkpoint is kept: {path} (step {step:,}); resume with: ppo-train resume={path}"
+        say(f"ppo-train: stopped at once by a second {signal.Signals(signum).name}; {kept}")
+        for envs in (self.envs, self.evaluator.envs):
+            kill_workers(envs)
+        os._exit(128 + signum)
+
+    def close(self) -> None:
+        self.envs.close()
+        self.evaluator.close()
+        distributed.teardown()
