@@ -26,13 +26,15 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ppo_cli.errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported by the functions that use it: ppo-train's command line (prepare_cli, from_environment,
+# exit_after) and a one-process run's agreements (any_true, mean) start without it.
 TIMEOUT = timedelta(minutes=10)  # a collective waits this long for a rank that went silent, then fails
 
 
@@ -57,6 +59,9 @@ def from_environment() -> Ranks:
 
 def setup(device: torch.device) -> Ranks:
     """Join the process group torchrun prepared; a single process returns Ranks() and joins nothing."""
+    import torch
+    import torch.distributed as dist
+
     ranks = from_environment()
     if not ranks.active or dist.is_initialized():
         return ranks
@@ -79,6 +84,8 @@ def backend_for(device: torch.device) -> str:
 
 
 def teardown() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -119,6 +126,8 @@ def exit_after(body: Callable[[], Any]) -> NoReturn:
 
 def average(flat: torch.Tensor, ranks: Ranks) -> None:
     """Replace `flat` by its mean over ranks, in place."""
+    import torch.distributed as dist
+
     dist.all_reduce(flat)
     flat.div_(ranks.world)
 
@@ -126,6 +135,9 @@ def average(flat: torch.Tensor, ranks: Ranks) -> None:
 def normalize(values: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> None:
     """(values - mean) / (std + eps) in place, with the mean and the unbiased std of every rank's values together
     (one all-reduce of three numbers)."""
+    import torch
+    import torch.distributed as dist
+
     v = values.double()
     sums = torch.stack([v.sum(), v.square().sum(), torch.tensor(float(v.numel()), dtype=torch.float64)]).cpu()
     dist.all_reduce(sums)
@@ -136,6 +148,9 @@ def normalize(values: torch.Tensor, ranks: Ranks, eps: float = 1e-8) -> None:
 
 
 def any_true(flag: bool, ranks: Ranks) -> bool:
+    import torch
+    import torch.distributed as dist
+
     if not ranks.active:
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
@@ -144,6 +159,9 @@ def any_true(flag: bool, ranks: Ranks) -> bool:
 
 
 def mean(value: float, ranks: Ranks) -> float:
+    import torch
+    import torch.distributed as dist
+
     if not ranks.active:
         return value
     t = torch.tensor([value], dtype=torch.float64)
@@ -153,6 +171,8 @@ def mean(value: float, ranks: Ranks) -> float:
 
 def gather(obj: Any, ranks: Ranks) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
+    import torch.distributed as dist
+
     if not ranks.active:
         return [obj]
     out: list[Any] = [None] * ranks.world
@@ -166,6 +186,8 @@ def merge_obs_stats(norm: Any, before: tuple[torch.Tensor, torch.Tensor, torch.T
 
     Each rank's own observations are recovered from its statistics before and after (Chan et al.'s merge
     undone), gathered, and merged into `before` in rank order, so every rank computes the same numbers."""
+    import torch
+
     if not ranks.active or norm is None:
         return
     m0, v0, n0 = (t.double() for t in before)

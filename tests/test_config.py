@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from ppo_cli.cli.train import check_overrides
+from ppo_cli.cli.overrides import check_overrides
 from ppo_cli.config import validate
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError

@@ -224,8 +224,8 @@ def test_a_gpu_run_joins_a_backend_for_every_device_its_collectives_use(monkeypa
     from ppo_cli.policy.normalize import ObsNormalizer
 
     used = set()
-    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None: used.add(t.device.type))
-    monkeypatch.setattr(distributed.dist, "all_gather_object",
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: used.add(t.device.type))
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
                         lambda out, obj: (used.add(obj.device.type), out.__setitem__(slice(None), [obj] * len(out))))
     ranks = distributed.Ranks(0, 2)
     distributed.any_true(True, ranks)

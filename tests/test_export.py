@@ -22,7 +22,7 @@ from ppo_cli.cli import evaluate as eval_cli
 from ppo_cli.cli import export as export_cli
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.envs.make import make_vec_env
-from ppo_cli.policy import export
+from ppo_cli.policy import export, exported
 from ppo_cli.policy.observations import as_tensors
 from ppo_cli.run import checkpoint
 from ppo_cli.run.runner import Runner
@@ -156,7 +156,7 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
         assert action.dtype == np.float64 and np.abs(action).max() <= 0.1  # clipped in float64, as the env checks
 
     for fmt in export.FORMATS:
-        deterministic = export.ExportedModel(_export(ckpt, fmt, "--with-value"), fmt, run_code=True)
+        deterministic = exported.ExportedModel(_export(ckpt, fmt, "--with-value"), fmt, run_code=True)
         got = deterministic.run(deterministic.feeds(obs, mask, np_state))
         assert got["action"].dtype == action.dtype and got["action"].shape == action.shape, (fmt, got["action"].shape)
         if action.dtype.kind == "f":
@@ -167,7 +167,7 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
         if new_state is not None:
             np.testing.assert_allclose(got["state_out"], new_state, atol=ATOL, rtol=0)
 
-        stochastic = export.ExportedModel(_export(ckpt, fmt, "--stochastic"), fmt, run_code=True)
+        stochastic = exported.ExportedModel(_export(ckpt, fmt, "--stochastic"), fmt, run_code=True)
         got = stochastic.run(stochastic.feeds(obs, mask, np_state))
         if "mean" in got:
             np.testing.assert_allclose(got["mean"], out, atol=ATOL, rtol=0)
@@ -245,7 +245,7 @@ def test_any_batch_size_and_the_sidecar_describes_the_model(tmp_path):
         assert meta["outputs"] == [{"name": "action", "dtype": "float32", "shape": ["batch", 1]},
                                    {"name": "value", "dtype": "float32", "shape": ["batch"]}]
         assert meta["env_id"] == "tests.custom_env:Reach-v0" and meta["env"]["normalize_obs"] is True
-        model = export.ExportedModel(path, fmt, run_code=True)
+        model = exported.ExportedModel(path, fmt, run_code=True)
         assert model.metadata == meta  # the copy inside the model is the sidecar
         for n in (1, 7, 64):
             obs = np.random.default_rng(n).uniform(-1, 1, (n, 2)).astype(np.float32)
@@ -255,8 +255,8 @@ def test_any_batch_size_and_the_sidecar_describes_the_model(tmp_path):
     # The description inside is enough: without its sidecar the model still loads and plays.
     onnx_path = tmp_path / "sharp-with-value.onnx"
     export.sidecar_path(onnx_path).unlink()
-    assert export.detect(onnx_path) == "onnx" and export.ExportedModel(onnx_path, "onnx").metadata["with_value"]
-    assert export.detect(ckpt) is None
+    assert exported.detect(onnx_path) == "onnx" and exported.ExportedModel(onnx_path, "onnx").metadata["with_value"]
+    assert exported.detect(ckpt) is None
 
 
 def _docs_example() -> str:

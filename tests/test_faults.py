@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from ppo_cli import __version__
-from ppo_cli.cli import sweep_report, train
-from ppo_cli.cli.train import check_overrides
+from ppo_cli.cli import run_folder, sweep_report, train
+from ppo_cli.cli.overrides import check_overrides
 from ppo_cli.config import config_from_yaml
 from ppo_cli.errors import UserError
 from ppo_cli.run import checkpoint
@@ -167,14 +167,14 @@ def test_users_copy_of_a_preset_wins_over_the_packaged_one(tmp_path):
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "_FRESH", {})
-    monkeypatch.setattr(train, "_CREATED", [])
-    first = train.fresh_dir("runs/2026-01-01/10-00-00")
-    assert train.fresh_dir("runs/2026-01-01/10-00-00") == first  # Hydra asks more than once: the same answer
-    train._FRESH.clear()  # as other processes would
-    second = train.fresh_dir("runs/2026-01-01/10-00-00")
-    train._FRESH.clear()
-    third = train.fresh_dir("runs/2026-01-01/10-00-00")
+    monkeypatch.setattr(run_folder, "_FRESH", {})
+    monkeypatch.setattr(run_folder, "_CREATED", [])
+    first = run_folder.fresh_dir("runs/2026-01-01/10-00-00")
+    assert run_folder.fresh_dir("runs/2026-01-01/10-00-00") == first  # Hydra asks more than once: the same answer
+    run_folder._FRESH.clear()  # as other processes would
+    second = run_folder.fresh_dir("runs/2026-01-01/10-00-00")
+    run_folder._FRESH.clear()
+    third = run_folder.fresh_dir("runs/2026-01-01/10-00-00")
     assert [first, second, third] == [f"runs/2026-01-01/10-00-00{s}" for s in ("", "_2", "_3")]
     assert all(Path(p).is_dir() for p in (first, second, third))
 

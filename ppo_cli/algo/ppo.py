@@ -35,10 +35,6 @@ from ppo_cli.policy.actor_critic import ActorCritic, build_policy
 from ppo_cli.policy.normalize import RewardScaler
 from ppo_cli.policy.observations import as_arrays, as_tensors
 
-# The part of the state that is each process's own (under torchrun every rank has its own); the rest of
-# state_dict (policy, optimizer) is the same on every rank.
-OWN_KEYS = ("rng", "np_rng", "last_obs", "last_mask", "recurrent_state", "reward_scaler")
-
 
 def schedule_value(start: float, end: float, kind: str, progress: float) -> float:
     """constant: start; linear: from start at progress 0 to end at progress 1."""
@@ -62,7 +58,7 @@ class PPO:
         self.action_space = describe_space(envs.single_action_space, bounds=True)
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg, device).to(device)
         self.optimizer = make_optimizer(self.policy, choice(a.optimizer), a.lr_actor, a.lr_critic, a.eps,
-                                        a.weight_decay)
+                                        a.weight_decay, compiles=cfg.torch_compile)
         self.masks = ActionMasks.detect(envs, self.obs_space, self.action_space, info, env_label(cfg.env))
         self.start(envs, obs, info, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
@@ -137,7 +133,8 @@ class PPO:
 
     # --- state ------------------------------------------------------------------------------------------
     def own_state(self) -> dict[str, Any]:
-        """This process's part of the state (OWN_KEYS). Copies only (the observations are never written in
+        """This process's part of the state (under torchrun every rank has its own; shared_state is the same on
+        every rank). Copies only (the observations are never written in
         place): the runner keeps it while a rollout goes on."""
         return {
             "rng": self.generator.get_state(),
@@ -154,13 +151,20 @@ class PPO:
         names = {name for name, _ in self.policy.named_buffers()}
         return {k: v.clone() for k, v in self.policy.state_dict().items() if k in names}
 
+    def shared_state(self, buffers: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """The part of the state every rank holds alike: the policy (with `buffers`, from `buffers()`, in place of
+        its current ones) and the optimizer."""
+        policy = self.policy.state_dict()
+        return {"policy": policy if buffers is None else {**policy, **buffers},
+                "optimizer": self.optimizer.state_dict()}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict(), **self.own_state()}
+        return {**self.shared_state(), **self.own_state()}
 
     def load_state_dict(self, data: dict[str, Any], continues: bool) -> list[str]:
-        """Resume from a checkpoint's state (this rank's own part merged in). `continues`: the envs continue the
-        episodes in progress, so the last observation, mask and recurrent state carry on too (else the caller
-        starts from a reset). Returns the notes to print."""
+        """Resume from a checkpoint's state (this rank's own part merged in; keys that are not the algorithm's are
+        ignored). `continues`: the envs continue the episodes in progress, so the last observation, mask and
+        recurrent state carry on too (else the caller starts from a reset). Returns the notes to print."""
         notes = []
         try:
             self.policy.load_state_dict(data["policy"])

@@ -16,7 +16,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ppo_cli import distributed
-from ppo_cli.algo.compiled import with_fallback
+from ppo_cli.algo.compiled import skip_dynamo_import, with_fallback
 from ppo_cli.algo.fastpath import NumpyGradients, covers
 from ppo_cli.algo.storage import Batch
 from ppo_cli.distributed import Ranks
@@ -256,8 +256,9 @@ class FusedAdamStep:
     path does for a plain group (add 1 to the step counts, run the kernel) on torch's own state tensors, so a
     checkpoint or a later optimizer.step() sees no difference; tests/test_fastpath.py checks it step for step
     against optimizer.step(). `build` returns None for anything else (no fused kernel, amsgrad, maximize,
-    capturable or differentiable groups, step hooks), and the first call, which creates the state, goes
-    through optimizer.step().
+    capturable or differentiable groups, step hooks). The first call creates the state as Adam's fused path does
+    (zeros, a float32 step on the parameter's device), which keeps optimizer.step() and its import of torch._dynamo
+    (about 1 s) out of a run that compiles nothing.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -275,23 +276,32 @@ class FusedAdamStep:
                 return None
         return cls(optimizer)
 
-    def _state_lists(self) -> list[tuple[dict, list[list[torch.Tensor]]]] | None:
+    def _state_lists(self) -> list[tuple[dict, list[list[torch.Tensor]]]]:
         out = []
         for group in self.optimizer.param_groups:
             params = group["params"]
-            states = [self.optimizer.state.get(p) for p in params]
-            if any(not st for st in states):
-                return None
+            states = [self.optimizer.state[p] for p in params]
             out.append((group, [params, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                                 [st["step"] for st in states]]))
         return out
 
+    def _create_state(self) -> None:
+        """Adam's lazy state initialization for fused groups (torch.optim.Adam._init_group), for every parameter."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not self.optimizer.state.get(p):
+                    self.optimizer.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
     def __call__(self) -> None:
         if self.groups is None:
-            self.groups = self._state_lists()
-            if self.groups is None:
-                self.optimizer.step()
+            if any(p.grad is None for group in self.optimizer.param_groups for p in group["params"]):
+                self.optimizer.step()  # see below
                 return
+            self._create_state()
+            self.groups = self._state_lists()
         grads = [[p.grad for p in params] for _, (params, *_) in self.groups]  # autograd's are new every step
         if any(g is None for group_grads in grads for g in group_grads):
             self.optimizer.step()  # torch skips parameters without a gradient; so does its own step
@@ -322,11 +332,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def make_optimizer(policy: nn.Module, name: str, lr_actor: float, lr_critic: float, eps: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """Adam or AdamW with two parameter groups: 'actor' at lr_actor and 'critic' at lr_critic."""
+                   weight_decay: float, compiles: bool = False) -> torch.optim.Optimizer:
+    """Adam or AdamW with two parameter groups: 'actor' at lr_actor and 'critic' at lr_critic. `compiles`: the
+    run compiles something (torch_compile=true); else torch._dynamo is kept out (compiled.skip_dynamo_import)."""
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    if not compiles:
+        skip_dynamo_import(cls)
     groups = [{"params": policy.actor_parameters(), "lr": lr_actor, "name": "actor"},
               {"params": policy.critic_parameters(), "lr": lr_critic, "name": "critic"}]
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     # The fused kernel updates every parameter of a group in one call; on small networks Adam's per-tensor
     # loop otherwise costs about a fifth of a minibatch step.
     fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])

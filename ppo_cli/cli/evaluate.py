@@ -20,7 +20,7 @@ from ppo_cli.envs import recipe
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
-from ppo_cli.policy import export
+from ppo_cli.policy import exported
 from ppo_cli.policy.actor_critic import ActorCritic, build_policy
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import EvalResult, cut_note, evaluate, evaluate_random, run_episodes
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--seed={args.seed}: must be >= 0")
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
         raise UserError(f"--max-episode-steps={args.max_episode_steps}: must be >= 1")
-    fmt = export.detect(args.checkpoint)
+    fmt = exported.detect(args.checkpoint)
     play: Callable[[gym.vector.VectorEnv], EvalResult]
     if fmt is None:
         data = checkpoint.load(args.checkpoint)
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
     else:
-        model = export.ExportedModel(args.checkpoint, fmt, run_code=args.trust_env_code)
+        model = exported.ExportedModel(args.checkpoint, fmt, run_code=args.trust_env_code)
         _file_env(model.metadata.get("env") or {}, args, "model", env_only=True)
         model.load()
         env_cfg = _with_env_arg(_exported_env(model), args)
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
             "checkpoint": str(args.checkpoint), **extra}
 
 
-def _exported_env(model: export.ExportedModel) -> DictConfig:
+def _exported_env(model: exported.ExportedModel) -> DictConfig:
     """The env an exported model was trained on, from its metadata."""
     try:
         env = OmegaConf.merge(OmegaConf.structured(EnvConfig), model.metadata.get("env") or {})

@@ -4,7 +4,7 @@ total_timesteps.
 It owns what ties a run together and is no algorithm's business: the envs, the step and update counters, stop
 signals and the ranks' agreement on them (signals.py), checkpoints at update boundaries (the algorithm's state
 plus the run's), periodic evaluation and best.pt, TensorBoard and the console, the objective. A second algorithm
-plugs in by offering the same five calls: collect, learn, own_state / buffers, state_dict / load_state_dict.
+plugs in by offering the same calls: collect, learn, own_state / buffers / shared_state, load_state_dict, prepare.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from threadpoolctl import threadpool_limits
 
 from ppo_cli import distributed
-from ppo_cli.algo.ppo import OWN_KEYS, PPO
+from ppo_cli.algo.ppo import PPO
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice
@@ -298,7 +298,6 @@ class Runner:
         `ranks` (gathered: with `all_ranks`, every rank must call this at the same point). `at`: the state at the
         start of the rollout in progress instead of now (one process only)."""
         own = self._own_state() if at is None else at.own
-        policy = self.algo.policy.state_dict() if at is None else {**self.algo.policy.state_dict(), **at.buffers}
         others = None
         if self.ranks.active and all_ranks:
             checksum = float(sum(p.detach().double().abs().sum() for p in self.algo.policy.parameters()))
@@ -311,8 +310,7 @@ class Runner:
             "config_yaml": self.config_yaml,
             "observation_space": self.algo.obs_space,
             "action_space": self.algo.action_space,
-            "policy": policy,
-            "optimizer": self.algo.optimizer.state_dict(),
+            **self.algo.shared_state(None if at is None else at.buffers),
             "global_step": self.global_step,
             "update": self.update_idx,
             **own,
@@ -342,8 +340,7 @@ class Runner:
         saved_envs = None if last_obs is None else batch_size(last_obs)
         continues = (env_state is not None and saved_envs == self.cfg.env.num_envs
                      and (self.algo.masks is None) == (data.get("last_mask") is None))
-        self.notes += self.algo.load_state_dict({k: data.get(k) for k in ("policy", "optimizer", *OWN_KEYS)},
-                                                continues)
+        self.notes += self.algo.load_state_dict(data, continues)
         if continues:
             restore(self.envs, env_state)
             return
