@@ -8,6 +8,7 @@
     python benchmarks/speed.py --settings A --backends gymnasium envpool   # ppo-cli on both env backends, and SB3
     python benchmarks/speed.py --settings B G --devices cuda --sb3-device cuda   # on a GPU (issue 16's table)
     python benchmarks/speed.py --settings A --devices auto cpu --pairs 1          # device=auto against the CPU
+    python benchmarks/speed.py --against /tmp/before --pairs 4   # this tree's ppo-cli against another checkout's
 
 Every measurement is a fresh subprocess (`--worker`), so peak RSS is per run and neither tool warms the
 other's caches. Pairs alternate which tool goes first. Both tools get one torch thread, the same envs
@@ -190,10 +191,13 @@ def worker(args: argparse.Namespace) -> None:
 EXTRA: list[str] = []  # --extra overrides, passed to every ppo-cli worker
 
 
-def spawn(tool: str, setting: str, *opts: str, backend: str = "gymnasium", device: str = "cpu") -> dict:
+def spawn(tool: str, setting: str, *opts: str, backend: str = "gymnasium", device: str = "cpu",
+          tree: str | None = None) -> dict:
+    """One worker run; `tree`: another checkout's ppo-cli (its own speed.py worker, its code first on the path)."""
     overrides = [*EXTRA, *([f"env.backend={backend}"] if backend != "gymnasium" else [])]
     extra = ["--extra", *overrides] if overrides and tool.startswith("ppo-cli") else []
-    cmd = [sys.executable, __file__, "--worker", tool, "--setting", setting, "--device", device, *opts, *extra]
+    script = str(Path(tree) / "benchmarks" / "speed.py") if tree else __file__
+    cmd = [sys.executable, script, "--worker", tool, "--setting", setting, "--device", device, *opts, *extra]
     env = child_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -207,7 +211,7 @@ def _spread(values: list[float]) -> str:
 
 
 def compare(settings: list[str], pairs: int, backends: list[str], devices: list[str] | None = None,
-            sb3_device: str = "cpu") -> None:
+            sb3_device: str = "cpu", against: str | None = None) -> None:
     """Each pair runs ppo-cli once per backend and device and SB3 once, in an order that rotates from pair to
     pair."""
     devices = devices or ["cpu"]
@@ -218,10 +222,12 @@ def compare(settings: list[str], pairs: int, backends: list[str], devices: list[
         card = f"; GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "; no CUDA GPU"
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}{card}; torch threads 1; {pairs} alternating pairs per "
           f"setting\n")
-    tools = [("ppo-cli", b, d) for b in backends for d in devices] + [("sb3", "gymnasium", sb3_device)]
+    tools = [("ppo-cli", b, d, None) for b in backends for d in devices]
+    tools += [("ppo-cli", "gymnasium", devices[0], against)] if against else []
+    tools += [("sb3", "gymnasium", sb3_device, None)]
 
-    def tool_label(t: tuple[str, str, str]) -> str:
-        parts = ["SB3" if t[0] == "sb3" else "ppo-cli"]
+    def tool_label(t: tuple[str, str, str, str | None]) -> str:
+        parts = ["SB3" if t[0] == "sb3" else "ppo-cli" if t[3] is None else f"ppo-cli@{Path(t[3]).name}"]
         if t[0] != "sb3" and len(backends) > 1:
             parts.append(t[1])
         if len({*devices, sb3_device}) > 1:
@@ -231,10 +237,10 @@ def compare(settings: list[str], pairs: int, backends: list[str], devices: list[
     label = {t: tool_label(t) for t in tools}
     rows = []
     for setting in settings:
-        runs: dict[tuple[str, str, str], list[dict]] = {t: [] for t in tools}
+        runs: dict[tuple[str, str, str, str | None], list[dict]] = {t: [] for t in tools}
         for i in range(pairs):
             for tool in tools[i % len(tools):] + tools[:i % len(tools)]:
-                runs[tool].append(spawn(tool[0], setting, backend=tool[1], device=tool[2]))
+                runs[tool].append(spawn(tool[0], setting, backend=tool[1], device=tool[2], tree=tool[3]))
             print(f"  {setting} pair {i + 1}: " + ", ".join(f"{label[t]} {runs[t][-1]['sps']:,.0f} SPS"
                                                         for t in tools), flush=True)
         rows.append((setting, runs))
@@ -260,6 +266,12 @@ def compare(settings: list[str], pairs: int, backends: list[str], devices: list[
             print(f"| {row} | " + " | ".join(f"{100 * x:.0f}%" for x in shares) + " |")
     for name, _ in rows:
         print(f"  {name}: {SETTINGS[name]['title']}")
+    if against:
+        def median(runs: dict, tool: tuple) -> float:
+            return statistics.median(r["sps"] for r in runs[tool])
+
+        print(f"\nthis tree's ppo-cli against {against}'s (medians): "
+              + ", ".join(f"{name} {median(runs, ours[0]) / median(runs, ours[-1]):.3f}x" for name, runs in rows))
 
 
 def time_to_475(pairs: int, every: int = 8192, episodes: int = 20) -> None:
@@ -325,6 +337,8 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda", "auto"],
                    help="ppo-cli's devices to run, each in every pair (default: cpu)")
     p.add_argument("--sb3-device", default="cpu", choices=["cpu", "cuda"], help="SB3's device (default: cpu)")
+    p.add_argument("--against", metavar="TREE", help="also run the ppo-cli of another checkout (a git worktree of "
+                   "an earlier commit, say) in every pair, and print this tree's SPS over its")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args()
     EXTRA.extend(args.extra or [])
@@ -341,7 +355,7 @@ def main() -> None:
     if args.scaling:
         scaling()
     else:
-        compare(args.settings, args.pairs, args.backends, args.devices, args.sb3_device)
+        compare(args.settings, args.pairs, args.backends, args.devices, args.sb3_device, args.against)
         if args.time_to_475:
             time_to_475(args.pairs)
 
