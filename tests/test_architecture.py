@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_cli.algo.fastpath import NumpyActor, covers
+from ppo_cli.algo.fast.core import NumpyActor, covers
 from ppo_cli.algo.rollout import TorchActor, choose_actor
 from ppo_cli.algo.storage import Batch
 from ppo_cli.algo.timing import Stopwatch

@@ -1,11 +1,11 @@
-"""The hand-written numpy loss and gradients (fastpath.NumpyLoss) and rollout forward pass (fastpath.NumpyActor)
+"""The hand-written numpy loss and gradients (fast.core.NumpyLoss) and rollout forward pass (fast.core.NumpyActor)
 against autograd and the torch policy on the same inputs."""
 
 import numpy as np
 import pytest
 import torch
 
-from ppo_cli.algo.fastpath import NumpyActor, NumpyLoss, covers
+from ppo_cli.algo.fast.core import NumpyActor, NumpyLoss, covers
 from ppo_cli.algo.storage import Batch
 from ppo_cli.algo.update import AutogradGradients, Updater, UpdateSettings, make_optimizer, minibatch_loss
 from ppo_cli.policy.actor_critic import ActorCritic

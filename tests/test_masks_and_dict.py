@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ppo_cli.algo.fastpath import NumpyActor, NumpyLoss, covers
+from ppo_cli.algo.fast.core import NumpyActor, NumpyLoss, covers
+from ppo_cli.algo.fast.heads import numpy_head
 from ppo_cli.algo.rollout import TorchActor
 from ppo_cli.algo.update import UpdateSettings, minibatch_loss
 from ppo_cli.policy.actor_critic import ActorCritic
@@ -24,7 +25,7 @@ def test_masked_entropy_and_log_prob_match_a_hand_computation():
     logp, entropy = head.log_prob_entropy(out, torch.tensor([2]), mask)
     assert float(entropy) == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert float(logp) == pytest.approx(math.log(p[1]), rel=1e-6)
-    n_logp, n_entropy, _ = head.np_log_prob_entropy(out.numpy(), np.array([2]), mask.numpy())
+    n_logp, n_entropy, _ = numpy_head(head).log_prob_entropy(out.numpy(), np.array([2]), mask.numpy())
     assert n_entropy[0] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert n_logp[0] == pytest.approx(math.log(p[1]), rel=1e-6)
     assert int(head.mode(out, mask)[0]) == 2  # the best allowed, not the best overall (3)
@@ -44,12 +45,12 @@ def test_no_masked_action_is_ever_sampled(twin):
     if twin == "torch":
         actions = head.sample(torch.from_numpy(out), torch.from_numpy(noise), torch.from_numpy(mask)).numpy()
     else:
-        actions, _ = head.np_sample(out, noise, mask)
+        actions, _ = numpy_head(head).sample(out, noise, mask)
     assert mask[np.arange(n), actions[:, 0]].all() and mask[np.arange(n), 5 + actions[:, 1]].all()
     # the last allowed value is reachable: the inverse-CDF guard stops at it, not at the last value
     only_first = np.zeros((1, 8), bool)
     only_first[0, [0, 5]] = True
-    a, _ = head.np_sample(np.zeros((1, 8), np.float32), np.full((1, 2), 0.9999999, np.float32), only_first)
+    a, _ = numpy_head(head).sample(np.zeros((1, 8), np.float32), np.full((1, 2), 0.9999999, np.float32), only_first)
     assert a.tolist() == [[0, 0]]
 
 
@@ -69,7 +70,7 @@ def test_a_noise_of_exactly_zero_takes_the_first_allowed_action(twin):
             logp, _ = head.log_prob_entropy(torch.from_numpy(out), action, torch.from_numpy(mask))
             action, logp = action.numpy(), logp.numpy()
         else:
-            action, logp = head.np_sample(out, noise, mask)
+            action, logp = numpy_head(head).sample(out, noise, mask)
         assert np.asarray(action).reshape(-1).tolist() == expected
         assert np.isfinite(logp).all() and float(logp[0]) > -10
 

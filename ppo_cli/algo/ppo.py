@@ -8,7 +8,7 @@ logging: that is the runner's (run/runner.py). Under torchrun it averages gradie
 statistics with the other ranks (distributed.py), which is part of computing the update.
 
 The maths lives below it: rollout.py (the one rollout loop), storage.py (buffer and GAE), update.py (loss,
-gradients, optimizer step), fastpath.py (the numpy twins).
+gradients, optimizer step), fast/ (the numpy twins).
 """
 
 from __future__ import annotations

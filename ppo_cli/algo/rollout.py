@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ppo_cli.algo.compiled import with_fallback
-from ppo_cli.algo.fastpath import NumpyActor, covers
+from ppo_cli.algo.fast.core import NumpyActor, covers
 from ppo_cli.algo.storage import RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.devices import HostStaging, stages
@@ -23,7 +23,7 @@ from ppo_cli.policy.observations import as_tensors, batch_size, stack
 
 
 class Actor(Protocol):
-    """What the rollout acts through: TorchActor, or fastpath.NumpyActor where it covers the policy."""
+    """What the rollout acts through: TorchActor, or fast.core.NumpyActor where it covers the policy."""
 
     def inputs(self, obs: np.ndarray, update_stats: bool = True) -> Any:
         """The network input for raw observations (what the buffer stores); folds them into the observation

@@ -17,7 +17,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ppo_cli import distributed
 from ppo_cli.algo.compiled import skip_dynamo_import, with_fallback
-from ppo_cli.algo.fastpath import NumpyGradients, covers
+from ppo_cli.algo.fast.core import NumpyGradients, covers
 from ppo_cli.algo.storage import Batch
 from ppo_cli.distributed import Ranks
 
@@ -112,7 +112,7 @@ def compile_loss(say: Callable[[str], None]) -> LossFn:
 
 class Gradients(Protocol):
     """A gradient source: the loss of a minibatch, its gradients written into the parameters' .grad, and the
-    minibatch's statistics. AutogradGradients here; fastpath.NumpyGradients where it covers the policy."""
+    minibatch's statistics. AutogradGradients here; fast.core.NumpyGradients where it covers the policy."""
 
     def epoch(self, shuffled: Batch) -> None:
         """Take this epoch's shuffled batch; minibatches are slices of it."""
@@ -210,7 +210,7 @@ class Updater:
         Statistics are averaged over the minibatch steps taken and read back once, at the end, so the loop
         never waits on a device sync for logging.
         """
-        # An update that diverges overflows the numpy gradients (fastpath) into inf and NaN; the trainer reports it
+        # An update that diverges overflows the numpy gradients (fast path) into inf and NaN; the trainer reports it
         # from the non-finite statistics in one line (divergence_message), so numpy's warnings would only be noise.
         with np.errstate(all="ignore"):
             return self._update(batch, s)

@@ -1,13 +1,13 @@
 """Action heads: one class per action distribution, each owning its sampling, log-prob, entropy, mode and the
-mapping of a stored action to what the env takes, in torch and, beside it, in numpy for the fast path.
+mapping of a stored action to what the env takes. The fast path's numpy twins are in algo/fast/heads.py.
 
 A head reads the policy network's raw outputs `out` [n, n_outputs] (logits, or a Gaussian's mean) and holds
 any parameters of its own (the Gaussian's state-independent log-std). The maths is written on plain tensors
 instead of going through torch.distributions, whose per-call validation and object creation cost more than
 the arithmetic on networks this small.
 
-Sampling draws its randomness from a numpy Generator in both twins (`noise`, then a deterministic function
-of it), so the torch and the numpy rollout take the same actions from the same seed.
+Sampling draws its randomness from a numpy Generator (`noise`, then a deterministic function of it), which the
+numpy twin draws from too, so the torch and the numpy rollout take the same actions from the same seed.
 
 Adding a head: a subclass here, registered in HEADS under the name `envs.describe_space` gives its space.
 """
@@ -54,23 +54,6 @@ class ActionHead(nn.Module):
     def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    # --- numpy twins (fastpath) ----------------------------------------------------------------------------
-    def np_sample(self, out: np.ndarray, noise: np.ndarray,
-                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(actions, their log-probs), as `sample` then `log_prob_entropy` would give."""
-        raise NotImplementedError
-
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        """(log-probs, entropies, what np_grad needs)."""
-        raise NotImplementedError
-
-    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
-        """dL/d(out) for dL/d logp = g_logp plus the entropy bonus -ent_coef * mean(H) (c = ent_coef / n), and
-        dL/d(each of own_parameters())."""
-        raise NotImplementedError
-
     # --- shared --------------------------------------------------------------------------------------------
     def own_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
@@ -100,7 +83,6 @@ class MultiCategorical(ActionHead):
         super().__init__(space)
         self.nvec = [int(n) for n in space["nvec"]]
         self.n_outputs, self.action_shape, self.action_dtype = sum(self.nvec), (len(self.nvec),), torch.long
-        self._splits = np.cumsum(self.nvec)[:-1]
 
     def _segments(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (out,) if len(self.nvec) == 1 else out.split(self.nvec, dim=-1)
@@ -149,73 +131,6 @@ class MultiCategorical(ActionHead):
     def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._stack([logits.argmax(-1) for logits in self._segments(self._masked(out, mask))])
 
-    def _np_segments(self, out: np.ndarray) -> list[np.ndarray]:
-        return [out] if len(self.nvec) == 1 else np.split(out, self._splits, axis=1)
-
-    @staticmethod
-    def _np_masked(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-        return out if mask is None else np.where(mask, out, np.finfo(out.dtype).min)
-
-    def _np_columns(self, actions: np.ndarray) -> np.ndarray:
-        return actions
-
-    def np_sample(self, out: np.ndarray, noise: np.ndarray,
-                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.arange(out.shape[0])
-        actions, logp = [], None
-        masks = self._np_segments(mask) if mask is not None else [None] * len(self.nvec)
-        for j, (logits, m) in enumerate(zip(self._np_segments(self._np_masked(out, mask)), masks, strict=True)):
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            total = exp.sum(axis=1, keepdims=True)
-            cdf = np.cumsum(exp / total, axis=1)
-            drawn = (noise[:, j:j + 1] > cdf).sum(axis=1)  # clamped as sample() says why
-            if m is None:
-                action = np.minimum(drawn, logits.shape[1] - 1)
-            else:
-                action = np.clip(drawn, m.argmax(axis=1), logits.shape[1] - 1 - m[:, ::-1].argmax(axis=1))
-            lp = (shifted - np.log(total))[rows, action]
-            logp = lp if logp is None else logp + lp
-            actions.append(action)
-        return self._np_stack(actions), logp.astype(np.float32, copy=False)  # type: ignore[union-attr]
-
-    def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
-        return np.stack(parts, axis=1)
-
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        n = out.shape[0]
-        cols = self._np_columns(actions)
-        logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
-        for j, logits in enumerate(self._np_segments(self._np_masked(out, mask))):
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            total = exp.sum(axis=1, keepdims=True)
-            logp_all = shifted - np.log(total)
-            p = exp / total
-            h = -(p * logp_all).sum(axis=1)
-            logp += logp_all[np.arange(n), cols[:, j]]
-            entropy += h
-            parts.append((p, logp_all, h))
-        return logp, entropy, (parts, mask)
-
-    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
-        # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
-        col = g_logp[:, None]
-        cols = self._np_columns(actions)
-        rows = np.arange(len(g_logp))
-        parts, mask = cache
-        grads = []
-        for j, (p, logp_all, h) in enumerate(parts):
-            g = p * (c * (logp_all + h[:, None]) - col)
-            g[rows, cols[:, j]] += g_logp
-            grads.append(g)
-        g_out = grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)
-        if mask is not None:  # torch.where passes no gradient to the forbidden logits
-            g_out = np.where(mask, g_out, np.float32(0.0))
-        return g_out, []
-
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return (actions + np.asarray(self.space["start"])).reshape(actions.shape[0], *self.space["shape"])
 
@@ -235,12 +150,6 @@ class Categorical(MultiCategorical):
         return actions.long().unsqueeze(-1)
 
     def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return parts[0]
-
-    def _np_columns(self, actions: np.ndarray) -> np.ndarray:
-        return actions[:, None]
-
-    def _np_stack(self, parts: list[np.ndarray]) -> np.ndarray:
         return parts[0]
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
@@ -273,28 +182,6 @@ class Bernoulli(ActionHead):
 
     def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return (out > 0).float()
-
-    def np_sample(self, out: np.ndarray, noise: np.ndarray,
-                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
-        actions = (noise < p1).astype(np.float32)
-        return actions, self.np_log_prob_entropy(out, actions)[0]
-
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
-        log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
-        log_p0 = log_p1 - out
-        p1 = np.exp(log_p1)
-        logp = (actions * out + log_p0).sum(axis=1)
-        entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0).sum(axis=1)
-        return logp, entropy, (p1, out)
-
-    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
-        # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
-        p1, logits = cache
-        return g_logp[:, None] * (actions - p1) + c * p1 * (1.0 - p1) * logits, []
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         return actions.astype(np.int8).reshape(actions.shape[0], *self.space["shape"])
@@ -334,32 +221,6 @@ class DiagGaussian(ActionHead):
 
     def mode(self, out: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return out
-
-    def _np_log_std(self) -> np.ndarray:
-        return self.log_std.detach().numpy()
-
-    def np_sample(self, out: np.ndarray, noise: np.ndarray,
-                  mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        log_std = self._np_log_std()
-        actions = out + noise * np.exp(log_std)
-        logp = (-0.5 * noise * noise).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        return actions, logp.astype(np.float32, copy=False)
-
-    def np_log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                            mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        log_std = self._np_log_std()
-        inv_std = np.exp(-log_std)
-        z = (actions - out) * inv_std
-        logp = (-0.5 * z * z).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        entropy = np.full(out.shape[0], (0.5 + 0.5 * LOG_2PI + log_std).sum(), np.float32)
-        return logp, entropy, (z, inv_std)
-
-    def np_grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-                c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
-        z, inv_std = cache
-        col = g_logp[:, None]
-        g_log_std = (col * (z * z - 1.0)).sum(axis=0) - c * len(g_logp)
-        return col * z * inv_std, [g_log_std]
 
     def env_action(self, actions: np.ndarray) -> np.ndarray:
         clipped = np.clip(actions.astype(np.float64), self._low, self._high).astype(self._dtype)

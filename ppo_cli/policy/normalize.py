@@ -47,6 +47,10 @@ class ObsNormalizer(nn.Module):
         self.count.copy_(total)
         self._refresh()
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (shift, scale) that `forward` applies: clamp((x - shift) * scale, -clip, clip)."""
+        return self._shift, self._scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp((x - self._shift) * self._scale, -self.clip, self.clip)
 

@@ -70,8 +70,9 @@ def _shape_text(space: dict[str, Any]) -> str:
 
 class Part:
     """One part of an observation (a Dict key, a Tuple index, or the whole space: `key` None) and how a batch of
-    its values becomes `size` columns of the network input: `encode` in torch, `np_encode` its numpy twin (the
-    fast rollout). This base flattens to float32; `box` parts are the columns env.normalize_obs normalizes."""
+    its values becomes `size` columns of the network input: `encode` (its numpy twin for the fast rollout is in
+    algo/fast/observations.py). This base flattens to float32; `box` parts are the columns env.normalize_obs
+    normalizes."""
 
     box = False
 
@@ -81,9 +82,6 @@ class Part:
 
     def encode(self, value: torch.Tensor) -> torch.Tensor:
         return value.float().reshape(value.shape[0], -1)
-
-    def np_encode(self, value: np.ndarray) -> np.ndarray:
-        return value.reshape(value.shape[0], -1).astype(np.float32, copy=False)
 
 
 class BoxPart(Part):
@@ -102,13 +100,9 @@ class DiscretePart(Part):
     def __init__(self, key: str | int | None, space: dict[str, Any]) -> None:
         self.key, self.space, self.size = key, space, space["n"]
         self.start = space.get("start", 0)
-        self._eye = np.eye(self.size, dtype=np.float32)  # the numpy twin's one-hot table, made once
 
     def encode(self, value: torch.Tensor) -> torch.Tensor:
         return F.one_hot(value.long().view(-1) - self.start, self.size).float()
-
-    def np_encode(self, value: np.ndarray) -> np.ndarray:
-        return self._eye[value.reshape(-1) - self.start]
 
 
 class MultiDiscretePart(Part):
@@ -118,15 +112,10 @@ class MultiDiscretePart(Part):
         self.key, self.space = key, space
         self.nvec = list(space["nvec"])
         self.size = sum(self.nvec)
-        self._eyes = [np.eye(n, dtype=np.float32) for n in self.nvec]
 
     def encode(self, value: torch.Tensor) -> torch.Tensor:
         v = value.long().flatten(1) - torch.as_tensor(self.space["start"], device=value.device)
         return torch.cat([F.one_hot(v[:, i], n) for i, n in enumerate(self.nvec)], dim=1).float()
-
-    def np_encode(self, value: np.ndarray) -> np.ndarray:
-        v = value.reshape(value.shape[0], -1) - np.asarray(self.space["start"])
-        return np.concatenate([eye[v[:, i]] for i, eye in enumerate(self._eyes)], axis=1)
 
 
 class ImagePart(Part):
@@ -140,10 +129,6 @@ class ImagePart(Part):
     def encode(self, value: torch.Tensor) -> torch.Tensor:
         order = self.image.order
         return value.unsqueeze(1) if order == "HW" else value.permute(0, 3, 1, 2) if order == "HWC" else value
-
-    def np_encode(self, value: np.ndarray) -> np.ndarray:
-        order = self.image.order
-        return value[:, None] if order == "HW" else value.transpose(0, 3, 1, 2) if order == "HWC" else value
 
 
 # The spaces an observation part can be, and how each is encoded.
@@ -249,29 +234,6 @@ class InputLayout:
             box = norm(box)
         cols += ([box] if box is not None else []) + [p.encode(self._get(obs, p)) for p in self.other_parts]
         return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
-
-    # --- numpy twin (fastpath.NumpyActor) ------------------------------------------------------------------
-    def np_box_input(self, obs: Any) -> np.ndarray | None:
-        if not self.box_parts:
-            return None
-        cols = [p.np_encode(self._get(obs, p)) for p in self.box_parts]
-        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
-
-    def np_prepare(self, obs: Any, norm: Any, update_stats: bool) -> np.ndarray:
-        """prepare in numpy; folds the Box parts into `norm`'s statistics first when `update_stats`."""
-        cols = []
-        if self.image_part is not None:
-            image = self.image_part.np_encode(self._get(obs, self.image_part))
-            if not self.extra_dim:
-                return image
-            cols.append(image.reshape(image.shape[0], -1).astype(np.float32))
-        box = self.np_box_input(obs)
-        if box is not None and norm is not None:
-            if update_stats:
-                norm.update(torch.from_numpy(box))
-            box = np.clip((box - norm._shift.numpy()) * norm._scale.numpy(), -norm.clip, norm.clip)
-        cols += ([box] if box is not None else []) + [p.np_encode(self._get(obs, p)) for p in self.other_parts]
-        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
 
 def _describe(space: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@ exp about 1.8x, which is a quarter of a large-batch update. So the loss and ever
 products on numpy views of the parameters' and gradients' memory: the optimizer sees the gradients in place and
 the arrays see every in-place optimizer step, without a copy either way. Layer outputs and backward scratch live
 in buffers allocated once per minibatch size for the whole run, so a long run does not grow the heap. The
-action distributions' maths is each head's numpy twin, in heads.py beside its torch version.
+action distributions' maths is each head's numpy twin (heads.py here), the network input the policy's `prepare`
+in numpy (observations.py here).
 
 `covers(policy)` says whether this path computes exactly what the torch policy does: the policy must be
 ppo-cli's ActorCritic itself (no subclass), on MLP encoders of Linear layers and one activation, CPU float32,
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from ppo_cli import distributed
+from ppo_cli.algo.fast.heads import numpy_head
+from ppo_cli.algo.fast.observations import NumpyInput, uncovered_parts
 from ppo_cli.algo.storage import Batch
 from ppo_cli.policy.actor_critic import ActorCritic
 from ppo_cli.policy.encoders import MLPEncoder
@@ -58,6 +61,11 @@ def covers(policy: nn.Module) -> tuple[str | None, str]:
     acts = [_ACTIVATIONS[k] for k in kinds if k in _ACTIVATIONS]
     if len(acts) != 1 or not kinds <= {nn.Linear, *_ACTIVATIONS}:
         return None, "the encoders are not Linear layers with one activation"
+    if numpy_head(policy.dist) is None:
+        return None, f"the {type(policy.dist).__name__} action head has no numpy twin (fast/heads.py)"
+    parts = uncovered_parts(policy.layout)
+    if parts:
+        return None, f"the observation parts {', '.join(parts)} have no numpy encoder (fast/observations.py)"
     covered = [p for net in _networks(policy, acts[0]) if net is not None for layer in net.layers
                for p in (layer.weight, layer.bias)] + policy.dist.own_parameters()
     params = list(policy.parameters())
@@ -168,7 +176,7 @@ class NumpyLoss:
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
         self.trunk, self.actor, self.critic = _networks(policy, activation)
-        self.dist = policy.dist
+        self.dist, self.head = policy.dist, numpy_head(policy.dist)
         # Every gradient is a view of one flat buffer: the loss writes into the views, the optimizer reads the
         # parameters' .grad, and the gradient clip is one norm and one scale over the buffer.
         self.flat_grad = flat_grads(list(policy.parameters())).numpy()
@@ -218,7 +226,7 @@ class NumpyLoss:
             centred = adv - np.add.reduce(adv) / np.float32(n)
             adv = centred / (np.sqrt(np.dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
 
-        logp, entropy, head = self.dist.np_log_prob_entropy(out, actions, mask)
+        logp, entropy, cache = self.head.log_prob_entropy(out, actions, mask)
         log_ratio = logp - old_logp
         ratio = np.exp(log_ratio)
         surr1 = ratio * adv
@@ -228,7 +236,7 @@ class NumpyLoss:
         # d policy_loss / d logp = -(1/n) * r * A where the unclipped term counts, else 0 (see the module doc)
         counts = (surr1 <= surr2) | (clipped == ratio)
         g_logp = surr1 * counts * np.float32(-1.0 / n)
-        g_out, g_dist = self.dist.np_grad(head, actions, g_logp, np.float32(ent_coef / n))
+        g_out, g_dist = self.head.grad(cache, actions, g_logp, np.float32(ent_coef / n))
         for view, g in zip(self.dist_grads, g_dist, strict=True):
             view[...] = g
         self.actor.backward(features, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
@@ -315,11 +323,12 @@ class NumpyActor:
     def __init__(self, policy: ActorCritic, activation: str, rng: np.random.Generator) -> None:
         self.policy, self.rng = policy, rng
         self.trunk, self.actor, self.critic = _networks(policy, activation)
-        self.dist, self.layout = policy.dist, policy.layout
+        self.dist, self.head = policy.dist, numpy_head(policy.dist)
+        self.input = NumpyInput(policy.layout, policy.obs_norm)
 
     def inputs(self, obs: Any, update_stats: bool = True) -> np.ndarray:
         """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
-        return self.layout.np_prepare(obs, self.policy.obs_norm, update_stats)
+        return self.input.prepare(obs, update_stats)
 
     def _features(self, x: np.ndarray) -> np.ndarray:
         return x if self.trunk is None else self.trunk.forward(x)[-1]
@@ -331,7 +340,7 @@ class NumpyActor:
         """Sampled actions, their log-probs and the values, for a float32 batch of network inputs."""
         h = self._features(x)
         out = self.actor.forward(h)[-1]
-        action, logp = self.dist.np_sample(out, self.dist.noise(self.rng, out.shape[0]), mask)
+        action, logp = self.head.sample(out, self.dist.noise(self.rng, out.shape[0]), mask)
         return action, logp, self.critic.forward(h)[-1][:, 0]
 
     def env_action(self, action: np.ndarray) -> np.ndarray:

@@ -1,0 +1,187 @@
+"""The numpy twins of the action heads (policy/heads.py): sampling, log-prob and entropy, and the loss's gradient
+with respect to the network's outputs, written out by hand. One adapter per head class, reading only the head's
+public attributes; `numpy_head` finds it, and a head without one is not covered (core.covers says so).
+
+Each twin computes what its head does in torch: tests/test_fastpath.py compares every head's gradients with
+autograd, with and without masks, and tests/test_masks_and_dict.py their samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ppo_cli.policy.heads import LOG_2PI, ActionHead, Bernoulli, Categorical, DiagGaussian, MultiCategorical
+
+
+class NumpyHead:
+    """The interface: `sample` (actions and their log-probs, as head.sample then head.log_prob_entropy give),
+    `log_prob_entropy` (with what `grad` needs), and `grad`: dL/d(out) for dL/d logp = g_logp plus the entropy
+    bonus -ent_coef * mean(H) (c = ent_coef / n), and dL/d(each of head.own_parameters())."""
+
+    def __init__(self, head: ActionHead) -> None:
+        self.head = head
+
+    def sample(self, out: np.ndarray, noise: np.ndarray,
+               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        raise NotImplementedError
+
+    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+
+class NumpyMultiCategorical(NumpyHead):
+    head: MultiCategorical
+
+    def __init__(self, head: MultiCategorical) -> None:
+        super().__init__(head)
+        self.splits = np.cumsum(head.nvec)[:-1]
+
+    def _segments(self, out: np.ndarray) -> list[np.ndarray]:
+        return [out] if len(self.head.nvec) == 1 else np.split(out, self.splits, axis=1)
+
+    @staticmethod
+    def _masked(out: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        return out if mask is None else np.where(mask, out, np.finfo(out.dtype).min)
+
+    def _columns(self, actions: np.ndarray) -> np.ndarray:
+        return actions
+
+    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.stack(parts, axis=1)
+
+    def sample(self, out: np.ndarray, noise: np.ndarray,
+               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(out.shape[0])
+        actions, logp = [], None
+        masks = self._segments(mask) if mask is not None else [None] * len(self.head.nvec)
+        for j, (logits, m) in enumerate(zip(self._segments(self._masked(out, mask)), masks, strict=True)):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            total = exp.sum(axis=1, keepdims=True)
+            cdf = np.cumsum(exp / total, axis=1)
+            drawn = (noise[:, j:j + 1] > cdf).sum(axis=1)  # clamped as MultiCategorical.sample says why
+            if m is None:
+                action = np.minimum(drawn, logits.shape[1] - 1)
+            else:
+                action = np.clip(drawn, m.argmax(axis=1), logits.shape[1] - 1 - m[:, ::-1].argmax(axis=1))
+            lp = (shifted - np.log(total))[rows, action]
+            logp = lp if logp is None else logp + lp
+            actions.append(action)
+        return self._stack(actions), logp.astype(np.float32, copy=False)  # type: ignore[union-attr]
+
+    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        n = out.shape[0]
+        cols = self._columns(actions)
+        logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
+        for j, logits in enumerate(self._segments(self._masked(out, mask))):
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            total = exp.sum(axis=1, keepdims=True)
+            logp_all = shifted - np.log(total)
+            p = exp / total
+            h = -(p * logp_all).sum(axis=1)
+            logp += logp_all[np.arange(n), cols[:, j]]
+            entropy += h
+            parts.append((p, logp_all, h))
+        return logp, entropy, (parts, mask)
+
+    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
+        col = g_logp[:, None]
+        cols = self._columns(actions)
+        rows = np.arange(len(g_logp))
+        parts, mask = cache
+        grads = []
+        for j, (p, logp_all, h) in enumerate(parts):
+            g = p * (c * (logp_all + h[:, None]) - col)
+            g[rows, cols[:, j]] += g_logp
+            grads.append(g)
+        g_out = grads[0] if len(grads) == 1 else np.concatenate(grads, axis=1)
+        if mask is not None:  # torch.where passes no gradient to the forbidden logits
+            g_out = np.where(mask, g_out, np.float32(0.0))
+        return g_out, []
+
+
+class NumpyCategorical(NumpyMultiCategorical):
+    """Actions stored as scalars: one column."""
+
+    def _columns(self, actions: np.ndarray) -> np.ndarray:
+        return actions[:, None]
+
+    def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0]
+
+
+class NumpyBernoulli(NumpyHead):
+    def sample(self, out: np.ndarray, noise: np.ndarray,
+               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
+        actions = (noise < p1).astype(np.float32)
+        return actions, self.log_prob_entropy(out, actions)[0]
+
+    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
+        log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
+        log_p0 = log_p1 - out
+        p1 = np.exp(log_p1)
+        logp = (actions * out + log_p0).sum(axis=1)
+        entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0).sum(axis=1)
+        return logp, entropy, (p1, out)
+
+    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
+        p1, logits = cache
+        return g_logp[:, None] * (actions - p1) + c * p1 * (1.0 - p1) * logits, []
+
+
+class NumpyDiagGaussian(NumpyHead):
+    head: DiagGaussian
+
+    def _log_std(self) -> np.ndarray:
+        return self.head.log_std.detach().numpy()
+
+    def sample(self, out: np.ndarray, noise: np.ndarray,
+               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        log_std = self._log_std()
+        actions = out + noise * np.exp(log_std)
+        logp = (-0.5 * noise * noise).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
+        return actions, logp.astype(np.float32, copy=False)
+
+    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        log_std = self._log_std()
+        inv_std = np.exp(-log_std)
+        z = (actions - out) * inv_std
+        logp = (-0.5 * z * z).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
+        entropy = np.full(out.shape[0], (0.5 + 0.5 * LOG_2PI + log_std).sum(), np.float32)
+        return logp, entropy, (z, inv_std)
+
+    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+        z, inv_std = cache
+        col = g_logp[:, None]
+        g_log_std = (col * (z * z - 1.0)).sum(axis=0) - c * len(g_logp)
+        return col * z * inv_std, [g_log_std]
+
+
+# Head class -> its numpy twin; by exact class, so a subclass of a head (maths of its own) is not covered.
+ADAPTERS: dict[type[ActionHead], type[NumpyHead]] = {
+    MultiCategorical: NumpyMultiCategorical, Categorical: NumpyCategorical, Bernoulli: NumpyBernoulli,
+    DiagGaussian: NumpyDiagGaussian}
+
+
+def numpy_head(head: ActionHead) -> NumpyHead | None:
+    """The numpy twin of `head`, or None where there is none."""
+    adapter = ADAPTERS.get(type(head))
+    return None if adapter is None else adapter(head)  # type: ignore[arg-type]
