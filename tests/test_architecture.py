@@ -242,3 +242,48 @@ def test_every_module_belongs_to_a_stage_and_imports_nothing_above_it():
         problems += [f"{module} (stage {own}) imports {imported} (stage {_stage(imported)})"
                      for imported in _imports(path) if (_stage(imported) or 0) > own]
     assert problems == []
+
+
+# --- start-up by stage (issue 29, item 6) --------------------------------------------------------------------------
+
+def test_ppo_train_starts_without_torch_and_a_run_that_compiles_nothing_never_imports_dynamo(tmp_path):
+    """`ppo-train --help`, argument errors and sweep launchers import ppo-train's entry point only: no torch
+    (1.3 s). A run that compiles nothing keeps torch._dynamo (about 1 s more) out: torch.optim's methods would
+    import it at their first call (compiled.skip_dynamo_import, FusedAdamStep's own state)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    probe = "import sys, ppo_cli.cli.train; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
+    run = ("import sys, runpy; sys.argv = ['ppo-train', *sys.argv[1:]]\n"
+           "try:\n    runpy.run_module('ppo_cli.cli.train', run_name='__main__')\n"
+           "finally:\n    print('dynamo:', 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", run, *TINY, "eval.every_steps=128", f"hydra.run.dir={tmp_path / 'r'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dynamo: False" in out.stdout
+
+
+def test_the_fast_path_refuses_a_head_or_observation_part_it_has_no_twin_for():
+    from ppo_cli.algo.fast.core import covers
+    from ppo_cli.policy.heads import Categorical
+    from ppo_cli.policy.observations import BoxPart
+
+    class Tempered(Categorical):  # maths of its own: the numpy twin of Categorical does not compute it
+        pass
+
+    policy = ActorCritic(OBS, ACT, [16])
+    assert covers(policy)[0] == "tanh"
+    policy.dist = Tempered(ACT)
+    assert covers(policy) == (None, "the Tempered action head has no numpy twin (fast/heads.py)")
+
+    class Scaled(BoxPart):
+        pass
+
+    policy = ActorCritic(OBS, ACT, [16])
+    policy.layout.parts = [Scaled(None, OBS)]
+    assert covers(policy) == (None, "the observation parts Scaled have no numpy encoder (fast/observations.py)")
