@@ -34,6 +34,12 @@ def _crafted(ckpt: Path, out: Path, **changes) -> Path:
     return out
 
 
+def _with_nan(ckpt: Path) -> dict:
+    policy = torch.load(ckpt, weights_only=True)["policy"]
+    policy["actor_encoder.0.weight"][0, 0] = float("nan")
+    return policy
+
+
 def _popen(marker: Path) -> list[tuple[str, str]]:
     return [("entry_point: null", "entry_point: subprocess:Popen"),
             ("kwargs: {}", f"kwargs: {{args: ['touch', '{marker}']}}")]
@@ -91,6 +97,15 @@ ROWS = {
     "checkpoint-cap-zero": (lambda c, t, m, mp, cs: [_crafted(c, t / "z.pt", yaml=[("max_episode_steps: 108000",
                                                                                    "max_episode_steps: 0")])],
                             "eval.max_episode_steps=0: must be >= 1 (set --max-episode-steps N)"),
+    # issue 30, items 11 and 12
+    "policy-is-a-string": (lambda c, t, m, mp, cs: [_crafted(c, t / "s.pt", policy="weights")],
+                           "the checkpoint's policy entry is a str, not a mapping of tensors: the file is damaged"),
+    "format-version-a-string": (lambda c, t, m, mp, cs: [_crafted(c, t / "v.pt", format_version="2")],
+                                "has format version '2', not a whole number: the file is damaged or was not "
+                                "written by ppo-cli"),
+    "nan-weights": (lambda c, t, m, mp, cs: [_crafted(c, t / "n.pt", policy=_with_nan(c))],
+                    "the checkpoint's weights hold NaN or inf (actor_encoder.0.weight): the run diverged before "
+                    "this checkpoint was written; evaluate an earlier one (best.pt)"),
     # held before, kept held
     "missing": (lambda c, t, m, mp, cs: [t / "none.pt"], "does not exist"),
     "episodes-zero": (lambda c, t, m, mp, cs: [c, "--episodes", "0"], "--episodes=0: must be >= 1"),
@@ -203,6 +218,11 @@ def test_ppo_eval_cuts_endless_episodes_trusts_only_the_command_line_and_names_t
     result = json.loads(_eval(capsys, ckpt, "--env", "CartPole-v1", "--episodes", "3", "--max-episode-steps",
                               "1000", "--no-random-baseline", "--json"))
     assert result["env_id"] == "CartPole-v1" and result["cut_episodes"] == 0 and result["mean_length"] < 500
+
+
+def test_the_hint_after_a_run_on_the_users_own_env_carries_the_flag_ppo_eval_will_ask_for(never_run):
+    run, stdout = never_run
+    assert f"evaluate:   ppo-eval {run / 'checkpoints' / 'checkpoint.pt'} --trust-env-code" in stdout
 
 
 def test_exported_model_is_labelled_and_capped(never_run, tiny_run, tmp_path, capsys):

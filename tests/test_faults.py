@@ -352,3 +352,19 @@ def test_float64_action_bounds_and_scalar_observations(tmp_path):
     proc = cli("ppo-train", *TINY, "env.entry_point=tests.custom_env:StrictFloat64", "eval.every_steps=128",
                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_resume_with_nothing_left_to_train_says_so(tiny_run, tmp_path):
+    """Issue 30, item 12: resuming at or past algo.total_timesteps exited 0 having done nothing."""
+    ckpt = tiny_run / "checkpoints" / "checkpoint.pt"
+    proc = cli("ppo-train", f"resume={ckpt}", cwd=tmp_path)
+    assert proc.returncode == 2
+    _one_line(proc.stderr, f"{ckpt} is at step 256, already at or past algo.total_timesteps=256: nothing to train; "
+                           f"set a larger algo.total_timesteps to train on")
+
+
+def test_the_banner_names_the_preset_and_the_wrappers_around_its_env(tmp_path):
+    """Issue 30, item 12: env=CartPoleNoVel-v1 was announced as 'env: CartPole-v1'."""
+    proc = cli("ppo-train", "env=CartPoleNoVel-v1", *JOB, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "env:        CartPoleNoVel-v1 (CartPole-v1 + KeepObservationIndices) x 2 envs" in proc.stdout

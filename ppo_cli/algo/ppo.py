@@ -169,7 +169,7 @@ class PPO:
         try:
             self.policy.load_state_dict(data["policy"])
             self.optimizer.load_state_dict(data["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"cannot resume: the checkpoint's network does not match the config "
                             f"({str(exc).splitlines()[0]})") from None
         for group in self.optimizer.param_groups:  # the config (maybe overridden on resume) decides these

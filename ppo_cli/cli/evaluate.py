@@ -36,10 +36,18 @@ def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
         spaces = f"{data['observation_space']} / {data['action_space']}"
         raise UserError(f"the checkpoint's space description is damaged ({type(exc).__name__}: {exc}; read "
                         f"{spaces[:200]}{'...' if len(spaces) > 200 else ''})") from None
+    if not isinstance(data["policy"], dict):
+        raise UserError(f"the checkpoint's policy entry is a {type(data['policy']).__name__}, not a mapping of "
+                        f"tensors: the file is damaged")
     try:
         policy.load_state_dict(data["policy"])
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise UserError(f"checkpoint weights do not fit its own network config ({str(exc).splitlines()[0]})") from None
+    bad = [name for name, t in policy.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise UserError(f"the checkpoint's weights hold NaN or inf ({', '.join(bad[:3])}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run diverged before this "
+                        f"checkpoint was written; evaluate an earlier one (best.pt)")
     policy.eval()
     return policy, cfg  # type: ignore[return-value]
 

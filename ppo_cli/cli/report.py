@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli import distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.cli.run_folder import reason
 from ppo_cli.config import choice, env_label
+from ppo_cli.envs import recipe
 from ppo_cli.errors import UserError
 
 if TYPE_CHECKING:  # the runner's types, for annotations only: importing it would import torch
@@ -42,7 +43,7 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
     threads = "" if device.device.type != "cpu" or not n_threads else (
         f", {n_threads} torch thread{'s' if n_threads > 1 else ''}")
     print(f"run dir:    {run_dir}\n"
-          f"env:        {env_label(e)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
+          f"env:        {_env_text(cfg)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
           f"device:     {device.device.type} ({device.reason}){threads}{precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
@@ -50,7 +51,17 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
           f"training:   {steps}", flush=True)
 
 
-def report(result: TrainResult, run_dir: Path) -> float:
+def _env_text(cfg: DictConfig) -> str:
+    """The env as the banner names it: the preset chosen (env=...) where it is not the id, the id or entry point,
+    and the wrappers env.wrappers puts around it (CartPoleNoVel-v1 is CartPole-v1 + KeepObservationIndices)."""
+    wrappers = OmegaConf.to_container(cfg.env.wrappers) if cfg.env.get("wrappers") else []
+    names = [str(w.get("_target_", "?")).rpartition(".")[2] for w in wrappers if isinstance(w, dict)]  # type: ignore[union-attr]
+    text = str(env_label(cfg.env)) + "".join(f" + {n}" for n in names)
+    preset = HydraConfig.get().runtime.choices.get("env") if HydraConfig.initialized() and not cfg.resume else None
+    return f"{preset} ({text})" if preset and preset != text else text
+
+
+def report(result: TrainResult, run_dir: Path, env_cfg: DictConfig) -> float:
     ev = result.final_eval
     m, s = divmod(int(result.wall_time), 60)
     print(f"done: {result.global_step:,} steps in {m}m{s:02d}s of training ({result.sps:,.0f} SPS)"
@@ -66,7 +77,9 @@ def report(result: TrainResult, run_dir: Path) -> float:
         print(f"final evaluation ({len(ev.returns)} episodes): {ev.mean_return:.2f} +/- {ev.std_return:.2f}")
     print(f"run dir:    {run_dir}")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"evaluate:   ppo-eval {result.checkpoint}")
+    # The user's own env code: ppo-eval asks for their word again (envs/recipe.py), so the hint carries it.
+    trust = " --trust-env-code" if recipe.code_in_recipe(OmegaConf.to_container(env_cfg)) else ""
+    print(f"evaluate:   ppo-eval {result.checkpoint}{trust}")
     write_result(run_dir, {
         "status": "ok",
         "objective": result.objective if math.isfinite(result.objective) else None,

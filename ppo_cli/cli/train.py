@@ -74,7 +74,8 @@ def _overridden_keys() -> list[str]:
     return keys
 
 
-def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
+def run(cfg: DictConfig, run_dir: Path) -> tuple[TrainResult, DictConfig]:
+    """Train; the result, and the config trained (a resume's is the checkpoint's, with the keys set here)."""
     from ppo_cli.envs.make import check_env  # the stages that need torch, imported once a run starts
     from ppo_cli.run import checkpoint
     from ppo_cli.run.runner import Runner
@@ -88,6 +89,10 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
                      source=str(cfg.resume), how="trust_env_code=true (or set those keys on the command line)",
                      named=overridden)
         cfg = config_for_resume(data, cfg, overridden)
+        if int(data["global_step"]) >= cfg.algo.total_timesteps:
+            raise UserError(f"{cfg.resume} is at step {int(data['global_step']):,}, already at or past "
+                            f"algo.total_timesteps={cfg.algo.total_timesteps:,}: nothing to train; set a larger "
+                            f"algo.total_timesteps to train on (ppo-eval {cfg.resume} evaluates it as it is)")
     validate(cfg)
     banner(cfg, run_dir, int(data["global_step"]) if data else 0)
     if cfg.env.check:
@@ -101,7 +106,7 @@ def run(cfg: DictConfig, run_dir: Path) -> TrainResult:
         result = trainer.run()
     finally:
         trainer.close()
-    return result
+    return result, cfg
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ppo_cli.conf", config_name="config")
@@ -111,7 +116,8 @@ def _task(cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     try:
         claim(run_dir, resuming=bool(cfg.resume), multirun=multirun)
-        return report(run(cfg, run_dir), run_dir)
+        result, trained = run(cfg, run_dir)
+        return report(result, run_dir, trained.env)
     except RunFolderTaken as exc:  # the folder is another run's: its result.json is not this job's to write
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
         if multirun:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ppo_cli import __version__
+from ppo_cli.envs.recipe import show as recipe_show
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import migrate_v1_state  # the policy owns its parameter names
 
@@ -143,7 +144,10 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"checkpoint {str(p)!r} is not a ppo-cli checkpoint (no '{FORMAT}' format tag)")
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"checkpoint {str(p)!r} has format version {recipe_show(repr(version))}, not a whole number: "
+                        f"the file is damaged or was not written by ppo-cli")
+    if version > FORMAT_VERSION:
         raise UserError(f"checkpoint {str(p)!r} has format version {version!r}, newer than this ppo-cli reads "
                         f"({FORMAT_VERSION}); upgrade ppo-cli (it was written by {data.get('ppo_cli_version')})")
     missing = [k for k in REQUIRED_KEYS if k not in data]
