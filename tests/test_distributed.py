@@ -53,6 +53,20 @@ def test_two_ranks_train_as_one_run_and_rank_0_alone_writes(tmp_path):
     assert proc.stdout.count("done:") == 1  # rank 1 prints nothing
     out = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "2", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    # Issue 30, items 9-10: best.pt holds every rank's part, as checkpoint.pt does, and resumes under torchrun
+    # (into a folder of its own); one process resuming it is refused, and so is a best.pt of rank 0's part alone.
+    best_path = run / "checkpoints" / "best.pt"
+    best = torch.load(best_path, weights_only=True)
+    assert best["world_size"] == 2 and len(best["ranks"]) == 1 and best["eval"]["global_step"] in (512, 1024)
+    single = cli("ppo-train", f"resume={best_path}", "algo.total_timesteps=2048", cwd=tmp_path)
+    assert single.returncode == 2 and "a 2-process run and this run has 1" in single.stderr, single.stderr
+    resumed = torchrun(f"resume={best_path}", "algo.total_timesteps=2048", f"hydra.run.dir={tmp_path / 'again'}",
+                       cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(tmp_path / "again" / "checkpoints" / "checkpoint.pt", weights_only=True)["global_step"] == 2048
+    torch.save({**best, "ranks": None}, tmp_path / "legacy.pt")
+    legacy = torchrun(f"resume={tmp_path / 'legacy.pt'}", "algo.total_timesteps=2048", cwd=tmp_path)
+    assert legacy.returncode != 0 and "holds only rank 0's part of a 2-process run's state" in legacy.stderr
 
 
 def test_no_two_ranks_share_an_env_seed(tmp_path):

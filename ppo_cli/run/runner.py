@@ -227,36 +227,38 @@ class Runner:
 
     # --- evaluation -------------------------------------------------------------------------------------
     def _evaluate_due(self, step0: int) -> bool:
-        """A periodic evaluation where one is due (rank 0 evaluates; the others wait for its verdict); whether
-        eval.stop_at_return is reached. A stop already asked for skips it (one process; the ranks all evaluate
-        or not)."""
+        """A periodic evaluation where one is due: rank 0 evaluates, then every rank gives its part of the state
+        to best.pt on a new best, and all learn whether eval.stop_at_return is reached (returned). A stop already
+        asked for skips it (one process; the ranks all evaluate or not)."""
         if not self.evaluator.due(step0, self.global_step) or self.stops.requested():
             return False
-        reached = self._periodic_evaluation() if self.ranks.main else False
+        result, improved = self._periodic_evaluation() if self.ranks.main else (None, False)
+        if distributed.any_true(improved, self.ranks):
+            # Every rank's part, as in checkpoint.pt, so that best.pt resumes under torchrun as checkpoint.pt does.
+            best = {**self.state(), "eval": self.evaluator.best}
+            if self.ranks.main:
+                checkpoint.save(best, self.run_dir / "checkpoints" / BEST_NAME)
+        reached = False
+        if result is not None:
+            self.logger.scalars(self.global_step, self.evaluator.report(self.global_step, result, improved))
+            reached = self.evaluator.reached_target(result)
+            if reached:
+                self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
+                                    f"{self.cfg.eval.stop_at_return} at step {self.global_step:,} after "
+                                    f"{self.wall_time:.1f} s of training")
         return distributed.any_true(reached, self.ranks)
 
-    def _periodic_evaluation(self) -> bool:
-        """Evaluate, write best.pt on a new best, log; whether eval.stop_at_return is reached. A stop signal
-        abandons it: nothing is logged, and the best so far stays."""
+    def _periodic_evaluation(self) -> tuple[EvalResult | None, bool]:
+        """Evaluate; (the result, whether it is the best so far). A stop signal abandons it: (None, False), the best
+        so far kept."""
         best = self.evaluator.best
         try:
             with self.stops.evaluation():
-                result, improved = self.evaluator.periodic(self.global_step)
-                if improved:  # the evaluation is over: a signal from here waits for the write, not abandons it
-                    self.stops.phase = None
-                    checkpoint.save({**self.state(all_ranks=False), "eval": self.evaluator.best},
-                                    self.run_dir / "checkpoints" / BEST_NAME)  # rank 0's part of the state
+                return self.evaluator.periodic(self.global_step)
         except EvaluationStopped:
             self.evaluator.best = best
             self.evaluator.abandon()
-            return False
-        self.logger.scalars(self.global_step, self.evaluator.report(self.global_step, result, improved))
-        reached = self.evaluator.reached_target(result)
-        if reached:
-            self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
-                                f"{self.cfg.eval.stop_at_return} at step {self.global_step:,} after "
-                                f"{self.wall_time:.1f} s of training")
-        return reached
+            return None, False
 
     def _final_evaluation(self, path: Path) -> EvalResult | None:
         if not (self.cfg.eval.final and self.ranks.main):
@@ -326,10 +328,14 @@ class Runner:
             raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
                             f"{data['action_space']}) differ from env.id={self.cfg.env.id!r}'s")
         saved_world = int(data.get("world_size", 1))
-        if saved_world != self.ranks.world and not (self.ranks.world == 1 and data.get("ranks") is None):
+        if saved_world != self.ranks.world:
             raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "
                             f"{self.ranks.world}; resume with torchrun --nproc_per_node={saved_world} (ppo-eval "
                             f"evaluates it as it is, and a new run can start from scratch with any number)")
+        if saved_world > 1 and data.get("ranks") is None:
+            raise UserError(f"cannot resume: the checkpoint holds only rank 0's part of a {saved_world}-process "
+                            f"run's state (a best.pt written before ppo-cli kept every rank's); resume the run's "
+                            f"checkpoint.pt, or evaluate this one with ppo-eval")
         if self.ranks.rank > 0:  # this rank's own part of the state
             data = {**data, **data["ranks"][self.ranks.rank - 1]}
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
