@@ -134,6 +134,43 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device` (the CPU: MemAvailable; a GPU: its free memory), or None
+    where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def check_fits(needed: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse, in one line with both figures, an allocation of `needed` bytes that `device` cannot hold: the
+    allocator's own error is a traceback, and on the CPU the system may instead swap or hang."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise UserError(f"{what} needs about {_size(needed)}, more than the {_size(available)} of memory available "
+                        f"on {device.type}; {fix}")
+
+
 def stages(device: torch.device) -> bool:
     """Whether the rollout stages its copies for `device` (HostStaging, RolloutBuffer): everywhere but the CPU."""
     return torch.device(device).type != "cpu"

@@ -368,3 +368,28 @@ def test_the_banner_names_the_preset_and_the_wrappers_around_its_env(tmp_path):
     proc = cli("ppo-train", "env=CartPoleNoVel-v1", *JOB, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "env:        CartPoleNoVel-v1 (CartPole-v1 + KeepObservationIndices) x 2 envs" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["algo.n_steps=1000000000000"], ["env.num_envs=1000000000"]])
+def test_a_rollout_larger_than_the_machine_is_one_line_before_anything_is_built(args, tmp_path):
+    """Issue 30, item 11: n_steps 1e12 ended in the allocator's traceback, num_envs 1e9 in a silent hang."""
+    proc = cli("ppo-train", *args, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    _one_line(proc.stderr, "steps needs about ")
+    assert "of memory available on cpu; lower algo.n_steps or env.num_envs" in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing left behind
+
+
+def test_the_exact_rollout_size_is_checked_once_the_spaces_are_known(monkeypatch):
+    """The lower bound passes an Atari rollout that the frames' real size does not fit: PPO refuses it."""
+    from ppo_cli import devices
+    from ppo_cli.algo.storage import rollout_bytes
+    from ppo_cli.errors import UserError
+    from ppo_cli.run.runner import Runner
+
+    needed = rollout_bytes(128, 2, (4, 84, 84), torch.uint8, (), torch.int64)
+    assert needed == 128 * 2 * (4 * 84 * 84 + 8 + 32)  # frames, action, 8 float32 columns
+    monkeypatch.setattr(devices, "available_memory", lambda device: needed - 1)
+    cfg = make_cfg("env=Breakout", "network=cnn", "algo=ppo_atari", "env.num_envs=2", "algo.n_steps=128")
+    with pytest.raises(UserError, match=r"the rollout of algo.n_steps 128 x env.num_envs 2 steps needs about 7.2 MB"):
+        Runner(cfg, Path("unused"), rich_progress=False)

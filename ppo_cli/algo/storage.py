@@ -8,6 +8,7 @@ and, for a time-limit truncation, V(real final observation) to bootstrap from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,23 @@ class Batch:
 
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx], self.advantages[idx],
                      self.returns[idx], rows(self.masks), rows(self.starts), rows(self.states), self.seq_len)
+
+
+# Float32 columns of every stored step: log-prob, value, reward, terminated, episode end, V(final obs), and the
+# advantage and return GAE computes.
+_FLOAT_COLUMNS = 8
+
+
+def rollout_bytes(n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
+                  action_shape: tuple[int, ...], action_dtype: torch.dtype, mask_size: int | None = None,
+                  state_size: int = 0) -> int:
+    """The bytes a RolloutBuffer of these sizes takes on its device, with GAE's advantages and returns."""
+    def size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    step = (size(obs_shape, obs_dtype) + size(action_shape, action_dtype) + 4 * _FLOAT_COLUMNS + (mask_size or 0)
+            + (1 if state_size else 0))
+    return n_steps * num_envs * step + num_envs * state_size * 4
 
 
 class RolloutBuffer:
