@@ -114,13 +114,12 @@ def _video_wrappers(folder: str, episodes: int) -> list:
     return [wrap]
 
 
-def _file_env(config: Any, args: argparse.Namespace, what: str, env_only: bool = False) -> tuple[str, ...]:
+def _file_env(config: Any, args: argparse.Namespace, what: str, env_only: bool = False) -> None:
     """Refuse the file's config where it would run or resolve anything the user did not ask for (recipe.py);
-    the keys the user's --env names are theirs. Returns those keys."""
+    the keys the user's --env names are theirs."""
     named = ("env.id", "env.entry_point") if args.env else ()
     recipe.check(config, trusted=args.trust_env_code, what=what, source=args.checkpoint,
                  how="--trust-env-code (or name the env with --env)", named=named, env_only=env_only)
-    return named
 
 
 def _with_env_arg(env_cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
