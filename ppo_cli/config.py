@@ -164,6 +164,8 @@ class EnvConfig:
                                      "one)")
     wrappers: list[Any] = key([], "wrappers applied to each env in order, as `{_target_: module.Wrapper, arg: "
                                   "value}`")
+    obs_keys: list[str] | None = key(None, "Dict observations: the keys to keep, dropping the others before anything "
+                                           "reads them (a Text `mission`, say); null keeps every key")
     check: bool = key(False, "run gymnasium's env checker on one instance before training; a failure stops the "
                              "run")
     max_episode_steps: int | None = key(None, "override the env's time limit; null keeps the registered one")

@@ -180,6 +180,17 @@ class TextObs(Corridor):
         self.observation_space = gym.spaces.Dict({"pos": self.observation_space, "note": gym.spaces.Text(8)})
 
 
+class MissionCorridor(Corridor):
+    """A Dict observation as MiniGrid gives one: a position ppo-cli reads and a `mission` text it cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.observation_space = gym.spaces.Dict({"pos": self.observation_space, "mission": gym.spaces.Text(16)})
+
+    def _obs(self):
+        return {"pos": super()._obs(), "mission": "walk right"}
+
+
 class RepeatCue(gym.Env):
     """A memory task: a cue (0 or 1) is shown only at the first step; every step pays 1 for the action that
     equals it. `length` steps. A memoryless policy scores 1 + (length - 1) / 2 at best; one that remembers, length."""

@@ -203,9 +203,25 @@ def test_dict_inputs_are_the_same_in_both_twins_with_normalization():
     (["env.entry_point=tests.custom_env:BadMask", "env.kwargs.kind=empty"],
      "the action mask of env 0 at step 6 allows no action"),
     (["env.entry_point=tests.custom_env:TextObs"], "observation key 'note' has space Text"),
+    (["env.entry_point=tests.custom_env:MissionCorridor"],
+     "which is not supported inside a Dict (supported: Box, Discrete, MultiDiscrete, MultiBinary); keep the "
+     "others with env.obs_keys=[pos]"),
+    (["env.entry_point=tests.custom_env:MissionCorridor", "env.obs_keys=[pos,goal]"],
+     "env.obs_keys=['pos', 'goal']: the observation has no key 'goal' (it has 'mission', 'pos')"),
+    (["env.obs_keys=[pos]"], "env.obs_keys=['pos']: selects keys of a Dict observation; this env's observation space "
+                             "is Box("),
 ])
 def test_bad_masks_and_dict_keys_are_one_line(tmp_path, args, fragment):
     proc = cli("ppo-train", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
+
+
+def test_obs_keys_drop_a_key_ppo_cli_cannot_read(tmp_path):
+    """Issue 30, item 15: MiniGrid's Dict observation carries a Text `mission`; env.obs_keys keeps the rest."""
+    proc = cli("ppo-train", *TINY, "env.entry_point=tests.custom_env:MissionCorridor", "env.obs_keys=[pos]",
+               f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = torch.load(tmp_path / "r" / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert data["observation_space"] == {"type": "Dict", "spaces": {"pos": {"type": "Box", "shape": [1]}}}

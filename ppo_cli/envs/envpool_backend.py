@@ -249,6 +249,8 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int, wrappers: Sequen
                  training: bool, step_cap: int | None) -> gym.vector.VectorEnv:
     """make.make_vec_env for env.backend=envpool: the same vector env interface (SAME_STEP autoreset, episode
     statistics; Atari: game scores), the step cap counted by the pool."""
+    if env_cfg.get("obs_keys") is not None:
+        raise UserError("env.obs_keys selects keys of gymnasium's Dict observations; use env.backend=gymnasium")
     if wrappers:
         names = ", ".join(repr(getattr(w, "__name__", w)) for w in wrappers)
         raise UserError(f"env.backend=envpool cannot apply the wrapper {names} to envpool's C++ envs; use "

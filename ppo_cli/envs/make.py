@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import AutoresetMode
+from gymnasium.wrappers import FilterObservation
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,6 +96,7 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
     user_wrappers = _user_wrappers(env_cfg)
+    keys = None if env_cfg.get("obs_keys") is None else list(env_cfg.obs_keys)
 
     def make() -> gym.Env:
         env = gym.make(spec, **kwargs)
@@ -108,6 +110,16 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
             except Exception as exc:  # noqa: BLE001 - Hydra wraps any failure of the target
                 raise UserError(f"env.wrappers[{i}]={wrapper_cfg}: cannot apply it "
                                 f"({str(exc).strip().splitlines()[0]})") from None
+        if keys is not None:
+            space = env.observation_space
+            if not isinstance(space, gym.spaces.Dict):
+                raise UserError(f"env.obs_keys={keys}: selects keys of a Dict observation; this env's observation "
+                                f"space is {space}")
+            missing = [k for k in keys if k not in space.spaces]
+            if missing:
+                raise UserError(f"env.obs_keys={keys}: the observation has no key {', '.join(map(repr, missing))} "
+                                f"(it has {', '.join(map(repr, space.spaces))})")
+            env = FilterObservation(env, keys)
         for wrap in wrappers:
             env = wrap(env)
         return env

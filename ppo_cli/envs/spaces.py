@@ -50,10 +50,14 @@ def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> Non
     names = ", ".join(c.__name__ for c in SUPPORTED_OBS)
     if isinstance(obs_space, (gym.spaces.Dict, gym.spaces.Tuple)):
         items = obs_space.spaces.items() if isinstance(obs_space, gym.spaces.Dict) else enumerate(obs_space.spaces)
+        items = list(items)
+        readable = [str(k) for k, sub in items if isinstance(sub, SUPPORTED_OBS)]
         for key, sub in items:
             if not isinstance(sub, SUPPORTED_OBS):
+                keep = (f"; keep the others with env.obs_keys=[{', '.join(readable)}]"
+                        if readable and isinstance(obs_space, gym.spaces.Dict) else "")
                 raise UserError(f"{env_id!r}: observation key {key!r} has space {sub}, which is not supported "
-                                f"inside a {type(obs_space).__name__} (supported: {names})")
+                                f"inside a {type(obs_space).__name__} (supported: {names}){keep}")
     elif not isinstance(obs_space, SUPPORTED_OBS):
         raise UserError(f"{env_id!r}: observation space {obs_space} is not supported (supported: {names}, or a "
                         f"Dict or Tuple of them)")
