@@ -82,7 +82,8 @@ def _user_wrappers(env_cfg: DictConfig) -> list[Any]:
 def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
             wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False) -> Callable[[], gym.Env]:
     """A factory of one env: the base env, the Atari pipeline where env.atari is on (atari.py; `training` adds
-    its training-only wrappers), then env.wrappers in order, then `wrappers` (ours, e.g. video)."""
+    its training-only wrappers), then env.wrappers in order, the keys env.obs_keys keeps, then `wrappers` (ours:
+    the step cap, video)."""
     is_atari = bool(env_cfg.get("atari"))
     if is_atari:
         atari.register()
