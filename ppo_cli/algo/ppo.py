@@ -23,11 +23,10 @@ from omegaconf import DictConfig
 
 from ppo_cli import distributed
 from ppo_cli.algo.rollout import Collected, choose_actor, collect
-from ppo_cli.algo.storage import RolloutBuffer, rollout_bytes
+from ppo_cli.algo.storage import RolloutBuffer, check_rollout_fits
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, Updater, UpdateSettings, explained_variance, make_optimizer
 from ppo_cli.config import choice, env_label
-from ppo_cli.devices import check_fits
 from ppo_cli.distributed import Ranks
 from ppo_cli.envs.masks import ActionMasks
 from ppo_cli.envs.spaces import describe_space
@@ -64,11 +63,9 @@ class PPO:
         self.start(envs, obs, info, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
         layout = self.policy.layout
-        sizes = (a.n_steps, cfg.env.num_envs, layout.stored_shape, layout.stored_dtype, self.policy.action_shape,
-                 self.policy.action_dtype, None if self.masks is None else self.masks.n_outputs,
-                 self.policy.state_size)
-        check_fits(rollout_bytes(*sizes), device, f"the rollout of algo.n_steps {a.n_steps:,} x env.num_envs "
-                   f"{cfg.env.num_envs:,} steps", "lower algo.n_steps or env.num_envs")
+        check_rollout_fits(a.n_steps, cfg.env.num_envs, device, layout.stored_shape, layout.stored_dtype,
+                           self.policy.action_shape, self.policy.action_dtype,
+                           None if self.masks is None else self.masks.n_outputs, self.policy.state_size)
         self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, layout.stored_shape, layout.stored_dtype,
                                     self.policy.action_shape, self.policy.action_dtype, device,
                                     None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
@@ -140,8 +137,8 @@ class PPO:
     # --- state ------------------------------------------------------------------------------------------
     def own_state(self) -> dict[str, Any]:
         """This process's part of the state (under torchrun every rank has its own; shared_state is the same on
-        every rank). Copies only (the observations are never written in
-        place): the runner keeps it while a rollout goes on."""
+        every rank). Copies only (the observations are never written in place): the runner keeps it while a
+        rollout goes on."""
         return {
             "rng": self.generator.get_state(),
             "np_rng": self.np_rng.bit_generator.state,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppo_cli.devices import stages
+from ppo_cli.devices import check_fits, stages
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
@@ -90,6 +90,18 @@ def rollout_bytes(n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_d
     step = (size(obs_shape, obs_dtype) + size(action_shape, action_dtype) + 4 * _FLOAT_COLUMNS + (mask_size or 0)
             + (1 if state_size else 0))
     return n_steps * num_envs * step + num_envs * state_size * 4
+
+
+def check_rollout_fits(n_steps: int, num_envs: int, device: torch.device, obs_shape: tuple[int, ...] = (1,),
+                       obs_dtype: torch.dtype = torch.uint8, action_shape: tuple[int, ...] = (1,),
+                       action_dtype: torch.dtype = torch.uint8, mask_size: int | None = None,
+                       state_size: int = 0) -> None:
+    """Refuse, in one line, a rollout `device` cannot hold. The defaults (one-byte observations and actions)
+    give a lower bound, for a check before the spaces are known."""
+    needed = rollout_bytes(n_steps, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, mask_size,
+                           state_size)
+    check_fits(needed, device, f"the rollout of algo.n_steps {n_steps:,} x env.num_envs {num_envs:,} steps",
+               "lower algo.n_steps or env.num_envs")
 
 
 class RolloutBuffer:

@@ -25,11 +25,11 @@ from threadpoolctl import threadpool_limits
 
 from ppo_cli import distributed
 from ppo_cli.algo.ppo import PPO
-from ppo_cli.algo.storage import rollout_bytes
+from ppo_cli.algo.storage import check_rollout_fits
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice
-from ppo_cli.devices import check_fits, choose_device, keep_freed_memory, torch_threads
+from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
 from ppo_cli.envs.faults import count_steps, largest_reward
 from ppo_cli.envs.make import kill_workers, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
@@ -96,15 +96,6 @@ def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
     return flat
 
 
-def _check_rollout_fits(cfg: DictConfig, device: torch.device) -> None:
-    """Before the envs are built, refuse a rollout too large for the machine (a billion envs would otherwise be
-    built for minutes first). A lower bound, of one-byte observations and actions: PPO checks the exact size once
-    the spaces are known."""
-    check_fits(rollout_bytes(cfg.algo.n_steps, cfg.env.num_envs, (1,), torch.uint8, (1,), torch.uint8), device,
-               f"the rollout of algo.n_steps {cfg.algo.n_steps:,} x env.num_envs {cfg.env.num_envs:,} steps",
-               "lower algo.n_steps or env.num_envs")
-
-
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None) -> None:
@@ -123,7 +114,7 @@ class Runner:
         self.env_seed = cfg.seed + self.ranks.rank * cfg.env.num_envs  # each rank's envs are seeded apart
         self.stops = StopSignals(self.ranks, self._stop_notice, self._stop_at_once)
         self._saved: tuple[Path, int] | None = None  # the last checkpoint.pt written (or resumed from), its step
-        _check_rollout_fits(cfg, self.device)
+        check_rollout_fits(cfg.algo.n_steps, cfg.env.num_envs, self.device)  # before a billion envs are built
         # Sync envs run in this process: a Ctrl-C while they are built is a KeyboardInterrupt, as anywhere outside
         # run(). Async workers must not see it (held_from_workers); it then stops the run at its first boundary.
         async_workers = cfg.env.vectorization == "async"
