@@ -58,7 +58,9 @@ def atari_overrides(game: str) -> list[str]:
 def _sb3_gaps(cfg: DictConfig) -> list[str]:
     """The settings of `cfg` that SB3's PPO with CnnPolicy has no equal for (empty when it can run the same)."""
     from ppo_cli.config import choice
+    from ppo_cli.policy.actor_critic import settle_network
 
+    settle_network(cfg)  # network=auto decided as the run will decide it
     a, n, e = cfg.algo, cfg.network, cfg.env
     want = {"env.atari": (e.atari, True), "network.type": (n.type, "cnn"),
             "network.net_arch": (list(n.net_arch), [512]), "network.shared_trunk": (n.shared_trunk, True),

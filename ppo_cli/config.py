@@ -115,21 +115,28 @@ class AlgoConfig:
 # The encoders a config may name (network.type); policy/encoders.py builds each (ENCODERS, in this order).
 ENCODER_NAMES = ("mlp", "cnn", "impala")
 IMAGE_ENCODERS = ("cnn", "impala")  # the encoders that read images (and only images)
+# What network.net_arch and network.shared_trunk are where left null: the source table's separate [64, 64] MLPs;
+# the PPO paper's one Nature trunk of [512] for actor and critic; CleanRL's procgen IMPALA trunk of [256].
+ENCODER_DEFAULTS: dict[str, tuple[list[int], bool]] = {"mlp": ([64, 64], False), "cnn": ([512], True),
+                                                       "impala": ([256], True)}
 
 
 @dataclass
 class NetworkConfig:
-    type: str = key("mlp", "the encoder (network input -> features) of actor and critic, by its name in "
-                           "encoders.ENCODERS: mlp, or for image observations cnn (Nature DQN) / impala "
-                           "(docs/pixels.md); for cnn and impala, net_arch is the linear layers after the "
-                           "convolutions")
-    net_arch: list[int] = key([64, 64], "hidden layer widths, the same for actor and critic")
+    type: str = key("auto", "the encoder (network input -> features) of actor and critic, by its name in "
+                            "encoders.ENCODERS: mlp, or for image observations cnn (Nature DQN) / impala "
+                            "(docs/pixels.md); auto picks from the observation space as the run starts: cnn for "
+                            "images of at least 36x36, impala for smaller images, mlp otherwise. For cnn and "
+                            "impala, net_arch is the linear layers after the convolutions")
+    net_arch: list[int] | None = key(None, "hidden layer widths, the same for actor and critic; null is the "
+                                           "encoder's own: [64, 64] for mlp, [512] for cnn, [256] for impala")
     activation_fn: Activation = key(Activation.tanh, "tanh / relu / leaky_relu")
     init: Init = key(Init.orthogonal, "hidden layers: orthogonal (gain sqrt 2), xavier (suits tanh) or kaiming "
                                       "(suits ReLU); heads are always orthogonal with gain 0.01 (policy) and 1.0 "
                                       "(value)")
     bias: float = key(0.0, "initial value of every bias")
-    shared_trunk: bool = key(False, "one encoder for actor and critic; its parameters then train at lr_actor")
+    shared_trunk: bool | None = key(None, "one encoder for actor and critic, its parameters trained at lr_actor; "
+                                          "null is the encoder's own: false for mlp, true for cnn and impala")
     log_std_init: float = key(0.0, "Box actions: initial log standard deviation of the Gaussian (learned, "
                                    "state-independent; 0.0 is std 1)")
     recurrent: Recurrent | None = key(None, "a recurrent core between the encoder and the heads: lstm / gru / null "
@@ -164,6 +171,9 @@ class EnvConfig:
                                      "one)")
     wrappers: list[Any] = key([], "wrappers applied to each env in order, as `{_target_: module.Wrapper, arg: "
                                   "value}`")
+    image: bool | str = key("auto", "how a uint8 Box of rank 2 or 3 is read: true as an image (for cnn / impala), "
+                                    "false as flat numbers (for an MLP: codes such as MiniGrid's 7x7x3 grid), auto "
+                                    "as an image where its two largest sides are >= 16")
     obs_keys: list[str] | None = key(None, "Dict observations: the keys to keep, dropping the others before anything "
                                            "reads them (a Text `mission`, say); null keeps every key")
     check: bool = key(False, "run gymnasium's env checker on one instance before training; a failure stops the "
@@ -247,8 +257,8 @@ TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
     "algo": "`algo` (`algo=ppo` is these defaults; the first 13 rows are the source table's):",
-    "network": "`network` (`network=mlp` is these defaults; `network=mlp_large` has [256, 256]; `network=cnn` and "
-               "`network=impala` are the image encoders, docs/pixels.md):",
+    "network": "`network` (`network=auto` is these defaults; `network=mlp`, `network=cnn` and `network=impala` name "
+               "the encoder, the last two for images, docs/pixels.md; `network=mlp_large` has [256, 256]):",
     "env": "`env` (`env=<name>` presets: CartPole-v1, Acrobot-v1, MountainCar-v0, LunarLander-v3, Pendulum-v1, "
            "MountainCarContinuous-v0, LunarLanderContinuous-v3, BipedalWalker-v3, HalfCheetah-v5, Hopper-v5, "
            "Walker2d-v5, Ant-v5, Humanoid-v5; MaskedGrid-v0 and GoalReach-v0, the examples of action masks and "
@@ -357,12 +367,14 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.weight_decay >= 0, "algo.weight_decay", "must be >= 0")
     need(a.eps > 0, "algo.eps", "must be > 0")
     need(a.target_kl is None or a.target_kl > 0, "algo.target_kl", "must be > 0 or null")
-    need(n.type in ENCODER_NAMES, "network.type", f"must name an encoder: {', '.join(ENCODER_NAMES)}")
-    need(choice(n.precision) != "bfloat16" or n.type in IMAGE_ENCODERS, "network.precision",
+    need(n.type in ("auto", *ENCODER_NAMES), "network.type", f"must be auto or name an encoder: "
+                                                             f"{', '.join(ENCODER_NAMES)}")
+    need(choice(n.precision) != "bfloat16" or n.type in ("auto", *IMAGE_ENCODERS), "network.precision",
          f"bfloat16 applies to the image encoders ({', '.join(IMAGE_ENCODERS)}); network.type={n.type} computes "
          f"in float32 only")
-    need(len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch), "network.net_arch",
-         "must list at least one layer width, each >= 1")
+    need(n.net_arch is None or (len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch)), "network.net_arch",
+         "must list at least one layer width, each >= 1 (or be null: the encoder's own)")
+    need(e.image in (True, False, "auto"), "env.image", "must be true, false or auto")
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
     need(e.clip_obs > 0, "env.clip_obs", "must be > 0")
     need(e.clip_reward > 0, "env.clip_reward", "must be > 0")

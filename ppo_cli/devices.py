@@ -45,6 +45,7 @@ def choose_device(cfg: DictConfig) -> DeviceChoice:
     if not torch.cuda.is_available():
         return DeviceChoice(torch.device("cpu"), "auto: torch sees no CUDA GPU")
     net = cfg.network
+    assert choice(net.type) != "auto", "settle_network decides network=auto before the device is chosen"
     if choice(net.type) != "mlp":
         return DeviceChoice(torch.device("cuda"), f"auto: a GPU and a {choice(net.type)} encoder")
     width = max(net.net_arch, default=0)

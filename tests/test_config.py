@@ -7,6 +7,7 @@ from ppo_cli.cli.overrides import check_overrides
 from ppo_cli.config import validate
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
+from ppo_cli.policy.actor_critic import settle_network
 
 from .conftest import cli, make_cfg
 
@@ -19,7 +20,11 @@ def test_defaults_are_the_source_table():
     cfg = make_cfg()
     for key, value in SOURCE_TABLE.items():
         assert cfg.algo[key] == value, key
-    assert list(cfg.network.net_arch) == [64, 64] and cfg.network.activation_fn == "tanh"
+    # network=auto: the encoder and its defaults are decided from the env's observations (CartPole: vectors).
+    assert cfg.network.type == "auto" and cfg.network.net_arch is None and cfg.network.shared_trunk is None
+    assert settle_network(cfg) == "no image in the observations"
+    assert cfg.network.type == "mlp" and list(cfg.network.net_arch) == [64, 64] and cfg.network.shared_trunk is False
+    assert cfg.network.activation_fn == "tanh"
     assert cfg.network.init == "orthogonal" and cfg.network.bias == 0.0
     assert cfg.env.id == "CartPole-v1" and cfg.env.num_envs == 8
     validate(cfg)

@@ -15,6 +15,7 @@ from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.devices import choose_device, precision_text, torch_threads
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
+from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import evaluate
 from ppo_cli.run.runner import Runner
@@ -33,6 +34,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 ])
 def test_auto_picks_the_faster_device_and_says_why(overrides, gpu_device, monkeypatch):
     cfg = make_cfg(*overrides)
+    settle_network(cfg)  # network=auto: as a run decides it before choosing the device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_device(cfg).device.type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

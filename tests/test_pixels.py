@@ -15,11 +15,12 @@ from ppo_cli.algo.fast.observations import NumpyInput
 from ppo_cli.algo.rollout import TorchActor, collect
 from ppo_cli.algo.storage import RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.config import ENCODER_DEFAULTS
 from ppo_cli.envs import atari
 from ppo_cli.envs.make import make_vec_env, restore, snapshot
 from ppo_cli.envs.spaces import describe_space
 from ppo_cli.errors import UserError
-from ppo_cli.policy.actor_critic import ActorCritic, build_policy
+from ppo_cli.policy.actor_critic import ActorCritic, build_policy, settle_network
 from ppo_cli.policy.encoders import NatureCNN
 from ppo_cli.policy.observations import InputLayout, as_tensors
 from ppo_cli.run import checkpoint
@@ -257,7 +258,8 @@ def test_an_image_in_a_dict_goes_through_the_cnn_with_the_other_keys_beside_its_
     assert not torch.equal(trunk(other_vector), features) and not torch.equal(trunk(other_pixels), features)
     assert torch.equal(x[:, :pixels], torch.as_tensor(chw.reshape(3, -1), dtype=torch.float32))  # not scaled in place
     with pytest.raises(UserError, match=r"^observation key 'image' is an image \(uint8 Box .*\): use network=cnn"):
-        build_policy(describe_space(space), DISCRETE, make_cfg())
+        build_policy(describe_space(space), DISCRETE, make_cfg("network=mlp"))
+    assert build_policy(describe_space(space), DISCRETE, make_cfg()).layout.extra_dim == 2  # network=auto: the CNN
     # env.normalize_obs normalizes the vector beside the image, never the pixels.
     normed = build_policy(describe_space(space), DISCRETE, make_cfg("network=cnn", "env.normalize_obs=true"))
     assert normed.layout.box_dim == 2 and normed.obs_norm is not None
@@ -301,10 +303,17 @@ def test_rollout_buffer_lays_images_out_channels_last_and_minibatches_keep_it():
 # --- bad input: one line each ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,fragment", [
-    ([LIT], "the observations are images (uint8 Box (36, 36, 1)): use network=cnn"),
+    ([LIT, "network=mlp"], "the observations are images (uint8 Box (36, 36, 1)): use network=cnn"),
     (["network=cnn"], "network.type=cnn needs image observations"),
     ([LIT, "network=cnn", "env.normalize_obs=true"], "image observations (uint8 Box (36, 36, 1)) are scaled"),
-    ([LIT, "network=cnn", "+env.kwargs.cell=8"], "images of 24x24 pixels are too small for the Nature trunk"),
+    ([LIT, "network=cnn", "+env.kwargs.cell=8"], "images of 24x24 pixels are too small for the Nature trunk, which "
+                                                 "needs at least 36x36; use network=impala (any size), env.image=false "
+                                                 "with network=mlp"),
+    ([LIT, "network=cnn", "+env.kwargs.cell=2"], "network.type=cnn needs image observations (a uint8 Box of rank 2 or "
+                                                 "3 whose two largest sides are >= 16, or smaller with env.image=true"),
+    (["env.image=true"], "env.image=true: this env's observation space (Box (4,)) has no uint8 Box of rank 2 or 3 "
+                         "to read as an image"),
+    (["env.image=maybe"], "env.image='maybe': must be true, false or auto"),
     (["network.precision=bfloat16"], "network.precision='bfloat16': bfloat16 applies to the image encoders (cnn, "
                                      "impala); network.type=mlp computes in float32 only"),
 ])
@@ -548,3 +557,84 @@ def test_the_cnn_learns_to_go_to_the_lit_cell(tmp_path, precision):
                cwd=tmp_path, check=True)
     scored = json.loads(proc.stdout)
     assert scored["mean_return"] == 4.0 and scored["random_mean_return"] < 1.5, scored
+
+
+# --- network=auto and env.image: the encoder from the observations, and what an image is (issue 30, 13-14) ------
+
+@pytest.mark.parametrize("shape,image,encoder,why", [
+    ((84, 84, 4), "auto", "cnn", "84x84 images"),
+    ((4, 84, 84), "auto", "cnn", "84x84 images"),
+    ((36, 36), "auto", "cnn", "36x36 images"),
+    ((24, 24), "auto", "impala", "24x24 images, below the cnn's 36x36"),
+    ((7, 7, 3), "auto", "mlp", "no image in the observations"),  # MiniGrid's grid of codes: read flat
+    ((7, 7, 3), "true", "impala", "7x7 images, below the cnn's 36x36"),
+    ((84, 84, 3), "false", "mlp", "no image in the observations"),
+])
+def test_network_auto_picks_the_encoder_and_its_defaults_from_the_observations(shape, image, encoder, why):
+    cfg = make_cfg(f"env.image={image}")
+    assert settle_network(cfg, _space(shape), DISCRETE) == why
+    net_arch, shared = ENCODER_DEFAULTS[encoder]
+    assert cfg.network.type == encoder and list(cfg.network.net_arch) == net_arch and cfg.network.shared_trunk is shared
+    policy = build_policy(_space(shape), DISCRETE, cfg)
+    assert (policy.layout.image is None) == (encoder == "mlp")
+    assert policy.layout.dim == math.prod(shape) and policy.layout.stored_dtype == (
+        torch.float32 if encoder == "mlp" else torch.uint8)
+    assert settle_network(cfg, _space(shape), DISCRETE) == ""  # decided once: the stored config says it
+
+
+def test_network_auto_keeps_what_the_config_sets_and_a_named_encoder_is_not_second_guessed():
+    cfg = make_cfg("network.net_arch=[32]", "network.shared_trunk=false")
+    settle_network(cfg, _space((84, 84, 4)), DISCRETE)
+    assert cfg.network.type == "cnn" and list(cfg.network.net_arch) == [32] and cfg.network.shared_trunk is False
+    cfg = make_cfg("network=mlp")
+    assert settle_network(cfg, _space((84, 84, 4)), DISCRETE) == "" and cfg.network.type == "mlp"
+    with pytest.raises(UserError, match=r"use network=cnn \(or network=impala, or network=auto\), not network.type"
+                                        r"=mlp, .* env.image=false reads them so on purpose"):
+        build_policy(_space((84, 84, 4)), DISCRETE, cfg)
+    # A Dict with an image beside a vector: the CNN, with the vector beside its features.
+    space = describe_space(gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (40, 40, 3), np.uint8),
+                                            "vector": gym.spaces.Box(-1.0, 1.0, (2,), np.float32)}))
+    cfg = make_cfg()
+    assert settle_network(cfg, space, DISCRETE) == "40x40 images" and cfg.network.type == "cnn"
+    # Small uint8 Boxes are described as such (so env.image=true can read them as images), read flat by default.
+    assert _space((7, 7, 3))["dtype"] == "uint8"
+
+
+def test_network_auto_is_decided_as_the_run_starts_shown_and_stored_for_eval(tmp_path):
+    proc = cli("ppo-train", LIT, *SMALL, "checkpoint_interval=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "network:    cnn [512], one trunk for actor and critic (network=auto: 36x36 images)" in proc.stdout
+    path = tmp_path / "run" / "checkpoints" / "checkpoint.pt"
+    stored = checkpoint.load(path)["config_yaml"]
+    assert "type: cnn" in stored and "- 512" in stored and "shared_trunk: true" in stored
+    proc = cli("ppo-eval", str(path), "--episodes", "2", "--trust-env-code", cwd=tmp_path)
+    assert proc.returncode == 0 and "return:" in proc.stdout, proc.stderr
+
+
+def test_minigrid_doorkey_learns_through_img_obs_wrapper_with_the_mlp(tmp_path):
+    """MiniGrid's 7x7x3 grid of codes, through ImgObsWrapper: env.image=auto reads it flat, network=auto picks the
+    MLP, and PPO solves DoorKey-5x5 (a random policy scores 0; solved is about 0.96)."""
+    pytest.importorskip("minigrid")
+    proc = cli("ppo-train", "env.id=minigrid:MiniGrid-DoorKey-5x5-v0",
+               "env.wrappers=[{_target_:minigrid.wrappers.ImgObsWrapper}]", "env.num_envs=16", "algo.n_steps=128",
+               "algo.batch_size=256", "algo.K_epochs=4", "algo.gae_lambda=0.95", "algo.total_timesteps=120000",
+               "eval.every_steps=0", "eval.episodes=20", "checkpoint_interval=0", f"hydra.run.dir={tmp_path / 'run'}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "network:    mlp [64, 64], separate actor and critic (network=auto: no image in the observations)" in (
+        proc.stdout)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["final_eval"]["mean_return"] > 0.9, result["final_eval"]
+    assert "--trust-env-code" not in proc.stdout  # MiniGrid's ids and ImgObsWrapper are on the allowlist
+
+
+@pytest.mark.slow
+def test_minigrid_doorkey_learns_from_the_dict_observation_minus_its_mission(tmp_path):
+    pytest.importorskip("minigrid")
+    proc = cli("ppo-train", "env.id=minigrid:MiniGrid-DoorKey-5x5-v0", "env.obs_keys=[image,direction]",
+               "env.num_envs=16", "algo.n_steps=128", "algo.batch_size=256", "algo.K_epochs=4", "algo.gae_lambda=0.95",
+               "algo.total_timesteps=150000", "eval.every_steps=0", "eval.episodes=20", "checkpoint_interval=0",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["final_eval"]["mean_return"] > 0.9, result["final_eval"]

@@ -23,8 +23,9 @@ from ppo_cli.errors import UserError
 if TYPE_CHECKING:  # the runner's types, for annotations only: importing it would import torch
     from ppo_cli.run.runner import TrainResult
 
-def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
-    """Before training: where the run goes, what it trains, and how many steps it will take (whole updates)."""
+def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0, why: str = "") -> None:
+    """Before training: where the run goes, what it trains, with which network (`why`: why network=auto picked
+    it), and how many steps it will take (whole updates)."""
     from ppo_cli.devices import choose_device, precision_text, torch_threads  # torch: imported as a run starts
 
     a, e = cfg.algo, cfg.env
@@ -44,11 +45,18 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0) -> None:
         f", {n_threads} torch thread{'s' if n_threads > 1 else ''}")
     print(f"run dir:    {run_dir}\n"
           f"env:        {_env_text(cfg)} x {e.num_envs} envs ({vectorized}), seed {cfg.seed}\n"
+          f"network:    {_network_text(cfg.network)}{f' (network=auto: {why})' if why else ''}\n"
           f"device:     {device.device.type} ({device.reason}){threads}{precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
           f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
           f"training:   {steps}", flush=True)
+
+
+def _network_text(n: DictConfig) -> str:
+    recurrent = f" + {choice(n.recurrent)} {n.rnn_hidden}" if n.recurrent is not None else ""
+    return (f"{choice(n.type)} {list(n.net_arch)}{recurrent}, "
+            f"{'one trunk for' if n.shared_trunk else 'separate'} actor and critic")
 
 
 def _env_text(cfg: DictConfig) -> str:
@@ -57,7 +65,10 @@ def _env_text(cfg: DictConfig) -> str:
     wrappers = OmegaConf.to_container(cfg.env.wrappers) if cfg.env.get("wrappers") else []
     names = [str(w.get("_target_", "?")).rpartition(".")[2] for w in wrappers if isinstance(w, dict)]  # type: ignore[union-attr]
     text = str(env_label(cfg.env)) + "".join(f" + {n}" for n in names)
-    preset = HydraConfig.get().runtime.choices.get("env") if HydraConfig.initialized() and not cfg.resume else None
+    # The preset only where chosen on the command line: the default's name is wrong once env.id names another env.
+    chosen = HydraConfig.initialized() and not cfg.resume and any(
+        item.split("=", 1)[0].lstrip("+~") == "env" for item in HydraConfig.get().overrides.task)
+    preset = HydraConfig.get().runtime.choices.get("env") if chosen else None
     return f"{preset} ({text})" if preset and preset != text else text
 
 

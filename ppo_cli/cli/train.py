@@ -77,6 +77,7 @@ def _overridden_keys() -> list[str]:
 def run(cfg: DictConfig, run_dir: Path) -> tuple[TrainResult, DictConfig]:
     """Train; the result, and the config trained (a resume's is the checkpoint's, with the keys set here)."""
     from ppo_cli.envs.make import check_env  # the stages that need torch, imported once a run starts
+    from ppo_cli.policy.actor_critic import settle_network
     from ppo_cli.run import checkpoint
     from ppo_cli.run.runner import Runner
 
@@ -94,7 +95,9 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[TrainResult, DictConfig]:
                             f"algo.total_timesteps={cfg.algo.total_timesteps:,}: nothing to train; set a larger "
                             f"algo.total_timesteps to train on (ppo-eval {cfg.resume} evaluates it as it is)")
     validate(cfg)
-    banner(cfg, run_dir, int(data["global_step"]) if data else 0)
+    why = settle_network(cfg)  # network=auto decided before the banner, which names the encoder
+    validate(cfg)  # again, on what was decided: network.precision=bfloat16 needs an image encoder
+    banner(cfg, run_dir, int(data["global_step"]) if data else 0, why)
     if cfg.env.check:
         findings = check_env(cfg.env)
         print(f"env.check: {env_label(cfg.env)!r} passes gymnasium's env checker"

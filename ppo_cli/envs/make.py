@@ -128,6 +128,30 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
     return make
 
 
+def env_spaces(env_cfg: DictConfig) -> tuple[gym.Space, gym.Space]:
+    """The observation and action spaces of one env as a run sees them, checked (spaces.check_spaces): one env is
+    built and closed (envpool: a pool of one)."""
+    label = env_label(env_cfg)
+    if env_cfg.get("backend", "gymnasium") == "envpool":
+        pool = envpool_backend.make_vec_env(env_cfg, 0, 1, (), True, None)
+        pool.close()
+        return pool.single_observation_space, pool.single_action_space
+    try:
+        probe = _env_fn(env_cfg)()
+    except UserError:
+        raise
+    except gym.error.DependencyNotInstalled as exc:
+        raise UserError(f"{label!r}: a dependency is missing: {_missing_extra(str(exc))}") from None
+    except Exception as exc:  # noqa: BLE001 - constructing a (user's) env can fail in any way
+        raise UserError(f"{label!r}: the env could not be created with env.kwargs="
+                        f"{dict(env_cfg.kwargs)} ({type(exc).__name__}: {exc})") from None
+    try:
+        check_spaces(probe.observation_space, probe.action_space, label)
+        return probe.observation_space, probe.action_space
+    finally:
+        probe.close()
+
+
 def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, render_mode: str | None = None,
                  wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False,
                  step_cap: int | None = None) -> gym.vector.VectorEnv:
@@ -146,17 +170,7 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     # In async workers ReportCalls says which call of a sub-env failed (faults.py); EnvFaults does the rest.
     fn = _env_fn(env_cfg, render_mode, (*ours, ReportCalls) if is_async else ours, training)
     label = env_label(env_cfg)
-    try:
-        probe = _env_fn(env_cfg)()
-    except UserError:
-        raise
-    except gym.error.DependencyNotInstalled as exc:
-        raise UserError(f"{label!r}: a dependency is missing: {_missing_extra(str(exc))}") from None
-    except Exception as exc:  # noqa: BLE001 - constructing a (user's) env can fail in any way
-        raise UserError(f"{label!r}: the env could not be created with env.kwargs="
-                        f"{dict(env_cfg.kwargs)} ({type(exc).__name__}: {exc})") from None
-    check_spaces(probe.observation_space, probe.action_space, label)
-    probe.close()
+    env_spaces(env_cfg)  # one env built here first, so a failure is one line rather than a worker's traceback
     vec_cls = gym.vector.AsyncVectorEnv if is_async else gym.vector.SyncVectorEnv
     # EnvFaults sits under the episode statistics, so a NaN reward is reported before anything adds it up; and the
     # statistics stay the outermost layer, which snapshot() saves.

@@ -31,11 +31,13 @@ ALLOWED_WRAPPERS = (
         "FlattenObservation", "FilterObservation", "DtypeObservation", "GrayscaleObservation",
         "ResizeObservation", "ReshapeObservation", "RescaleObservation", "TimeAwareObservation",
         "FrameStackObservation", "DelayObservation", "MaxAndSkipObservation", "AtariPreprocessing")),
+    *(f"minigrid.wrappers.{name}" for name in (
+        "ImgObsWrapper", "RGBImgObsWrapper", "RGBImgPartialObsWrapper", "FullyObsWrapper", "ReseedWrapper")),
 )
 # Unregistered envs a file may name as env.entry_point: ppo-cli's examples.
 ALLOWED_ENTRY_POINTS = ("ppo_cli.example_envs:MaskedGrid", "ppo_cli.example_envs:GoalReach")
 # Modules a file's `module:Id` env id may import: importing each only registers its envs.
-ENV_MODULES = ("ppo_cli.example_envs", "gymnasium_robotics", "ale_py")
+ENV_MODULES = ("ppo_cli.example_envs", "gymnasium_robotics", "ale_py", "minigrid", "popgym")
 
 MAX_SHOWN = 80  # characters of a value read from a file that a refusal echoes
 

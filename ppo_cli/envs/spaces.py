@@ -13,17 +13,23 @@ import numpy as np
 from ppo_cli.errors import UserError
 
 MASK_KEY = "action_mask"
-MIN_GRAYSCALE_SIDE = 16  # a rank-2 uint8 Box is an image when both sides are at least this
+# env.image=auto reads a uint8 Box of rank 2 or 3 as an image when its two largest sides are at least this: smaller
+# byte arrays are more often codes (MiniGrid's 7x7x3 grid of object, colour and state ids) than pixels.
+MIN_IMAGE_SIDE = 16
 SUPPORTED_ACTIONS = (gym.spaces.Discrete, gym.spaces.Box, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 # Observations: these, or a Dict or Tuple of them (observations.py says how each becomes network input).
 SUPPORTED_OBS = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
 
 
 
-def is_image(shape: Any, dtype: Any) -> bool:
-    """Whether a Box of this shape and dtype is an image: uint8, rank 3, or rank 2 with both sides >= 16."""
+def is_image(shape: Any, dtype: Any, image: bool | str = "auto") -> bool:
+    """Whether a Box of this shape and dtype is read as an image (`image`: env.image): a uint8 Box of rank 2 or 3
+    where env.image is true, or where it is auto and the two largest sides are >= MIN_IMAGE_SIDE; never where it
+    is false."""
     shape = tuple(shape)
-    return str(dtype) == "uint8" and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= MIN_GRAYSCALE_SIDE))
+    if str(dtype) != "uint8" or len(shape) not in (2, 3) or image is False:
+        return False
+    return image is True or sorted(shape)[-2] >= MIN_IMAGE_SIDE
 
 
 def space_items(space: dict[str, Any]) -> list[tuple[str | int | None, dict[str, Any]]]:
@@ -79,7 +85,7 @@ def describe_space(space: gym.Space, bounds: bool = False) -> dict[str, Any]:
             out.update(low=space.low.flatten().tolist(), high=space.high.flatten().tolist())
             if space.dtype != np.float32:  # float32, the usual, is left unsaid: older checkpoints describe it so
                 out["dtype"] = str(space.dtype)
-        elif is_image(space.shape, space.dtype):  # images are read by a CNN, as bytes (observations.py)
+        elif space.dtype == np.uint8:  # bytes may be an image (is_image, env.image), read as bytes (observations.py)
             out["dtype"] = "uint8"
         return out
     if isinstance(space, gym.spaces.MultiDiscrete):

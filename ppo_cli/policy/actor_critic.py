@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppo_cli.config import choice
+from ppo_cli.config import ENCODER_DEFAULTS, choice
 from ppo_cli.devices import resolve_precision
-from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, RecurrentCore, build_encoder
-from ppo_cli.policy.heads import build_head
+from ppo_cli.envs.make import env_spaces
+from ppo_cli.envs.spaces import describe_space
+from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, NatureCNN, RecurrentCore, build_encoder
+from ppo_cli.policy.heads import HEADS, build_head
 from ppo_cli.policy.normalize import ObsNormalizer
 from ppo_cli.policy.observations import InputLayout
 
@@ -46,12 +48,13 @@ class ActorCritic(nn.Module):
                  activation_fn: str = "tanh", init: str = "orthogonal", bias: float = 0.0,
                  shared_trunk: bool = False, log_std_init: float = 0.0, normalize_obs: bool = False,
                  clip_obs: float = 10.0, encoder: str = "mlp", recurrent: str | None = None, rnn_hidden: int = 128,
-                 rnn_shared: bool = False, channels_last: bool | None = None, precision: str = "float32") -> None:
+                 rnn_shared: bool = False, channels_last: bool | None = None, precision: str = "float32",
+                 image: bool | str = "auto") -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
         self.dist = build_head(action_space, log_std_init)
         # Images stay uint8 [C, H, W] for an image encoder (observations.py); `check` refuses a mismatch.
-        self.layout = InputLayout(obs_space, masked=self.dist.maskable, channels_last=channels_last)
+        self.layout = InputLayout(obs_space, masked=self.dist.maskable, channels_last=channels_last, image=image)
         self.layout.check(encoder, normalize_obs)
         in_dim = self.layout.dim
         # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
@@ -226,16 +229,47 @@ class ActorCritic(nn.Module):
         return self.dist.env_action(action if isinstance(action, np.ndarray) else action.cpu().numpy())
 
 
+def settle_network(cfg: Any, obs_space: dict[str, Any] | None = None,
+                   action_space: dict[str, Any] | None = None) -> str:
+    """Decide in `cfg.network` what the config leaves open. For network.type=auto, from the described spaces
+    (where they are not given, one env is built to read them): cnn for images the Nature trunk can read (>=
+    NatureCNN.MIN_SIZE a side), impala for smaller images, mlp where there is no image (env.image says what one
+    is). Then net_arch and shared_trunk where null, the encoder's own (config.ENCODER_DEFAULTS). The run stores
+    the decided values, so a checkpoint rebuilds the same policy. Returns why the encoder was picked ('' where the
+    config named it)."""
+    n, why = cfg.network, ""
+    if choice(n.type) == "auto":
+        if obs_space is None or action_space is None:
+            spaces = env_spaces(cfg.env)
+            obs_space, action_space = describe_space(spaces[0]), describe_space(spaces[1], bounds=True)
+        masked = HEADS[action_space["type"]].maskable
+        image = InputLayout(obs_space, masked, n.channels_last, cfg.env.get("image", "auto")).image
+        if image is None:
+            n.type, why = "mlp", "no image in the observations"
+        else:
+            h, w = image.shape[1:] if image.order else sorted(image.space_shape)[-2:]
+            n.type = "cnn" if min(h, w) >= NatureCNN.MIN_SIZE else "impala"
+            why = f"{h}x{w} images" + ("" if n.type == "cnn" else f", below the cnn's {NatureCNN.MIN_SIZE}x"
+                                                                  f"{NatureCNN.MIN_SIZE}")
+    net_arch, shared = ENCODER_DEFAULTS[choice(n.type)]
+    if n.net_arch is None:
+        n.net_arch = net_arch
+    if n.shared_trunk is None:
+        n.shared_trunk = shared
+    return why
+
+
 def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: Any,
                  device: torch.device | str = "cpu") -> ActorCritic:
     """The policy a run config describes (network group, plus env.normalize_obs / env.clip_obs), computing in the
     precision network.precision gives on `device` (where it will run; the policy is built on the CPU)."""
+    settle_network(cfg, obs_space, action_space)
     n, e = cfg.network, cfg.env
     precision = resolve_precision(choice(n.precision), choice(n.type), torch.device(device))
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
                        float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision)
+                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision, e.get("image", "auto"))
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

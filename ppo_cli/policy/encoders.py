@@ -205,8 +205,9 @@ def _image_shape(kind: str, n: Any, min_size: int = 1) -> tuple[int, int, int]:
         raise UserError(f"network.type={kind} needs image observations (see docs/pixels.md)")
     if min(shape[1:]) < min_size:
         raise UserError(f"network.type={kind}: images of {shape[1]}x{shape[2]} pixels are too small for the Nature "
-                        f"trunk, which needs at least {min_size}x{min_size}; use network=impala (any size), or "
-                        f"make the env's images larger")
+                        f"trunk, which needs at least {min_size}x{min_size}; use network=impala (any size), "
+                        f"env.image=false with network=mlp to read them as flat numbers (codes rather than "
+                        f"pixels), or make the env's images larger")
     return shape  # type: ignore[return-value]
 
 

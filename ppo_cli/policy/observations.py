@@ -10,11 +10,12 @@ with Discrete or MultiDiscrete actions, a key named `action_mask` is the action 
 statistics. Batches of observations are numpy arrays, or dicts / tuples of them (what gymnasium's vector envs
 return); `as_tensors`, `stack` and `batch_size` handle both shapes.
 
-Images (docs/pixels.md) are the exception to flat: an observation that is a uint8 Box of rank 3, or of rank 2
-with both sides >= 16 (`is_image`), is kept as it is, uint8 [n, C, H, W] (an HWC image permuted, a rank-2 one
-given one channel), for an image encoder (encoders.IMAGE_ENCODERS), which scales it to [0, 1]. The rollout
-buffer stores it so (`stored_shape`, `stored_dtype`). Channel order: `channels_last` says it, or, where it is
-None, the shape: last dim <= 4 is HWC, else first dim <= 4 is CHW.
+Images (docs/pixels.md) are the exception to flat: an observation that is a uint8 Box of rank 2 or 3 whose two
+largest sides are >= 16, or any such Box with env.image=true and none with env.image=false (`is_image`), is
+kept as it is, uint8 [n, C, H, W] (an HWC image permuted, a rank-2 one given one channel), for an image encoder
+(encoders.IMAGE_ENCODERS), which scales it to [0, 1]. The rollout buffer stores it so (`stored_shape`,
+`stored_dtype`). Channel order: `channels_last` says it, or, where it is None, the shape: last dim <= 4 is HWC,
+else first dim <= 4 is CHW.
 
 One image inside a Dict or Tuple, beside other keys (a camera and a robot's joint readings, say): the network
 input is then one float32 row, the image's pixel values (0-255, [C, H, W] order, flattened) followed by the
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_cli.config import IMAGE_ENCODERS
-from ppo_cli.envs.spaces import MASK_KEY, MIN_GRAYSCALE_SIDE, is_image, space_items
+from ppo_cli.envs.spaces import MASK_KEY, MIN_IMAGE_SIDE, is_image, space_items
 from ppo_cli.errors import UserError
 
 MAX_CHANNELS = 4  # channel-order detection: a rank-3 side this small is the channels
@@ -50,8 +51,8 @@ class Image:
     space_shape: tuple[int, ...]
 
 
-def _image(space: dict[str, Any], channels_last: bool | None) -> Image | None:
-    if space["type"] != "Box" or not is_image(space["shape"], space.get("dtype")):
+def _image(space: dict[str, Any], channels_last: bool | None, image: bool | str) -> Image | None:
+    if space["type"] != "Box" or not is_image(space["shape"], space.get("dtype"), image):
         return None
     dims = tuple(space["shape"])
     if len(dims) == 2:
@@ -136,13 +137,13 @@ PARTS: dict[str, type[Part]] = {"Box": BoxPart, "Discrete": DiscretePart, "Multi
                                 "MultiDiscrete": MultiDiscretePart}
 
 
-def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None) -> list[Part]:
+def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None, image_mode: bool | str) -> list[Part]:
     structure = space["type"]
     if structure not in ("Dict", "Tuple"):
         if structure not in PARTS:
             raise UserError(f"a {structure} observation space is not supported (supported: {', '.join(PARTS)}, "
                             f"or a Dict or Tuple of them)")
-        image = _image(space, channels_last)
+        image = _image(space, channels_last, image_mode)
         return [ImagePart(None, space, image) if image is not None else PARTS[structure](None, space)]
     parts: list[Part] = []
     for key, sub in space_items(space):
@@ -151,7 +152,7 @@ def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None) -> l
         if sub["type"] not in PARTS:
             raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
                             f"{structure} (supported: {', '.join(PARTS)})")
-        image = _image(sub, channels_last)
+        image = _image(sub, channels_last, image_mode)
         if image is not None and any(isinstance(p, ImagePart) for p in parts):
             first = next(p.key for p in parts if isinstance(p, ImagePart))
             raise UserError(f"observation keys {first!r} and {key!r} are both images: one image per observation "
@@ -166,9 +167,10 @@ def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None) -> l
 class InputLayout:
     """How a described observation space becomes the flat network input (see the module doc)."""
 
-    def __init__(self, space: dict[str, Any], masked: bool = False, channels_last: bool | None = None) -> None:
-        self.space = space
-        self.parts = _parts(space, masked, channels_last)
+    def __init__(self, space: dict[str, Any], masked: bool = False, channels_last: bool | None = None,
+                 image: bool | str = "auto") -> None:
+        self.space, self.image_mode = space, image
+        self.parts = _parts(space, masked, channels_last, image)
         # An image (module doc): kept as uint8 [C, H, W] when it is the whole observation, never normalized.
         self.image_part = next((p for p in self.parts if isinstance(p, ImagePart)), None)
         self.image = None if self.image_part is None else self.image_part.image
@@ -193,19 +195,24 @@ class InputLayout:
         an image encoder, an image encoder without an image, an image without a channel order, or observation
         normalization where the image is all there is (in a Dict, the other Box keys are normalized)."""
         img = self.image
+        if img is None and self.image_mode is True:
+            raise UserError(f"env.image=true: this env's observation space ({_describe(self.space)}) has no uint8 "
+                            f"Box of rank 2 or 3 to read as an image")
         if img is None:
             if encoder in IMAGE_ENCODERS:
-                raise UserError(f"network.type={encoder} needs image observations (a uint8 Box of rank 3, or of "
-                                f"rank 2 with both sides >= {MIN_GRAYSCALE_SIDE}); this env's observation space is "
-                                f"{_describe(self.space)}: use network=mlp")
+                raise UserError(f"network.type={encoder} needs image observations (a uint8 Box of rank 2 or 3 whose "
+                                f"two largest sides are >= {MIN_IMAGE_SIDE}, or smaller with env.image=true); this "
+                                f"env's observation space is {_describe(self.space)}: use network=mlp")
             return
         key = self.image_part.key  # type: ignore[union-attr]
         shown = _shape_text(self.image_part.space)  # type: ignore[union-attr]
         if encoder not in IMAGE_ENCODERS:
             what = "the observations are images" if key is None else f"observation key {key!r} is an image"
-            raise UserError(f"{what} ({shown}): use network=cnn (or network=impala), not network.type={encoder}, "
-                            f"which would read {'them' if key is None else 'it'} as {math.prod(img.shape):,} flat "
-                            f"inputs (Atari: env.atari=true network=cnn algo=ppo_atari; docs/pixels.md)")
+            raise UserError(f"{what} ({shown}): use network=cnn (or network=impala, or network=auto), not "
+                            f"network.type={encoder}, which would read {'them' if key is None else 'it'} as "
+                            f"{math.prod(img.shape):,} flat inputs; env.image=false reads "
+                            f"{'them' if key is None else 'it'} so on purpose (codes rather than pixels; "
+                            f"docs/pixels.md)")
         if img.order is None:
             raise UserError(f"cannot tell the channel order of images {img.space_shape} (neither the first nor the "
                             f"last dim is <= {MAX_CHANNELS}): set network.channels_last=true (height, width, "

@@ -33,6 +33,7 @@ from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
 from ppo_cli.envs.faults import count_steps, largest_reward
 from ppo_cli.envs.make import kill_workers, make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
+from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.policy.observations import batch_size
 from ppo_cli.run import checkpoint
 from ppo_cli.run.evaluation import EvalResult, PeriodicEvaluator
@@ -100,6 +101,7 @@ class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        settle_network(cfg)  # network=auto decided first: the threads and the device depend on the encoder
         threads = torch_threads(cfg)
         if threads:
             torch.set_num_threads(threads)
