@@ -108,6 +108,10 @@ class AlgoConfig:
     normalize_advantage: bool = key(True, "normalize advantages per minibatch (mean 0, std 1)")
     target_kl: float | None = key(None, "stop the update early once a minibatch's approx_kl exceeds "
                                         "1.5 x target_kl")
+    seq_len: int | None = key(None, "recurrent policies: the update replays sequences of this many steps, each "
+                                    "from the state stored where it starts (truncated back-propagation through "
+                                    "time, as sb3-contrib and CleanRL's LSTM scripts); must divide algo.n_steps and "
+                                    "algo.batch_size; null replays each env's whole rollout (algo.n_steps)")
     clip_range_vf: float | None = key(None, "clip the value update around the old value (PPO2's pessimistic max "
                                             "form)")
 
@@ -400,10 +404,21 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(cfg.eval.objective != "final" or cfg.eval.final, "eval.objective",
          "'final' needs eval.final=true")
     need(n.rnn_hidden >= 1, "network.rnn_hidden", "must be >= 1")
-    if n.recurrent is not None and a.n_steps >= 1 and a.batch_size >= 1 and a.batch_size % a.n_steps:
-        out.append(f"algo.batch_size={a.batch_size}: with network.recurrent={choice(n.recurrent)} a minibatch is "
-                   f"whole env sequences of algo.n_steps={a.n_steps} steps, so algo.batch_size must be a multiple "
-                   f"of algo.n_steps")
+    if a.seq_len is not None and n.recurrent is None:
+        out.append(f"algo.seq_len={a.seq_len}: sets the sequences a recurrent policy replays; this network has no "
+                   f"recurrent core (network.recurrent=lstm or gru), so leave it null")
+    elif a.seq_len is not None and a.seq_len < 1:
+        out.append(f"algo.seq_len={a.seq_len}: must be >= 1 or null")
+    elif a.seq_len is not None and a.n_steps >= 1 and a.n_steps % a.seq_len:
+        out.append(f"algo.seq_len={a.seq_len}: must divide algo.n_steps={a.n_steps}, so the rollout is whole "
+                   f"sequences")
+    elif n.recurrent is not None and a.n_steps >= 1 and a.batch_size >= 1:
+        seq = a.seq_len or a.n_steps
+        if a.batch_size % seq:
+            what = f"algo.seq_len={seq}" if a.seq_len else f"algo.n_steps={seq} (algo.seq_len=null)"
+            out.append(f"algo.batch_size={a.batch_size}: with network.recurrent={choice(n.recurrent)} a minibatch is "
+                       f"whole sequences of {what} steps, so algo.batch_size must be a multiple of it (or set "
+                       f"algo.seq_len to a divisor of both: truncated back-propagation through time)")
     if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
         rollout = a.n_steps * e.num_envs
         if a.batch_size > rollout:

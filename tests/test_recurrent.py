@@ -45,8 +45,12 @@ def _trainer(tmp_path, *extra):
                             *extra), tmp_path, rich_progress=False)
 
 
-def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_state(tmp_path):
-    trainer = _trainer(tmp_path, "env.max_episode_steps=7")  # short episodes: resets and truncations inside
+@pytest.mark.parametrize("seq_len", [None, 8])
+def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_state(tmp_path, seq_len):
+    """The rollout keeps the state each replayed sequence starts from (the whole rollout, or chunks of
+    algo.seq_len steps); replaying the shuffled sequences as the updater orders them gives the rollout's log-probs
+    and values (ratio 1 at the first epoch), and a truncation bootstraps from the state its episode reached."""
+    trainer = _trainer(tmp_path, "env.max_episode_steps=7", f"algo.seq_len={'null' if seq_len is None else seq_len}")
     actor, policy = trainer.algo.actor, trainer.algo.policy
     assert isinstance(actor, TorchActor) and actor.state.shape == (2, 64)
     with torch.no_grad():  # a state far from zero, so that a zeroed one would give other values
@@ -63,11 +67,16 @@ def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_sta
     collect(trainer.envs, actor, trainer.algo.buffer, trainer.algo.obs, None, lambda: False, trainer.clock)
     buf = trainer.algo.buffer
     assert buf.starts[1:].any()  # episodes started inside the rollout
-    # Replay the rollout step by step from the stored initial state: the state each truncated episode reached.
-    state, after = buf.state0.clone(), []
+    # Replay the rollout step by step from the stored initial state: the state each truncated episode reached, and
+    # the state each chunk starts from.
+    length = seq_len or buf.n_steps
+    assert buf.chunk_states.shape == (buf.n_steps // length, 2, policy.state_size)
+    state, after = buf.chunk_states[0].clone(), []
     with torch.no_grad():
         for t in range(buf.n_steps):
             state = torch.where(buf.starts[t][:, None], torch.zeros_like(state), state)
+            if t % length == 0:
+                torch.testing.assert_close(buf.chunk_states[t // length], state, rtol=0, atol=0)
             _, _, state = policy.step(buf.obs[t], state)
             after.append(state)
     truncated = (buf.episode_end.bool() & ~buf.terminated.bool()).nonzero().tolist()
@@ -84,14 +93,25 @@ def test_first_epoch_ratio_is_one_and_truncations_bootstrap_from_the_carried_sta
     assert checked >= 1
     with torch.no_grad():
         batch = buf.advantages(torch.zeros(2), 0.99, 0.9)
-        logp, _, values = policy.evaluate(batch.obs, batch.actions, None, batch.starts, batch.states, batch.seq_len)
-    # the flat batch is [t * num_envs + env]: evaluate must see whole sequences, as the updater gives them
-    order = (torch.arange(2)[:, None] + 2 * torch.arange(32)[None, :]).flatten()
-    seq = batch[order]
-    with torch.no_grad():
-        logp, _, values = policy.evaluate(seq.obs, seq.actions, None, seq.starts, seq.states, seq.seq_len)
-    torch.testing.assert_close(logp, seq.logp, rtol=1e-5, atol=1e-5)  # ratio 1 at the first epoch
-    torch.testing.assert_close(values, seq.values, rtol=1e-5, atol=1e-5)
+    assert batch.seq_len == length and batch.envs == 2
+    # The flat batch is [t * num_envs + env]: evaluate must see whole sequences (one env's steps of one chunk, in
+    # time order), in any order of sequences. By hand: sequence (chunk k, env e) is rows (k * length + i) * 2 + e.
+    by_hand = torch.tensor([(k * length + i) * 2 + e for k in reversed(range(buf.n_steps // length)) for e in (1, 0)
+                            for i in range(length)])
+    permutation = trainer.algo.updater._permutation(batch)
+    assert sorted(permutation.tolist()) == list(range(len(batch)))
+    for order in (by_hand, permutation):
+        seq = batch[order]
+        with torch.no_grad():
+            logp, _, values = policy.evaluate(seq.obs, seq.actions, None, seq.starts, seq.states, seq.seq_len)
+        torch.testing.assert_close(logp, seq.logp, rtol=1e-5, atol=1e-5)  # ratio 1 at the first epoch
+        torch.testing.assert_close(values, seq.values, rtol=1e-5, atol=1e-5)
+    if seq_len:  # chunks start from their stored states, not from zero: a chunk replayed from zero differs
+        chunk = batch[by_hand[:length]]
+        with torch.no_grad():
+            _, _, values = policy.evaluate(chunk.obs, chunk.actions, None, chunk.starts,
+                                           torch.zeros_like(chunk.states), length)
+        assert not torch.allclose(values, chunk.values, atol=1e-4)  # the value head (gain 1) shows the state
     trainer.close()
 
 
@@ -159,7 +179,14 @@ def test_a_memory_task_is_learned_where_the_mlp_cannot(tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [
     (["network.recurrent=lstm", "algo.n_steps=32", "algo.batch_size=48"],
-     "algo.batch_size=48: with network.recurrent=lstm a minibatch is whole env sequences of algo.n_steps=32 steps"),
+     "algo.batch_size=48: with network.recurrent=lstm a minibatch is whole sequences of algo.n_steps=32 "
+     "(algo.seq_len=null) steps, so algo.batch_size must be a multiple of it (or set algo.seq_len"),
+    (["network.recurrent=lstm", "algo.n_steps=32", "algo.batch_size=24", "algo.seq_len=16"],
+     "algo.batch_size=24: with network.recurrent=lstm a minibatch is whole sequences of algo.seq_len=16 steps"),
+    (["network.recurrent=lstm", "algo.n_steps=32", "algo.seq_len=12"], "algo.seq_len=12: must divide algo.n_steps=32"),
+    (["algo.seq_len=16"], "algo.seq_len=16: sets the sequences a recurrent policy replays; this network has no "
+                          "recurrent core"),
+    (["network.recurrent=lstm", "algo.seq_len=0"], "algo.seq_len=0: must be >= 1 or null"),
     (["network.recurrent=transformer"], "network.recurrent=transformer"),
 ])
 def test_bad_recurrent_settings_are_one_line(tmp_path, args, fragment):

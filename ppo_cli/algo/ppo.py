@@ -65,11 +65,12 @@ class PPO:
         layout = self.policy.layout
         check_rollout_fits(a.n_steps, cfg.env.num_envs, device, layout.stored_shape, layout.stored_dtype,
                            self.policy.action_shape, self.policy.action_dtype,
-                           None if self.masks is None else self.masks.n_outputs, self.policy.state_size)
+                           None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
+                           a.seq_len)
         self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, layout.stored_shape, layout.stored_dtype,
                                     self.policy.action_shape, self.policy.action_dtype, device,
                                     None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
-                                    obs_channels_last=layout.stored_channels_last)
+                                    obs_channels_last=layout.stored_channels_last, seq_len=a.seq_len)
         self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.settings = UpdateSettings(a.clip_range, a.clip_range_vf, a.ent_coef, a.vf_coef, a.max_grad_norm,

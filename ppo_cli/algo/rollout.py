@@ -138,8 +138,6 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
     """
     n = envs.num_envs
     done = Collected(obs, mask, 0, True, [], [])
-    if buffer.state0 is not None:
-        buffer.state0.copy_(actor.state)  # type: ignore[arg-type]
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
         if should_stop():
@@ -147,6 +145,8 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
             break
         with policy_time:
             starts = None if actor.starts is None else actor.starts.copy()
+            if starts is not None:
+                buffer.keep_state(actor.state)  # type: ignore[arg-type]  # where the update's replay starts
             x = actor.inputs(obs)
             action, logp, value = actor.act(x, mask)
             env_action = actor.env_action(action)

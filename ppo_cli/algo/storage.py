@@ -58,10 +58,12 @@ class Batch:
     returns: torch.Tensor
     masks: torch.Tensor | None = None  # the action masks the actions were sampled under (masks.py)
     # Recurrent policies: whether the state was zeroed before the step (an episode start), the state the step's
-    # sequence started from (the same in every row of a sequence), and the sequence length (0: no sequences).
+    # sequence started from (the same in every row of a sequence), the sequence length (0: no sequences) and the
+    # number of envs (rows t * envs + env: a sequence is one env's steps of one chunk of seq_len steps).
     starts: torch.Tensor | None = None
     states: torch.Tensor | None = None
     seq_len: int = 0
+    envs: int = 0
 
     def __len__(self) -> int:
         return self.obs.shape[0]
@@ -72,7 +74,8 @@ class Batch:
             return None if t is None else t[idx]
 
         return Batch(self.obs[idx], self.actions[idx], self.logp[idx], self.values[idx], self.advantages[idx],
-                     self.returns[idx], rows(self.masks), rows(self.starts), rows(self.states), self.seq_len)
+                     self.returns[idx], rows(self.masks), rows(self.starts), rows(self.states), self.seq_len,
+                     self.envs)
 
 
 # Float32 columns of every stored step: log-prob, value, reward, terminated, episode end, V(final obs), and the
@@ -82,24 +85,26 @@ _FLOAT_COLUMNS = 8
 
 def rollout_bytes(n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                   action_shape: tuple[int, ...], action_dtype: torch.dtype, mask_size: int | None = None,
-                  state_size: int = 0) -> int:
+                  state_size: int = 0, seq_len: int | None = None) -> int:
     """The bytes a RolloutBuffer of these sizes takes on its device, with GAE's advantages and returns."""
     def size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
     step = (size(obs_shape, obs_dtype) + size(action_shape, action_dtype) + 4 * _FLOAT_COLUMNS + (mask_size or 0)
             + (1 if state_size else 0))
-    return n_steps * num_envs * step + num_envs * state_size * 4
+    # The states the chunks start from, and in the update's batch the state of each row's chunk.
+    chunks = -(-n_steps // (seq_len or n_steps))
+    return n_steps * num_envs * step + (chunks + n_steps) * num_envs * state_size * 4
 
 
 def check_rollout_fits(n_steps: int, num_envs: int, device: torch.device, obs_shape: tuple[int, ...] = (1,),
                        obs_dtype: torch.dtype = torch.uint8, action_shape: tuple[int, ...] = (1,),
                        action_dtype: torch.dtype = torch.uint8, mask_size: int | None = None,
-                       state_size: int = 0) -> None:
+                       state_size: int = 0, seq_len: int | None = None) -> None:
     """Refuse, in one line, a rollout `device` cannot hold. The defaults (one-byte observations and actions)
     give a lower bound, for a check before the spaces are known."""
     needed = rollout_bytes(n_steps, num_envs, obs_shape, obs_dtype, action_shape, action_dtype, mask_size,
-                           state_size)
+                           state_size, seq_len)
     check_fits(needed, device, f"the rollout of algo.n_steps {n_steps:,} x env.num_envs {num_envs:,} steps",
                "lower algo.n_steps or env.num_envs")
 
@@ -120,7 +125,7 @@ class RolloutBuffer:
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
                  mask_size: int | None = None, state_size: int = 0, staged: bool | None = None,
-                 obs_channels_last: bool = False) -> None:
+                 obs_channels_last: bool = False, seq_len: int | None = None) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
@@ -142,7 +147,11 @@ class RolloutBuffer:
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
         self.masks = None if mask_size is None else zeros(mask_size, dtype=torch.bool)
         self.starts = zeros(dtype=torch.bool) if state_size else None
-        self.state0 = torch.zeros(num_envs, state_size, device=device) if state_size else None  # at the rollout's start
+        # Recurrent policies: the update replays chunks of seq_len steps (the whole rollout by default), each from
+        # the state its env's policy had as the chunk began (truncated back-propagation through time).
+        self.seq_len = seq_len or n_steps
+        self.chunk_states = (torch.zeros(n_steps // self.seq_len, num_envs, state_size, device=device)
+                             if state_size else None)
         self.step = 0
         self.staged = stages(self.device) if staged is None else staged
         env_fields = [getattr(self, f) for f in self.ENV_FIELDS] + [t for t in (self.masks, self.starts)
@@ -186,6 +195,11 @@ class RolloutBuffer:
         r_rew[t], r_term[t], r_end[t] = rewards, terminated, episode_end
         self.step = t + 1
 
+    def keep_state(self, state: torch.Tensor) -> None:
+        """The recurrent state of every env as the next step begins; kept where that step starts a chunk."""
+        if self.chunk_states is not None and self.step % self.seq_len == 0:
+            self.chunk_states[self.step // self.seq_len].copy_(state)
+
     def set_final_values(self, env_idx: np.ndarray, values: torch.Tensor | np.ndarray) -> None:
         """Record V(final obs) for envs truncated at the step just added."""
         rows = torch.as_tensor(env_idx, device=self.device)
@@ -211,10 +225,10 @@ class RolloutBuffer:
                                gamma, gae_lambda)
         self.step = 0
         masks = None if self.masks is None else self.masks.flatten(0, 1)
-        if self.state0 is None:
+        if self.chunk_states is None:
             return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
                          self.values.flatten(), adv.flatten(), ret.flatten(), masks)
-        states = self.state0.unsqueeze(0).expand(self.n_steps, *self.state0.shape).flatten(0, 1)
+        states = self.chunk_states.repeat_interleave(self.seq_len, dim=0).flatten(0, 1)  # each row: its chunk's
         return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(), self.values.flatten(),
                      adv.flatten(), ret.flatten(), masks, self.starts.flatten(), states,  # type: ignore[union-attr]
-                     self.n_steps)
+                     self.seq_len, self.num_envs)

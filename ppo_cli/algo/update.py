@@ -193,14 +193,16 @@ class Updater:
         return cls(gradients, step, generator, ranks), notes
 
     def _permutation(self, batch: Batch) -> torch.Tensor:
-        """This epoch's order of the rows: shuffled samples, or for a recurrent policy shuffled env sequences,
-        each kept whole and in time order (rows t * num_envs + env of the [T, N] rollout)."""
+        """This epoch's order of the rows: shuffled samples, or for a recurrent policy shuffled sequences (one env's
+        steps of one chunk of seq_len steps), each kept whole and in time order. The rollout's rows are
+        t * envs + env, so sequence j = chunk * envs + env starts at row chunk * seq_len * envs + env."""
         device = self.generator.device  # a CUDA generator shuffles on the GPU
         if not batch.seq_len:
             return torch.randperm(len(batch), generator=self.generator, device=device)
-        envs = len(batch) // batch.seq_len
-        order = torch.randperm(envs, generator=self.generator, device=device)
-        return (order[:, None] + envs * torch.arange(batch.seq_len, device=device)[None, :]).flatten()
+        envs, seq_len = batch.envs, batch.seq_len
+        order = torch.randperm(len(batch) // seq_len, generator=self.generator, device=device)
+        first = order // envs * (seq_len * envs) + order % envs
+        return (first[:, None] + envs * torch.arange(seq_len, device=device)[None, :]).flatten()
 
     def update(self, batch: Batch, s: UpdateSettings) -> dict[str, float]:
         """K_epochs passes over the shuffled batch; stops early once a minibatch's KL exceeds 1.5 * target_kl.
