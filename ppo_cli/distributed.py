@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 # torch is imported by the functions that use it: ppo-train's command line (prepare_cli, from_environment,
 # exit_after) and a one-process run's agreements (any_true, mean) start without it.
 TIMEOUT = timedelta(minutes=10)  # a collective waits this long for a rank that went silent, then fails
+# While rank 0 works alone (a periodic evaluation, which on Atari can take longer than TIMEOUT), the others wait in
+# a group of their own with this timeout, so the wait does not depend on how long the work takes.
+MAIN_WORK_TIMEOUT = timedelta(days=7)
+_main_work: Any = None  # that group (gloo: a barrier of CPU tensors, whatever the device)
 
 
 @dataclass
@@ -73,7 +77,17 @@ def setup(device: torch.device) -> Ranks:
             raise UserError("device=cuda under torchrun needs NCCL, which this torch build lacks; use device=cpu")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=TIMEOUT)
+    global _main_work
+    _main_work = dist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)
     return ranks
+
+
+def wait_for_main(ranks: Ranks) -> None:
+    """Hold every rank here until rank 0 arrives, however long rank 0's work alone takes (MAIN_WORK_TIMEOUT)."""
+    import torch.distributed as dist
+
+    if ranks.active:
+        dist.barrier(group=_main_work)
 
 
 def backend_for(device: torch.device) -> str:
@@ -87,7 +101,7 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # its subgroups too
 
 
 def exit_after(body: Callable[[], Any]) -> NoReturn:

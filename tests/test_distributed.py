@@ -18,9 +18,8 @@ SMALL = [*TINY, "checkpoint_interval=1"]
 
 
 def torchrun(*args: str, cwd: Path, timeout: float = 180, env_extra: dict | None = None,
-             popen: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ppo_cli.cli.train", *args]
+             popen: bool = False, module: str = "ppo_cli.cli.train") -> subprocess.CompletedProcess | subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -67,6 +66,16 @@ def test_two_ranks_train_as_one_run_and_rank_0_alone_writes(tmp_path):
     torch.save({**best, "ranks": None}, tmp_path / "legacy.pt")
     legacy = torchrun(f"resume={tmp_path / 'legacy.pt'}", "algo.total_timesteps=2048", cwd=tmp_path)
     assert legacy.returncode != 0 and "holds only rank 0's part of a 2-process run's state" in legacy.stderr
+
+
+def test_the_other_ranks_wait_for_an_evaluation_longer_than_the_collectives_timeout(tmp_path):
+    """Issue 30, item 10: rank 0 evaluates alone; with the collectives' timeout cut to 3 s and each evaluation
+    taking over 6 s (tests/slow_eval_main.py), rank 1 waits for both evaluations instead of timing out."""
+    run = tmp_path / "run"
+    proc = torchrun(*SMALL, "algo.total_timesteps=512", "eval.every_steps=256", "eval.final=false",
+                    "eval.objective=best", f"hydra.run.dir={run}", cwd=tmp_path, module="tests.slow_eval_main")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval @") == 2 and json.loads((run / "result.json").read_text())["global_step"] == 512
 
 
 def test_no_two_ranks_share_an_env_seed(tmp_path):

@@ -156,3 +156,17 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if version < 2 and isinstance(data["policy"], dict):
         data["policy"] = migrate_v1_state(data["policy"])
     return data
+
+
+def check_processes(data: dict[str, Any], world: int) -> None:
+    """Refuse, in one line, to resume a checkpoint in a run of another number of processes than wrote it, or one
+    that lacks the other ranks' parts."""
+    saved_world = int(data.get("world_size", 1))
+    if saved_world != world:
+        raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "
+                        f"{world}; resume with torchrun --nproc_per_node={saved_world} (ppo-eval evaluates it as "
+                        f"it is, and a new run can start from scratch with any number)")
+    if saved_world > 1 and data.get("ranks") is None:
+        raise UserError(f"cannot resume: the checkpoint holds only rank 0's part of a {saved_world}-process run's "
+                        f"state (a best.pt written before ppo-cli kept every rank's); resume the run's "
+                        f"checkpoint.pt, or evaluate this one with ppo-eval")

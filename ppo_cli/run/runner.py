@@ -237,6 +237,7 @@ class Runner:
         if not self.evaluator.due(step0, self.global_step) or self.stops.requested():
             return False
         result, improved = self._periodic_evaluation() if self.ranks.main else (None, False)
+        distributed.wait_for_main(self.ranks)  # the others wait as long as the evaluation takes, not TIMEOUT
         if distributed.any_true(improved, self.ranks):
             # Every rank's part, as in checkpoint.pt, so that best.pt resumes under torchrun as checkpoint.pt does.
             best = {**self.state(), "eval": self.evaluator.best}
@@ -330,15 +331,7 @@ class Runner:
         if data["observation_space"] != self.algo.obs_space or data["action_space"] != self.algo.action_space:
             raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
                             f"{data['action_space']}) differ from env.id={self.cfg.env.id!r}'s")
-        saved_world = int(data.get("world_size", 1))
-        if saved_world != self.ranks.world:
-            raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "
-                            f"{self.ranks.world}; resume with torchrun --nproc_per_node={saved_world} (ppo-eval "
-                            f"evaluates it as it is, and a new run can start from scratch with any number)")
-        if saved_world > 1 and data.get("ranks") is None:
-            raise UserError(f"cannot resume: the checkpoint holds only rank 0's part of a {saved_world}-process "
-                            f"run's state (a best.pt written before ppo-cli kept every rank's); resume the run's "
-                            f"checkpoint.pt, or evaluate this one with ppo-eval")
+        checkpoint.check_processes(data, self.ranks.world)
         if self.ranks.rank > 0:  # this rank's own part of the state
             data = {**data, **data["ranks"][self.ranks.rank - 1]}
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
