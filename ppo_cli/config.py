@@ -180,6 +180,10 @@ class EnvConfig:
                                     "as an image where its two largest sides are >= 16")
     obs_keys: list[str] | None = key(None, "Dict observations: the keys to keep, dropping the others before anything "
                                            "reads them (a Text `mission`, say); null keeps every key")
+    step_timeout: float | None = key(None, "async envs: a sub-env whose reset() or step() takes longer than this "
+                                           "many seconds stops the run in one line naming it, its workers "
+                                           "stopped (null: wait for ever; in every run a note says when no step "
+                                           "has returned for a minute)")
     check: bool = key(False, "run gymnasium's env checker on one instance before training; a failure stops the "
                              "run")
     max_episode_steps: int | None = key(None, "override the env's time limit; null keeps the registered one")
@@ -379,6 +383,10 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(n.net_arch is None or (len(n.net_arch) >= 1 and all(w >= 1 for w in n.net_arch)), "network.net_arch",
          "must list at least one layer width, each >= 1 (or be null: the encoder's own)")
     need(e.image in (True, False, "auto"), "env.image", "must be true, false or auto")
+    need(e.step_timeout is None or e.step_timeout > 0, "env.step_timeout", "must be > 0 or null")
+    need(e.step_timeout is None or (e.vectorization == "async" and e.backend == "gymnasium"), "env.step_timeout",
+         "applies to async envs (env.vectorization=async): a sync env steps in this process, where a call cannot "
+         "be cut short")
     need(e.num_envs >= 1, "env.num_envs", "must be >= 1")
     need(e.clip_obs > 0, "env.clip_obs", "must be > 0")
     need(e.clip_reward > 0, "env.clip_reward", "must be > 0")

@@ -56,3 +56,17 @@ class SlowStart(CartPoleEnv):
     def __init__(self, render_mode=None):
         time.sleep(5)
         super().__init__(render_mode=render_mode)
+
+
+class DieAt(CartPoleEnv):
+    """Its process ends at its `at`-th step with exit code `code`, as a simulator's crash takes the worker down."""
+
+    def __init__(self, at: int = 20, code: int = 3, render_mode=None):
+        super().__init__(render_mode=render_mode)
+        self.at, self.code, self.steps = at, code, 0
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps >= self.at:
+            os._exit(self.code)
+        return super().step(action)

@@ -4,11 +4,13 @@ the step: no traceback, no numpy or gymnasium warning. Huge but finite rewards t
 blamed on the rewards, with env.normalize_reward as the remedy. (Training a healthy env is unchanged bit for bit:
 the wrapper only reads what passes through it.)"""
 
+import json
 import re
 
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from ppo_cli.algo.update import divergence_message
 from ppo_cli.envs.faults import EnvFaults, count_steps, largest_reward
@@ -180,3 +182,64 @@ def test_an_observation_that_numpy_would_broadcast_is_refused(vectorization):
                                                   "observation of shape (1,) where its observation space Box(-1.0, "
                                                   "1.0, (2,), float32) has shape (2,) (at step 0)")):
         make_vec_env(cfg.env, seed=0)
+
+
+# --- workers that die or hang (issue 30, item 11), and a run folder that says why (item 12) -----------------------
+
+DIE = ["env.entry_point=tests.signal_envs:DieAt", "env.vectorization=async", "algo.n_steps=32", "algo.batch_size=32",
+       "algo.total_timesteps=256", "eval.final=false", "eval.objective=train"]
+
+
+@pytest.mark.parametrize("at", [10, 40])
+def test_an_async_worker_that_dies_is_one_line_with_its_exit_and_what_was_trained_is_kept(tmp_path, at):
+    """The worker's process ends (a simulator's crash): one line naming the sub-envs and their exit codes instead
+    of gymnasium's 110-line EOFError; result.json says why; after an update, the rollout's start is saved."""
+    run = tmp_path / "run"
+    proc = cli("ppo-train", *TINY, *DIE, f"+env.kwargs.at={at}", f"hydra.run.dir={run}", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.fullmatch(r"ppo-train: error: env 'tests\.signal_envs:DieAt': the worker process of sub-env 0 \(exit "
+                        r"code 3\), sub-env 1 \(exit code 3\) ended during step\(\) \(at step \d+\).*", lines[0])
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "failed" and "exit code 3" in result["error"]
+    saved = run / "checkpoints" / "checkpoint.pt"
+    if at == 10:  # in the first rollout: nothing trained, nothing to keep
+        assert not saved.exists()
+    else:  # 2 envs x 32 steps an update: the 40th step is in the second rollout; the first update is kept
+        assert lines[0].endswith(f"the run until step 64 is saved, ppo-train resume={saved} continues it")
+        assert torch.load(saved, weights_only=True)["global_step"] == 64
+
+
+def test_an_async_call_slower_than_step_timeout_is_one_line_naming_the_sub_env(tmp_path):
+    proc = cli("ppo-train", *TINY, "env.entry_point=tests.signal_envs:HangAt", "+env.kwargs.at=40",
+               "env.vectorization=async", "env.step_timeout=2", "algo.n_steps=32", "algo.batch_size=32",
+               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert re.fullmatch(r"ppo-train: error: env 'tests\.signal_envs:HangAt': sub-env 0, 1 did not return from "
+                        r"step\(\) within env\.step_timeout=2 s; the workers were stopped \(at step 78\); the run "
+                        r"until step 64 is saved, .*", lines[0]), lines
+
+
+def test_step_timeout_needs_async_workers(tmp_path):
+    proc = cli("ppo-train", *TINY, "env.step_timeout=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "env.step_timeout=5.0: applies to async envs" in proc.stderr, proc.stderr
+
+
+def test_a_call_that_does_not_return_gets_a_note_once(monkeypatch, capfd):
+    """Stalls: a reset() or step() in progress for STALL_SECONDS is told on stderr once, with how to stop it."""
+    import time
+
+    from ppo_cli.run.stalls import Stalls
+
+    envs = make_vec_env(make_cfg(*TINY).env, seed=0, training=True)
+    faults = next(e for e in (envs, envs.env) if isinstance(e, EnvFaults))
+    faults.call = ("step", time.monotonic())
+    stalls = Stalls(lambda: (envs, None), after=0.2)
+    time.sleep(0.6)
+    faults.call = None
+    stalls.close()
+    envs.close()
+    err = capfd.readouterr().err
+    assert err.count("note: env 'CartPole-v1' has not returned from step() for") == 1, err
+    assert "Ctrl-C stops the run" in err and "env.step_timeout=SECONDS" in err

@@ -104,9 +104,13 @@ def run(cfg: DictConfig, run_dir: Path) -> tuple[TrainResult, DictConfig]:
               + (" with warnings:" if findings else ""), flush=True)
         for line in findings:
             print(f"  - {line}", flush=True)
+    started = time.perf_counter()
     trainer = Runner(cfg, run_dir, resume=data)
     try:
         result = trainer.run()
+    except UserError as exc:  # it failed while training: the run folder says why, beside the curves it logged
+        failed(run_dir, str(exc), started)
+        raise
     finally:
         trainer.close()
     return result, cfg

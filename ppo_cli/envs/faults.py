@@ -4,6 +4,9 @@ the call and the step (EnvFaults, ReportCalls)."""
 from __future__ import annotations
 
 import math
+import multiprocessing
+import signal
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -11,8 +14,13 @@ from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.vector.async_vector_env import AsyncState
 
 from ppo_cli.errors import UserError
+
+
+class EnvFault(UserError):
+    """What EnvFaults raises: a broken env, in one line (the runner keeps what was trained before it)."""
 
 
 class EnvCallFailed(Exception):
@@ -129,9 +137,13 @@ class EnvFaults(gym.vector.VectorWrapper):
     the rest runs only when something is wrong.
     """
 
-    def __init__(self, env: gym.vector.VectorEnv, label: str, evaluation: bool = False) -> None:
+    def __init__(self, env: gym.vector.VectorEnv, label: str, evaluation: bool = False,
+                 step_timeout: float | None = None) -> None:
         super().__init__(env)
         self.label = f"{'evaluation env' if evaluation else 'env'} {label!r}"
+        # When the call in progress began (None between calls), for a note on a call that never returns (Stalls).
+        self.call: tuple[str, float] | None = None
+        self.step_timeout = step_timeout  # async workers only: a reset() or step() slower than this is a fault
         # The step in messages: env steps since the last reset(), all sub-envs (count_steps: the trainer's count).
         self.steps, self.stride = 0, self.num_envs
         self.largest_reward = 0.0
@@ -149,21 +161,25 @@ class EnvFaults(gym.vector.VectorWrapper):
               options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         self.steps = 0
         try:
-            obs, info = self.env.reset(seed=seed, options=options)
+            obs, info = self._call("reset", seed=seed, options=options)
         except Exception as exc:  # noqa: BLE001 - a user's env can fail in any way
             if self._left_to_caller(exc):
                 raise
             raise self._fault("reset", exc) from None
+        finally:
+            self.call = None
         self._check_obs("reset", obs)
         return obs, info
 
     def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
         try:
-            obs, rewards, terminated, truncated, info = self.env.step(actions)
+            obs, rewards, terminated, truncated, info = self._call("step", actions)
         except Exception as exc:  # noqa: BLE001 - as in reset
             if self._left_to_caller(exc):
                 raise
             raise self._fault("step", exc) from None
+        finally:
+            self.call = None
         # The cheapest exact checks measured (a few microseconds a step on CartPole): count_nonzero has none of
         # ndarray.all()'s Python wrapper; the rewards, one per env, are summed as Python floats, which never warn
         # (their sum is NaN or infinite when one of them is, or when the sum overflows: the slow path tells).
@@ -199,15 +215,52 @@ class EnvFaults(gym.vector.VectorWrapper):
             kind = "a NaN" if np.isnan(rewards).any() else "an infinite"
             raise self._error(f"step() returned {kind} reward")
 
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """The vector env's reset() or step(); async workers with a step_timeout are waited for that long."""
+        self.call = (name, time.monotonic())
+        if self.step_timeout is None or not self._async:
+            return getattr(self.env, name)(*args, **kwargs)
+        getattr(self.env, f"{name}_async")(*args, **kwargs)
+        try:
+            return getattr(self.env, f"{name}_wait")(timeout=self.step_timeout)
+        except multiprocessing.TimeoutError:
+            raise self._error(self._hung(name)) from None
+
+    def _hung(self, call: str) -> str:
+        """Which workers did not answer `call` within step_timeout; all are then stopped (no answer will come)."""
+        venv: Any = self.env.unwrapped
+        late = [str(i) for i, pipe in enumerate(venv.parent_pipes) if not pipe.poll()]
+        _close_at_once(venv)
+        return (f"sub-env {', '.join(late) or '?'} did not return from {call}() within env.step_timeout="
+                f"{self.step_timeout:g} s; the workers were stopped")
+
     def _left_to_caller(self, exc: Exception) -> bool:
         # An async worker's ReportCalls wraps every failure of the env's calls but those it leaves to the caller,
-        # whose traceback stayed in the worker.
-        return _left_to_caller(exc) or (self._async and not isinstance(exc, EnvCallFailed))
+        # whose traceback stayed in the worker; a worker that died breaks its pipe (_dead_workers).
+        return _left_to_caller(exc) or (self._async and not isinstance(exc, (EnvCallFailed, EOFError, OSError)))
 
-    def _fault(self, call: str, exc: Exception) -> UserError:
+    def _fault(self, call: str, exc: Exception) -> EnvFault:
         if isinstance(exc, EnvCallFailed):
             return self._error(str(exc))
+        if self._async:
+            return self._error(self._dead_workers(call))
         return self._error(self._sync_fault(call, exc))
+
+    def _dead_workers(self, call: str) -> str:
+        """Which async workers ended during `call` and how (their exit codes); the others are then stopped, so that
+        closing the envs waits for no reply that will never come."""
+        venv: Any = self.env.unwrapped
+        ended = []
+        for i, process in enumerate(venv.processes):
+            process.join(timeout=1.0)  # the pipe broke as the process ended: its exit code follows at once
+            if process.exitcode is not None:
+                code = process.exitcode
+                how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+                ended.append(f"sub-env {i} ({how})")
+        _close_at_once(venv)
+        which = ", ".join(ended) if ended else "a sub-env (it closed its pipe)"
+        oom = " (SIGKILL: often the system's out-of-memory killer)" if "SIGKILL" in which else ""
+        return f"the worker process of {which} ended during {call}(){oom}"
 
     def _sync_fault(self, call: str, exc: Exception) -> str:
         """What failed inside a sync vector env: the sub-env call in the traceback under its reset() or step() (a
@@ -228,8 +281,28 @@ class EnvFaults(gym.vector.VectorWrapper):
                     f"{call}() returned an observation that does not fit its observation space {space} ({text})")
         return _raised(call, exc)
 
-    def _error(self, what: str) -> UserError:
-        return UserError(f"{self.label}: {what} (at step {self.steps:,})")
+    def _error(self, what: str) -> EnvFault:
+        return EnvFault(f"{self.label}: {what} (at step {self.steps:,})")
+
+
+def kill_workers(envs: Any) -> None:
+    """SIGKILL the worker processes of an async vector env (they ignore SIGINT and SIGTERM: run/signals.py)."""
+    for process in getattr(getattr(envs, "unwrapped", None), "processes", ()):
+        try:
+            process.kill()
+        except (OSError, ValueError):  # gone already, or closed
+            pass
+
+
+def _close_at_once(venv: Any) -> None:
+    """Stop an async vector env's workers without waiting for the answer to a call in progress, which will not
+    come (a dead or hung worker)."""
+    kill_workers(venv)
+    try:
+        venv._state = AsyncState.DEFAULT
+        venv.close(terminate=True)
+    except Exception:  # noqa: BLE001, S110 - closing what is already broken; the fault is what matters
+        pass
 
 
 def _faults(envs: gym.vector.VectorEnv) -> EnvFaults | None:
@@ -237,6 +310,14 @@ def _faults(envs: gym.vector.VectorEnv) -> EnvFaults | None:
     while env is not None and not isinstance(env, EnvFaults):
         env = getattr(env, "env", None)
     return env
+
+
+def call_in_progress(envs: gym.vector.VectorEnv) -> tuple[str, str, float, int] | None:
+    """(the env's label, the call, when it began (time.monotonic), the step) of a reset() or step() of `envs`
+    (built by envs.make_vec_env) that has not returned yet; None between calls."""
+    faults = _faults(envs)
+    call = None if faults is None else faults.call
+    return None if call is None else (faults.label, call[0], call[1], faults.steps)  # type: ignore[union-attr]
 
 
 def largest_reward(envs: gym.vector.VectorEnv) -> float | None:

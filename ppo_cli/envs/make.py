@@ -174,7 +174,8 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     vec_cls = gym.vector.AsyncVectorEnv if is_async else gym.vector.SyncVectorEnv
     # EnvFaults sits under the episode statistics, so a NaN reward is reported before anything adds it up; and the
     # statistics stay the outermost layer, which snapshot() saves.
-    envs = EnvFaults(vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP), label, evaluation=not training)
+    envs = EnvFaults(vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP), label, evaluation=not training,
+                     step_timeout=env_cfg.get("step_timeout"))
     # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
     envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
     try:
@@ -183,15 +184,6 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
         envs.close()
         raise
     return envs
-
-
-def kill_workers(envs: Any) -> None:
-    """SIGKILL the worker processes of an async vector env (they ignore SIGINT and SIGTERM: trainer.py)."""
-    for process in getattr(getattr(envs, "unwrapped", None), "processes", ()):
-        try:
-            process.kill()
-        except (OSError, ValueError):  # gone already, or closed
-            pass
 
 
 def _missing_extra(message: str) -> str:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ppo_cli.envs.make import kill_workers, make_vec_env
+from ppo_cli.envs.faults import kill_workers
+from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.masks import ActionMasks
 from ppo_cli.envs.spaces import describe_space
 from ppo_cli.envs.step_cap import CUT_KEY

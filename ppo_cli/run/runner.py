@@ -30,8 +30,8 @@ from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
-from ppo_cli.envs.faults import count_steps, largest_reward
-from ppo_cli.envs.make import kill_workers, make_vec_env, restore, snapshot
+from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward
+from ppo_cli.envs.make import make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.policy.observations import batch_size
@@ -47,6 +47,7 @@ from ppo_cli.run.signals import (
     say,
     stop_signals,
 )
+from ppo_cli.run.stalls import Stalls
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -97,6 +98,21 @@ def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
     return flat
 
 
+def episodes(rollout: Any, ranks: distributed.Ranks) -> tuple[list[float], list[int]]:
+    """The returns and lengths of the episodes the rollout finished, over all ranks."""
+    if not ranks.active:
+        return rollout.returns, rollout.lengths
+    gathered = distributed.gather((rollout.returns, rollout.lengths), ranks)
+    return [r for rs, _ in gathered for r in rs], [n for _, ns in gathered for n in ns]
+
+
+def check_finite(scalars: dict[str, float], step: int, envs: Any, normalize_reward: bool) -> None:
+    """Diverged, in one line, where an update's statistics are not finite."""
+    bad = [k for k in STAT_NAMES if not math.isfinite(scalars[f"losses/{k}"])]
+    if bad:
+        raise Diverged(divergence_message(step, bad, largest_reward(envs), normalize_reward))
+
+
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None) -> None:
@@ -122,9 +138,11 @@ class Runner:
         async_workers = cfg.env.vectorization == "async"
         with held_from_workers(self.stops.remember) if async_workers else nullcontext():
             self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
+        self.stalls = Stalls(lambda: (self.envs, getattr(getattr(self, "evaluator", None), "envs", None)))
         try:
             self._build(cfg, resume, rich_progress)
         except BaseException:  # what was opened so far is closed; the error goes on to the user
+            self.stalls.close()
             self.envs.close()
             distributed.teardown()
             raise
@@ -178,14 +196,21 @@ class Runner:
                     step0, time0 = self.global_step, self.clock.total()
                     start = None if self.ranks.active else self._boundary()
                     stops.phase = "rollout"
-                    rollout = self.algo.collect(self.envs, stops.requested, step0)
+                    try:
+                        rollout = self.algo.collect(self.envs, stops.requested, step0)
+                    except EnvFault as exc:  # what was trained before this rollout is kept (one process)
+                        if start is None or self.update_idx == self._first_update:
+                            raise
+                        path = self.save(at=start)
+                        raise EnvFault(f"{exc}; the run until step {step0:,} is saved, ppo-train resume={path} "
+                                       f"continues it") from None
                     if stops.requested():  # one process, a signal: the rollout is dropped, its start saved
                         raise Interrupted(stops.signal, step0, self.save(at=start))  # type: ignore[arg-type]
                     stops.phase = "update"
                     self.global_step += rollout.steps * self.ranks.world
-                    returns, lengths = self._episodes(rollout)
+                    returns, lengths = episodes(rollout, self.ranks)
                     scalars = self.algo.learn(progress=step0 / total)
-                    self._check_finite(scalars)
+                    check_finite(scalars, self.global_step, self.envs, self.cfg.env.normalize_reward)
                     self.update_idx += 1
                     self.recent_returns.extend(returns)
                     stops.phase = None
@@ -206,19 +231,6 @@ class Runner:
             return self._finish(path, final_eval, stopped_at)
         finally:
             self.logger.close()
-
-    def _episodes(self, rollout: Any) -> tuple[list[float], list[int]]:
-        """The returns and lengths of the episodes the rollout finished, over all ranks."""
-        if not self.ranks.active:
-            return rollout.returns, rollout.lengths
-        episodes = distributed.gather((rollout.returns, rollout.lengths), self.ranks)
-        return [r for rs, _ in episodes for r in rs], [n for _, ns in episodes for n in ns]
-
-    def _check_finite(self, scalars: dict[str, float]) -> None:
-        bad = [k for k in STAT_NAMES if not math.isfinite(scalars[f"losses/{k}"])]
-        if bad:
-            raise Diverged(divergence_message(self.global_step, bad, largest_reward(self.envs),
-                                              self.cfg.env.normalize_reward))
 
     def _log(self, scalars: dict[str, float], sps: float, returns: list[float], lengths: list[int]) -> None:
         scalars = {**scalars, "charts/SPS": sps}
@@ -388,6 +400,7 @@ class Runner:
         os._exit(128 + signum)
 
     def close(self) -> None:
+        self.stalls.close()
         self.envs.close()
         self.evaluator.close()
         distributed.teardown()
