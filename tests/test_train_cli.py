@@ -86,3 +86,48 @@ def test_ppo_eval_records_one_video_per_episode(tiny_run, tmp_path):
     files = sorted(p.name for p in videos.glob("*.mp4"))
     assert files == ["eval-episode-1.mp4", "eval-episode-2.mp4"]
     assert all((videos / f).stat().st_size > 1000 for f in files)
+
+
+# --- progress from the first second (issue 30, item 12) -----------------------------------------------------------
+
+def test_a_long_update_shows_progress_before_it_ends(tmp_path, monkeypatch, capsys):
+    """A plain console gets a line while an update's rollout runs, once LIVE_SECONDS passed without one (Atari's
+    first update was silent for 38 s)."""
+    from ppo_cli.run import logger
+    from ppo_cli.run.runner import Runner
+
+    from .conftest import make_cfg
+
+    monkeypatch.setattr(logger, "LIVE_SECONDS", 0.5)
+    cfg = make_cfg("env.num_envs=2", "algo.n_steps=12000", "algo.batch_size=24000", "algo.K_epochs=1",
+                   "algo.total_timesteps=24000", "fast_rollout=false", "eval.every_steps=0", "eval.final=false",
+                   "eval.objective=train", "checkpoint_interval=0")
+    trainer = Runner(cfg, tmp_path, rich_progress=False)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    out = capsys.readouterr().out
+    live = re.findall(r"step +([\d,]+)/24,000 \| update 1 collecting \| 0m0\ds into it", out)
+    assert live, out
+    steps = [int(s.replace(",", "")) for s in live]
+    assert steps == sorted(steps) and 0 < steps[0] < 24000  # the envs' steps as they are taken
+    assert out.index("update 1 collecting") < out.index("update 1 |")
+
+
+def test_ppo_eval_hears_of_each_episode_as_it_ends():
+    from ppo_cli.cli.evaluate import progress
+    from ppo_cli.envs.make import make_vec_env
+    from ppo_cli.run.evaluation import evaluate_random, run_episodes
+
+    from .conftest import make_cfg
+
+    envs = make_vec_env(make_cfg().env, seed=0, num_envs=3, step_cap=500)
+    heard = []
+    result = run_episodes(envs, lambda obs, mask, starts: envs.action_space.sample(), 7, seed=0,
+                          on_episode=lambda ret, length: heard.append((ret, length)))
+    assert heard == list(zip(result.returns, result.lengths, strict=True)) and len(heard) == 7
+    assert evaluate_random(envs, 2, seed=0).returns  # the baseline plays without a listener
+    envs.close()
+    with progress(7) as tick:  # not a terminal here: the result alone, no bar
+        assert tick is None

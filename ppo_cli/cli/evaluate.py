@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,23 @@ def _file_env(config: Any, args: argparse.Namespace, what: str, env_only: bool =
                  how="--trust-env-code (or name the env with --env)", named=named, env_only=env_only)
 
 
+@contextmanager
+def progress(episodes: int) -> Iterator[Callable[[float, int], None] | None]:
+    """A bar on stderr from the first second while the episodes play, advanced as each ends (on a terminal only:
+    --json, pipes and logs get the result alone)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]ppo-eval"), BarColumn(), MofNCompleteColumn(), TextColumn("episodes"),
+                  TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=Console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task("episodes", total=episodes, last="")
+        yield lambda ret, length: bar.update(task, advance=1, last=f"last: return {ret:.2f}, length {length:,}")
+
+
 def _with_env_arg(env_cfg: DictConfig, args: argparse.Namespace) -> DictConfig:
     """The env to score: the file's recipe, or the one --env names (its entry point cleared too, else that env
     would be scored)."""
@@ -140,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
         raise UserError(f"--max-episode-steps={args.max_episode_steps}: must be >= 1")
     fmt = exported.detect(args.checkpoint)
-    play: Callable[[gym.vector.VectorEnv], EvalResult]
+    play: Callable[[gym.vector.VectorEnv, Callable[[float, int], None] | None], EvalResult]
     if fmt is None:
         data = checkpoint.load(args.checkpoint)
         _file_env(stored_config(data["config_yaml"]), args, "checkpoint")
@@ -149,9 +168,10 @@ def run(args: argparse.Namespace) -> dict:
         max_steps = int(cfg.eval.max_episode_steps)
         expected, global_step = (data["observation_space"], data["action_space"]), int(data["global_step"])
 
-        def play(envs: gym.vector.VectorEnv) -> EvalResult:
+        def play(envs: gym.vector.VectorEnv, tick: Callable[[float, int], None] | None) -> EvalResult:
             with torch.inference_mode():
-                return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic)
+                return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic,
+                                on_episode=tick)
     else:
         model = exported.ExportedModel(args.checkpoint, fmt, run_code=args.trust_env_code)
         _file_env(model.metadata.get("env") or {}, args, "model", env_only=True)
@@ -161,9 +181,9 @@ def run(args: argparse.Namespace) -> dict:
         meta = model.metadata
         expected, global_step = (meta["observation_space"], meta["action_space"]), int(meta.get("global_step", 0))
 
-        def play(envs: gym.vector.VectorEnv) -> EvalResult:
+        def play(envs: gym.vector.VectorEnv, tick: Callable[[float, int], None] | None) -> EvalResult:
             act = model.actor(envs.num_envs, deterministic=not args.stochastic, seed=args.seed)
-            return run_episodes(envs, act, args.episodes, args.seed)
+            return run_episodes(envs, act, args.episodes, args.seed, on_episode=tick)
     if args.max_episode_steps is not None:
         max_steps = args.max_episode_steps
     elif max_steps < 1:
@@ -184,7 +204,8 @@ def run(args: argparse.Namespace) -> dict:
             if spaces != expected:
                 raise UserError(f"env {label!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
                                 f"trained for {expected[0]} / {expected[1]}")
-            result = play(envs)
+            with progress(args.episodes) as tick:
+                result = play(envs, tick)
         finally:
             with warnings.catch_warnings():  # a failed recording warns about zero frames; the error says more
                 warnings.simplefilter("ignore")

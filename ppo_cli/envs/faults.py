@@ -320,6 +320,12 @@ def call_in_progress(envs: gym.vector.VectorEnv) -> tuple[str, str, float, int] 
     return None if call is None else (faults.label, call[0], call[1], faults.steps)  # type: ignore[union-attr]
 
 
+def steps_taken(envs: gym.vector.VectorEnv) -> int | None:
+    """The env steps `envs` has taken, numbered as the trainer counts them (count_steps); None if unknown."""
+    faults = _faults(envs)
+    return None if faults is None else faults.steps
+
+
 def largest_reward(envs: gym.vector.VectorEnv) -> float | None:
     """The largest reward in absolute value that `envs` (built by envs.make_vec_env) has returned; None if unknown."""
     faults = _faults(envs)

@@ -55,11 +55,13 @@ class EvalResult:
 
 
 def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray],
-                 episodes: int, seed: int, label: str = "evaluation env") -> EvalResult:
+                 episodes: int, seed: int, label: str = "evaluation env",
+                 on_episode: Callable[[float, int], None] | None = None) -> EvalResult:
     """Play `episodes` episodes with `act(obs batch, action masks or None, episode starts) -> action batch`;
     envs must record episode statistics (and carry a `StepCap`, or episodes that never end hang this). Where the
     env gives action masks (masks.py), `act` gets them; the starts (true where an env's episode begins at this
-    observation) let a recurrent policy reset its state."""
+    observation) let a recurrent policy reset its state. `on_episode(return, length)` hears of each episode
+    counted, as it ends (ppo-eval's progress)."""
     n = envs.num_envs
     quota = np.array([(episodes + i) // n for i in range(n)])
     done = np.zeros(n, dtype=int)
@@ -88,11 +90,14 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
                 lengths.append(int(stats["l"][i]))
                 done[i] += 1
                 cut += int(cuts[i])
+                if on_episode is not None:
+                    on_episode(returns[-1], lengths[-1])
     return EvalResult(returns, lengths, cut)
 
 
 def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, seed: int,
-             deterministic: bool = True, device: torch.device | str = "cpu") -> EvalResult:
+             deterministic: bool = True, device: torch.device | str = "cpu",
+             on_episode: Callable[[float, int], None] | None = None) -> EvalResult:
     """Deterministic (the most likely allowed action; a Gaussian's mean) by default; stochastic samples from a
     generator seeded with `seed`."""
     rng = np.random.default_rng(seed)
@@ -107,7 +112,7 @@ def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, see
         action, _, _, state = policy.act_step(x, state, rng, deterministic, m)
         return policy.env_action(action)
 
-    return run_episodes(envs, act, episodes, seed)
+    return run_episodes(envs, act, episodes, seed, on_episode=on_episode)
 
 
 def evaluate_random(envs: gym.vector.VectorEnv, episodes: int, seed: int) -> EvalResult:

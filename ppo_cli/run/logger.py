@@ -45,6 +45,9 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+LIVE_SECONDS = 10.0  # a plain console's longest silence while a rollout runs
+
+
 class Logger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, config_yaml: str,
                  log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None) -> None:
@@ -59,7 +62,7 @@ class Logger:
         self.log_interval = log_interval
         use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
         self.progress: Any = None
-        self.started = time.perf_counter()
+        self.started = self.last_line = self.update_began = time.perf_counter()
         if use_rich:  # imported only here: a run without a terminal (sweeps, CI) does not pay for it
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -97,6 +100,7 @@ class Logger:
 
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
         ret = "n/a" if mean_return is None else f"{mean_return:.1f}"
+        self.update_began = time.perf_counter()
         if self.progress is not None:
             self.progress.update(self.task, completed=min(step, self.total),
                                  info=f"SPS {sps:,.0f} | return {ret}")
@@ -105,12 +109,29 @@ class Logger:
             eta = (time.perf_counter() - self.started) * max(self.total - step, 0) / done
             print(f"step {step:>9,}/{self.total:,} | update {update} | SPS {sps:,.0f} | "
                   f"mean return {ret} | ETA {_fmt_duration(eta)}", flush=True)
+            self.last_line = time.perf_counter()
+
+    def live(self, step: int, update: int, doing: str) -> None:
+        """Progress inside an update (another thread calls this about once a second; `doing`: collecting, learning,
+        evaluating): the bar moves; a plain console gets a line where none came for LIVE_SECONDS, so a slow first
+        update is not silent."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=min(step, self.total))
+            return
+        now = time.perf_counter()
+        if now - self.last_line < LIVE_SECONDS:
+            return
+        sys.stdout.write(f"step {step:>9,}/{self.total:,} | update {update} {doing} | "
+                         f"{_fmt_duration(now - self.update_began)} into it\n")
+        sys.stdout.flush()
+        self.last_line = now
 
     def message(self, text: str) -> None:
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
             print(text, flush=True)
+            self.last_line = time.perf_counter()
 
     def close(self) -> None:
         if self.progress is not None:
@@ -137,6 +158,9 @@ class QuietLogger:
         pass
 
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
+        pass
+
+    def live(self, step: int, update: int, doing: str) -> None:
         pass
 
     def message(self, text: str) -> None:

@@ -30,7 +30,7 @@ from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
-from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward
+from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward, steps_taken
 from ppo_cli.envs.make import make_vec_env, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
@@ -138,7 +138,8 @@ class Runner:
         async_workers = cfg.env.vectorization == "async"
         with held_from_workers(self.stops.remember) if async_workers else nullcontext():
             self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
-        self.stalls = Stalls(lambda: (self.envs, getattr(getattr(self, "evaluator", None), "envs", None)))
+        self.stalls = Stalls(lambda: (self.envs, getattr(getattr(self, "evaluator", None), "envs", None)),
+                             tick=self._tick)
         try:
             self._build(cfg, resume, rich_progress)
         except BaseException:  # what was opened so far is closed; the error goes on to the user
@@ -381,6 +382,13 @@ class Runner:
         return path
 
     # --- signals ----------------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        """The console's progress inside an update, from the steps the envs have taken (Stalls' thread)."""
+        doing = {"rollout": "collecting", "update": "learning", "evaluation": "evaluating"}.get(self.stops.phase or "")
+        if doing and getattr(self, "logger", None) is not None:
+            self.logger.live(steps_taken(self.envs) or self.global_step, self.update_idx + (doing != "evaluating"),
+                             doing)
+
     def _stop_notice(self, signum: int) -> str:
         seconds = self.clock.seconds["advantages"] + self.clock.seconds["update"]
         return notice(signum, self.stops.phase, self.ranks.active, self.global_step,

@@ -17,16 +17,21 @@ STALL_SECONDS = 60.0  # a call this long is worth a note: an Atari or MuJoCo ste
 
 class Stalls:
     """Watches the envs `envs()` returns (the training envs, the evaluation envs once built) from a daemon
-    thread; `close` stops it."""
+    thread, which also calls `tick` about once a second (the console's progress between updates); `close` stops
+    it."""
 
-    def __init__(self, envs: Callable[[], Iterable[Any]], after: float | None = None) -> None:
-        self.envs, self.after = envs, STALL_SECONDS if after is None else after
+    def __init__(self, envs: Callable[[], Iterable[Any]], after: float | None = None,
+                 tick: Callable[[], None] | None = None) -> None:
+        self.envs, self.after, self.tick = envs, STALL_SECONDS if after is None else after, tick
         self._stop = threading.Event()
         self._told: set[tuple[str, float]] = set()
-        threading.Thread(target=self._watch, name="ppo-cli-stalls", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="ppo-cli-stalls", daemon=True)
+        self._thread.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(5.0, self.after / 4)):
+        while not self._stop.wait(min(1.0, self.after / 4)):
+            if self.tick is not None:
+                self.tick()
             for envs in self.envs():
                 call = None if envs is None else call_in_progress(envs)
                 if call is None or (call[0], call[2]) in self._told:
@@ -41,3 +46,4 @@ class Stalls:
 
     def close(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=5.0)  # it holds the envs: they must not outlive the run
