@@ -224,11 +224,39 @@ class EvalConfig:
 
 
 @dataclass
+class DoctorConfig:
+    enabled: bool = key(True, "after each update, check the statistics for the symptoms of a run going wrong and say "
+                              "each once (console, TensorBoard text, result.json warnings; run/doctor.py)")
+    entropy_collapse: float = key(0.1, "entropy_collapse: the policy's spread fell below this fraction of its first "
+                                       "update's (a Gaussian's std; a categorical head's entropy) within doctor.early")
+    early: float = key(0.1, "the first fraction of training in which an entropy collapse is premature")
+    kl_factor: float = key(2.0, "kl_high: approx_kl above this x algo.target_kl for doctor.patience updates")
+    kl_max: float = key(0.05, "kl_high without algo.target_kl: approx_kl above this for doctor.patience updates")
+    clip_fraction_max: float = key(0.3, "clip_fraction_high: above this for doctor.patience updates")
+    patience: int = key(3, "updates in a row a fast symptom (KL, clip fraction) must last")
+    patience_long: int = key(20, "updates in a row a slow symptom (explained variance, clipped gradients) must last; "
+                                 "clipped gradients also for a tenth of the run")
+    explained_variance_min: float = key(0.0, "value_not_learning: explained variance below this for "
+                                             "doctor.patience_long updates")
+    value_loss_factor: float = key(100.0, "value_loss_exploding: the value loss above this x its median over the "
+                                          "first doctor.patience updates")
+    reward_scale_max: float = key(100.0, "reward_scale: rewards above this a step in absolute value without "
+                                         "env.normalize_reward")
+    flat_after: float = key(0.3, "returns_flat: from this fraction of training on, the training return no better "
+                                 "than in the first updates (by doctor.flat_tolerance, relative)")
+    flat_tolerance: float = key(0.05, "returns_flat: the improvement that counts, relative to the first returns")
+    eval_gap: float = key(0.5, "eval_below_train: 2 evaluations in a row below the training return by this "
+                               "fraction of it")
+    sps_drop: float = key(0.5, "sps_dropping: the recent steps per second below this fraction of the run's best")
+
+
+@dataclass
 class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     seed: int = key(1, "seeds torch (initialization), the action sampling and minibatch shuffling generators, "
                        "and the envs (env i gets seed + i)")
     device: Device = key(Device.auto, "auto / cpu / cuda; auto picks the faster for the policy: the GPU for CNNs "
@@ -264,6 +292,7 @@ class TrainConfig:
 TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
+    "doctor": "`doctor` (the training doctor's thresholds, [TensorBoard](tensorboard.md#the-training-doctor)):",
     "algo": "`algo` (`algo=ppo` is these defaults; the first 13 rows are the source table's):",
     "network": "`network` (`network=auto` is these defaults; `network=mlp`, `network=cnn` and `network=impala` name "
                "the encoder, the last two for images, docs/pixels.md; `network=mlp_large` has [256, 256]):",
@@ -289,7 +318,8 @@ def _shown(value: Any) -> str:
 
 def key_tables() -> str:
     """The Markdown key tables of docs/configuration.md, from the dataclasses' defaults and help."""
-    groups = {"": TrainConfig, "eval": EvalConfig, "algo": AlgoConfig, "network": NetworkConfig, "env": EnvConfig}
+    groups = {"": TrainConfig, "eval": EvalConfig, "algo": AlgoConfig, "network": NetworkConfig, "env": EnvConfig,
+              "doctor": DoctorConfig}
     parts = []
     for name, cls in groups.items():
         rows = [TABLE_INTROS[name], "", "| key | default | meaning |", "|---|---|---|"]
@@ -329,7 +359,11 @@ def config_from_yaml(text: str) -> DictConfig:
     """A run config stored in a checkpoint, typed by the schema (keys it lacks take today's defaults) and resolved
     (only after recipe.check let its interpolations through)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(text))
+        stored = OmegaConf.create(text)
+        # Written before env.image: every uint8 Box of rank 3 was an image, however small; an image encoder read it.
+        if OmegaConf.select(stored, "env.image") is None and OmegaConf.select(stored, "network.type") in IMAGE_ENCODERS:
+            OmegaConf.update(stored, "env.image", True, force_add=True)
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), stored)
     except Exception as exc:  # noqa: BLE001 - any OmegaConf validation error means the same thing here
         raise UserError(f"the checkpoint's config does not fit this ppo-cli version "
                         f"({str(exc).strip().splitlines()[0]})") from None

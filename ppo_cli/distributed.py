@@ -194,6 +194,19 @@ def gather(obj: Any, ranks: Ranks) -> list[Any]:
     return out
 
 
+def others_parts(own: dict[str, Any], policy: Any, ranks: Ranks) -> list[dict[str, Any]] | None:
+    """The other ranks' parts of a checkpoint's state, gathered (every rank calls this at the same point; None in
+    one process), after checking that every rank holds the same parameters, as the averaged updates keep them."""
+    if not ranks.active:
+        return None
+    checksum = float(sum(p.detach().double().abs().sum() for p in policy.parameters()))
+    gathered = gather({**own, "param_checksum": checksum}, ranks)
+    if len({g["param_checksum"] for g in gathered}) != 1:
+        raise RuntimeError(f"the ranks' parameters diverged (checksums {[g['param_checksum'] for g in gathered]}); "
+                           f"this is a bug in ppo-cli")
+    return [{k: v for k, v in g.items() if k != "param_checksum"} for g in gathered[1:]]
+
+
 def merge_obs_stats(norm: Any, before: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ranks: Ranks) -> None:
     """Give every rank the statistics one process would have after seeing all ranks' observations since
     `before` (mean, var, count as they were at the rollout's start, the same on every rank).

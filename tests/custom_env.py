@@ -319,3 +319,15 @@ class NeverEnds(gym.Env):
 
     def step(self, action):
         return self.np_random.uniform(-1.0, 1.0, 4).astype(np.float32), 1.0, False, False, {}
+
+
+class ScaledCartPole(gym.Wrapper):
+    """CartPole-v1 with its rewards multiplied by `scale` (the training doctor's unscaled-reward case)."""
+
+    def __init__(self, scale: float = 1e4):
+        super().__init__(gym.make("CartPole-v1"))
+        self.scale = scale
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward * self.scale, terminated, truncated, info

@@ -70,3 +70,13 @@ class DieAt(CartPoleEnv):
         if self.steps >= self.at:
             os._exit(self.code)
         return super().step(action)
+
+
+class FailsInEvaluation(CartPoleEnv):
+    """Fails at reset on the evaluation envs' seeds (seed + 10000 and up): a training run that breaks when it
+    evaluates."""
+
+    def reset(self, *, seed=None, options=None):
+        if seed is not None and seed >= 10_000:
+            raise RuntimeError("the evaluation simulator did not start")
+        return super().reset(seed=seed, options=options)

@@ -187,7 +187,7 @@ def test_an_observation_that_numpy_would_broadcast_is_refused(vectorization):
 # --- workers that die or hang (issue 30, item 11), and a run folder that says why (item 12) -----------------------
 
 DIE = ["env.entry_point=tests.signal_envs:DieAt", "env.vectorization=async", "algo.n_steps=32", "algo.batch_size=32",
-       "algo.total_timesteps=256", "eval.final=false", "eval.objective=train"]
+       "algo.total_timesteps=256", "eval.final=false", "eval.objective=train", "checkpoint_interval=0"]
 
 
 @pytest.mark.parametrize("at", [10, 40])
@@ -206,7 +206,7 @@ def test_an_async_worker_that_dies_is_one_line_with_its_exit_and_what_was_traine
     if at == 10:  # in the first rollout: nothing trained, nothing to keep
         assert not saved.exists()
     else:  # 2 envs x 32 steps an update: the 40th step is in the second rollout; the first update is kept
-        assert lines[0].endswith(f"the run until step 64 is saved, ppo-train resume={saved} continues it")
+        assert lines[0].endswith(f"the run until step 64 is saved: ppo-train resume={saved} continues")
         assert torch.load(saved, weights_only=True)["global_step"] == 64
 
 
@@ -218,7 +218,7 @@ def test_an_async_call_slower_than_step_timeout_is_one_line_naming_the_sub_env(t
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert re.fullmatch(r"ppo-train: error: env 'tests\.signal_envs:HangAt': sub-env 0, 1 did not return from "
                         r"step\(\) within env\.step_timeout=2 s; the workers were stopped \(at step 78\); the run "
-                        r"until step 64 is saved, .*", lines[0]), lines
+                        r"until step 64 is saved: .*", lines[0]), lines
 
 
 def test_step_timeout_needs_async_workers(tmp_path):
@@ -243,3 +243,17 @@ def test_a_call_that_does_not_return_gets_a_note_once(monkeypatch, capfd):
     err = capfd.readouterr().err
     assert err.count("note: env 'CartPole-v1' has not returned from step() for") == 1, err
     assert "Ctrl-C stops the run" in err and "env.step_timeout=SECONDS" in err
+
+
+def test_an_evaluation_env_that_breaks_keeps_the_updates_trained(tmp_path):
+    run = tmp_path / "run"
+    proc = cli("ppo-train", *TINY, "env.entry_point=tests.signal_envs:FailsInEvaluation", "algo.n_steps=32",
+               "algo.batch_size=32", "eval.every_steps=128", "checkpoint_interval=0", f"hydra.run.dir={run}",
+               cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ppo-train: error: evaluation env 'tests.signal_envs:FailsInEvaluation': reset() "
+                               "raised RuntimeError"), lines
+    saved = run / "checkpoints" / "checkpoint.pt"
+    assert lines[0].endswith(f"the run until step 128 is saved: ppo-train resume={saved} continues")
+    assert torch.load(saved, weights_only=True)["global_step"] == 128

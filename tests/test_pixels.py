@@ -638,3 +638,29 @@ def test_minigrid_doorkey_learns_from_the_dict_observation_minus_its_mission(tmp
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["final_eval"]["mean_return"] > 0.9, result["final_eval"]
+
+
+def test_checkpoints_from_before_env_image_evaluate_and_resume(tmp_path):
+    """Files written before every uint8 Box was described as uint8 (a flat one had no dtype) and before env.image
+    (a small rank-3 image read by an image encoder) still evaluate and resume."""
+    import yaml
+
+    for name, extra, legacy in (
+            ("flat", ["+env.kwargs.cell=2", "+env.kwargs.gray=true"], lambda d: d["observation_space"].pop("dtype")),
+            ("small", ["+env.kwargs.cell=2", "env.image=true", "network=impala"], None)):
+        run = tmp_path / name
+        proc = cli("ppo-train", LIT, *SMALL, *extra, "checkpoint_interval=1", f"hydra.run.dir={run}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        path = run / "checkpoints" / "checkpoint.pt"
+        data = checkpoint.load(path)
+        assert data["observation_space"]["dtype"] == "uint8"
+        if legacy:
+            legacy(data)
+        config = yaml.safe_load(data["config_yaml"])
+        del config["env"]["image"]
+        data["config_yaml"] = yaml.safe_dump(config)
+        checkpoint.save(data, path)
+        proc = cli("ppo-eval", str(path), "--episodes", "2", "--trust-env-code", cwd=tmp_path)
+        assert proc.returncode == 0 and "return:" in proc.stdout, proc.stderr
+        proc = cli("ppo-train", f"resume={path}", "algo.total_timesteps=128", "trust_env_code=true", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr

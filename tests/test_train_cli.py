@@ -90,7 +90,7 @@ def test_ppo_eval_records_one_video_per_episode(tiny_run, tmp_path):
 
 # --- progress from the first second (issue 30, item 12) -----------------------------------------------------------
 
-def test_a_long_update_shows_progress_before_it_ends(tmp_path, monkeypatch, capsys):
+def test_a_long_update_shows_progress_before_it_ends(tmp_path, monkeypatch, capfd):
     """A plain console gets a line while an update's rollout runs, once LIVE_SECONDS passed without one (Atari's
     first update was silent for 38 s)."""
     from ppo_cli.run import logger
@@ -107,7 +107,7 @@ def test_a_long_update_shows_progress_before_it_ends(tmp_path, monkeypatch, caps
         trainer.run()
     finally:
         trainer.close()
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     live = re.findall(r"step +([\d,]+)/24,000 \| update 1 collecting \| 0m0\ds into it", out)
     assert live, out
     steps = [int(s.replace(",", "")) for s in live]

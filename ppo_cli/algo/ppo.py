@@ -131,7 +131,7 @@ class PPO:
         lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         return {**{f"losses/{k}": stats[k] for k in STAT_NAMES},
                 "losses/explained_variance": explained_variance(batch.values, batch.returns),
-                "losses/epochs": stats["epochs"],
+                "losses/epochs": stats["epochs"], "losses/grad_clipped": stats["grad_clipped"],
                 "charts/lr_actor": lr["actor"], "charts/lr_critic": lr["critic"],
                 "charts/ent_coef": self.settings.ent_coef, **self.policy.dist.log_scalars()}
 

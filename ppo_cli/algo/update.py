@@ -245,6 +245,8 @@ class Updater:
             epochs_done += 1
         means = g.mean(taken) if taken else [0.0] * len(STAT_NAMES)
         out = dict(zip(STAT_NAMES, means, strict=True))
+        # The share of minibatch steps the clip cut (the norm is each row's last statistic): the doctor's reading.
+        out["grad_clipped"] = g.mean([(row[-1:] > s.max_grad_norm) * 1.0 for row in taken])[0] if taken else 0.0
         out.update(minibatch_steps=float(len(taken)), epochs=float(epochs_done), stopped_early=float(stopped_early))
         return out
 

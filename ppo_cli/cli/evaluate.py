@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, env_label, stored_config
 from ppo_cli.envs import recipe
 from ppo_cli.envs.make import make_vec_env
-from ppo_cli.envs.spaces import describe_space
+from ppo_cli.envs.spaces import describe_space, same_space
 from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
 from ppo_cli.policy import exported
 from ppo_cli.policy.actor_critic import ActorCritic, build_policy
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             spaces = (describe_space(envs.single_observation_space),
                       describe_space(envs.single_action_space, bounds=True))
-            if spaces != expected:
+            if not (same_space(expected[0], spaces[0]) and same_space(expected[1], spaces[1])):
                 raise UserError(f"env {label!r} has spaces {spaces[0]} / {spaces[1]}, but the policy was "
                                 f"trained for {expected[0]} / {expected[1]}")
             with progress(args.episodes) as tick:

@@ -103,7 +103,11 @@ def report(result: TrainResult, run_dir: Path, env_cfg: DictConfig) -> float:
         "stopped_at_step": result.stopped_at[0] if result.stopped_at else None,
         "recent_train_return": result.recent_return,
         "checkpoint": str(result.checkpoint),
+        "warnings": result.warnings,
     })
+    if result.warnings:
+        print(f"doctor:     {len(result.warnings)} warning{'s' if len(result.warnings) > 1 else ''} "
+              f"({', '.join(w['symptom'] for w in result.warnings)}), in result.json")
     return result.objective
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.connection
 import signal
 import time
 import traceback
@@ -250,13 +251,20 @@ class EnvFaults(gym.vector.VectorWrapper):
         """Which async workers ended during `call` and how (their exit codes); the others are then stopped, so that
         closing the envs waits for no reply that will never come."""
         venv: Any = self.env.unwrapped
+        # The pipe broke as a process ended: its exit code follows at once. One wait for all of them, not a second
+        # for each worker still alive.
+        sentinels = [p.sentinel for p in venv.processes]
+        ready = set(multiprocessing.connection.wait(sentinels, timeout=1.0))
+        deadline = time.monotonic() + 0.2  # workers that die together end within moments of each other
+        while ready and len(ready) < len(sentinels) and deadline > time.monotonic():
+            more = multiprocessing.connection.wait([s for s in sentinels if s not in ready],
+                                                   timeout=deadline - time.monotonic())
+            ready.update(more)
         ended = []
         for i, process in enumerate(venv.processes):
-            process.join(timeout=1.0)  # the pipe broke as the process ended: its exit code follows at once
-            if process.exitcode is not None:
-                code = process.exitcode
-                how = (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
-                ended.append(f"sub-env {i} ({how})")
+            if process.sentinel in ready:
+                process.join()  # its descriptors closed before its exit status is there to read: a moment
+                ended.append(f"sub-env {i} ({_how_ended(process.exitcode)})")
         _close_at_once(venv)
         which = ", ".join(ended) if ended else "a sub-env (it closed its pipe)"
         oom = " (SIGKILL: often the system's out-of-memory killer)" if "SIGKILL" in which else ""
@@ -283,6 +291,15 @@ class EnvFaults(gym.vector.VectorWrapper):
 
     def _error(self, what: str) -> EnvFault:
         return EnvFault(f"{self.label}: {what} (at step {self.steps:,})")
+
+
+def _how_ended(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-code}"
 
 
 def kill_workers(envs: Any) -> None:

@@ -48,6 +48,26 @@ def assemble(space: dict[str, Any], values: list[Any]) -> Any:
     return tuple(values) if space["type"] == "Tuple" else values[0]
 
 
+def same_space(stored: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """Whether an env's described space (describe_space) is the one a checkpoint or an export stored. Files
+    written before every uint8 Box was described as such left `dtype` out where the Box was not an image: there
+    the absence matches "uint8" (the policy, rebuilt from the stored description, reads it flat as it did)."""
+    if stored == actual:
+        return True
+    if stored.get("type") != actual.get("type"):
+        return False
+    if stored["type"] == "Box":
+        legacy = "dtype" not in stored and actual.get("dtype") == "uint8"
+        return legacy and stored == {k: v for k, v in actual.items() if k != "dtype"}
+    if stored["type"] == "Dict":
+        return (list(stored["spaces"]) == list(actual["spaces"])
+                and all(same_space(stored["spaces"][k], actual["spaces"][k]) for k in stored["spaces"]))
+    if stored["type"] == "Tuple":
+        return len(stored["spaces"]) == len(actual["spaces"]) and all(
+            same_space(a, b) for a, b in zip(stored["spaces"], actual["spaces"], strict=True))
+    return False
+
+
 def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
     if not isinstance(act_space, SUPPORTED_ACTIONS) or (
             isinstance(act_space, gym.spaces.Box) and not np.issubdtype(act_space.dtype, np.floating)):

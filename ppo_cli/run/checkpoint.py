@@ -20,6 +20,7 @@ import torch
 
 from ppo_cli import __version__
 from ppo_cli.envs.recipe import show as recipe_show
+from ppo_cli.envs.spaces import same_space
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import migrate_v1_state  # the policy owns its parameter names
 
@@ -158,9 +159,13 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def check_processes(data: dict[str, Any], world: int) -> None:
-    """Refuse, in one line, to resume a checkpoint in a run of another number of processes than wrote it, or one
-    that lacks the other ranks' parts."""
+def check_resumable(data: dict[str, Any], world: int, spaces: tuple[dict[str, Any], dict[str, Any]],
+                    label: str) -> None:
+    """Refuse, in one line, to resume a checkpoint on an env of other spaces (`spaces`: the env's, described), in a
+    run of another number of processes than wrote it, or one that lacks the other ranks' parts."""
+    if not (same_space(data["observation_space"], spaces[0]) and same_space(data["action_space"], spaces[1])):
+        raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
+                        f"{data['action_space']}) differ from {label!r}'s")
     saved_world = int(data.get("world_size", 1))
     if saved_world != world:
         raise UserError(f"cannot resume: the checkpoint is of a {saved_world}-process run and this run has "

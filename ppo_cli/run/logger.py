@@ -6,6 +6,7 @@ On a terminal the console shows a rich progress bar (steps, SPS, recent mean ret
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -111,20 +112,34 @@ class Logger:
                   f"mean return {ret} | ETA {_fmt_duration(eta)}", flush=True)
             self.last_line = time.perf_counter()
 
-    def live(self, step: int, update: int, doing: str) -> None:
-        """Progress inside an update (another thread calls this about once a second; `doing`: collecting, learning,
-        evaluating): the bar moves; a plain console gets a line where none came for LIVE_SECONDS, so a slow first
-        update is not silent."""
+    def live(self, step: int, updates_done: int, phase: str) -> None:
+        """Progress inside an update (another thread calls this about once a second; `phase`: the runner's, rollout,
+        update or evaluation): the bar moves; a plain console gets a line where none came for LIVE_SECONDS, so a
+        slow first update is not silent."""
+        doing = {"rollout": "collecting", "update": "learning", "evaluation": "evaluating"}.get(phase, phase)
+        update = updates_done + (phase != "evaluation")  # an evaluation follows the update it evaluates
         if self.progress is not None:
             self.progress.update(self.task, completed=min(step, self.total))
             return
         now = time.perf_counter()
         if now - self.last_line < LIVE_SECONDS:
             return
-        sys.stdout.write(f"step {step:>9,}/{self.total:,} | update {update} {doing} | "
-                         f"{_fmt_duration(now - self.update_began)} into it\n")
-        sys.stdout.flush()
+        # One write to the file descriptor: whole lines between the main thread's, and no Python stream lock held
+        # by this thread when an async env forks its workers.
+        line = (f"step {step:>9,}/{self.total:,} | update {update} {doing} | "
+                f"{_fmt_duration(now - self.update_began)} into it\n")
+        try:
+            os.write(sys.stdout.fileno(), line.encode())
+        except (OSError, ValueError):  # no file descriptor behind stdout (a captured stream): skip the line
+            return
         self.last_line = now
+
+    def warnings(self, found: list[Any]) -> None:
+        """The training doctor's new warnings (run/doctor.py): on the console, and as TensorBoard text."""
+        for warning in found:
+            self.message(f"warning: {warning.message}")
+            with self._writing():
+                self.writer.add_text(f"doctor/{warning.symptom}", warning.message, warning.step)
 
     def message(self, text: str) -> None:
         if self.progress is not None:
@@ -160,7 +175,10 @@ class QuietLogger:
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
         pass
 
-    def live(self, step: int, update: int, doing: str) -> None:
+    def live(self, step: int, updates_done: int, phase: str) -> None:
+        pass
+
+    def warnings(self, found: list[Any]) -> None:
         pass
 
     def message(self, text: str) -> None:

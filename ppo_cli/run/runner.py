@@ -13,7 +13,8 @@ import math
 import os
 import signal
 from collections import deque
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ppo_cli.algo.ppo import PPO
 from ppo_cli.algo.storage import check_rollout_fits
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
-from ppo_cli.config import choice
+from ppo_cli.config import choice, env_label
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
 from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward, steps_taken
 from ppo_cli.envs.make import make_vec_env, restore, snapshot
@@ -36,6 +37,7 @@ from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.policy.observations import batch_size
 from ppo_cli.run import checkpoint
+from ppo_cli.run.doctor import Doctor
 from ppo_cli.run.evaluation import EvalResult, PeriodicEvaluator
 from ppo_cli.run.logger import Logger, QuietLogger
 from ppo_cli.run.signals import (
@@ -82,6 +84,7 @@ class TrainResult:
     stopped_at: tuple[int, float] | None  # (step, training seconds) where eval.stop_at_return was met
     recent_return: float | None  # mean return of the last eval.train_window training episodes
     objective: float  # what eval.objective names: final eval, best eval or recent training return
+    warnings: list[dict[str, Any]]  # the training doctor's (run/doctor.py), as result.json lists them
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
@@ -157,6 +160,8 @@ class Runner:
         self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         self.notes: list[str] = []
         self.evaluator = PeriodicEvaluator(cfg, self.algo.policy, self.device, self._message)
+        self.doctor = Doctor(cfg.doctor, cfg.algo, self.algo.action_space["type"] != "Box",
+                             math.prod(self.algo.policy.action_shape), cfg.env.normalize_reward)
         if resume is not None:
             self._restore(resume)
             if cfg.get("resume"):
@@ -197,14 +202,8 @@ class Runner:
                     step0, time0 = self.global_step, self.clock.total()
                     start = None if self.ranks.active else self._boundary()
                     stops.phase = "rollout"
-                    try:
+                    with self._kept_on_env_fault(start, step0):
                         rollout = self.algo.collect(self.envs, stops.requested, step0)
-                    except EnvFault as exc:  # what was trained before this rollout is kept (one process)
-                        if start is None or self.update_idx == self._first_update:
-                            raise
-                        path = self.save(at=start)
-                        raise EnvFault(f"{exc}; the run until step {step0:,} is saved, ppo-train resume={path} "
-                                       f"continues it") from None
                     if stops.requested():  # one process, a signal: the rollout is dropped, its start saved
                         raise Interrupted(stops.signal, step0, self.save(at=start))  # type: ignore[arg-type]
                     stops.phase = "update"
@@ -218,7 +217,9 @@ class Runner:
                     with self.clock["log_checkpoint"]:
                         self._log(scalars, (self.global_step - step0) / max(self.clock.total() - time0, 1e-9),
                                   returns, lengths)
-                    if self._evaluate_due(step0):
+                    with self._kept_on_env_fault(None, self.global_step):  # an evaluation env that breaks
+                        due = self._evaluate_due(step0)
+                    if due:
                         stopped_at = (self.global_step, self.wall_time)
                         break
                     # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
@@ -239,8 +240,20 @@ class Runner:
             scalars["charts/episodic_return"] = float(np.mean(returns))
             scalars["charts/episodic_length"] = float(np.mean(lengths))
         self.logger.scalars(self.global_step, scalars)
+        self.logger.warnings(self.doctor.update(self.global_step, scalars, returns, lengths))
         mean_ret = float(np.mean(self.recent_returns)) if self.recent_returns else None
         self.logger.update_done(self.update_idx, self.global_step, sps, mean_ret)
+
+    @contextmanager
+    def _kept_on_env_fault(self, at: Boundary | None, step: int) -> Iterator[None]:
+        """An env that breaks inside (one process, after an update): the state `at` (None: now) is saved first."""
+        try:
+            yield
+        except EnvFault as exc:
+            if self.ranks.active or self.update_idx == self._first_update:
+                raise
+            path = self.save(at=at)
+            raise EnvFault(f"{exc}; the run until step {step:,} is saved: ppo-train resume={path} continues") from None
 
     # --- evaluation -------------------------------------------------------------------------------------
     def _evaluate_due(self, step0: int) -> bool:
@@ -259,6 +272,7 @@ class Runner:
         reached = False
         if result is not None:
             self.logger.scalars(self.global_step, self.evaluator.report(self.global_step, result, improved))
+            self.logger.warnings(self.doctor.evaluation(self.global_step, result.mean_return))
             reached = self.evaluator.reached_target(result)
             if reached:
                 self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
@@ -302,7 +316,8 @@ class Runner:
             metrics["hparam/final_return"] = final_eval.mean_return
         self.logger.hparams(hparams_of(self.cfg), metrics, self.global_step)
         return TrainResult(self.run_dir, path, self.global_step, self.wall_time, sps, final_eval, best,
-                           self.evaluator.seconds, stopped_at, recent, objective)
+                           self.evaluator.seconds, stopped_at, recent, objective,
+                           [w.as_dict() for w in self.doctor.warnings])
 
     # --- checkpoint state -------------------------------------------------------------------------------
     def _own_state(self) -> dict[str, Any]:
@@ -317,14 +332,7 @@ class Runner:
         """The training state (checkpoint.STATE_KEYS): rank 0's own part at the top level, the other ranks' in
         `ranks` (gathered: every rank calls this at the same point). `at`: of the rollout in progress's start."""
         own = self._own_state() if at is None else at.own
-        others = None
-        if self.ranks.active:
-            checksum = float(sum(p.detach().double().abs().sum() for p in self.algo.policy.parameters()))
-            gathered = distributed.gather({**own, "param_checksum": checksum}, self.ranks)
-            if len({g["param_checksum"] for g in gathered}) != 1:
-                raise RuntimeError("the ranks' parameters diverged (checksums "
-                                   f"{[g['param_checksum'] for g in gathered]}); this is a bug in ppo-cli")
-            others = [{k: v for k, v in g.items() if k != "param_checksum"} for g in gathered[1:]]
+        others = distributed.others_parts(own, self.algo.policy, self.ranks)
         return {
             "config_yaml": self.config_yaml,
             "observation_space": self.algo.obs_space,
@@ -341,10 +349,8 @@ class Runner:
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
-        if data["observation_space"] != self.algo.obs_space or data["action_space"] != self.algo.action_space:
-            raise UserError(f"cannot resume: the checkpoint's spaces ({data['observation_space']}, "
-                            f"{data['action_space']}) differ from env.id={self.cfg.env.id!r}'s")
-        checkpoint.check_processes(data, self.ranks.world)
+        checkpoint.check_resumable(data, self.ranks.world, (self.algo.obs_space, self.algo.action_space),
+                                   env_label(self.cfg.env))
         if self.ranks.rank > 0:  # this rank's own part of the state
             data = {**data, **data["ranks"][self.ranks.rank - 1]}
         self.global_step, self.update_idx = int(data["global_step"]), int(data.get("update", 0))
@@ -384,10 +390,8 @@ class Runner:
     # --- signals ----------------------------------------------------------------------------------------
     def _tick(self) -> None:
         """The console's progress inside an update, from the steps the envs have taken (Stalls' thread)."""
-        doing = {"rollout": "collecting", "update": "learning", "evaluation": "evaluating"}.get(self.stops.phase or "")
-        if doing and getattr(self, "logger", None) is not None:
-            self.logger.live(steps_taken(self.envs) or self.global_step, self.update_idx + (doing != "evaluating"),
-                             doing)
+        if self.stops.phase and getattr(self, "logger", None) is not None:
+            self.logger.live(steps_taken(self.envs) or self.global_step, self.update_idx, self.stops.phase)
 
     def _stop_notice(self, signum: int) -> str:
         seconds = self.clock.seconds["advantages"] + self.clock.seconds["update"]

@@ -30,19 +30,25 @@ class Stalls:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.after / 4)):
-            if self.tick is not None:
-                self.tick()
-            for envs in self.envs():
-                call = None if envs is None else call_in_progress(envs)
-                if call is None or (call[0], call[2]) in self._told:
-                    continue
-                label, name, began, step = call
-                waited = time.monotonic() - began
-                if waited >= self.after:
-                    self._told.add((label, began))
-                    say(f"note: {label} has not returned from {name}() for {waited:.0f} s (at step {step:,}): a hung "
-                        f"env? Ctrl-C stops the run and keeps its last checkpoint; with env.vectorization=async, "
-                        f"env.step_timeout=SECONDS stops such a call by itself")
+            try:
+                self._look()
+            except Exception:  # noqa: BLE001, S112 - a glance that failed (an env closing under it): try again later
+                continue
+
+    def _look(self) -> None:
+        if self.tick is not None:
+            self.tick()
+        for envs in self.envs():
+            call = None if envs is None else call_in_progress(envs)
+            if call is None or (call[0], call[2]) in self._told:
+                continue
+            label, name, began, step = call
+            waited = time.monotonic() - began
+            if waited >= self.after:
+                self._told.add((label, began))
+                say(f"note: {label} has not returned from {name}() for {waited:.0f} s (at step {step:,}): a hung "
+                    f"env? Ctrl-C stops the run and keeps its last checkpoint; with env.vectorization=async, "
+                    f"env.step_timeout=SECONDS stops such a call by itself")
 
     def close(self) -> None:
         self._stop.set()
