@@ -664,3 +664,14 @@ def test_checkpoints_from_before_env_image_evaluate_and_resume(tmp_path):
         assert proc.returncode == 0 and "return:" in proc.stdout, proc.stderr
         proc = cli("ppo-train", f"resume={path}", "algo.total_timesteps=128", "trust_env_code=true", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
+
+
+@needs_atari
+def test_breakout_with_the_atari_preset_needs_no_network_named():
+    """`ppo-train env=Breakout algo=ppo_atari` (issue 30, item 13): network=auto reads the 84x84 frames with the
+    Nature CNN, one trunk of [512], as network=cnn did."""
+    cfg = make_cfg("env=Breakout", "algo=ppo_atari")
+    assert settle_network(cfg) == "84x84 images"
+    named = make_cfg("env=Breakout", "algo=ppo_atari", "network=cnn")
+    settle_network(named)
+    assert cfg.network == named.network
