@@ -7,7 +7,7 @@ needs memory: PendulumNoVel-v1 (Pendulum without its angular velocity), with RL 
 Both tools: 4 envs x 1024 steps, minibatches of 256 samples, 10 epochs, lr 1e-3, gamma 0.9, lambda 0.95, clip
 0.2, no entropy bonus, value coefficient 0.5, gradient clip 0.5, an LSTM of 64 with a separate critic LSTM and a
 [64] ReLU layer, no normalization (RL Zoo's PendulumNoVel-v1 entry, without its gSDE, which ppo-cli does not
-have). ppo-cli: `env=PendulumNoVel-v1 algo=ppo_lstm_pendulum`, sequences of `--seq-len` steps (32: 8 per
+have). ppo-cli: `env=PendulumNoVel-v1 algo=ppo_lstm_pendulum`, sequences of `--seq-len` steps (64: 4 per
 minibatch). RecurrentPPO cuts its minibatches of 256 consecutive samples into sequences at episode starts and pads
 them. Each run ends with the same evaluation: 20 deterministic episodes on seeds 10000 + seed + i (random policy:
 about -1200; the full-state Pendulum solved: about -150 to -200). Then the SPS of both over the same steps
@@ -74,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--steps", type=int, default=102_400)
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=64)
     args = p.parse_args()
     print(f"machine: {os.cpu_count()} CPUs; torch {torch.__version__}, one thread; {args.steps:,} steps, "
           f"ppo-cli algo.seq_len={args.seq_len}\n", flush=True)
