@@ -2,7 +2,8 @@
 
 Reads each job's result.json (written whole by ppo-train, so a sweep still running is fine to read: jobs
 without one are listed as running), its overrides, and its TensorBoard events for the curves. Writes
-summary.csv and curves.png into DIR (or --out).
+summary.csv and curves.png into DIR (or --out); where jobs differ only in seed, the statistics over seeds
+(seed_report.py: IQM, mean, median with bootstrap intervals, aggregate.csv, improvement.csv and their plots).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
+from ppo_cli.cli import seed_report, stats
 from ppo_cli.errors import OneLineParser, UserError, extra_hint
 
 
@@ -136,7 +138,7 @@ def aggregate(jobs: list[Job], keys: list[str]) -> list[dict]:
         values = [m.objective for m in members]  # type: ignore[misc]
         rows.append({"params": dict(key), "mean": statistics.fmean(values),  # type: ignore[arg-type]
                      "std": statistics.pstdev(values) if len(values) > 1 else 0.0,  # type: ignore[arg-type]
-                     "count": len(values), "jobs": [m.name for m in members]})
+                     "count": len(values), "jobs": [m.name for m in members], "scores": values})
     return sorted(rows, key=lambda r: -r["mean"])
 
 
@@ -208,7 +210,8 @@ def _fmt(value: float | int | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Console | None = None) -> dict:
+def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Console | None = None,
+           target: float | None = None, reps: int = stats.REPS) -> dict:
     console = console or Console()
     jobs = find_jobs(sweep_dir)
     keys = varying_keys(jobs)
@@ -224,16 +227,6 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
                       _fmt(j.objective, ".2f"), _fmt(j.steps, ","), _fmt(j.wall_time, ".1f"), j.status)
     console.print(table)
 
-    groups = aggregate(jobs, keys)
-    if any(g["count"] > 1 for g in groups):
-        console.print("over seeds (jobs whose overrides differ only in seed):")
-        agg = Table()
-        for col in (*_headers([k for k in keys if k != "seed"]), "mean", "std", "n"):
-            agg.add_column(col)
-        for g in groups:
-            agg.add_row(*(_short(g["params"].get(k)) for k in keys if k != "seed"), f"{g['mean']:.2f}",
-                        f"{g['std']:.2f}", str(g["count"]))
-        console.print(agg)
 
     failed = [j for j in jobs if j.status == "failed"]
     for j in failed:
@@ -267,6 +260,9 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
                                  j.objective, j.steps, j.wall_time, j.status, j.error or "", " ".join(j.overrides)])
         console.print(f"table: {out / 'summary.csv'}", soft_wrap=True, markup=False)
         console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True, markup=False, highlight=False)
+        groups = aggregate(jobs, keys)
+        if any(g["count"] > 1 for g in groups):  # jobs whose overrides differ only in seed
+            seed_report.report(groups, [k for k in keys if k != "seed"], out, console, target, reps)
     except OSError as exc:
         raise UserError(f"cannot write the report into {out} ({exc.strerror or exc}); choose another folder with "
                         f"--out DIR") from None
@@ -280,10 +276,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("sweep_dir", type=Path, help="a multirun folder, e.g. runs/multirun/2026-11-27/10-00-00")
     p.add_argument("--out", type=Path, help="where summary.csv and curves.png go (default: the sweep folder)")
     p.add_argument("--top", type=int, default=5, help="jobs to plot (default: 5 best)")
+    p.add_argument("--target", type=float, help="over seeds: also the optimality gap, how far the objective falls "
+                                                 "short of this value (CartPole's 500, say)")
+    p.add_argument("--reps", type=int, default=stats.REPS, help=f"bootstrap resamples for the intervals over seeds "
+                                                                 f"(default {stats.REPS:,})")
     args = p.parse_args(argv)
+    if args.reps < 100:
+        p.error(f"--reps={args.reps}: must be >= 100")
     try:
         # A pipe or a file gets a wide table instead of rich's 80-column default.
-        report(args.sweep_dir, args.out, args.top, Console(width=None if sys.stdout.isatty() else 160))
+        report(args.sweep_dir, args.out, args.top, Console(width=None if sys.stdout.isatty() else 160), args.target,
+               args.reps)
     except UserError as exc:
         print(f"ppo-sweep-report: error: {exc}", file=sys.stderr)
         sys.exit(2)
