@@ -242,12 +242,40 @@ class DoctorConfig:
                                           "first doctor.patience updates")
     reward_scale_max: float = key(100.0, "reward_scale: rewards above this a step in absolute value without "
                                          "env.normalize_reward")
-    flat_after: float = key(0.3, "returns_flat: from this fraction of training on, the training return no better "
-                                 "than in the first updates (by doctor.flat_tolerance, relative)")
+    flat_after: float = key(0.3, "returns_flat: from this fraction of training (and doctor.patience_long updates) "
+                                 "on, the training return no better than in the first updates (by "
+                                 "doctor.flat_tolerance, relative)")
     flat_tolerance: float = key(0.05, "returns_flat: the improvement that counts, relative to the first returns")
     eval_gap: float = key(0.5, "eval_below_train: 2 evaluations in a row below the training return by this "
                                "fraction of it")
     sps_drop: float = key(0.5, "sps_dropping: the recent steps per second below this fraction of the run's best")
+
+
+@dataclass
+class WandbConfig:
+    project: str = key("ppo-cli", "the W&B project")
+    entity: str | None = key(None, "the W&B entity (team or user); null: your default")
+    group: str | None = key(None, "the W&B group; null: the sweep's folder name for a sweep's jobs, else none")
+    tags: list[str] = key([], "W&B tags, beside env:<id> and git:<commit>")
+    mode: str | None = key(None, "online / offline / disabled; null: WANDB_MODE, else online (offline writes under "
+                                 "the run folder, `wandb sync` uploads it later)")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = key("sqlite:///mlflow.db", "where MLflow keeps runs: a local SQLite file by default "
+                                                   "(relative to where ppo-train runs), or a server's URL")
+    experiment: str = key("ppo-cli", "the MLflow experiment")
+
+
+@dataclass
+class LoggerConfig:
+    backends: list[str] = key(["tensorboard"], "where scalars go: tensorboard (always written: the run folder's own "
+                                               "record), wandb, mlflow (docs/trackers.md; each an extra)")
+    strict: bool = key(False, "a tracker that is not installed or cannot be reached stops the run instead of a "
+                              "warning line")
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass
@@ -257,6 +285,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = key(1, "seeds torch (initialization), the action sampling and minibatch shuffling generators, "
                        "and the envs (env i gets seed + i)")
     device: Device = key(Device.auto, "auto / cpu / cuda; auto picks the faster for the policy: the GPU for CNNs "
@@ -293,6 +322,9 @@ TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
     "doctor": "`doctor` (the training doctor's thresholds, [TensorBoard](tensorboard.md#the-training-doctor)):",
+    "logger": "`logger` (experiment trackers beside TensorBoard, [Trackers](trackers.md)):",
+    "logger.wandb": "`logger.wandb` (Weights & Biases, `pip install \".[wandb]\"`):",
+    "logger.mlflow": "`logger.mlflow` (MLflow, `pip install \".[mlflow]\"`):",
     "algo": "`algo` (`algo=ppo` is these defaults; the first 13 rows are the source table's):",
     "network": "`network` (`network=auto` is these defaults; `network=mlp`, `network=cnn` and `network=impala` name "
                "the encoder, the last two for images, docs/pixels.md; `network=mlp_large` has [256, 256]):",
@@ -319,7 +351,8 @@ def _shown(value: Any) -> str:
 def key_tables() -> str:
     """The Markdown key tables of docs/configuration.md, from the dataclasses' defaults and help."""
     groups = {"": TrainConfig, "eval": EvalConfig, "algo": AlgoConfig, "network": NetworkConfig, "env": EnvConfig,
-              "doctor": DoctorConfig}
+              "doctor": DoctorConfig, "logger": LoggerConfig, "logger.wandb": WandbConfig,
+              "logger.mlflow": MlflowConfig}
     parts = []
     for name, cls in groups.items():
         rows = [TABLE_INTROS[name], "", "| key | default | meaning |", "|---|---|---|"]
@@ -418,6 +451,10 @@ def _problems(cfg: DictConfig) -> list[str]:
          "must list at least one layer width, each >= 1 (or be null: the encoder's own)")
     need(e.image in (True, False, "auto"), "env.image", "must be true, false or auto")
     need(e.step_timeout is None or e.step_timeout > 0, "env.step_timeout", "must be > 0 or null")
+    need(all(b in ("tensorboard", "wandb", "mlflow") for b in cfg.logger.backends), "logger.backends",
+         "must list tensorboard, wandb or mlflow")
+    need(cfg.logger.wandb.mode in (None, "online", "offline", "disabled"), "logger.wandb.mode",
+         "must be online, offline, disabled or null")
     need(e.step_timeout is None or (e.vectorization == "async" and e.backend == "gymnasium"), "env.step_timeout",
          "applies to async envs (env.vectorization=async): a sync env steps in this process, where a call cannot "
          "be cut short")

@@ -50,6 +50,7 @@ class Doctor:
         self.sps: list[float] = []
         self.train_return: float | None = None
         self.eval_gaps = 0
+        self.updates = 0
 
     # --- what the runner calls --------------------------------------------------------------------------------
     def update(self, step: int, scalars: dict[str, float], returns: list[float], lengths: list[int]) -> list[Warning]:
@@ -123,7 +124,7 @@ class Doctor:
         if self.first_entropy is None:
             self.first_entropy = entropy
             return []
-        if progress > self.s.early and not self._not_improved():
+        if progress > self.s.early and not (self.updates >= self.s.patience_long and self._not_improved()):
             return []  # late, after the returns improved: convergence rather than a collapse
         # The spread left, as a fraction of the first update's: entropy itself for a categorical head; for a
         # Gaussian, whose entropy per dimension is log(std) + a constant, the factor the std shrank by.
@@ -170,7 +171,8 @@ class Doctor:
                                               f"env.normalize_reward is off: the value loss and the gradients grow "
                                               f"with them (squared), and the clip then cuts every step. Set "
                                               f"env.normalize_reward=true (or scale the env's rewards)"))
-        if progress >= self.s.flat_after and self._not_improved():
+        self.updates += 1
+        if progress >= self.s.flat_after and self.updates >= self.s.patience_long and self._not_improved():
             before, now = median(self.first_returns), self.train_return
             found.append(("returns_flat", f"after {100 * progress:.0f}% of training the training return ({now:.3g}) "
                                           f"is no better than in the first updates ({before:.3g}): nothing is being "

@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from ppo_cli.errors import UserError
+from ppo_cli.run import trackers
 
 _thread_hook: Callable[[Any], None] | None = None
 
@@ -51,7 +53,8 @@ LIVE_SECONDS = 10.0  # a plain console's longest silence while a rollout runs
 
 class Logger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, config_yaml: str,
-                 log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None) -> None:
+                 log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None,
+                 cfg: Any = None) -> None:
         _quiet_writer_thread_errors()
         self.run_dir = Path(run_dir)
         self.failed = False
@@ -61,8 +64,13 @@ class Logger:
                 self.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
         self.total, self.start_step = total_steps, start_step
         self.log_interval = log_interval
-        use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
         self.progress: Any = None
+        # W&B / MLflow beside TensorBoard (trackers.py), where logger.backends names them.
+        self.tracking = None if cfg is None else cfg.get("logger")
+        self.trackers = [] if self.tracking is None else trackers.open_trackers(
+            self.tracking, self.run_dir, OmegaConf.to_container(cfg, resolve=True), purge_step is not None,
+            trackers.sweep_group(self.run_dir), trackers.run_tags(cfg), self.message)
+        use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
         self.started = self.last_line = self.update_began = time.perf_counter()
         if use_rich:  # imported only here: a run without a terminal (sweeps, CI) does not pay for it
             from rich.console import Console
@@ -88,6 +96,11 @@ class Logger:
         with self._writing():
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        self._track(lambda t: t.scalars(step, values))
+
+    def _track(self, what: Any) -> None:
+        if self.trackers:
+            self.trackers = trackers.call(self.trackers, what, self.tracking, self.message)
 
     def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float], step: int) -> None:
         """The run's hyperparameters and results for TensorBoard's HPARAMS tab, which lines up the jobs of a
@@ -98,6 +111,7 @@ class Logger:
                 self.writer._get_file_writer().add_summary(summary)
             for tag, value in metrics.items():
                 self.writer.add_scalar(tag, value, step)
+        self._track(lambda t: t.scalars(step, metrics))
 
     def update_done(self, update: int, step: int, sps: float, mean_return: float | None) -> None:
         ret = "n/a" if mean_return is None else f"{mean_return:.1f}"
@@ -140,6 +154,7 @@ class Logger:
             self.message(f"warning: {warning.message}")
             with self._writing():
                 self.writer.add_text(f"doctor/{warning.symptom}", warning.message, warning.step)
+            self._track(lambda t, w=warning: t.text(f"doctor/{w.symptom}", w.message, w.step))
 
     def message(self, text: str) -> None:
         if self.progress is not None:
@@ -152,6 +167,9 @@ class Logger:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        saved = [p for p in (self.run_dir / "checkpoints" / n for n in ("checkpoint.pt", "best.pt")) if p.is_file()]
+        self._track(lambda t: t.close(saved))
+        self.trackers = []
         if self.failed:  # already reported; closing would only raise the same error again
             try:
                 self.writer.close()

@@ -172,7 +172,7 @@ class Runner:
         if self.ranks.main:
             self.logger = Logger(self.run_dir, cfg.algo.total_timesteps, self.global_step, self.config_yaml,
                                  cfg.log_interval, purge_step=self.global_step if resume else None,
-                                 rich_progress=rich_progress)
+                                 rich_progress=rich_progress, cfg=cfg)
         else:
             self.logger = QuietLogger()
 

@@ -1,0 +1,182 @@
+"""Experiment trackers beside TensorBoard (`logger.backends`): Weights & Biases and MLflow, each an optional extra
+(docs/trackers.md). TensorBoard is always written: it is the run folder's own record, which ppo-sweep-report reads.
+
+Each tracker gets what TensorBoard gets: every scalar at its step, the doctor's warnings as text, the resolved
+config (W&B's config, MLflow's params) and, as the run closes, its checkpoints as artifacts. A resumed run
+continues the same tracker run: the ids are kept in the run folder (`trackers.json`). A sweep's jobs share a
+group (W&B) or a `sweep` tag (MLflow). A tracker that is not installed or cannot be reached is one line, and the
+run goes on without it, unless `logger.strict=true`, where it stops the run in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ppo_cli.config import choice, env_label
+from ppo_cli.errors import UserError
+
+IDS_FILE = "trackers.json"
+BACKENDS = ("tensorboard", "wandb", "mlflow")
+EXTRAS = {"wandb": 'pip install ".[wandb]"', "mlflow": 'pip install ".[mlflow]"'}
+
+
+class Tracker(Protocol):
+    name: str
+    run_id: str
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def text(self, tag: str, text: str, step: int) -> None: ...
+
+    def close(self, artifacts: list[Path]) -> None: ...
+
+
+class WandbTracker:
+    name = "wandb"
+
+    def __init__(self, settings: Any, run_dir: Path, config: dict[str, Any], run_id: str | None,
+                 group: str | None, tags: dict[str, str]) -> None:
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group or group,
+                              tags=[*settings.tags, *(f"{k}:{v}" for k, v in tags.items())], dir=str(run_dir),
+                              config=config, id=run_id, resume="allow" if run_id else None,
+                              mode=settings.mode, name=run_dir.name, reinit="finish_previous")
+        self.run_id = self.run.id
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(dict(values), step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.run.log({tag: self.wandb.Html(f"<pre>{text}</pre>")}, step=step)
+
+    def close(self, artifacts: list[Path]) -> None:
+        if artifacts:
+            artifact = self.wandb.Artifact(f"checkpoints-{self.run_id}", type="model")
+            for path in artifacts:
+                artifact.add_file(str(path))
+            self.run.log_artifact(artifact)
+        self.run.finish()
+
+
+class MlflowTracker:
+    name = "mlflow"
+
+    def __init__(self, settings: Any, run_dir: Path, config: dict[str, Any], run_id: str | None,
+                 group: str | None, tags: dict[str, str]) -> None:
+        import mlflow
+
+        self.client = mlflow.MlflowClient(settings.tracking_uri)
+        if run_id is None:
+            experiment = self.client.get_experiment_by_name(settings.experiment)
+            experiment_id = (experiment.experiment_id if experiment is not None
+                             else self.client.create_experiment(settings.experiment))
+            all_tags = {**tags, **({"sweep": group} if group else {}), "mlflow.runName": run_dir.name}
+            run = self.client.create_run(experiment_id, tags=all_tags)
+            self.run_id = run.info.run_id
+            # MLflow's params are strings of at most 6,000 characters, set once.
+            params = {k: str(v)[:6000] for k, v in _flat(config).items()}
+            for start in range(0, len(params), 100):
+                chunk = dict(list(params.items())[start:start + 100])
+                self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk.items()])
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        self.entities = mlflow.entities
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        metrics = [self.entities.Metric(k, float(v), 0, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.client.log_text(self.run_id, text, f"{tag}/step_{step}.txt")
+
+    def close(self, artifacts: list[Path]) -> None:
+        for path in artifacts:
+            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+        self.client.set_terminated(self.run_id)
+
+
+TRACKERS: dict[str, Callable[..., Tracker]] = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def sweep_group(run_dir: Path) -> str | None:
+    """The sweep a job belongs to (its folder's name, where Hydra wrote multirun.yaml beside the jobs), or None."""
+    return run_dir.parent.name if (run_dir.parent / "multirun.yaml").is_file() else None
+
+
+def run_tags(cfg: Any) -> dict[str, str]:
+    """What a tracker's run is tagged with: the env, the algorithm and the code's git commit (where there is one)."""
+    tags = {"env": str(env_label(cfg.env)), "algo": "ppo"}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0 and commit.stdout.strip():
+        tags["git"] = commit.stdout.strip()
+    return tags
+
+
+def open_trackers(settings: Any, run_dir: Path, config: dict[str, Any], resuming: bool, group: str | None,
+                  tags: dict[str, str], say: Callable[[str], None]) -> list[Tracker]:
+    """The trackers `settings.backends` names beyond TensorBoard, opened (continuing the run folder's tracker runs
+    when `resuming`). One that fails is one line through `say`, or a UserError with logger.strict."""
+    ids_path = run_dir / IDS_FILE
+    saved: dict[str, str] = {}
+    if resuming and ids_path.is_file():
+        try:
+            saved = json.loads(ids_path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+    opened: list[Tracker] = []
+    for name in [choice(b) for b in settings.backends if choice(b) != "tensorboard"]:
+        try:
+            opened.append(TRACKERS[name](settings[name], run_dir, config, saved.get(name), group, tags))
+        except ImportError:
+            _failed(settings, say, f"logger.backends: {name} is not installed ({EXTRAS[name]})")
+        except Exception as exc:  # noqa: BLE001 - a tracker's client can fail in any way (network, store, auth)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _failed(settings, say, f"logger.backends: {name} could not start a run ({type(exc).__name__}: {first})")
+    if opened:
+        ids = {**saved, **{t.name: t.run_id for t in opened}}
+        tmp = ids_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ids, indent=2))
+        os.replace(tmp, ids_path)
+    return opened
+
+
+def _failed(settings: Any, say: Callable[[str], None], line: str) -> None:
+    if settings.strict:
+        raise UserError(f"{line} (logger.strict=true)")
+    say(f"warning: {line}; training goes on without it (logger.strict=true stops instead)")
+
+
+def call(trackers: list[Tracker], what: Callable[[Tracker], None], settings: Any,
+         say: Callable[[str], None]) -> list[Tracker]:
+    """`what(tracker)` for each tracker; one that fails is dropped with one line (or stops the run, strict)."""
+    alive = []
+    for tracker in trackers:
+        try:
+            what(tracker)
+            alive.append(tracker)
+        except Exception as exc:  # noqa: BLE001 - as in open_trackers
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _failed(settings, say, f"logger.backends: {tracker.name} failed ({type(exc).__name__}: {first})")
+    return alive
