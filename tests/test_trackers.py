@@ -41,6 +41,7 @@ def test_mlflow_gets_every_scalar_at_its_step_and_a_resume_continues_the_run(tmp
     assert got.data.params["algo.clip_range"] == "0.1" and got.data.tags["env"] == "CartPole-v1"
     assert got.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/checkpoint.pt"}
+    assert "result.json" in {a.path for a in client.list_artifacts(run_id)}
     cli("ppo-train", f"resume={run / 'checkpoints' / 'checkpoint.pt'}", "algo.total_timesteps=2048", cwd=tmp_path,
         check=True)
     assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id

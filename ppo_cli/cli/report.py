@@ -72,7 +72,7 @@ def _env_text(cfg: DictConfig) -> str:
     return f"{preset} ({text})" if preset and preset != text else text
 
 
-def report(result: TrainResult, run_dir: Path, env_cfg: DictConfig) -> float:
+def report(result: TrainResult, run_dir: Path, cfg: DictConfig) -> float:
     ev = result.final_eval
     m, s = divmod(int(result.wall_time), 60)
     print(f"done: {result.global_step:,} steps in {m}m{s:02d}s of training ({result.sps:,.0f} SPS)"
@@ -89,7 +89,7 @@ def report(result: TrainResult, run_dir: Path, env_cfg: DictConfig) -> float:
     print(f"run dir:    {run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     # The user's own env code: ppo-eval asks for their word again (envs/recipe.py), so the hint carries it.
-    trust = " --trust-env-code" if recipe.code_in_recipe(OmegaConf.to_container(env_cfg)) else ""
+    trust = " --trust-env-code" if recipe.code_in_recipe(OmegaConf.to_container(cfg.env)) else ""
     print(f"evaluate:   ppo-eval {result.checkpoint}{trust}")
     write_result(run_dir, {
         "status": "ok",
@@ -105,6 +105,10 @@ def report(result: TrainResult, run_dir: Path, env_cfg: DictConfig) -> float:
         "checkpoint": str(result.checkpoint),
         "warnings": result.warnings,
     })
+    if cfg.get("logger") is not None:
+        from ppo_cli.run import trackers  # torch: imported once a run ran
+
+        trackers.add_result(cfg.logger, run_dir, print)
     if result.warnings:
         print(f"doctor:     {len(result.warnings)} warning{'s' if len(result.warnings) > 1 else ''} "
               f"({', '.join(w['symptom'] for w in result.warnings)}), in result.json")

@@ -124,7 +124,7 @@ def _task(cfg: DictConfig) -> float | None:
     try:
         claim(run_dir, resuming=bool(cfg.resume), multirun=multirun)
         result, trained = run(cfg, run_dir)
-        return report(result, run_dir, trained.env)
+        return report(result, run_dir, trained)
     except RunFolderTaken as exc:  # the folder is another run's: its result.json is not this job's to write
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
         if multirun:

@@ -162,6 +162,23 @@ def open_trackers(settings: Any, run_dir: Path, config: dict[str, Any], resuming
     return opened
 
 
+def add_result(settings: Any, run_dir: Path, say: Callable[[str], None]) -> None:
+    """result.json, written once the run has ended, as an artifact of the run's MLflow run (W&B has its figures as
+    scalars already; reopening its run for a file would start another offline run)."""
+    ids_path, result = run_dir / IDS_FILE, run_dir / "result.json"
+    if "mlflow" not in [choice(b) for b in settings.backends] or not ids_path.is_file() or not result.is_file():
+        return
+    try:
+        import mlflow
+
+        run_id = json.loads(ids_path.read_text()).get("mlflow")
+        if run_id:
+            mlflow.MlflowClient(settings.mlflow.tracking_uri).log_artifact(run_id, str(result))
+    except Exception as exc:  # noqa: BLE001 - as in open_trackers
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _failed(settings, say, f"logger.backends: mlflow could not store result.json ({type(exc).__name__}: {first})")
+
+
 def _failed(settings: Any, say: Callable[[str], None], line: str) -> None:
     if settings.strict:
         raise UserError(f"{line} (logger.strict=true)")
