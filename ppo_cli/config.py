@@ -242,6 +242,8 @@ class DoctorConfig:
                                           "first doctor.patience updates")
     reward_scale_max: float = key(100.0, "reward_scale: rewards above this a step in absolute value without "
                                          "env.normalize_reward")
+    input_scale_max: float = key(10.0, "obs_scale: the network's flat inputs above this in mean absolute value "
+                                       "without env.normalize_obs")
     flat_after: float = key(0.3, "returns_flat: from this fraction of training (and doctor.patience_long updates) "
                                  "on, the training return no better than in the first updates (by "
                                  "doctor.flat_tolerance, relative)")

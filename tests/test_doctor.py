@@ -17,10 +17,10 @@ from .conftest import cli
 TOTAL = 100 * 1000  # 100 updates of 1,000 steps
 
 
-def _doctor(discrete=True, action_dims=1, normalize_reward=False, target_kl=None, **settings):
+def _doctor(discrete=True, action_dims=1, normalize_reward=False, target_kl=None, normalize_obs=False, **settings):
     s = OmegaConf.merge(OmegaConf.structured(DoctorConfig), settings)
     algo = SimpleNamespace(total_timesteps=TOTAL, target_kl=target_kl, max_grad_norm=0.5)
-    return Doctor(s, algo, discrete, action_dims, normalize_reward)
+    return Doctor(s, algo, discrete, action_dims, normalize_reward, normalize_obs)
 
 
 HEALTHY = {"losses/entropy": 0.69, "losses/approx_kl": 0.004, "losses/clip_fraction": 0.1,
@@ -58,6 +58,7 @@ def test_a_healthy_stream_is_quiet():
     ("grad_always_clipped", lambda u, s: s.update({"losses/grad_clipped": 1.0, "losses/grad_norm": 30.0}), {}),
     ("value_loss_exploding", lambda u, s: s.update({"losses/value_loss": 10.0 * 2 ** u}), {}),
     ("sps_dropping", lambda u, s: s.update({"charts/SPS": 10_000.0 / (1 + u / 10)}), {}),
+    ("obs_scale", lambda u, s: s.update({"charts/input_scale": 250.0}), {}),
 ])
 def test_each_check_fires_once_on_its_symptom(symptom, change, kwargs):
     told = _run(_doctor(**kwargs), change=change)
@@ -78,6 +79,8 @@ def test_each_check_fires_once_on_its_symptom(symptom, change, kwargs):
      {"patience_long": 5}),
     ("value_loss_exploding", lambda u, s: s.update({"losses/value_loss": 10.0 if u < 50 else 0.001}), {}),
     ("sps_dropping", lambda u, s: s.update({"charts/SPS": 2000.0 if u == 0 else 10_000.0}), {}),
+    ("obs_scale", lambda u, s: s.update({"charts/input_scale": 250.0}), {"normalize_obs": True}),
+    ("obs_scale", lambda u, s: s.update({"charts/input_scale": 0.8}), {}),
 ])
 def test_each_check_stays_quiet_without_its_symptom(symptom, change, kwargs):
     assert symptom not in _run(_doctor(**kwargs), change=change)

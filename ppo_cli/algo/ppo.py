@@ -129,7 +129,9 @@ class PPO:
         with self.clock["update"]:
             stats = self.updater.update(batch, self.settings)  # type: ignore[union-attr]
         lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        return {**{f"losses/{k}": stats[k] for k in STAT_NAMES},
+        # How large the network's input is (the doctor's obs_scale): flat inputs only, images are scaled inside.
+        scale = {"charts/input_scale": float(batch.obs.abs().mean())} if batch.obs.is_floating_point() else {}
+        return {**{f"losses/{k}": stats[k] for k in STAT_NAMES}, **scale,
                 "losses/explained_variance": explained_variance(batch.values, batch.returns),
                 "losses/epochs": stats["epochs"], "losses/grad_clipped": stats["grad_clipped"],
                 "charts/lr_actor": lr["actor"], "charts/lr_critic": lr["critic"],

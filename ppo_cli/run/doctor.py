@@ -34,11 +34,12 @@ class Doctor:
     """The checks, with the state they need (a few numbers per update). `settings`: the run config's `doctor`
     group; `algo`: its `algo` group (target_kl, max_grad_norm, total_timesteps); `discrete`: whether the action
     head is categorical (its entropy is compared as a fraction of the initial one) and `action_dims` the Gaussian's
-    dimensions otherwise (its entropy is compared through the spread it implies); `normalize_reward`: whether the
-    rewards are already scaled."""
+    dimensions otherwise (its entropy is compared through the spread it implies); `normalize_reward` and
+    `normalize_obs`: whether the rewards and observations are already scaled."""
 
-    def __init__(self, settings: Any, algo: Any, discrete: bool, action_dims: int, normalize_reward: bool) -> None:
-        self.s, self.a = settings, algo
+    def __init__(self, settings: Any, algo: Any, discrete: bool, action_dims: int, normalize_reward: bool,
+                 normalize_obs: bool = False) -> None:
+        self.s, self.a, self.normalize_obs = settings, algo, normalize_obs
         self.discrete, self.action_dims, self.normalize_reward = discrete, max(int(action_dims), 1), normalize_reward
         self.told: set[str] = set()
         self.warnings: list[Warning] = []
@@ -95,6 +96,11 @@ class Doctor:
                                                  f"high: env.normalize_reward=true, a lower learning rate, or a larger "
                                                  f"algo.max_grad_norm"))
         found += self._value_loss(get("value_loss"))
+        scale = scalars.get("charts/input_scale", math.nan)
+        if not self.normalize_obs and scale > self.s.input_scale_max:
+            found.append(("obs_scale", f"the network's inputs average {scale:.3g} in absolute value and "
+                                       f"env.normalize_obs is off: large inputs saturate tanh units and slow "
+                                       f"learning. Set env.normalize_obs=true (or scale the env's observations)"))
         found += self._returns(progress, returns, lengths)
         sps = scalars.get("charts/SPS", math.nan)
         if math.isfinite(sps):

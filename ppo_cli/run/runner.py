@@ -161,7 +161,7 @@ class Runner:
         self.notes: list[str] = []
         self.evaluator = PeriodicEvaluator(cfg, self.algo.policy, self.device, self._message)
         self.doctor = Doctor(cfg.doctor, cfg.algo, self.algo.action_space["type"] != "Box",
-                             math.prod(self.algo.policy.action_shape), cfg.env.normalize_reward)
+                             math.prod(self.algo.policy.action_shape), cfg.env.normalize_reward, cfg.env.normalize_obs)
         if resume is not None:
             self._restore(resume)
             if cfg.get("resume"):
