@@ -119,11 +119,11 @@ def test_warnings_name_symptom_step_cause_and_knob_and_can_be_turned_off():
 
 
 def test_a_healthy_cartpole_run_is_quiet_and_a_broken_one_is_told(tmp_path):
-    """The seed defaults say nothing; a learning rate of 0.1 is told as it happens, in result.json and in
+    """The seed defaults say nothing (60k steps); a learning rate of 0.1 is told as it happens, in result.json and in
     TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    common = ["algo.total_timesteps=150000", "eval.every_steps=0", "eval.episodes=2", "checkpoint_interval=0"]
+    common = ["algo.total_timesteps=60000", "eval.every_steps=0", "eval.episodes=2", "checkpoint_interval=0"]
     proc = cli("ppo-train", *common, f"hydra.run.dir={tmp_path / 'ok'}", cwd=tmp_path)
     assert proc.returncode == 0 and "doctor" not in proc.stdout, proc.stdout
     assert json.loads((tmp_path / "ok" / "result.json").read_text())["warnings"] == []
