@@ -26,9 +26,10 @@ def _name(params: dict[str, Any], keys: list[str]) -> str:
 
 
 def report(groups: list[dict[str, Any]], keys: list[str], out: Path, console: Console, target: float | None = None,
-           reps: int = stats.REPS) -> list[dict[str, Any]]:
+           reps: int | None = None) -> list[dict[str, Any]]:
     """The statistics of `groups` (sweep_report.aggregate's, each with its `scores`, one per seed), printed and
-    written into `out`; the rows of aggregate.csv."""
+    written into `out`; the rows of aggregate.csv. `reps`: bootstrap resamples (None: stats.REPS)."""
+    reps = reps or stats.REPS
     metrics = (*METRICS, "optimality_gap") if target is not None else METRICS
     rows = []
     for g in groups:

@@ -22,7 +22,6 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
-from ppo_cli.cli import seed_report, stats
 from ppo_cli.errors import OneLineParser, UserError, extra_hint
 
 
@@ -211,7 +210,7 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 
 def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Console | None = None,
-           target: float | None = None, reps: int = stats.REPS) -> dict:
+           target: float | None = None, reps: int | None = None) -> dict:
     console = console or Console()
     jobs = find_jobs(sweep_dir)
     keys = varying_keys(jobs)
@@ -262,6 +261,8 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
         console.print(plot(ranked, keys, out / "curves.png", top), soft_wrap=True, markup=False, highlight=False)
         groups = aggregate(jobs, keys)
         if any(g["count"] > 1 for g in groups):  # jobs whose overrides differ only in seed
+            from ppo_cli.cli import seed_report  # numpy: not for ppo-train's start, which imports this module
+
             seed_report.report(groups, [k for k in keys if k != "seed"], out, console, target, reps)
     except OSError as exc:
         raise UserError(f"cannot write the report into {out} ({exc.strerror or exc}); choose another folder with "
@@ -278,10 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=5, help="jobs to plot (default: 5 best)")
     p.add_argument("--target", type=float, help="over seeds: also the optimality gap, how far the objective falls "
                                                  "short of this value (CartPole's 500, say)")
-    p.add_argument("--reps", type=int, default=stats.REPS, help=f"bootstrap resamples for the intervals over seeds "
-                                                                 f"(default {stats.REPS:,})")
+    p.add_argument("--reps", type=int, help="bootstrap resamples for the intervals over seeds (default 50,000)")
     args = p.parse_args(argv)
-    if args.reps < 100:
+    if args.reps is not None and args.reps < 100:
         p.error(f"--reps={args.reps}: must be >= 100")
     try:
         # A pipe or a file gets a wide table instead of rich's 80-column default.
