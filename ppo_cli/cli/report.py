@@ -49,8 +49,16 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0, why: str = "") -
           f"device:     {device.device.type} ({device.reason}){threads}{precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update; "
-          f"algo.batch_size {a.batch_size}, algo.K_epochs {a.K_epochs}\n"
+          f"algo.batch_size {a.batch_size}{_sequences(cfg)}, algo.K_epochs {a.K_epochs}\n"
           f"training:   {steps}", flush=True)
+
+
+def _sequences(cfg: DictConfig) -> str:
+    """A recurrent policy's minibatches are whole sequences: of how many steps."""
+    if cfg.network.recurrent is None:
+        return ""
+    seq = cfg.algo.seq_len or cfg.algo.n_steps
+    return f" in sequences of {seq:,} steps ({'algo.seq_len' if cfg.algo.seq_len else 'whole rollouts'})"
 
 
 def _network_text(n: DictConfig) -> str:
