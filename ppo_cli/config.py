@@ -230,8 +230,8 @@ class DoctorConfig:
     entropy_collapse: float = key(0.1, "entropy_collapse: the policy's spread fell below this fraction of its first "
                                        "update's (a Gaussian's std; a categorical head's entropy) within doctor.early")
     early: float = key(0.1, "the first fraction of training in which an entropy collapse is premature")
-    kl_factor: float = key(2.0, "kl_high: approx_kl above this x algo.target_kl for doctor.patience updates")
-    kl_max: float = key(0.05, "kl_high without algo.target_kl: approx_kl above this for doctor.patience updates")
+    kl_max: float = key(0.05, "kl_high: approx_kl above this for doctor.patience updates; with algo.target_kl, "
+                              "every one of doctor.patience updates stopped early by it")
     clip_fraction_max: float = key(0.3, "clip_fraction_high: above this for doctor.patience updates")
     patience: int = key(3, "updates in a row a fast symptom (KL, clip fraction) must last")
     patience_long: int = key(20, "updates in a row a slow symptom (explained variance, clipped gradients) must last; "

@@ -19,11 +19,11 @@ TOTAL = 100 * 1000  # 100 updates of 1,000 steps
 
 def _doctor(discrete=True, action_dims=1, normalize_reward=False, target_kl=None, normalize_obs=False, **settings):
     s = OmegaConf.merge(OmegaConf.structured(DoctorConfig), settings)
-    algo = SimpleNamespace(total_timesteps=TOTAL, target_kl=target_kl, max_grad_norm=0.5)
+    algo = SimpleNamespace(total_timesteps=TOTAL, target_kl=target_kl, max_grad_norm=0.5, K_epochs=3)
     return Doctor(s, algo, discrete, action_dims, normalize_reward, normalize_obs)
 
 
-HEALTHY = {"losses/entropy": 0.69, "losses/approx_kl": 0.004, "losses/clip_fraction": 0.1,
+HEALTHY = {"losses/epochs": 3.0, "losses/entropy": 0.69, "losses/approx_kl": 0.004, "losses/clip_fraction": 0.1,
            "losses/explained_variance": 0.6, "losses/grad_clipped": 0.3, "losses/grad_norm": 0.4,
            "losses/value_loss": 10.0, "charts/SPS": 10_000.0}
 
@@ -52,7 +52,8 @@ def test_a_healthy_stream_is_quiet():
     ("entropy_collapse", lambda u, s: s.update({"losses/entropy": 1.4 - (3.0 if u >= 5 else 0.0)}),
      {"discrete": False, "action_dims": 1}),  # a Gaussian's std shrunk 20x: entropy down by log(20) = 3.0
     ("kl_high", lambda u, s: s.update({"losses/approx_kl": 0.2 if u >= 50 else 0.004}), {}),
-    ("kl_high", lambda u, s: s.update({"losses/approx_kl": 0.05}), {"target_kl": 0.02}),  # 2.5 x target_kl
+    # with target_kl, the updater keeps the mean KL below 1.5 x target_kl: every update stopping early is the sign
+    ("kl_high", lambda u, s: s.update({"losses/approx_kl": 0.02, "losses/epochs": 1.0}), {"target_kl": 0.02}),
     ("clip_fraction_high", lambda u, s: s.update({"losses/clip_fraction": 0.5 if u >= 50 else 0.1}), {}),
     ("value_not_learning", lambda u, s: s.update({"losses/explained_variance": -0.02}), {}),
     ("grad_always_clipped", lambda u, s: s.update({"losses/grad_clipped": 1.0, "losses/grad_norm": 30.0}), {}),
@@ -72,7 +73,7 @@ def test_each_check_fires_once_on_its_symptom(symptom, change, kwargs):
     ("entropy_collapse", lambda u, s: s.update({"losses/entropy": -0.5 - (0.69 if u >= 5 else 0.0)}),
      {"discrete": False, "action_dims": 1}),
     ("kl_high", lambda u, s: s.update({"losses/approx_kl": 0.2 if u in (10, 11, 30) else 0.004}), {}),  # spikes
-    ("kl_high", lambda u, s: s.update({"losses/approx_kl": 0.03}), {"target_kl": 0.02}),  # 1.5 x target_kl
+    ("kl_high", lambda u, s: s.update({"losses/epochs": 1.0 if u % 3 == 0 else 3.0}), {"target_kl": 0.02}),
     ("value_not_learning", lambda u, s: s.update({"losses/explained_variance": -0.02 if u < 15 else 0.5}), {}),
     # CartPole's first dozen updates clip every step: a streak, not a tenth of the run, is not "always"
     ("grad_always_clipped", lambda u, s: s.update({"losses/grad_clipped": 1.0 if u < 9 else 0.4}),
@@ -112,8 +113,8 @@ def test_warnings_name_symptom_step_cause_and_knob_and_can_be_turned_off():
     _run(doctor, change=lambda u, s: s.update({"losses/approx_kl": 0.2}))
     w = doctor.warnings[0]
     assert w.symptom == "kl_high" and w.step == 3000
-    assert w.message.startswith("doctor: kl_high at step 3,000: approx_kl 0.2 above 0.05 (no algo.target_kl) for 3 "
-                                "updates") and "algo.lr_actor" in w.message
+    assert w.message.startswith("doctor: kl_high at step 3,000: approx_kl 0.2 above 0.05 for 3 updates") and (
+        "algo.lr_actor" in w.message)
     assert w.as_dict() == {"symptom": "kl_high", "step": 3000, "message": w.message}
     assert _run(_doctor(enabled=False), change=lambda u, s: s.update({"losses/approx_kl": 0.2})) == []
 
@@ -138,3 +139,19 @@ def test_a_healthy_cartpole_run_is_quiet_and_a_broken_one_is_told(tmp_path):
     acc.Reload()
     assert f"doctor/{symptoms[0]}/text_summary" in acc.Tags()["tensors"]
     assert all(math.isfinite(w["step"]) for w in warnings)
+
+
+def test_the_doctors_state_goes_into_checkpoints_as_plain_data():
+    """A resumed run keeps what was told (result.json lists it, nothing is told twice) and the baselines its checks
+    compare with (returns_flat must not compare a solved run with its own solved start)."""
+    doctor = _doctor()
+    _run(doctor, updates=40, change=lambda u, s: s.update({"losses/approx_kl": 0.2}))
+    state = json.loads(json.dumps(doctor.state()))  # plain data: what a weights_only checkpoint can hold
+    resumed = _doctor()
+    resumed.load(state)
+    assert resumed.state() == doctor.state() and [w.symptom for w in resumed.warnings] == ["kl_high"]
+    more = [w.symptom for w in resumed.update(41_000, dict(HEALTHY, **{"losses/approx_kl": 0.2}), [140.0], [20])]
+    assert more == []  # told once, before the checkpoint
+    fresh = _doctor()
+    fresh.load(None)  # a checkpoint from before the doctor
+    assert fresh.warnings == [] and fresh.first_returns == []

@@ -28,7 +28,7 @@ def test_mlflow_gets_every_scalar_at_its_step_and_a_resume_continues_the_run(tmp
     run = tmp_path / "run"
     args = ["logger.backends=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={uri}"]
     cli("ppo-train", *RUN, *args, f"hydra.run.dir={run}", cwd=tmp_path, check=True)
-    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["id"]
     client = mlflow.MlflowClient(uri)
 
     def history(tag):
@@ -44,9 +44,11 @@ def test_mlflow_gets_every_scalar_at_its_step_and_a_resume_continues_the_run(tmp
     assert "result.json" in {a.path for a in client.list_artifacts(run_id)}
     cli("ppo-train", f"resume={run / 'checkpoints' / 'checkpoint.pt'}", "algo.total_timesteps=2048", cwd=tmp_path,
         check=True)
-    assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id
+    saved = json.loads((run / "trackers.json").read_text())["mlflow"]
+    assert saved == {"id": run_id, "step": 2048, "uri": uri}
     steps = [s for s, _ in history("losses/value_loss")]
     assert steps == [256 * k for k in range(1, 9)]  # the same run: 4 updates, then 4 more after the resume
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def _wandb_history(run):
@@ -82,7 +84,7 @@ def test_wandb_offline_gets_every_scalar_at_its_step_and_a_resume_continues_the_
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     cli("ppo-train", *RUN, "logger.backends=[tensorboard,wandb]", f"hydra.run.dir={run}", cwd=tmp_path, check=True,
         env=env)
-    run_id = json.loads((run / "trackers.json").read_text())["wandb"]
+    run_id = json.loads((run / "trackers.json").read_text())["wandb"]["id"]
     rows = _wandb_history(run)
     board = _tensorboard(run)
     for tag in TAGS:
@@ -90,7 +92,7 @@ def test_wandb_offline_gets_every_scalar_at_its_step_and_a_resume_continues_the_
             board[tag]), tag
     cli("ppo-train", f"resume={run / 'checkpoints' / 'checkpoint.pt'}", "algo.total_timesteps=2048", cwd=tmp_path,
         check=True, env=env)
-    assert json.loads((run / "trackers.json").read_text())["wandb"] == run_id
+    assert json.loads((run / "trackers.json").read_text())["wandb"]["id"] == run_id
     files = sorted((run / "wandb").glob("offline-run-*"))
     assert len(files) == 2 and all(f.name.split("-")[-2 if f.name.endswith("-1") else -1] == run_id for f in files)
     assert sorted(s for s, row in _wandb_history(run).items() if "losses/value_loss" in row) == [
@@ -115,3 +117,35 @@ def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, strict):
         assert ('warning: logger.backends: wandb is not installed (pip install ".[wandb]"); training goes on without '
                 'it (logger.strict=true stops instead)') in proc.stdout
         assert json.loads((run / "result.json").read_text())["status"] == "ok"
+
+
+def test_a_resume_from_before_the_trackers_last_step_starts_a_new_tracker_run(tmp_path, monkeypatch):
+    """A tracker cannot take steps back: resuming from an earlier checkpoint than its last step gives a new run
+    (with a note), never the same steps twice in one run; a resume from where it stopped continues it. The store
+    named relative to the working folder is found again from anywhere (trackers.json keeps it absolute)."""
+    pytest.importorskip("mlflow")
+    from omegaconf import OmegaConf
+
+    from ppo_cli.run import trackers
+
+    from .conftest import make_cfg
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("logger.backends=[tensorboard,mlflow]", "logger.mlflow.tracking_uri=sqlite:///m.db")
+    said = []
+    first = trackers.open_trackers(cfg.logger, tmp_path, cfg, None, said.append)
+    first[0].scalars(1024, {"a": 1.0})
+    trackers.save_ids(tmp_path, first)
+    first[0].close([], failed=False)
+    saved = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]
+    assert saved["uri"] == f"sqlite:///{tmp_path / 'm.db'}" and saved["step"] == 1024
+    monkeypatch.chdir(tmp_path.parent)  # a resume started elsewhere
+    again = trackers.open_trackers(cfg.logger, tmp_path, cfg, 1024, said.append)
+    assert again[0].run_id == saved["id"] and said == []
+    again[0].close([], failed=True)
+    rewound = trackers.open_trackers(cfg.logger, tmp_path, cfg, 512, said.append)
+    assert rewound[0].run_id != saved["id"]
+    assert said == [f"note: this run resumes at step 512, before step 1,024 that its mlflow run {saved['id']} reached: "
+                    f"a new mlflow run continues it, so no step is logged twice"]
+    assert rewound[0].client.get_run(saved["id"]).info.status == "FAILED"
+    assert OmegaConf.select(cfg, "logger.mlflow.tracking_uri") == "sqlite:///m.db"

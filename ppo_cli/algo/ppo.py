@@ -129,11 +129,15 @@ class PPO:
         with self.clock["update"]:
             stats = self.updater.update(batch, self.settings)  # type: ignore[union-attr]
         lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        # How large the network's input is (the doctor's obs_scale): flat inputs only, images are scaled inside.
-        scale = {"charts/input_scale": float(batch.obs.abs().mean())} if batch.obs.is_floating_point() else {}
+        # How large the network's flat input is (the doctor's obs_scale); pixels, scaled inside the encoder, are not.
+        image, scale = self.policy.layout.image_part, {}
+        if batch.obs.is_floating_point():  # a plain image is stored as bytes: nothing flat to measure
+            flat = batch.obs if image is None else batch.obs[:, image.size:]
+            if flat.numel():
+                scale = {"charts/input_scale": float(torch.linalg.vector_norm(flat, 1)) / flat.numel()}
         return {**{f"losses/{k}": stats[k] for k in STAT_NAMES}, **scale,
                 "losses/explained_variance": explained_variance(batch.values, batch.returns),
-                "losses/epochs": stats["epochs"], "losses/grad_clipped": stats["grad_clipped"],
+                "losses/epochs": stats["epochs"],
                 "charts/lr_actor": lr["actor"], "charts/lr_critic": lr["critic"],
                 "charts/ent_coef": self.settings.ent_coef, **self.policy.dist.log_scalars()}
 

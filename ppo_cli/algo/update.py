@@ -35,7 +35,8 @@ class UpdateSettings:
     target_kl: float | None
 
 
-STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm")
+# grad_clipped: 1 where the clip cut the minibatch step's gradient (its mean: the share of steps clipped).
+STAT_NAMES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "grad_norm", "grad_clipped")
 # Rewards beyond this magnitude (PPO's defaults assume rewards of order 1 to 100) are what an update that diverges
 # is blamed on, unless env.normalize_reward already scales them.
 HUGE_REWARD = 1e6
@@ -121,7 +122,8 @@ class Gradients(Protocol):
         """Loss and gradients of rows [start, stop); the 5 statistics of minibatch_loss."""
 
     def clip(self, stats: Any, max_norm: float) -> Any:
-        """Clip the global gradient norm; the statistics with the norm before clipping appended."""
+        """Clip the global gradient norm; the statistics with the norm before clipping and whether it was clipped
+        (1 or 0) appended."""
 
     def average(self, ranks: Ranks) -> None:
         """Replace the gradients by their mean over the ranks of a distributed run."""
@@ -147,7 +149,8 @@ class AutogradGradients:
         return stats
 
     def clip(self, stats: torch.Tensor, max_norm: float) -> torch.Tensor:
-        return torch.cat([stats, clip_grad_norm(self.params, max_norm).detach().reshape(1)])
+        norm = clip_grad_norm(self.params, max_norm).detach().reshape(1)
+        return torch.cat([stats, norm, (norm > max_norm).to(norm.dtype)])
 
     def average(self, ranks: Ranks) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -245,8 +248,6 @@ class Updater:
             epochs_done += 1
         means = g.mean(taken) if taken else [0.0] * len(STAT_NAMES)
         out = dict(zip(STAT_NAMES, means, strict=True))
-        # The share of minibatch steps the clip cut (the norm is each row's last statistic): the doctor's reading.
-        out["grad_clipped"] = g.mean([(row[-1:] > s.max_grad_norm) * 1.0 for row in taken])[0] if taken else 0.0
         out.update(minibatch_steps=float(len(taken)), epochs=float(epochs_done), stopped_early=float(stopped_early))
         return out
 

@@ -89,7 +89,9 @@ def improvement_interval(x: np.ndarray, y: np.ndarray, reps: int = REPS, seed: i
     def draw(n: int, rng: np.random.Generator) -> np.ndarray:
         return _improvement(_resample(x, n, rng), _resample(y, n, rng))
 
-    estimates = _chunked(draw, reps, seed, chunk=2_000)
+    # Every resample compares all runs_x x runs_y pairs: chunks sized to about 20M comparisons at a time.
+    pairs = x.shape[0] * y.shape[0] * x.shape[1]
+    estimates = _chunked(draw, reps, seed, chunk=max(1, min(2_000, 20_000_000 // pairs)))
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(estimates, [tail, 100 - tail])
     return float(low), float(high)

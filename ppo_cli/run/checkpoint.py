@@ -52,6 +52,7 @@ STATE_KEYS: dict[str, str] = {
     "recent_returns": "returns of the last training episodes (eval.train_window), over all ranks",
     "wall_time": "seconds trained so far",
     "best_eval": "summary of the best periodic evaluation so far, with its global_step",
+    "doctor": "the training doctor's warnings so far and the baselines its checks compare with (run/doctor.py)",
     "reward_scaler": "env.normalize_reward's running statistics, or None",
 }
 REQUIRED_KEYS = ("config_yaml", "observation_space", "action_space", "policy", "global_step")

@@ -48,10 +48,33 @@ class Doctor:
         self.first_value_losses: list[float] = []
         self.first_returns: list[float] = []  # the training returns of the first updates that had episodes
         self.recent_returns: deque[float] = deque(maxlen=100)
-        self.sps: list[float] = []
+        self.sps_seen, self.sps_peak = 0, 0.0
+        self.recent_sps: deque[float] = deque(maxlen=max(settings.patience_long // 2, 1))
         self.train_return: float | None = None
         self.eval_gaps = 0
         self.updates = 0
+
+    # --- checkpoints: a resumed run keeps what was told and the baselines -----------------------------------
+    _STATE = ("first_entropy", "first_value_losses", "first_returns", "train_return", "eval_gaps", "updates",
+              "sps_seen", "sps_peak")
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for the checkpoint (checkpoint.STATE_KEYS' `doctor`)."""
+        return {**{k: getattr(self, k) for k in self._STATE}, "told": sorted(self.told),
+                "warnings": [w.as_dict() for w in self.warnings], "streaks": {k: list(v) for k, v in
+                                                                           self.streaks.items()},
+                "recent_returns": list(self.recent_returns), "recent_sps": list(self.recent_sps)}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        if not state:  # a checkpoint from before the doctor: it starts afresh
+            return
+        for k in self._STATE:
+            setattr(self, k, state[k])
+        self.told = set(state["told"])
+        self.warnings = [Warning(**w) for w in state["warnings"]]
+        self.streaks = {k: (int(v[0]), float(v[1])) for k, v in state["streaks"].items()}
+        self.recent_returns.extend(state["recent_returns"])
+        self.recent_sps.extend(state["recent_sps"])
 
     # --- what the runner calls --------------------------------------------------------------------------------
     def update(self, step: int, scalars: dict[str, float], returns: list[float], lengths: list[int]) -> list[Warning]:
@@ -62,15 +85,21 @@ class Doctor:
         progress = step / max(self.a.total_timesteps, 1)
         get = lambda name: scalars.get(f"losses/{name}", math.nan)  # noqa: E731
         found += self._entropy(get("entropy"), progress)
-        kl_limit = self.s.kl_factor * self.a.target_kl if self.a.target_kl is not None else self.s.kl_max
         kl = get("approx_kl")
-        if self._lasts("kl_high", kl > kl_limit, self.s.patience):
-            what = (f"{self.s.kl_factor:g} x algo.target_kl" if self.a.target_kl is not None
-                    else f"{self.s.kl_max:g} (no algo.target_kl)")
-            found.append(("kl_high", f"approx_kl {kl:.3g} above {what} for {self.s.patience} updates: each update "
-                                     f"moves the policy too far. Likely a learning rate too high or too many "
-                                     f"epochs: lower algo.lr_actor or algo.K_epochs, or set algo.target_kl to stop "
-                                     f"epochs early"))
+        if self.a.target_kl is not None:
+            # The updater stops an update's epochs once a minibatch passes 1.5 x target_kl, so the logged mean KL
+            # stays below it: the symptom is that every update stops early.
+            epochs = get("epochs")
+            if self._lasts("kl_high", epochs < self.a.K_epochs, self.s.patience):
+                found.append(("kl_high", f"the last {self.s.patience} updates each stopped early at 1.5 x "
+                                         f"algo.target_kl={self.a.target_kl:g} (the last after {epochs:.0f} of "
+                                         f"{self.a.K_epochs} epochs): each epoch moves the policy too far. Likely "
+                                         f"a learning rate too high: lower algo.lr_actor"))
+        elif self._lasts("kl_high", kl > self.s.kl_max, self.s.patience):
+            found.append(("kl_high", f"approx_kl {kl:.3g} above {self.s.kl_max:g} for {self.s.patience} updates: "
+                                     f"each update moves the policy too far. Likely a learning rate too high or too "
+                                     f"many epochs: lower algo.lr_actor or algo.K_epochs, or set algo.target_kl to "
+                                     f"stop epochs early"))
         clip = get("clip_fraction")
         if self._lasts("clip_fraction_high", clip > self.s.clip_fraction_max, self.s.patience):
             found.append(("clip_fraction_high", f"clip_fraction {clip:.2f} above {self.s.clip_fraction_max:g} for "
@@ -104,8 +133,7 @@ class Doctor:
         found += self._returns(progress, returns, lengths)
         sps = scalars.get("charts/SPS", math.nan)
         if math.isfinite(sps):
-            self.sps.append(sps)
-            found += self._sps()
+            found += self._sps(sps)
         return self._tell(step, found)
 
     def evaluation(self, step: int, eval_return: float) -> list[Warning]:
@@ -193,13 +221,18 @@ class Doctor:
         before = median(self.first_returns)
         return self.train_return - before <= self.s.flat_tolerance * max(abs(before), 1.0)
 
-    def _sps(self) -> list[tuple[str, str]]:
+    def _sps(self, sps: float) -> list[tuple[str, str]]:
+        # A running peak of the median over a window of updates: constant work per update, however long the run.
         window = self.s.patience_long // 2 or 1
-        if len(self.sps) < 3 * window + 1:
+        self.sps_seen += 1
+        if self.sps_seen == 1:  # the first update pays for starting up
             return []
-        peak = max(median(self.sps[i:i + window]) for i in range(1, len(self.sps) - window + 1))  # not the first
-        now = median(self.sps[-window:])
-        if now >= self.s.sps_drop * peak:
+        self.recent_sps.append(sps)
+        if len(self.recent_sps) < window:
+            return []
+        now = median(self.recent_sps)
+        self.sps_peak = peak = max(self.sps_peak, now)
+        if self.sps_seen < 3 * window + 1 or now >= self.s.sps_drop * peak:
             return []
         return [("sps_dropping", f"steps per second fell to {now:,.0f} from {peak:,.0f} (median of {window} "
                                  f"updates): other work took the machine's cores, or something grows as training "

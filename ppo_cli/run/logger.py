@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -68,8 +67,7 @@ class Logger:
         # W&B / MLflow beside TensorBoard (trackers.py), where logger.backends names them.
         self.tracking = None if cfg is None else cfg.get("logger")
         self.trackers = [] if self.tracking is None else trackers.open_trackers(
-            self.tracking, self.run_dir, OmegaConf.to_container(cfg, resolve=True), purge_step is not None,
-            trackers.sweep_group(self.run_dir), trackers.run_tags(cfg), self.message)
+            self.tracking, self.run_dir, cfg, purge_step, self.message)
         use_rich = sys.stdout.isatty() if rich_progress is None else rich_progress
         self.started = self.last_line = self.update_began = time.perf_counter()
         if use_rich:  # imported only here: a run without a terminal (sweeps, CI) does not pay for it
@@ -100,7 +98,7 @@ class Logger:
 
     def _track(self, what: Any) -> None:
         if self.trackers:
-            self.trackers = trackers.call(self.trackers, what, self.tracking, self.message)
+            self.trackers = trackers.call(self.trackers, what, bool(self.tracking.strict), self.message)
 
     def hparams(self, params: dict[str, float | int | str | bool], metrics: dict[str, float], step: int) -> None:
         """The run's hyperparameters and results for TensorBoard's HPARAMS tab, which lines up the jobs of a
@@ -167,9 +165,15 @@ class Logger:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        saved = [p for p in (self.run_dir / "checkpoints" / n for n in ("checkpoint.pt", "best.pt")) if p.is_file()]
-        self._track(lambda t: t.close(saved))
-        self.trackers = []
+        if self.trackers:
+            # Closing reports how the run ended (a failure or a stop in progress: FAILED), and a tracker that fails
+            # now is a warning line whatever logger.strict says: the run's outcome is not the tracker's to change.
+            failed = sys.exc_info()[0] is not None
+            saved = [p for p in (self.run_dir / "checkpoints" / n for n in ("checkpoint.pt", "best.pt"))
+                     if p.is_file()]
+            trackers.save_ids(self.run_dir, self.trackers)
+            trackers.call(self.trackers, lambda t: t.close(saved, failed), False, self.message)
+            self.trackers = []
         if self.failed:  # already reported; closing would only raise the same error again
             try:
                 self.writer.close()

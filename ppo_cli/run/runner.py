@@ -202,7 +202,7 @@ class Runner:
                     step0, time0 = self.global_step, self.clock.total()
                     start = None if self.ranks.active else self._boundary()
                     stops.phase = "rollout"
-                    with self._kept_on_env_fault(start, step0):
+                    with kept_on_env_fault(self, start, step0):
                         rollout = self.algo.collect(self.envs, stops.requested, step0)
                     if stops.requested():  # one process, a signal: the rollout is dropped, its start saved
                         raise Interrupted(stops.signal, step0, self.save(at=start))  # type: ignore[arg-type]
@@ -217,7 +217,7 @@ class Runner:
                     with self.clock["log_checkpoint"]:
                         self._log(scalars, (self.global_step - step0) / max(self.clock.total() - time0, 1e-9),
                                   returns, lengths)
-                    with self._kept_on_env_fault(None, self.global_step):  # an evaluation env that breaks
+                    with kept_on_env_fault(self, None, self.global_step):  # an evaluation env that breaks
                         due = self._evaluate_due(step0)
                     if due:
                         stopped_at = (self.global_step, self.wall_time)
@@ -243,17 +243,6 @@ class Runner:
         self.logger.warnings(self.doctor.update(self.global_step, scalars, returns, lengths))
         mean_ret = float(np.mean(self.recent_returns)) if self.recent_returns else None
         self.logger.update_done(self.update_idx, self.global_step, sps, mean_ret)
-
-    @contextmanager
-    def _kept_on_env_fault(self, at: Boundary | None, step: int) -> Iterator[None]:
-        """An env that breaks inside (one process, after an update): the state `at` (None: now) is saved first."""
-        try:
-            yield
-        except EnvFault as exc:
-            if self.ranks.active or self.update_idx == self._first_update:
-                raise
-            path = self.save(at=at)
-            raise EnvFault(f"{exc}; the run until step {step:,} is saved: ppo-train resume={path} continues") from None
 
     # --- evaluation -------------------------------------------------------------------------------------
     def _evaluate_due(self, step0: int) -> bool:
@@ -346,6 +335,7 @@ class Runner:
             "recent_returns": list(self.recent_returns),
             "wall_time": self.wall_time,
             "best_eval": self.evaluator.best,
+            "doctor": self.doctor.state(),
         }
 
     def _restore(self, data: dict[str, Any]) -> None:
@@ -357,6 +347,7 @@ class Runner:
         self.trained_before = float(data.get("wall_time", 0.0))
         self.recent_returns.extend(data.get("recent_returns", []))
         self.evaluator.best = data.get("best_eval")
+        self.doctor.load(data.get("doctor"))
         env_state, last_obs = data.get("env_state"), data.get("last_obs")
         saved_envs = None if last_obs is None else batch_size(last_obs)
         continues = (env_state is not None and saved_envs == self.cfg.env.num_envs
@@ -416,3 +407,16 @@ class Runner:
         self.envs.close()
         self.evaluator.close()
         distributed.teardown()
+
+
+@contextmanager
+def kept_on_env_fault(runner: Runner, at: Boundary | None, step: int) -> Iterator[None]:
+    """An env that breaks inside (one process, after an update): the runner's state `at` (None: now) is saved
+    first, and the error line says how to resume it."""
+    try:
+        yield
+    except EnvFault as exc:
+        if runner.ranks.active or runner.update_idx == runner._first_update:
+            raise
+        path = runner.save(at=at)
+        raise EnvFault(f"{exc}; the run until step {step:,} is saved: ppo-train resume={path} continues") from None

@@ -300,7 +300,8 @@ class NumpyGradients:
                                         None if self.masks is None else self.masks[start:stop])
 
     def clip(self, stats: np.ndarray, max_norm: float) -> np.ndarray:
-        return np.append(stats, clip_flat_grad(self.loss.flat_grad, max_norm))
+        norm = clip_flat_grad(self.loss.flat_grad, max_norm)
+        return np.append(stats, [norm, float(norm > max_norm)])
 
     def average(self, ranks: Any) -> None:
 
