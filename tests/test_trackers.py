@@ -149,3 +149,16 @@ def test_a_resume_from_before_the_trackers_last_step_starts_a_new_tracker_run(tm
                     f"a new mlflow run continues it, so no step is logged twice"]
     assert rewound[0].client.get_run(saved["id"]).info.status == "FAILED"
     assert OmegaConf.select(cfg, "logger.mlflow.tracking_uri") == "sqlite:///m.db"
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line_at_once(tmp_path):
+    """MLflow's client would retry a silent server for minutes, printing each retry; one request tells."""
+    pytest.importorskip("mlflow")
+    run = tmp_path / "run"
+    proc = cli("ppo-train", *RUN, "logger.backends=[tensorboard,mlflow]", "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+               f"hydra.run.dir={run}", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: logger.backends")]
+    assert warnings == ["warning: logger.backends: mlflow could not start a run (ConnectionError: http://127.0.0.1:9 "
+                        "does not answer ([Errno 111] Connection refused)); training goes on without it "
+                        "(logger.strict=true stops instead)"]

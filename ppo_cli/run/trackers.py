@@ -14,6 +14,8 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,6 +86,7 @@ class MlflowTracker:
 
         run_id = (saved or {}).get("id")
         self.where = {"uri": (saved or {}).get("uri") or absolute_uri(settings.tracking_uri)}
+        _reachable(self.where["uri"])
         self.client = mlflow.MlflowClient(self.where["uri"])
         self.last_step = int((saved or {}).get("step", -1))
         if run_id is None:
@@ -149,6 +152,20 @@ def run_tags(cfg: Any) -> dict[str, str]:
     if commit.returncode == 0 and commit.stdout.strip():
         tags["git"] = commit.stdout.strip()
     return tags
+
+
+def _reachable(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server that does not answer, found in one request: MLflow's client would retry it for minutes,
+    printing each retry."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()  # noqa: S310 - the user's URL
+    except urllib.error.HTTPError:  # it answered, if not with a health page (a proxy): reachable
+        return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"{uri} does not answer ({reason})") from None
 
 
 def absolute_uri(uri: str) -> str:
