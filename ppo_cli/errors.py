@@ -13,6 +13,13 @@ def extra_hint(extra: str) -> str:
     return f"install the '{extra}' extra: pip install \".[{extra}]\" in the ppo-cli folder"
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, or its type's name where it has none: what a one-line error
+    quotes of what went wrong underneath."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem the user can fix; the entry points print its message as one line and exit 2."""
 

@@ -10,12 +10,9 @@ from typing import Any
 
 import torch
 
+from ppo_cli.errors import first_line
+
 _DISABLE_WRAPPER = os.path.join("torch", "_compile.py")  # where torch._disable_dynamo's wrapper is defined
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def with_fallback(fn: Callable[..., Any], what: str, say: Callable[[str], None]) -> Callable[..., Any]:
@@ -31,7 +28,7 @@ def with_fallback(fn: Callable[..., Any], what: str, say: Callable[[str], None])
         try:
             out = compiled(*args, **kwargs)
         except Exception as e:
-            say(f"note: torch_compile: torch.compile could not compile {what} ({_reason(e)}); it runs uncompiled")
+            say(f"note: torch_compile: torch.compile could not compile {what} ({first_line(e)}); it runs uncompiled")
             chosen = fn
             return fn(*args, **kwargs)
         chosen = compiled

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
-from ppo_cli.errors import OneLineParser, UserError, extra_hint
+from ppo_cli.errors import OneLineParser, UserError, extra_hint, first_line
 
 
 class RecordSweepDir(Callback):
@@ -241,7 +241,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
             best = None
             print(f"ppo-sweep-report: warning: {optuna_file} is unreadable "
-                  f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})",
+                  f"({first_line(exc)})",
                   file=sys.stderr)
         if isinstance(best, dict):
             best_params = best.get("best_params")

@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector.async_vector_env import AsyncState
 
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, first_line
 
 
 class EnvFault(UserError):
@@ -284,9 +284,9 @@ class EnvFaults(gym.vector.VectorWrapper):
             # The sub-envs' observations before batching, where this gymnasium keeps them: which one is wrong.
             observations = getattr(self.env.unwrapped, "_env_obs", None) or []
             problem = next(filter(None, (shape_problem(space, o) for o in observations)), None)
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return (f"{call}() returned {problem}" if problem else
-                    f"{call}() returned an observation that does not fit its observation space {space} ({text})")
+                    f"{call}() returned an observation that does not fit its observation space {space} "
+                    f"({first_line(exc)})")
         return _raised(call, exc)
 
     def _error(self, what: str) -> EnvFault:

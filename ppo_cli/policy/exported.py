@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ppo_cli.envs.spaces import MASK_KEY
-from ppo_cli.errors import UserError, extra_hint
+from ppo_cli.errors import UserError, extra_hint, first_line
 from ppo_cli.policy.export import FORMAT, FORMAT_VERSION, FORMATS, METADATA_KEY, sidecar_path
 from ppo_cli.policy.heads import DiagGaussian, build_head
 
@@ -85,8 +85,7 @@ class ExportedModel:
         try:
             self._session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"model {str(self.path)!r} is not a valid ONNX model ({first[:160]})") from None
+            raise UserError(f"model {str(self.path)!r} is not a valid ONNX model ({first_line(exc)[:160]})") from None
         return self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
 
     def _torchscript_metadata(self) -> str | None:
@@ -113,8 +112,7 @@ class ExportedModel:
                 warnings.simplefilter("ignore")
                 self._module = torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a foreign or corrupt archive fails in many ways
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"model {str(self.path)!r} is not a TorchScript model ({first[:160]})") from None
+            raise UserError(f"model {str(self.path)!r} is not a TorchScript model ({first_line(exc)[:160]})") from None
         self._module.eval()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

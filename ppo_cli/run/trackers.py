@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from omegaconf import OmegaConf
 
 from ppo_cli.config import choice, env_label
-from ppo_cli.errors import UserError
+from ppo_cli.errors import UserError, first_line
 
 IDS_FILE = "trackers.json"
 BACKENDS = ("tensorboard", "wandb", "mlflow")
@@ -215,7 +215,7 @@ def open_trackers(settings: Any, run_dir: Path, cfg: Any, start_step: int | None
         except ImportError:
             _failed(bool(settings.strict), say, f"logger.backends: {name} is not installed ({EXTRAS[name]})")
         except Exception as exc:  # noqa: BLE001 - a tracker's client can fail in any way (network, store, auth)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             _failed(bool(settings.strict), say,
                     f"logger.backends: {name} could not start a run ({type(exc).__name__}: {first})")
     if opened:
@@ -236,7 +236,7 @@ def add_result(settings: Any, run_dir: Path, say: Callable[[str], None]) -> None
         mlflow.MlflowClient(entry.get("uri") or absolute_uri(settings.mlflow.tracking_uri)).log_artifact(
             entry["id"], str(result))
     except Exception as exc:  # noqa: BLE001 - as in open_trackers
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         say(f"warning: logger.backends: mlflow could not store result.json ({type(exc).__name__}: {first})")
 
 
@@ -255,6 +255,6 @@ def call(trackers: list[Tracker], what: Callable[[Tracker], None], strict: bool,
             what(tracker)
             alive.append(tracker)
         except Exception as exc:  # noqa: BLE001 - as in open_trackers
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             _failed(strict, say, f"logger.backends: {tracker.name} failed ({type(exc).__name__}: {first})")
     return alive
