@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from ppo_cli.envs.make import make_vec_env
 from ppo_cli.run import checkpoint
+from ppo_cli.run.evaluation import PeriodicEvaluator
 from ppo_cli.run.runner import Interrupted, Runner
 
 from .conftest import ROOT, make_cfg
@@ -126,6 +129,23 @@ def test_a_signal_during_a_periodic_evaluation_abandons_it(tmp_path, signals_fai
     # Nothing of the abandoned evaluation was kept: the resumed run's first evaluation (step 512) made best.pt.
     assert data["best_eval"] is None
     assert checkpoint.load(tmp_path / "split" / "checkpoints" / "best.pt")["eval"]["global_step"] == 512
+
+
+def test_an_evaluation_abandoned_in_the_middle_of_an_async_step_closes_without_a_word():
+    # A signal can land while the evaluation envs' workers are computing a step: abandon() kills them, and the
+    # async env must not then wait for (and read the dead pipes for) the answer to that step (an EOFError, exit 1).
+    cfg = make_cfg("env.entry_point=tests.signal_envs:HangAt", "+env.kwargs.at=1", "env.vectorization=async",
+                   "env.num_envs=2", "eval.episodes=2")
+    evaluator = PeriodicEvaluator(cfg, None, torch.device("cpu"), print)  # type: ignore[arg-type]
+    evaluator.envs = make_vec_env(cfg.env, seed=0, num_envs=2)
+    evaluator.envs.reset(seed=0)
+    processes = list(evaluator.envs.unwrapped.processes)
+    evaluator.envs.unwrapped.step_async(np.zeros(2, dtype=np.int64))  # its first step never returns
+    for p in processes:  # as abandon() kills them; dead before the close reads their pipes, as on a busy machine
+        p.kill()
+        p.join()
+    evaluator.abandon()
+    assert evaluator.envs is None and not any(p.is_alive() for p in processes)
 
 
 def test_the_uninterrupted_path_takes_no_signal_handler_with_it(tmp_path):
@@ -259,7 +279,8 @@ def test_async_env_workers_leave_signals_to_the_trainer(tmp_path, sig):
     os.killpg(proc.pid, sig)
     t0 = time.time()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + sig and time.time() - t0 < 15  # it used to hang 40 s with evaluation on
+    assert proc.returncode == 128 + sig, err
+    assert time.time() - t0 < 15  # it used to hang 40 s with evaluation on
     *notice, last = _ours(err)
     assert len(notice) <= 1 and all(n.startswith(f"ppo-train: {sig.name}: stopping ") for n in notice)
     data = checkpoint.load(ckpt)

@@ -231,7 +231,7 @@ class EnvFaults(gym.vector.VectorWrapper):
         """Which workers did not answer `call` within step_timeout; all are then stopped (no answer will come)."""
         venv: Any = self.env.unwrapped
         late = [str(i) for i, pipe in enumerate(venv.parent_pipes) if not pipe.poll()]
-        _close_at_once(venv)
+        close_at_once(venv)
         return (f"sub-env {', '.join(late) or '?'} did not return from {call}() within env.step_timeout="
                 f"{self.step_timeout:g} s; the workers were stopped")
 
@@ -265,7 +265,7 @@ class EnvFaults(gym.vector.VectorWrapper):
             if process.sentinel in ready:
                 process.join()  # its descriptors closed before its exit status is there to read: a moment
                 ended.append(f"sub-env {i} ({_how_ended(process.exitcode)})")
-        _close_at_once(venv)
+        close_at_once(venv)
         which = ", ".join(ended) if ended else "a sub-env (it closed its pipe)"
         oom = " (SIGKILL: often the system's out-of-memory killer)" if "SIGKILL" in which else ""
         return f"the worker process of {which} ended during {call}(){oom}"
@@ -311,13 +311,19 @@ def kill_workers(envs: Any) -> None:
             pass
 
 
-def _close_at_once(venv: Any) -> None:
-    """Stop an async vector env's workers without waiting for the answer to a call in progress, which will not
-    come (a dead or hung worker)."""
-    kill_workers(venv)
+def close_at_once(envs: Any) -> None:
+    """Close a vector env (wrappers and all) without waiting for the answer to a call in progress, which will not
+    come: a dead or hung async worker, or one abandoned mid-call by a signal. Its workers are killed first; the
+    async env is then told no call is pending, as its close would otherwise read the killed workers' pipes (an
+    EOFError) for that answer."""
+    kill_workers(envs)
+    venv = getattr(envs, "unwrapped", envs)
     try:
-        venv._state = AsyncState.DEFAULT
-        venv.close(terminate=True)
+        if isinstance(venv, gym.vector.AsyncVectorEnv):
+            venv._state = AsyncState.DEFAULT
+            envs.close(terminate=True)
+        else:
+            envs.close()
     except Exception:  # noqa: BLE001, S110 - closing what is already broken; the fault is what matters
         pass
 

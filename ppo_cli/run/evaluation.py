@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ppo_cli.envs.faults import kill_workers
+from ppo_cli.envs.faults import close_at_once
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.masks import ActionMasks
 from ppo_cli.envs.spaces import describe_space
@@ -208,8 +208,7 @@ class PeriodicEvaluator:
         are killed and the envs closed without a word to them; the next evaluation builds new ones."""
         if self.envs is None:
             return
-        kill_workers(self.envs)
-        self.envs.close(terminate=True)
+        close_at_once(self.envs)
         self.envs = None
 
     def close(self) -> None:
