@@ -281,6 +281,16 @@ class LoggerConfig:
 
 
 @dataclass
+class TuneConfig:
+    seeds: int = key(1, "with hydra/sweeper=ppo_tune: each configuration is trained on this many seeds (seed, "
+                        "seed + 1, ...) and scored by their mean; pruning compares the mean of the seeds' evaluations")
+    storage: str | None = key(None, "set by the ppo_tune and ppo_pbt sweepers for their jobs: the study's storage "
+                                    "(an RDB URL or journal:PATH), to which each periodic evaluation is reported")
+    study: str | None = key(None, "set by the sweepers: the study's name in tune.storage")
+    trial: int | None = key(None, "set by the sweepers: this job's trial number in the study")
+
+
+@dataclass
 class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
@@ -288,6 +298,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     seed: int = key(1, "seeds torch (initialization), the action sampling and minibatch shuffling generators, "
                        "and the envs (env i gets seed + i)")
     device: Device = key(Device.auto, "auto / cpu / cuda; auto picks the faster for the policy: the GPU for CNNs "
@@ -324,6 +335,8 @@ TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
     "doctor": "`doctor` (the training doctor's thresholds, [TensorBoard](tensorboard.md#the-training-doctor)):",
+    "tune": "`tune` (tuning sweeps, [Sweeps](sweeps.md): the ppo_tune sweeper reads `tune.seeds`; the sweepers set the "
+            "rest for their jobs):",
     "logger": "`logger` (experiment trackers beside TensorBoard, [Trackers](trackers.md)):",
     "logger.wandb": "`logger.wandb` (Weights & Biases, `pip install \".[wandb]\"`):",
     "logger.mlflow": "`logger.mlflow` (MLflow, `pip install \".[mlflow]\"`):",
@@ -353,7 +366,7 @@ def _shown(value: Any) -> str:
 def key_tables() -> str:
     """The Markdown key tables of docs/configuration.md, from the dataclasses' defaults and help."""
     groups = {"": TrainConfig, "eval": EvalConfig, "algo": AlgoConfig, "network": NetworkConfig, "env": EnvConfig,
-              "doctor": DoctorConfig, "logger": LoggerConfig, "logger.wandb": WandbConfig,
+              "doctor": DoctorConfig, "tune": TuneConfig, "logger": LoggerConfig, "logger.wandb": WandbConfig,
               "logger.mlflow": MlflowConfig}
     parts = []
     for name, cls in groups.items():
@@ -475,6 +488,7 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(cfg.log_interval >= 1, "log_interval", "must be >= 1")
     need(cfg.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0 (0: final checkpoint only)")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: no periodic evaluation)")
+    need(cfg.tune.seeds >= 1, "tune.seeds", "must be >= 1")
     need(cfg.eval.episodes >= 1, "eval.episodes", "must be >= 1")
     need(cfg.eval.max_episode_steps >= 1, "eval.max_episode_steps", "must be >= 1")
     need(cfg.eval.train_window >= 1, "eval.train_window", "must be >= 1")

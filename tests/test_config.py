@@ -135,10 +135,11 @@ def test_docs_key_tables_are_generated_from_the_schema_and_list_every_key():
     block = docs.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0]
     assert block.strip() == key_tables().strip(), "stale: run python -m ppo_cli.config docs/configuration.md"
     cfg = OmegaConf.structured(TrainConfig)
-    keys = {f"{group}.{key}" for group in ("algo", "network", "env", "eval", "doctor", "logger.wandb", "logger.mlflow")
+    keys = {f"{group}.{key}" for group in ("algo", "network", "env", "eval", "doctor", "tune", "logger.wandb",
+                                                    "logger.mlflow")
             for key in OmegaConf.select(cfg, group)}
     keys |= {f"logger.{key}" for key in ("backends", "strict")}
-    keys |= {key for key in cfg if key not in ("algo", "network", "env", "eval", "doctor", "logger")}
+    keys |= {key for key in cfg if key not in ("algo", "network", "env", "eval", "doctor", "tune", "logger")}
     assert keys == set(re.findall(r"^\| `([A-Za-z_.0-9]+)` \|", block, re.MULTILINE))
 
 

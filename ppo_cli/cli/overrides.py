@@ -98,8 +98,7 @@ def _leaf_keys(node: DictConfig, prefix: str = "") -> set[str]:
 
 
 # Config groups that exist only with the sweep extra installed: (override prefix, plugin module).
-SWEEP_PLUGINS = (("hydra/sweeper=ppo_", "hydra_plugins.hydra_optuna_sweeper"),
-                 ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper"),
+SWEEP_PLUGINS = (("hydra/sweeper=ppo_", "optuna"),
                  ("hydra/launcher=joblib", "hydra_plugins.hydra_joblib_launcher"),
                  ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher"))
 

@@ -87,7 +87,8 @@ def report(result: TrainResult, run_dir: Path, cfg: DictConfig) -> float:
           + (f", plus {result.eval_seconds:.1f} s evaluating" if result.eval_seconds else ""))
     if result.stopped_at:
         step, secs = result.stopped_at
-        print(f"stopped early: eval.stop_at_return reached at step {step:,} after {secs:.1f} s of training")
+        why = "the study's pruner pruned this trial" if result.pruned else "eval.stop_at_return reached"
+        print(f"stopped early: {why} at step {step:,} after {secs:.1f} s of training")
     if result.best_eval:
         b = result.best_eval
         print(f"best evaluation: {b['mean_return']:.2f} +/- {b['std_return']:.2f} at step {b['global_step']:,} "
@@ -100,7 +101,7 @@ def report(result: TrainResult, run_dir: Path, cfg: DictConfig) -> float:
     trust = " --trust-env-code" if recipe.code_in_recipe(OmegaConf.to_container(cfg.env)) else ""
     print(f"evaluate:   ppo-eval {result.checkpoint}{trust}")
     write_result(run_dir, {
-        "status": "ok",
+        "status": "pruned" if result.pruned else "ok",
         "objective": result.objective if math.isfinite(result.objective) else None,
         "global_step": result.global_step,
         "wall_time": result.wall_time,
@@ -151,8 +152,9 @@ def sweep_summary(sweep_dir: Path) -> bool:
     except UserError:
         jobs = []
     ok = [j for j in jobs if j.status == "ok"]
-    failed = len(jobs) - len(ok)
-    line = f"sweep: {len(jobs)} jobs, {len(ok)} done, {failed} failed"
+    pruned = sum(j.status == "pruned" for j in jobs)
+    failed = len(jobs) - len(ok) - pruned
+    line = f"sweep: {len(jobs)} jobs, {len(ok)} done, " + (f"{pruned} pruned, " if pruned else "") + f"{failed} failed"
     if ok:
         best = max(ok, key=lambda j: j.objective)  # type: ignore[arg-type, return-value]
         line += f"; best objective {best.objective:.2f} (job {best.name})"

@@ -1,9 +1,10 @@
-"""`ppo-sweep-report DIR`: rank the jobs of a multirun directory (grid or Optuna), aggregate seeds, plot.
+"""`ppo-sweep-report DIR`: rank the jobs of a multirun directory (grid, ppo_tune, ppo_pbt), aggregate seeds, plot.
 
 Reads each job's result.json (written whole by ppo-train, so a sweep still running is fine to read: jobs
 without one are listed as running), its overrides, and its TensorBoard events for the curves. Writes
 summary.csv and curves.png into DIR (or --out); where jobs differ only in seed, the statistics over seeds
-(seed_report.py: IQM, mean, median with bootstrap intervals, aggregate.csv, improvement.csv and their plots).
+(seed_report.py: IQM, mean, median with bootstrap intervals, aggregate.csv, improvement.csv and their plots);
+for a tuning or PBT sweep, what study_report.py adds (the study, importances, lineage, the best as a preset).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from hydra.experimental.callback import Callback
 from rich.console import Console
 from rich.table import Table
 
-from ppo_cli.errors import OneLineParser, UserError, extra_hint, first_line
+from ppo_cli.cli import study_report
+from ppo_cli.errors import OneLineParser, UserError, extra_hint
 
 
 class RecordSweepDir(Callback):
@@ -39,7 +41,7 @@ class RecordSweepDir(Callback):
 class Job:
     name: str
     path: Path
-    status: str  # ok | failed | running
+    status: str  # ok | failed | pruned | running
     overrides: list[str]
     objective: float | None = None
     steps: int | None = None
@@ -87,7 +89,8 @@ def read_job(path: Path) -> Job:
     if status == "ok" and (objective is None or not math.isfinite(objective)):
         status, error = "failed", error or "no objective (nan)"
     steps = _number(data.get("global_step"))
-    return Job(path.name, path, status if status in ("ok", "failed") else "failed", overrides,
+    # pruned: a tuning sweep's pruner stopped it (cli/tune.py); ranked below the finished jobs, with no objective
+    return Job(path.name, path, status if status in ("ok", "failed", "pruned") else "failed", overrides,
                objective if status == "ok" else None, int(steps) if steps is not None else None,
                _number(data.get("wall_time")), None if error is None else str(error), _parse_overrides(overrides))
 
@@ -121,8 +124,9 @@ def find_jobs(sweep_dir: Path, quiet: bool = False) -> list[Job]:
 
 
 def varying_keys(jobs: list[Job]) -> list[str]:
-    """Keys whose value differs between jobs: what the sweep is about (fixed overrides are noise here)."""
-    keys = sorted({k for j in jobs for k in j.params})
+    """Keys whose value differs between jobs: what the sweep is about (fixed overrides are noise here, and so are
+    the tune.* keys the tuning sweepers give each job)."""
+    keys = sorted({k for j in jobs for k in j.params if not k.startswith("tune.")})
     return [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
 
 
@@ -210,7 +214,7 @@ def _fmt(value: float | int | None, spec: str) -> str:
 
 
 def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Console | None = None,
-           target: float | None = None, reps: int | None = None) -> dict:
+           target: float | None = None, reps: int | None = None, export_preset: Path | None = None) -> dict:
     console = console or Console()
     jobs = find_jobs(sweep_dir)
     keys = varying_keys(jobs)
@@ -233,20 +237,10 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
     running = [j.name for j in jobs if j.status == "running"]
     if running:
         console.print(f"still running or crashed without a result: jobs {', '.join(running)}", soft_wrap=True)
-    optuna_file = sweep_dir / "optimization_results.yaml"
-    best_params = None
-    if optuna_file.is_file():
-        try:
-            best = yaml.safe_load(optuna_file.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-            best = None
-            print(f"ppo-sweep-report: warning: {optuna_file} is unreadable "
-                  f"({first_line(exc)})",
-                  file=sys.stderr)
-        if isinstance(best, dict):
-            best_params = best.get("best_params")
-            console.print(f"optuna best: {best.get('best_value')} with {best_params}", markup=False,
-                          highlight=False, soft_wrap=True)
+    pruned = [j.name for j in jobs if j.status == "pruned"]
+    if pruned:
+        console.print(f"pruned by the study's pruner: jobs {', '.join(pruned)}", soft_wrap=True, highlight=False)
+    study = study_report.report(sweep_dir, jobs, console, export_preset)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +263,7 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
                         f"--out DIR") from None
     best_job = ranked[0] if ranked and ranked[0].status == "ok" else None
     return {"jobs": jobs, "ranked": ranked, "keys": keys, "groups": groups, "best": best_job,
-            "optuna_best_params": best_params}
+            "optuna_best_params": study.get("best_params"), "study": study}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,13 +274,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", type=float, help="over seeds: also the optimality gap, how far the objective falls "
                                                  "short of this value (CartPole's 500, say)")
     p.add_argument("--reps", type=int, help="bootstrap resamples for the intervals over seeds (default 50,000)")
+    p.add_argument("--export-preset", type=Path, metavar="FILE",
+                   help="a tuning sweep's best configuration as an algo preset, e.g. my_conf/algo/tuned.yaml (then "
+                        "ppo-train --config-dir my_conf algo=tuned)")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 100:
         p.error(f"--reps={args.reps}: must be >= 100")
     try:
         # A pipe or a file gets a wide table instead of rich's 80-column default.
         report(args.sweep_dir, args.out, args.top, Console(width=None if sys.stdout.isatty() else 160), args.target,
-               args.reps)
+               args.reps, args.export_preset)
     except UserError as exc:
         print(f"ppo-sweep-report: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -28,6 +28,7 @@ from ppo_cli.envs.spaces import describe_space
 from ppo_cli.envs.step_cap import CUT_KEY
 from ppo_cli.policy.actor_critic import ActorCritic
 from ppo_cli.policy.observations import as_tensors
+from ppo_cli.run.trial import TrialReporter
 
 
 @dataclass
@@ -156,6 +157,8 @@ class PeriodicEvaluator:
         self.best: dict[str, Any] | None = None  # summary of the best evaluation, with its global_step
         self.seconds = 0.0
         self.last: tuple[int, EvalResult] | None = None
+        self.trial: TrialReporter | None = None  # a tuning sweep's job: its trial, opened at the first report
+        self.pruned = False
 
     def due(self, step_before: int, step: int) -> bool:
         every = self.cfg.eval.every_steps
@@ -197,9 +200,23 @@ class PeriodicEvaluator:
                 "eval/mean_length": result.mean_length, "eval/cut_episodes": result.cut,
                 "charts/eval_seconds": self.seconds}
 
-    def reached_target(self, result: EvalResult) -> bool:
+    def stop_reason(self, step: int, result: EvalResult) -> str | None:
+        """Why training stops after this periodic evaluation, or None: eval.stop_at_return reached, or (a tuning
+        sweep's job) the study's pruner pruned the trial, which it is told of here."""
         target = self.cfg.eval.stop_at_return
-        return target is not None and result.mean_return >= target
+        if target is not None and result.mean_return >= target:
+            return f"evaluated mean return {result.mean_return:.2f} >= {target}"
+        tune = self.cfg.get("tune")
+        if tune is None or tune.storage is None:
+            return None
+        if self.trial is None:
+            self.trial = TrialReporter.from_cfg(self.cfg)
+        nominal = step // self.cfg.eval.every_steps * self.cfg.eval.every_steps
+        if self.trial is not None and self.trial.report(nominal, result.mean_return):
+            self.pruned = True
+            return (f"the study's {self.trial.pruner.__class__.__name__} pruned trial {tune.trial} (evaluated mean "
+                    f"return {result.mean_return:.2f})")
+        return None
 
     def abandon(self) -> None:
         """Discard the envs of an evaluation a signal cut short. They may be inside a call: an async vector env's

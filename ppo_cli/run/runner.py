@@ -81,10 +81,11 @@ class TrainResult:
     final_eval: EvalResult | None
     best_eval: dict[str, Any] | None  # summary of the best periodic evaluation, with its global_step
     eval_seconds: float
-    stopped_at: tuple[int, float] | None  # (step, training seconds) where eval.stop_at_return was met
+    stopped_at: tuple[int, float] | None  # (step, training seconds) where eval.stop_at_return was met, or pruned
     recent_return: float | None  # mean return of the last eval.train_window training episodes
     objective: float  # what eval.objective names: final eval, best eval or recent training return
     warnings: list[dict[str, Any]]  # the training doctor's (run/doctor.py), as result.json lists them
+    pruned: bool = False  # a tuning sweep's job whose trial the study's pruner stopped (run/trial.py)
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, float | int | str | bool]:
@@ -262,11 +263,11 @@ class Runner:
         if result is not None:
             self.logger.scalars(self.global_step, self.evaluator.report(self.global_step, result, improved))
             self.logger.warnings(self.doctor.evaluation(self.global_step, result.mean_return))
-            reached = self.evaluator.reached_target(result)
-            if reached:
-                self.logger.message(f"stopping: evaluated mean return {result.mean_return:.2f} >= "
-                                    f"{self.cfg.eval.stop_at_return} at step {self.global_step:,} after "
-                                    f"{self.wall_time:.1f} s of training")
+            why = self.evaluator.stop_reason(self.global_step, result)
+            if why:
+                self.logger.message(f"stopping: {why} at step {self.global_step:,} after {self.wall_time:.1f} s of "
+                                    f"training")
+            reached = why is not None
         return distributed.any_true(reached, self.ranks)
 
     def _periodic_evaluation(self) -> tuple[EvalResult | None, bool]:
@@ -282,7 +283,7 @@ class Runner:
             return None, False
 
     def _final_evaluation(self, path: Path) -> EvalResult | None:
-        if not (self.cfg.eval.final and self.ranks.main):
+        if not (self.cfg.eval.final and self.ranks.main) or self.evaluator.pruned:  # a pruned trial: no more
             return None
         try:
             with self.stops.evaluation():
@@ -306,7 +307,7 @@ class Runner:
         self.logger.hparams(hparams_of(self.cfg), metrics, self.global_step)
         return TrainResult(self.run_dir, path, self.global_step, self.wall_time, sps, final_eval, best,
                            self.evaluator.seconds, stopped_at, recent, objective,
-                           [w.as_dict() for w in self.doctor.warnings])
+                           [w.as_dict() for w in self.doctor.warnings], self.evaluator.pruned)
 
     # --- checkpoint state -------------------------------------------------------------------------------
     def _own_state(self) -> dict[str, Any]:

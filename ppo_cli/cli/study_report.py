@@ -1,0 +1,149 @@
+"""What ppo-sweep-report adds for the tuning sweepers: a ppo_tune study (its trials, the best one's command line,
+Optuna's parameter importances, the steps pruning saved), a ppo_pbt population (its lineage and the schedule
+each surviving member followed), and the best configuration written as an algo preset (--export-preset)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from ppo_cli.errors import UserError, first_line
+
+RESULTS = "optimization_results.yaml"  # written by cli/tune.py
+LINEAGE = "pbt_lineage.json"  # written by cli/pbt.py
+
+
+def _say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _read(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"{path} ({what}) is unreadable ({first_line(exc)})") from None
+
+
+def report(sweep_dir: Path, jobs: list[Any], console: Console, export_preset: Path | None = None) -> dict[str, Any]:
+    """Print the study's part of the report; what it found (best_params, best_job, importances, lineage)."""
+    found: dict[str, Any] = {}
+    if (sweep_dir / RESULTS).is_file():
+        found = _study(sweep_dir, _read(sweep_dir / RESULTS, "the ppo_tune study's summary") or {}, jobs, console)
+    if (sweep_dir / LINEAGE).is_file():
+        found = _population(sweep_dir, _read(sweep_dir / LINEAGE, "the PBT lineage"), console)
+    if export_preset is not None:
+        best = found.get("best_job")
+        if best is None:
+            raise UserError(f"--export-preset: {sweep_dir} has no best configuration to export (no ppo_tune trial or "
+                            f"PBT member finished)")
+        write_preset(sweep_dir / str(best), found.get("best_params") or {}, export_preset, sweep_dir,
+                     found.get("best_value"))
+        _say(console, f"preset: {export_preset} (ppo-train --config-dir {export_preset.parent.parent} "
+                      f"algo={export_preset.stem})")
+    return found
+
+
+def _study(sweep_dir: Path, summary: dict[str, Any], jobs: list[Any], console: Console) -> dict[str, Any]:
+    _say(console, f"study {summary.get('name')!r}: {summary.get('n_trials')} trials ({summary.get('complete')} "
+                  f"complete, {summary.get('pruned')} pruned, {summary.get('failed')} failed); sampler "
+                  f"{summary.get('sampler')}, pruner {summary.get('pruner')}; storage {summary.get('storage')}")
+    steps = [j.steps for j in jobs if j.steps]
+    finished = [j.steps for j in jobs if j.status == "ok" and j.steps]
+    if steps and finished and summary.get("pruned"):
+        budget = max(finished) * len(steps)
+        _say(console, f"steps trained: {sum(steps):,}, {100 * sum(steps) / budget:.0f}% of {len(steps)} jobs x "
+                      f"{max(finished):,} (pruning saved the rest)")
+    found: dict[str, Any] = {"best_params": summary.get("best_params"), "best_value": summary.get("best_value")}
+    if summary.get("best_trial") is None:
+        return found
+    seeds = max(1, len([j for j in jobs if j.params.get("tune.trial") == str(summary["best_trial"])]))
+    found["best_job"] = next((j.name for j in jobs if j.params.get("tune.trial") == str(summary["best_trial"])),
+                             None)
+    _say(console, f"best trial {summary['best_trial']}: objective {summary['best_value']:.2f}"
+                  + (f" (mean of {seeds} seeds)" if seeds > 1 else "") + f"; alone: {summary.get('best_command')}")
+    found["importances"] = importances(str(summary.get("storage")), str(summary.get("name")))
+    if isinstance(found["importances"], dict) and found["importances"]:
+        how = found["importances"].pop("_how")
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in found["importances"].items())
+        _say(console, f"parameter importances (Optuna, {how}): {shown}")
+    elif isinstance(found["importances"], str):
+        _say(console, f"parameter importances: {found['importances']}")
+    _say(console, f"dashboard: optuna-dashboard {summary.get('storage')}")
+    return found
+
+
+def importances(storage: str, name: str) -> dict[str, float] | str:
+    """Optuna's parameter importances for the study, or why there are none."""
+    try:
+        import optuna
+
+        from ppo_cli.run.trial import open_storage
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if len(complete) < 2:
+            return "need 2 complete trials"
+        try:  # fANOVA (Optuna's default) where scikit-learn is installed; PED-ANOVA, which needs nothing more, else
+            import sklearn  # noqa: F401
+
+            evaluator, how = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
+        except ImportError:
+            evaluator, how = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        return {**{k: float(v) for k, v in values.items()}, "_how": how}  # type: ignore[dict-item]
+    except ImportError:
+        return 'Optuna is not installed (pip install ".[sweep]")'
+    except Exception as exc:  # noqa: BLE001 - a storage gone, a study with one value for a parameter...
+        return f"not computed ({first_line(exc)})"
+
+
+def _population(sweep_dir: Path, lineage: dict[str, Any], console: Console) -> dict[str, Any]:
+    members = lineage.get("members") or []
+    events = lineage.get("events") or []
+    _say(console, f"PBT: population {lineage.get('population')}, {lineage.get('generations')} generations of "
+                  f"{lineage.get('interval'):,} steps; {sum(e['kind'] == 'exploit' for e in events)} exploit steps")
+    for e in events:
+        if e["kind"] == "exploit":
+            changed = ", ".join(f"{k}={v:.4g}" for k, v in e["values"].items())
+            _say(console, f"  gen {e['generation']} @ {e['step']:,}: member {e['member']} copied member {e['source']} "
+                          f"(job {e['source_job']}) and explores {changed}")
+    if not members:
+        return {}
+    best = max(members, key=lambda m: m["objective"] if m.get("objective") is not None else float("-inf"))
+    _say(console, f"best member {best['member']}: objective {best.get('objective')} (job {best['job']}); its "
+                  f"schedule as one run: {best.get('command')}")
+    return {"best_job": best["job"], "best_params": best.get("values"), "best_value": best.get("objective"),
+            "lineage": lineage}
+
+
+def write_preset(job_dir: Path, best_params: dict[str, Any], path: Path, sweep_dir: Path, value: Any) -> None:
+    """The best job's config as an algo preset: every algo key that differs from the defaults (whatever preset the
+    sweep started from), and the tuned keys of other groups at the top level (`# @package _global_`)."""
+    from ppo_cli.config import TrainConfig
+
+    config_file = job_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"--export-preset: {config_file} is missing (the best job's composed config)")
+    trained = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False, enum_to_str=True)
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
+    body: dict[str, Any] = {"algo": {k: v for k, v in trained["algo"].items()  # type: ignore[index, union-attr]
+                                     if defaults["algo"].get(k) != v}}  # type: ignore[index, union-attr]
+    for key in best_params:
+        group, _, name = str(key).partition(".")
+        if group != "algo" and name:
+            node = OmegaConf.select(OmegaConf.create(trained), str(key))
+            body.setdefault(group, {})[name] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    header = (f"# @package _global_\n# The best configuration of the sweep {sweep_dir} (job {job_dir.name}, objective "
+              f"{value}), written by ppo-sweep-report --export-preset.\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(header + yaml.safe_dump(body, sort_keys=False))
+    except OSError as exc:
+        raise UserError(f"--export-preset: cannot write {path} ({exc.strerror or exc})") from None
