@@ -112,15 +112,55 @@ def _population(sweep_dir: Path, lineage: dict[str, Any], console: Console) -> d
     for e in events:
         if e["kind"] == "exploit":
             changed = ", ".join(f"{k}={v:.4g}" for k, v in e["values"].items())
-            _say(console, f"  gen {e['generation']} @ {e['step']:,}: member {e['member']} copied member {e['source']} "
-                          f"(job {e['source_job']}) and explores {changed}")
+            _say(console, f"  generation {e['generation']} @ {e['step']:,}: member {e['member']} (job {e['job']}) "
+                          f"copied member {e['source']} (job {e['source_job']}) and explores {changed}")
     if not members:
         return {}
     best = max(members, key=lambda m: m["objective"] if m.get("objective") is not None else float("-inf"))
-    _say(console, f"best member {best['member']}: objective {best.get('objective')} (job {best['job']}); its "
-                  f"schedule as one run: {best.get('command')}")
+    score = "failed" if best.get("objective") is None else f"{best['objective']:.2f}"
+    _say(console, f"best member {best['member']}: objective {score} (job {best['job']}); its schedule as one run: "
+                  f"{best.get('command')}")
+    _say(console, best_curve(sweep_dir, best, sweep_dir / "pbt_best.png"))
     return {"best_job": best["job"], "best_params": best.get("values"), "best_value": best.get("objective"),
             "lineage": lineage}
+
+
+def best_curve(sweep_dir: Path, member: dict[str, Any], path: Path) -> str:
+    """The best member's return curve, stitched from the jobs its policy went through (a job's curve from where
+    the previous one ended), with the generations marked."""
+    from ppo_cli.cli.sweep_report import Job, _curve
+
+    try:
+        import matplotlib
+    except ImportError:
+        return "no PBT plot: matplotlib is not installed"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs: list[int] = []
+    ys: list[float] = []
+    tag = None
+    for name in member.get("chain") or []:
+        curve = _curve(Job(str(name), sweep_dir / str(name), "ok", []))
+        if curve is None:
+            continue
+        start = xs[-1] if xs else -1
+        for x, y in zip(curve[0], curve[1], strict=True):
+            if x > start:
+                xs.append(x)
+                ys.append(y)
+        tag = curve[2]
+    if not xs:
+        return "no PBT plot: the best member's jobs have no return curves"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(xs, ys)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(str(tag))
+    ax.set_title(f"best PBT member {member['member']}: jobs {', '.join(map(str, member.get('chain') or []))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"best member's curve: {path}"
 
 
 def write_preset(job_dir: Path, best_params: dict[str, Any], path: Path, sweep_dir: Path, value: Any) -> None:

@@ -125,8 +125,8 @@ def find_jobs(sweep_dir: Path, quiet: bool = False) -> list[Job]:
 
 def varying_keys(jobs: list[Job]) -> list[str]:
     """Keys whose value differs between jobs: what the sweep is about (fixed overrides are noise here, and so are
-    the tune.* keys the tuning sweepers give each job)."""
-    keys = sorted({k for j in jobs for k in j.params if not k.startswith("tune.")})
+    the tune.* keys and checkpoints the tuning sweepers give each job)."""
+    keys = sorted({k for j in jobs for k in j.params if not k.startswith("tune.") and k != "resume"})
     return [k for k in keys if len({j.params.get(k) for j in jobs}) > 1]
 
 
