@@ -127,7 +127,7 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path):
     sitecustomize = tmp_path / "hide" / "sitecustomize.py"
     sitecustomize.parent.mkdir()
     # Make the plugins unimportable, as on an install without the extra.
-    sitecustomize.write_text("import sys\nsys.modules['hydra_plugins.hydra_optuna_sweeper'] = None\n")
+    sitecustomize.write_text("import sys\nsys.modules['optuna'] = None\n")
     proc = cli("ppo-train", "-m", "hydra/sweeper=ppo_bayes", cwd=tmp_path,
                env={"PYTHONPATH": f"{sitecustomize.parent}:{__import__('tests.conftest').conftest.ROOT}"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

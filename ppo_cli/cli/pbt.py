@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.cli.study_report import LINEAGE
-from ppo_cli.cli.tune import _distribution, job_result
+from ppo_cli.cli.tune import _distribution, flat_params, job_result
 from ppo_cli.errors import UserError
 
 
@@ -67,7 +67,7 @@ class PopulationTraining:
 
     def space(self, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         """The mutable keys' initial distributions (every one a number), and the overrides every job gets."""
-        params = {str(k): f"{k}={v}" for k, v in (self.s.get("params") or {}).items()}
+        params = {k: f"{k}={v}" for k, v in flat_params(self.s.get("params")).items()}
         fixed = []
         parser = OverridesParser.create()
         for arg in arguments:

@@ -146,7 +146,9 @@ def prepare_named_folder(argv: list[str]) -> None:
     if not named or "${" in named[-1]:
         return
     folder = Path(named[-1])
-    if multirun and folder.is_dir():
+    # A ppo_tune study goes on in its folder: its jobs' folders are numbered by trial, so none is written twice.
+    tuning = any(a.startswith("hydra/sweeper=ppo_") and a != "hydra/sweeper=ppo_pbt" for a in argv)
+    if multirun and folder.is_dir() and not (tuning and (folder / "study.db").is_file()):
         jobs = sorted(d.name for d in folder.iterdir() if d.is_dir() and holds_run(d))
         if jobs or (folder / "optimization_results.yaml").exists():
             raise RunFolderTaken(f"sweep folder {folder} already holds a sweep (jobs {', '.join(jobs) or '-'}); "

@@ -41,7 +41,7 @@ class RecordSweepDir(Callback):
 class Job:
     name: str
     path: Path
-    status: str  # ok | failed | pruned | running
+    status: str  # ok | failed | pruned | interrupted (Ctrl-C; its checkpoint resumes) | running
     overrides: list[str]
     objective: float | None = None
     steps: int | None = None
@@ -90,7 +90,7 @@ def read_job(path: Path) -> Job:
         status, error = "failed", error or "no objective (nan)"
     steps = _number(data.get("global_step"))
     # pruned: a tuning sweep's pruner stopped it (cli/tune.py); ranked below the finished jobs, with no objective
-    return Job(path.name, path, status if status in ("ok", "failed", "pruned") else "failed", overrides,
+    return Job(path.name, path, status if status in ("ok", "failed", "pruned", "interrupted") else "failed", overrides,
                objective if status == "ok" else None, int(steps) if steps is not None else None,
                _number(data.get("wall_time")), None if error is None else str(error), _parse_overrides(overrides))
 
@@ -237,6 +237,8 @@ def report(sweep_dir: Path, out: Path | None = None, top: int = 5, console: Cons
     running = [j.name for j in jobs if j.status == "running"]
     if running:
         console.print(f"still running or crashed without a result: jobs {', '.join(running)}", soft_wrap=True)
+    for j in [j for j in jobs if j.status == "interrupted"]:
+        console.print(f"interrupted: job {j.name}: {j.error}", markup=False, highlight=False, soft_wrap=True)
     pruned = [j.name for j in jobs if j.status == "pruned"]
     if pruned:
         console.print(f"pruned by the study's pruner: jobs {', '.join(pruned)}", soft_wrap=True, highlight=False)

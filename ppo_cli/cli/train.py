@@ -30,7 +30,7 @@ from ppo_cli import __version__, distributed
 from ppo_cli.cli import sweep_report
 from ppo_cli.cli.hydra_glue import find, hydra_message, user_configs_first, yaml_message
 from ppo_cli.cli.overrides import check_overrides, check_sweep_plugins, open_free_form
-from ppo_cli.cli.report import banner, failed, report, sweep_summary
+from ppo_cli.cli.report import banner, failed, report, sweep_summary, write_result
 from ppo_cli.cli.run_folder import (
     INFO_FLAGS,
     RunFolderTaken,
@@ -138,6 +138,9 @@ def _task(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except Interrupted as exc:  # exit 130 (SIGINT) or 143 (SIGTERM), as the shell reports a process they ended
         print(f"ppo-train: {exc}", file=sys.stderr, flush=True)
+        if multirun:  # the sweep's record says so, not "running" forever
+            write_result(run_dir, {"status": "interrupted", "error": str(exc), "objective": None,
+                                   "global_step": exc.step, "checkpoint": str(exc.path)})
         sys.exit(128 + exc.signum)
     except Exception as exc:
         if not multirun:

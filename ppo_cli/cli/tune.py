@@ -52,7 +52,7 @@ def _number(value: Any) -> bool:
 def _distribution(key: str, override: Override) -> tuple[Any, list[Any] | None]:
     """Hydra's sweep syntax as an Optuna distribution: choice(...) and a, b, c are categorical; range(a, b[,
     step]) is integers (or floats) from a to b, both included, as the Optuna sweeper read it; interval(a, b) is
-    uniform (tag(log, interval(a, b)) log-uniform), integers where both ends are."""
+    uniform over the reals (Hydra reads its ends as floats), tag(log, interval(a, b)) log-uniform."""
     import optuna.distributions as d
 
     sweep = override.value()
@@ -66,18 +66,27 @@ def _distribution(key: str, override: Override) -> tuple[Any, list[Any] | None]:
         count = int(math.floor((stop - start) / step + 1e-9)) + 1
         return d.FloatDistribution(start, stop, step=step), [start + i * step for i in range(count)]
     if isinstance(sweep, IntervalSweep):
-        log = "log" in sweep.tags
-        if isinstance(sweep.start, int) and isinstance(sweep.end, int):
-            return d.IntDistribution(sweep.start, sweep.end, log=log), None
-        return d.FloatDistribution(float(sweep.start), float(sweep.end), log=log), None
+        return d.FloatDistribution(float(sweep.start), float(sweep.end), log="log" in sweep.tags), None
     raise UserError(f"{key}: {override.input_line!r} is not a search space ppo_tune reads: use choice(a, b), a,b, "
                     f"range(a, b), interval(a, b) or tag(log, interval(a, b))")
+
+
+def flat_params(params: Any, prefix: str = "") -> dict[str, str]:
+    """hydra.sweeper.params as KEY: SPACE: dotted keys as the presets write them, or nested, as an override like
+    +hydra.sweeper.params.algo.gae_lambda=... makes them."""
+    out: dict[str, str] = {}
+    for key, value in (params or {}).items():
+        if isinstance(value, (dict, DictConfig)):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
 
 
 def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictConfig) -> Space:
     """The space from hydra.sweeper.params and the command line's sweep overrides (which win), each key checked
     against the config before any job starts."""
-    lines = {str(k): f"{k}={v}" for k, v in (params or {}).items()}
+    lines = {k: f"{k}={v}" for k, v in flat_params(params).items()}
     space = Space()
     parser = OverridesParser.create()
     for arg in arguments:
@@ -95,8 +104,7 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
             raise UserError(f"hydra.sweeper.params.{key}: cannot read {line.split('=', 1)[1]!r} "
                             f"({str(exc).strip().splitlines()[0]})") from None
         name = override.key_or_group
-        if not name.startswith("+") and not override.is_add() and OmegaConf.select(config, name, default=_MISSING) \
-                is _MISSING and name not in config.hydra.runtime.choices:
+        if not override.is_add() and OmegaConf.select(config, name, default=_MISSING) is _MISSING:
             raise UserError(f"the search space names {name!r}, which is not a config key (a typo? "
                             f"docs/configuration.md lists the keys)")
         if not override.is_sweep_override():
@@ -110,6 +118,23 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
 
 
 _MISSING = object()
+
+
+def _grid_sampler() -> type:
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, which stops an optimize() loop once the grid is done (Study.stop, an error outside
+        one); here n_trials is cut to the grid's size instead."""
+
+        def after_trial(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return Grid
+
+
+def _Grid(grid: dict[str, Any], seed: int | None) -> Any:  # noqa: N802 - a class made on demand (optuna is optional)
+    return _grid_sampler()(grid, seed=seed)
 
 
 def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space) -> Any:
@@ -126,7 +151,7 @@ def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space)
         if open_keys:
             raise UserError(f"hydra.sweeper.sampler=grid needs a finite list for every key: {', '.join(open_keys)} "
                             f"is an interval (give choice(...) or range(a, b, step))")
-        return optuna.samplers.GridSampler(space.grid, seed=seed)  # type: ignore[arg-type]
+        return _Grid(space.grid, seed=seed)  # type: ignore[arg-type]
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401 - Optuna's CMA-ES sampler needs it
@@ -156,7 +181,12 @@ def storage_lock(url: str) -> Iterator[None]:
     if path is None:
         yield
         return
-    with open(f"{path}.lock", "a") as handle:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        handle = open(f"{path}.lock", "a")  # noqa: SIM115 - held for the block below
+    except OSError as exc:
+        raise UserError(f"the study storage {url!r} cannot be opened ({exc.strerror or exc})") from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -214,22 +244,22 @@ class Tuner:
         import optuna
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(self.url)
         sampler = make_sampler(self.sampler_name, self.s.get("seed"), int(self.s.get("startup_trials") or 5), space)
         spec = {"name": self.pruner_name, "startup_trials": int(self.s.get("pruner_startup_trials") or 5),
                 "warmup_steps": int(self.s.get("pruner_warmup_steps") or 0),
                 "min_resource": self.s.get("pruner_min_resource")}
-        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
-                                    pruner=make_pruner(spec), direction=str(self.s.get("direction") or "maximize"),
-                                    load_if_exists=True)
-        study.set_user_attr(PRUNER_ATTR, spec)
+        with storage_lock(self.url):  # sweepers that start together must not both create the file's tables
+            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.url), sampler=sampler,
+                                        pruner=make_pruner(spec), direction=str(self.s.get("direction") or "maximize"),
+                                        load_if_exists=True)
+            study.set_user_attr(PRUNER_ATTR, spec)
         if self.sampler_name == "grid":
             size = math.prod(len(v or []) for v in space.grid.values())
             self.n_trials = min(self.n_trials, size)
         return study
 
     def sweep(self, arguments: list[str]) -> list[Any]:
-        space = search_space(dict(self.s.get("params") or {}), arguments, self.config)
+        space = search_space(self.s.get("params") or {}, arguments, self.config)
         study = self.study(space)
         OmegaConf.save(self.config, self.sweep_dir / "multirun.yaml")
         done = [t for t in study.get_trials(deepcopy=False) if counted(t)]
@@ -268,15 +298,14 @@ class Tuner:
                              f"tune.storage={self.url}", f"tune.study={self.study_name}", f"tune.trial={trial.number}",
                              f"hydra.sweep.subdir={name}"])
                 names.append(name)
-        told: set[int] = set()
         try:
             returns = self.launcher.launch(jobs, initial_job_idx=int(names[0]))
             for i, trial in enumerate(batch):
                 self.tell(study, trial, names[i * self.seeds:(i + 1) * self.seeds])
-                told.add(trial.number)
         except BaseException:
+            running = {t.number for t in study.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
             for trial in batch:
-                if trial.number not in told:  # Ctrl-C or a crash: it runs again when the sweep is continued
+                if trial.number in running:  # Ctrl-C or a crash: it runs again when the sweep is continued
                     trial.set_user_attr("interrupted", True)
                     study.tell(trial, state=_state("FAIL"))
                     study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
