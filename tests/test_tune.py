@@ -303,3 +303,17 @@ def test_bad_pbt_input_is_one_line_before_any_job(tmp_path, args, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert message in lines[0]
     assert not _results(sweep) if sweep.exists() else True
+
+
+def test_trials_in_joblib_workers_report_through_a_journal_file(tmp_path):
+    # The jobs run in joblib's worker processes and reach the study themselves: here through Optuna's journal file.
+    sweep = tmp_path / "sweep"
+    journal = tmp_path / "shared" / "study.log"
+    cli("ppo-train", "-m", "hydra/sweeper=ppo_tune", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner=sha",
+        f"hydra.sweeper.storage=journal:{journal}", *SMALL, *JOB, f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="ppo", storage=storage).get_trials()
+    assert len(trials) == 2 and all(t.intermediate_values for t in trials)  # each reported its evaluations
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    assert sorted(_results(sweep)) == ["0", "1"]

@@ -183,7 +183,8 @@ def storage_lock(url: str) -> Iterator[None]:
         return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handle = open(f"{path}.lock", "a")  # noqa: SIM115 - held for the block below
+        # Not PATH.lock: Optuna's journal backend takes that name for a lock of its own (held while the file exists).
+        handle = open(f"{path}.sweepers.lock", "a")  # noqa: SIM115 - held for the block below
     except OSError as exc:
         raise UserError(f"the study storage {url!r} cannot be opened ({exc.strerror or exc})") from None
     with handle:
