@@ -27,7 +27,8 @@ def search(pruner: str, args: argparse.Namespace, folder: Path) -> dict:
     # these overrides: a fixed key on the command line leaves the search space.
     cmd = [str(Path(sys.executable).parent / "ppo-train"), "-m", "hydra/sweeper=ppo_tune",
            f"hydra.sweeper.n_trials={args.trials}", f"hydra.sweeper.pruner={pruner}", "hydra.sweeper.seed=0",
-           f"hydra.sweeper.pruner_warmup_steps={args.warmup}", f"env={args.env}",
+           f"hydra.sweeper.pruner_warmup_steps={args.warmup}", f"hydra.sweeper.pruner_min_resource={args.steps // 8}",
+           f"env={args.env}",
            f"algo.total_timesteps={args.steps}",
            "env.num_envs=4", "algo.n_steps=256", "algo.batch_size=64", f"eval.every_steps={args.steps // 8}",
            f"eval.episodes={args.episodes}", "checkpoint_interval=0", f"hydra.sweep.dir={sweep}"]
@@ -51,13 +52,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40_000)
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--warmup", type=int, default=0, help="env steps before the median pruner may prune a trial")
+    p.add_argument("--pruners", nargs="+", default=["none", "median", "sha"],
+                   help="the searches to run (sha and hyperband start at the first evaluation)")
     p.add_argument("--keep", type=Path, help="keep the two sweeps in this folder")
     args = p.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="tune_pruning_"))
-    rows = {pruner: search(pruner, args, folder) for pruner in ("none", "median")}
+    rows = {pruner: search(pruner, args, folder) for pruner in args.pruners}
     budget = args.trials * args.steps
     print(f"{args.env}: {args.trials} TPE trials of {args.steps:,} steps, evaluated every {args.steps // 8:,} steps "
-          f"({args.episodes} episodes), median pruner after 5 trials and {args.warmup:,} steps; sweeps in {folder}")
+          f"({args.episodes} episodes); the median pruner after 5 trials and {args.warmup:,} steps, successive "
+          f"halving from the first evaluation; sweeps in {folder}")
     print("| pruner | best objective (+- s.e.) | best trial | pruned trials | env steps trained | share of budget "
           "| wall time |")
     print("|---|---|---|---|---|---|---|")

@@ -120,23 +120,6 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
 _MISSING = object()
 
 
-def _grid_sampler() -> type:
-    import optuna
-
-    class Grid(optuna.samplers.GridSampler):
-        """Optuna's grid sampler, which stops an optimize() loop once the grid is done (Study.stop, an error outside
-        one); here n_trials is cut to the grid's size instead."""
-
-        def after_trial(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    return Grid
-
-
-def _Grid(grid: dict[str, Any], seed: int | None) -> Any:  # noqa: N802 - a class made on demand (optuna is optional)
-    return _grid_sampler()(grid, seed=seed)
-
-
 def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space) -> Any:
     import optuna
 
@@ -151,7 +134,15 @@ def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space)
         if open_keys:
             raise UserError(f"hydra.sweeper.sampler=grid needs a finite list for every key: {', '.join(open_keys)} "
                             f"is an interval (give choice(...) or range(a, b, step))")
-        return _Grid(space.grid, seed=seed)  # type: ignore[arg-type]
+
+        class Grid(optuna.samplers.GridSampler):
+            """Optuna's grid sampler, which stops an optimize() loop once the grid is done (Study.stop, an error
+            outside one); here n_trials is cut to the grid's size instead."""
+
+            def after_trial(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+        return Grid(space.grid, seed=seed)  # type: ignore[arg-type]
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401 - Optuna's CMA-ES sampler needs it
