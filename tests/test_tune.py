@@ -176,6 +176,7 @@ def test_grid_sampler_runs_each_combination_once(tmp_path):
                                                                       "hydra.sweeper.params"),
     (["hydra.sweeper.storage=postgresql://nobody@127.0.0.1:9/none"], "the study storage 'postgresql://nobody@"),
     (["hydra.sweeper.sampler=grid"], "hydra.sweeper.sampler=grid needs a finite list for every key"),
+    (["+hydra.sweeper.n_trails=3"], "hydra.sweeper.n_trails is not a ppo_tune setting (did you mean n_trials?)"),
 ])
 def test_bad_tuning_input_is_one_line_before_any_job(tmp_path, args, message):
     sweep = tmp_path / "sweep"

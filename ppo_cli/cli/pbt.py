@@ -23,8 +23,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.cli.study_report import LINEAGE
-from ppo_cli.cli.tune import _distribution, flat_params, job_result
+from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_result
 from ppo_cli.errors import UserError
+
+PBT_SETTINGS = ("population", "interval", "quantile", "perturb", "resample_probability", "seed", "params")
 
 
 def _bounds(dist: Any) -> tuple[float, float, bool, bool]:
@@ -40,6 +42,7 @@ class PopulationTraining:
     """The ppo_pbt sweep (what hydra_plugins.ppo_cli_sweepers.PPOPBTSweeper runs)."""
 
     def __init__(self, settings: dict[str, Any], config: DictConfig, launcher: Any) -> None:
+        check_settings(settings, PBT_SETTINGS, "ppo_pbt")
         self.s, self.config, self.launcher = settings, config, launcher
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.population = int(settings.get("population") or 8)

@@ -14,6 +14,7 @@ a continued sweep ends with n_trials trials that ran to their end.
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import json
 import math
@@ -202,6 +203,19 @@ def job_result(folder: Path) -> dict[str, Any]:
         return {"status": "failed", "error": "the job wrote no result.json"}
 
 
+TUNE_SETTINGS = ("n_trials", "n_jobs", "sampler", "seed", "startup_trials", "pruner", "pruner_startup_trials",
+                 "pruner_warmup_steps", "pruner_min_resource", "direction", "study_name", "storage", "params")
+
+
+def check_settings(settings: dict[str, Any], known: Sequence[str], sweeper: str) -> None:
+    """A hydra.sweeper key the sweeper does not read is a typo to say, not a setting to ignore."""
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; it reads {', '.join(known)}"
+            raise UserError(f"hydra.sweeper.{key} is not a {sweeper} setting{hint}")
+
+
 def command_line(fixed: Sequence[str], params: dict[str, Any]) -> str:
     """The command that trains a trial's configuration on its own."""
     shown = [*fixed, *(f"{k}={v}" for k, v in params.items())]
@@ -215,6 +229,7 @@ class Tuner:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        check_settings(settings, TUNE_SETTINGS, "ppo_tune")
         self.s, self.config, self.launcher = settings, config, launcher
         self.sweep_dir = Path(config.hydra.sweep.dir)
         sampler, pruner = str(settings.get("sampler") or "tpe"), str(settings.get("pruner") or "none")
