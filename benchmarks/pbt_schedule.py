@@ -2,8 +2,8 @@
 with hydra/sweeper=ppo_pbt, and the same 8 initial draws trained with their values held constant (ppo_pbt with
 one generation: no exploit, no explore), on each of two seeds.
 
-    python benchmarks/pbt_schedule.py                       # CartPole-v1, 8 members, 100k steps, 8 generations
-    python benchmarks/pbt_schedule.py --env Acrobot-v1 --steps 80000 --generations 8
+    python benchmarks/pbt_schedule.py                       # Acrobot-v1, 8 members, 80k steps, 8 generations
+    python benchmarks/pbt_schedule.py --env LunarLander-v3 --steps 300000
 
 Each member's objective is its final evaluation (--episodes episodes, deterministic). The table gives the best
 PBT member against the best of the 8 constant runs, and the population means; both arms train 8 x --steps steps.
@@ -32,13 +32,16 @@ def population(args: argparse.Namespace, seed: int, interval: int, sweep: Path) 
         sys.exit(f"{sweep} failed:\n{proc.stderr[-3000:]}")
     lineage = json.loads((sweep / "pbt_lineage.json").read_text())
     scores = [m["objective"] if m["objective"] is not None else float("-inf") for m in lineage["members"]]
+    if max(scores) == float("-inf"):
+        errors = {json.loads(p.read_text()).get("error") for p in sweep.glob("*/result.json")} - {None}
+        sys.exit(f"{sweep}: every member failed: {errors}")
     return scores, time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--env", default="CartPole-v1")
-    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--env", default="Acrobot-v1")
+    p.add_argument("--steps", type=int, default=80_000)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--episodes", type=int, default=20)

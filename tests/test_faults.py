@@ -155,7 +155,7 @@ def test_users_copy_of_a_preset_wins_over_the_packaged_one(tmp_path):
     (conf / "env" / "CartPole-v1.yaml").write_text("id: CartPole-v1\nnum_envs: 3\n")
     (conf / "hydra" / "sweeper").mkdir(parents=True)
     packaged = (ROOT / "ppo_cli" / "conf" / "hydra" / "sweeper" / "ppo_random.yaml").read_text()
-    (conf / "hydra" / "sweeper" / "ppo_random.yaml").write_text(packaged.replace("n_trials: 20", "n_trials: 1"))
+    (conf / "hydra" / "sweeper" / "ppo_random.yaml").write_text(packaged + "n_trials: 1\n")
     proc = cli("ppo-train", "--config-dir", str(conf), "hydra/sweeper=ppo_random", "--cfg", "all", cwd=tmp_path,
                check=True)
     shown = yaml.safe_load(proc.stdout)

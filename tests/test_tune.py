@@ -258,8 +258,8 @@ def test_pbt_exploits_explores_and_each_member_retrains_from_its_lineage_bitwise
            "hydra.sweeper.quantile=0.5", "hydra.sweeper.resample_probability=0", "~hydra.sweeper.params",
            "+hydra.sweeper.params={algo.lr_actor: 'tag(log, interval(1e-4, 3e-3))', algo.clip_range: "
            "'interval(0.1, 0.3)'}"]
-    proc = cli("ppo-train", "-m", *pbt, *JOB, "eval.every_steps=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-               check=True)
+    proc = cli("ppo-train", "-m", *pbt, "env=CartPole-v1", *JOB, "eval.every_steps=0", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path, check=True)
     lineage = json.loads((sweep / "pbt_lineage.json").read_text())
     assert lineage["population"] == 2 and lineage["generations"] == 2 and len(_results(sweep)) == 4
     (event,) = lineage["events"]  # of 2 members, the worse copies the better once

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.cli.study_report import LINEAGE
 from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_result
+from ppo_cli.config import GROUPS
 from ppo_cli.errors import UserError
 
 PBT_SETTINGS = ("population", "interval", "quantile", "perturb", "resample_probability", "seed", "params")
@@ -36,6 +37,12 @@ def _bounds(dist: Any) -> tuple[float, float, bool, bool]:
     if isinstance(dist, d.CategoricalDistribution):
         return min(dist.choices), max(dist.choices), False, all(isinstance(c, int) for c in dist.choices)
     return dist.low, dist.high, bool(getattr(dist, "log", False)), isinstance(dist, d.IntDistribution)
+
+
+def _single_keys(overrides: list[str]) -> list[str]:
+    """The overrides without config-group choices (env=..., algo=...), which a resume refuses: its checkpoint's
+    config holds what they chose."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in GROUPS]
 
 
 class PopulationTraining:
@@ -142,9 +149,12 @@ class PopulationTraining:
             until = min((g + 1) * self.interval, self.total)
             jobs = []
             for k in range(n):
-                start = [f"seed={seed + k}"] if sources[k] is None else \
-                    [f"resume={self.sweep_dir.resolve() / sources[k] / 'checkpoints' / 'checkpoint.pt'}"]  # type: ignore[operator]
-                jobs.append([*fixed, *start, *(f"{key}={v}" for key, v in values[k].items()),
+                if sources[k] is None:
+                    start = [*fixed, f"seed={seed + k}"]
+                else:  # the checkpoint's config has the groups chosen (env=...): a resume takes single keys only
+                    ckpt = self.sweep_dir.resolve() / str(sources[k]) / "checkpoints" / "checkpoint.pt"
+                    start = [*_single_keys(fixed), f"resume={ckpt}"]
+                jobs.append([*start, *(f"{key}={v}" for key, v in values[k].items()),
                              f"algo.total_timesteps={until}", f"hydra.sweep.subdir={names[k]}"])
             returns.append(self.launcher.launch(jobs, initial_job_idx=g * n))
             results = [job_result(self.sweep_dir / name) for name in names]
@@ -193,11 +203,10 @@ class PopulationTraining:
         first_seed = seed + int(chain[0]["job"]) % self.population if chain else seed + k
         steps = []
         for i, link in enumerate(chain):
-            start = f"seed={first_seed} hydra.run.dir={folder}" if i == 0 else \
-                f"resume={folder}/checkpoints/checkpoint.pt"
-            values = " ".join(f"{key}={v}" for key, v in link["values"].items())
-            steps.append(f"ppo-train {' '.join(fixed)} {start} {values} algo.total_timesteps={link['until']}"
-                         .replace("  ", " "))
+            start = [*fixed, f"seed={first_seed}", f"hydra.run.dir={folder}"] if i == 0 else \
+                [*_single_keys(fixed), f"resume={folder}/checkpoints/checkpoint.pt"]
+            values = [f"{key}={v}" for key, v in link["values"].items()]
+            steps.append(" ".join(["ppo-train", *start, *values, f"algo.total_timesteps={link['until']}"]))
         last = chain[-1] if chain else {}
         return {"member": k, "job": last.get("job"), "objective": last.get("objective"),
                 "values": last.get("values"), "chain": [link["job"] for link in chain], "command": " && ".join(steps)}
