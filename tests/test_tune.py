@@ -179,12 +179,16 @@ def test_grid_sampler_runs_each_combination_once(tmp_path):
     (["+hydra.sweeper.n_trails=3"], "hydra.sweeper.n_trails is not a ppo_tune setting (did you mean n_trials?)"),
 ])
 def test_bad_tuning_input_is_one_line_before_any_job(tmp_path, args, message):
+    _refused_before_any_job(tmp_path, "ppo_tune", args, message)
+
+
+def _refused_before_any_job(tmp_path, sweeper, args, message):
     sweep = tmp_path / "sweep"
-    proc = cli("ppo-train", "-m", "hydra/sweeper=ppo_tune", *args, *JOB, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = cli("ppo-train", "-m", f"hydra/sweeper={sweeper}", *args, *JOB, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert message in lines[0]
-    assert not _results(sweep) if sweep.exists() else True
+    assert not sweep.exists() or not _results(sweep)
 
 
 def test_two_sweepers_on_one_storage_complete_one_study_without_a_duplicate_or_a_lost_trial(tmp_path):
@@ -298,12 +302,7 @@ def test_pbt_exploits_explores_and_each_member_retrains_from_its_lineage_bitwise
     (["+hydra.sweeper.params.algo.clip_rnage='interval(0.1, 0.2)'"], "unknown config key 'algo.clip_rnage'"),
 ])
 def test_bad_pbt_input_is_one_line_before_any_job(tmp_path, args, message):
-    sweep = tmp_path / "sweep"
-    proc = cli("ppo-train", "-m", "hydra/sweeper=ppo_pbt", *args, *JOB, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
-    assert message in lines[0]
-    assert not _results(sweep) if sweep.exists() else True
+    _refused_before_any_job(tmp_path, "ppo_pbt", args, message)
 
 
 def test_trials_in_joblib_workers_report_through_a_journal_file(tmp_path):
