@@ -317,3 +317,13 @@ def test_trials_in_joblib_workers_report_through_a_journal_file(tmp_path):
     assert len(trials) == 2 and all(t.intermediate_values for t in trials)  # each reported its evaluations
     assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     assert sorted(_results(sweep)) == ["0", "1"]
+
+
+def test_a_finished_trial_is_told_nothing_when_its_job_is_resumed_on_its_own(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="ppo", storage=url, direction="maximize")
+    study.set_user_attr("ppo_cli.pruner", {"name": "median", "startup_trials": 0})
+    trial = study.ask()
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    reporter = TrialReporter.from_cfg(make_cfg(f"tune.storage={url}", "tune.study=ppo", f"tune.trial={trial.number}"))
+    assert reporter.report(256, 1.0) is False and study.get_trials()[0].intermediate_values == {}

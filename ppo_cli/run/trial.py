@@ -94,8 +94,11 @@ class TrialReporter:
 
     def report(self, step: int, value: float) -> bool:
         """`step`: the evaluation's nominal step (a multiple of eval.every_steps), the same in every trial whatever its
-        rollout size, as the pruners compare trials step by step."""
+        rollout size, as the pruners compare trials step by step. A trial already finished (a sweep job's checkpoint
+        resumed on its own, after the sweep) is told nothing."""
         storage, trial = self.storage, self.storage.get_trial(self.trial_id)
+        if trial.state.is_finished():
+            return False
         if trial.user_attrs.get("pruned_at") is not None:  # another seed of this trial was pruned: all stop
             self.pruned_at = step
             return True
