@@ -284,10 +284,11 @@ class LoggerConfig:
 class TuneConfig:
     seeds: int = key(1, "with hydra/sweeper=ppo_tune: each configuration is trained on this many seeds (seed, "
                         "seed + 1, ...) and scored by their mean; pruning compares the mean of the seeds' evaluations")
-    storage: str | None = key(None, "set by the ppo_tune and ppo_pbt sweepers for their jobs: the study's storage "
-                                    "(an RDB URL or journal:PATH), to which each periodic evaluation is reported")
-    study: str | None = key(None, "set by the sweepers: the study's name in tune.storage")
-    trial: int | None = key(None, "set by the sweepers: this job's trial number in the study")
+    storage: str | None = key(None, "set by the ppo_tune sweeper for its jobs: the study's storage (an RDB URL or "
+                                    "journal:PATH), to which each periodic evaluation is reported; a resume clears "
+                                    "it")
+    study: str | None = key(None, "set by ppo_tune: the study's name in tune.storage")
+    trial: int | None = key(None, "set by ppo_tune: this job's trial number in the study")
 
 
 @dataclass
@@ -335,8 +336,8 @@ TABLE_INTROS = {
     "": "Top level:",
     "eval": "`eval` (evaluation on separate envs, seeds seed + 10000, ...; never the training envs):",
     "doctor": "`doctor` (the training doctor's thresholds, [TensorBoard](tensorboard.md#the-training-doctor)):",
-    "tune": "`tune` (tuning sweeps, [Sweeps](sweeps.md): the ppo_tune sweeper reads `tune.seeds`; the sweepers set the "
-            "rest for their jobs):",
+    "tune": "`tune` (tuning sweeps, [Sweeps](sweeps.md): the ppo_tune sweeper reads `tune.seeds` and sets the rest "
+            "for its jobs):",
     "logger": "`logger` (experiment trackers beside TensorBoard, [Trackers](trackers.md)):",
     "logger.wandb": "`logger.wandb` (Weights & Biases, `pip install \".[wandb]\"`):",
     "logger.mlflow": "`logger.mlflow` (MLflow, `pip install \".[mlflow]\"`):",

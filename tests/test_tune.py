@@ -177,6 +177,10 @@ def test_grid_sampler_runs_each_combination_once(tmp_path):
     (["hydra.sweeper.storage=postgresql://nobody@127.0.0.1:9/none"], "the study storage 'postgresql://nobody@"),
     (["hydra.sweeper.sampler=grid"], "hydra.sweeper.sampler=grid needs a finite list for every key"),
     (["+hydra.sweeper.n_trails=3"], "hydra.sweeper.n_trails is not a ppo_tune setting (did you mean n_trials?)"),
+    (["+hydra.sweeper.params={algo.ent_coef: \"tag(log, interval(0, 0.1))\"}"],
+     "the search space of algo.ent_coef (tag(log, interval(0, 0.1))) is not one Optuna can sample"),
+    (["hydra.sweeper.n_trials=many"], "hydra.sweeper.n_trials='many': must be an integer"),
+    (["algo.K_epochs=interval(1, 5)"], "Error merging override algo.K_epochs="),  # a float for an integer key
 ])
 def test_bad_tuning_input_is_one_line_before_any_job(tmp_path, args, message):
     _refused_before_any_job(tmp_path, "ppo_tune", args, message)
@@ -208,7 +212,8 @@ def test_two_sweepers_on_one_storage_complete_one_study_without_a_duplicate_or_a
             **{f"two/{k}": r for k, r in _results(tmp_path / "two").items()}}
     numbers = sorted(int(k.split("/")[1]) for k in jobs)
     assert numbers == list(range(6))  # each trial ran once, in the folder of its number
-    assert all(_results(tmp_path / "one")) and all(_results(tmp_path / "two"))  # both sweepers did work
+    assert _results(tmp_path / "one") and _results(tmp_path / "two")  # both sweepers did work
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # and never drew the same configuration
 
 
 def test_a_sweep_interrupted_with_ctrl_c_and_continued_ends_with_n_trials(tmp_path):
@@ -238,6 +243,7 @@ def test_a_sweep_interrupted_with_ctrl_c_and_continued_ends_with_n_trials(tmp_pa
     trials = _study(url).get_trials()
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3 and done[0].params == first.params and done[0].user_attrs["retry_of"] == 0
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 3  # the continued sweep drew new ones
 
 
 def test_tune_seeds_run_each_configuration_on_several_seeds_and_score_the_mean(tmp_path):
@@ -298,6 +304,9 @@ def test_pbt_exploits_explores_and_each_member_retrains_from_its_lineage_bitwise
     (["hydra.sweeper.interval=256", "+hydra.sweeper.params.algo.lr_schedule='choice(constant, linear)'"],
      "PBT mutates numbers only"),
     (["hydra.sweeper.interval=0"], "hydra.sweeper.interval=0: must be between 1 and algo.total_timesteps"),
+    (["hydra.sweeper.interval=200"], "hydra.sweeper.interval=200: must be a multiple of the rollout, algo.n_steps x "
+                                     "env.num_envs = 128 (say 256)"),
+    (["hydra.sweeper.interval=256", "algo.ent_schedule=linear"], "algo.ent_schedule must be constant under PBT"),
     (["hydra.sweeper.interval=256", "algo.lr_schedule=linear"], "algo.lr_schedule must be constant under PBT"),
     (["+hydra.sweeper.params.algo.clip_rnage='interval(0.1, 0.2)'"], "unknown config key 'algo.clip_rnage'"),
 ])

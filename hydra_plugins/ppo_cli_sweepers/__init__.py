@@ -31,7 +31,9 @@ class PPOTuneSweeper(_PPOSweeper):
         from ppo_cli.cli.tune import Tuner
 
         assert self.config is not None
-        return Tuner(self.settings, self.config, self.launcher).sweep(arguments)
+        tuner = Tuner(self.settings, self.config, self.launcher)
+        tuner.validate = self.validate_batch_is_legal
+        return tuner.sweep(arguments)
 
 
 class PPOPBTSweeper(_PPOSweeper):

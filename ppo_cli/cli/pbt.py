@@ -23,8 +23,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.cli.study_report import LINEAGE
-from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_result
-from ppo_cli.config import GROUPS
+from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_result, setting
+from ppo_cli.config import GROUPS, choice
 from ppo_cli.errors import UserError
 
 PBT_SETTINGS = ("population", "interval", "quantile", "perturb", "resample_probability", "seed", "params")
@@ -52,14 +52,21 @@ class PopulationTraining:
         check_settings(settings, PBT_SETTINGS, "ppo_pbt")
         self.s, self.config, self.launcher = settings, config, launcher
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.population = int(settings.get("population") or 8)
-        self.interval = int(settings.get("interval") or 0)
-        self.quantile = float(settings.get("quantile") or 0.25)
-        self.perturb = [float(f) for f in settings.get("perturb") or (0.8, 1.2)]
-        self.resample = float(settings.get("resample_probability") or 0.0)
-        self.rng = random.Random(settings.get("seed"))
+        self.population = setting(settings, "population", 8)
+        self.interval = setting(settings, "interval", 0)
+        self.quantile = setting(settings, "quantile", 0.25, float)
+        self.perturb = [float(f) for f in settings.get("perturb") or (0.8, 1.25)]
+        self.resample = setting(settings, "resample_probability", 0.0, float)
+        self.rng = random.Random(setting(settings, "seed", None))
         total = int(config.algo.total_timesteps)
+        rollout = int(config.algo.n_steps) * int(config.env.num_envs)
         problems = []
+        if self.interval > 0 and self.interval % rollout:
+            # Training runs in whole rollouts: a generation must end where one does, or each overshoots the next's
+            # start and the next has nothing to train.
+            near = max(rollout, round(self.interval / rollout) * rollout)
+            problems.append(f"hydra.sweeper.interval={self.interval}: must be a multiple of the rollout, algo.n_steps "
+                            f"x env.num_envs = {rollout:,} (say {near:,})")
         if self.population < 2:
             problems.append(f"hydra.sweeper.population={self.population}: needs at least 2 members")
         if not 0 < self.interval <= total:
@@ -67,9 +74,10 @@ class PopulationTraining:
                             f"{total:,} (env steps per generation)")
         if not 0 < self.quantile <= 0.5:
             problems.append(f"hydra.sweeper.quantile={self.quantile}: must be in (0, 0.5]")
-        if str(OmegaConf.select(config, "algo.lr_schedule")) not in ("constant", "Schedule.constant"):
-            problems.append("algo.lr_schedule must be constant under PBT (a linear schedule would restart its "
-                            "annealing in every generation; PBT's explore steps are the schedule)")
+        for key in ("lr_schedule", "ent_schedule"):
+            if choice(OmegaConf.select(config, f"algo.{key}")) != "constant":
+                problems.append(f"algo.{key} must be constant under PBT (a linear schedule would restart its "
+                                f"annealing in every generation; PBT's explore steps are the schedule)")
         if problems:
             raise UserError("; ".join(problems))
         self.generations = math.ceil(total / self.interval)

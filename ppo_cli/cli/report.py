@@ -146,7 +146,7 @@ def failed(run_dir: Path, reason: str, started: float) -> None:
 
 
 def sweep_summary(sweep_dir: Path) -> bool:
-    """Print how the sweep went; True when every job failed (none finished, none was pruned)."""
+    """Print how the sweep went; True when jobs ran and every one failed (none finished, none was pruned)."""
     try:
         jobs = sweep_report.find_jobs(sweep_dir, quiet=True)
     except UserError:
@@ -160,4 +160,4 @@ def sweep_summary(sweep_dir: Path) -> bool:
         line += f"; best objective {best.objective:.2f} (job {best.name})"
     print(line, flush=True)
     print(f"report:     ppo-sweep-report {sweep_dir}", flush=True)
-    return not ok and not pruned
+    return bool(jobs) and not ok and not pruned

@@ -135,6 +135,9 @@ def discard_failed_start() -> None:
     _CREATED.clear()
 
 
+TUNE_MARKER = "ppo_tune.yaml"  # a ppo_tune sweep's folder: where its study is (cli/tune.py writes it at the start)
+
+
 def prepare_named_folder(argv: list[str]) -> None:
     """A folder named on the command line (hydra.run.dir / hydra.sweep.dir) is checked before Hydra writes its
     record (.hydra/) into it: it must be writable and hold no other run (unless resuming)."""
@@ -148,7 +151,7 @@ def prepare_named_folder(argv: list[str]) -> None:
     folder = Path(named[-1])
     # A ppo_tune study goes on in its folder: its jobs' folders are numbered by trial, so none is written twice.
     tuning = any(a.startswith("hydra/sweeper=ppo_") and a != "hydra/sweeper=ppo_pbt" for a in argv)
-    if multirun and folder.is_dir() and not (tuning and (folder / "study.db").is_file()):
+    if multirun and folder.is_dir() and not (tuning and (folder / TUNE_MARKER).is_file()):
         jobs = sorted(d.name for d in folder.iterdir() if d.is_dir() and holds_run(d))
         if jobs or (folder / "optimization_results.yaml").exists():
             raise RunFolderTaken(f"sweep folder {folder} already holds a sweep (jobs {', '.join(jobs) or '-'}); "

@@ -168,10 +168,18 @@ def write_preset(job_dir: Path, best_params: dict[str, Any], path: Path, sweep_d
     sweep started from), and the tuned keys of other groups at the top level (`# @package _global_`)."""
     from ppo_cli.config import TrainConfig
 
-    config_file = job_dir / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"--export-preset: {config_file} is missing (the best job's composed config)")
-    trained = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False, enum_to_str=True)
+    # The config the job trained: its checkpoint's (a resumed job's composed config lacks the groups its first
+    # generation chose), else Hydra's record of it.
+    ckpt, config_file = job_dir / "checkpoints" / "checkpoint.pt", job_dir / ".hydra" / "config.yaml"
+    if ckpt.is_file():
+        from ppo_cli.run import checkpoint  # torch: only for this
+
+        text = checkpoint.load(ckpt)["config_yaml"]
+    elif config_file.is_file():
+        text = config_file.read_text(encoding="utf-8")
+    else:
+        raise UserError(f"--export-preset: {job_dir} has neither a checkpoint nor .hydra/config.yaml to read")
+    trained = OmegaConf.to_container(OmegaConf.create(text), resolve=False, enum_to_str=True)
     defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
     body: dict[str, Any] = {"algo": {k: v for k, v in trained["algo"].items()  # type: ignore[index, union-attr]
                                      if defaults["algo"].get(k) != v}}  # type: ignore[index, union-attr]

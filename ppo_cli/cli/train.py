@@ -63,6 +63,10 @@ def config_for_resume(data: dict, composed: DictConfig, overridden: list[str]) -
                             f"(e.g. {key}.<name>=...) or start a new run")
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
     cfg.resume = composed.resume
+    # A tuning sweep's job reported to its trial; the same checkpoint resumed on its own reports to none.
+    for key in ("storage", "study", "trial"):
+        if f"tune.{key}" not in overridden and cfg.get("tune") is not None:
+            cfg.tune[key] = None
     return cfg  # type: ignore[return-value]
 
 

@@ -29,11 +29,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_cli.errors import UserError
+from ppo_cli.cli.run_folder import TUNE_MARKER
+from ppo_cli.errors import UserError, first_line
 from ppo_cli.run.trial import JOURNAL, PRUNER_ATTR, PRUNERS, make_pruner, open_storage
 
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 RESULTS = "optimization_results.yaml"  # the best trial, and where the study is (ppo-sweep-report reads it)
+SEEDS_ATTR = "ppo_cli.seeds"  # the study's tune.seeds: its job folders are numbered by it
 
 
 @dataclass
@@ -111,7 +113,11 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
         if not override.is_sweep_override():
             space.fixed.append(line)
             continue
-        space.distributions[key], space.grid[key] = _distribution(key, override)
+        try:
+            space.distributions[key], space.grid[key] = _distribution(key, override)
+        except ValueError as exc:  # Optuna's: a log scale from 0, bounds the wrong way round, an empty range
+            raise UserError(f"the search space of {key} ({line.split('=', 1)[1]}) is not one Optuna can sample: "
+                            f"{first_line(exc)}") from None
     if not space.distributions:
         raise UserError("the search space is empty: give hydra.sweeper.params.KEY=interval(a, b) (or choice, "
                         "range), or sweep a key on the command line, e.g. 'algo.clip_range=interval(0.05, 0.3)'")
@@ -121,7 +127,7 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
 _MISSING = object()
 
 
-def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space) -> Any:
+def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space, quiet: bool = False) -> Any:
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -151,12 +157,24 @@ def make_sampler(name: str, seed: int | None, startup_trials: int, space: Space)
             raise UserError('hydra.sweeper.sampler=cmaes needs the cmaes package: pip install ".[sweep]"') from None
         categorical = [k for k, dist in space.distributions.items()
                        if isinstance(dist, optuna.distributions.CategoricalDistribution)]
-        if categorical:
+        if categorical and not quiet:
             print(f"ppo_tune: CMA-ES searches the numeric keys; {', '.join(categorical)} (categorical) are sampled at "
                   f"random", flush=True)
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup_trials, warn_independent_sampling=False,
                                             independent_sampler=optuna.samplers.RandomSampler(seed=seed))
     raise UserError(f"hydra.sweeper.sampler={name!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
+
+
+def _quoted(value: str) -> str:
+    """A value for a Hydra override, quoted: a URL's '?', '=' or '~' would not parse bare."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def normal_url(url: str) -> str:
+    """journal:PATH with PATH absolute (~ expanded), so every job, sweeper and lock names the same file."""
+    if url.startswith(JOURNAL):
+        return JOURNAL + str(Path(url[len(JOURNAL):]).expanduser().resolve())
+    return url
 
 
 def default_storage(sweep_dir: Path) -> str:
@@ -196,11 +214,31 @@ def counted(trial: Any) -> bool:
         and not trial.user_attrs.get("surplus")
 
 
-def job_result(folder: Path) -> dict[str, Any]:
+def job_result(folder: Path, owner: str | None = None) -> dict[str, Any]:
+    """A job's result.json; with `owner` (an override such as tune.trial=7), only if that job wrote it: a folder
+    that held another run already is refused by the job, which then writes nothing there."""
     try:
-        return json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return {"status": "failed", "error": "the job wrote no result.json"}
+    if owner is not None and owner not in result.get("overrides", []):
+        return {"status": "failed", "error": f"{folder} holds another run's result (the job could not take it)"}
+    return result
+
+
+def setting(settings: dict[str, Any], key: str, default: Any, kind: type = int, low: float | None = None) -> Any:
+    """hydra.sweeper.KEY as `kind`, `default` where it is null (0 stays 0), one line where it is not one."""
+    value = settings.get(key)
+    if value is None:
+        return default
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"hydra.sweeper.{key}={value!r}: must be {'an integer' if kind is int else 'a number'}") \
+            from None
+    if low is not None and value < low:
+        raise UserError(f"hydra.sweeper.{key}={value}: must be >= {low}")
+    return value
 
 
 TUNE_SETTINGS = ("n_trials", "n_jobs", "sampler", "seed", "startup_trials", "pruner", "pruner_startup_trials",
@@ -238,11 +276,17 @@ class Tuner:
         if sampler not in SAMPLERS:
             raise UserError(f"hydra.sweeper.sampler={sampler!r} is not a sampler; choose one of {', '.join(SAMPLERS)}")
         self.sampler_name, self.pruner_name = sampler, pruner
-        self.n_trials = int(settings.get("n_trials") or 20)
-        self.n_jobs = max(1, int(settings.get("n_jobs") or 1))
+        self.n_trials = setting(settings, "n_trials", 20, low=1)
+        self.n_jobs = setting(settings, "n_jobs", 1, low=1)
+        self.seed = setting(settings, "seed", None)
+        self.startup = setting(settings, "startup_trials", 5, low=0)
         self.seeds = int(config.tune.seeds)
-        self.url = str(settings.get("storage") or default_storage(self.sweep_dir))
+        self.url = normal_url(str(settings.get("storage") or default_storage(self.sweep_dir)))
         self.study_name = str(settings.get("study_name") or "ppo")
+        self.direction = str(settings.get("direction") or "maximize")
+        if self.direction not in ("maximize", "minimize"):
+            raise UserError(f"hydra.sweeper.direction={self.direction!r}: maximize or minimize")
+        self.validate: Any = None  # the sweeper's check that a batch of jobs composes (Hydra's validate_batch_is_legal)
         if pruner != "none" and not config.eval.every_steps:
             print(f"ppo_tune: pruner {pruner} has nothing to judge: eval.every_steps=0 turns off the periodic "
                   f"evaluations jobs report (set eval.every_steps)", flush=True)
@@ -251,19 +295,35 @@ class Tuner:
         import optuna
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        sampler = make_sampler(self.sampler_name, self.s.get("seed"), int(self.s.get("startup_trials") or 5), space)
-        spec = {"name": self.pruner_name, "startup_trials": int(self.s.get("pruner_startup_trials") or 5),
-                "warmup_steps": int(self.s.get("pruner_warmup_steps") or 0),
-                "min_resource": self.s.get("pruner_min_resource")}
+        spec = {"name": self.pruner_name, "startup_trials": setting(self.s, "pruner_startup_trials", 5, low=0),
+                "warmup_steps": setting(self.s, "pruner_warmup_steps", 0, low=0),
+                "min_resource": setting(self.s, "pruner_min_resource", None, low=1)}
         with storage_lock(self.url):  # sweepers that start together must not both create the file's tables
-            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.url), sampler=sampler,
-                                        pruner=make_pruner(spec), direction=str(self.s.get("direction") or "maximize"),
-                                        load_if_exists=True)
+            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.url),
+                                        sampler=self.sampler(space, 0), pruner=make_pruner(spec),
+                                        direction=self.direction, load_if_exists=True)
+            if study.direction.name.lower() != self.direction:
+                raise UserError(f"study {self.study_name!r} in {self.url} was created to {study.direction.name.lower()}"
+                                f"; hydra.sweeper.direction={self.direction} cannot change that")
+            seeds = study.user_attrs.get(SEEDS_ATTR, self.seeds)
+            if seeds != self.seeds:  # job folders are numbered trial x seeds + seed: another count would reuse them
+                raise UserError(f"study {self.study_name!r} in {self.url} was run with tune.seeds={seeds}; continue it "
+                                f"with tune.seeds={seeds}, or start another study (hydra.sweeper.study_name)")
             study.set_user_attr(PRUNER_ATTR, spec)
+            study.set_user_attr(SEEDS_ATTR, self.seeds)
+        (self.sweep_dir / TUNE_MARKER).write_text(OmegaConf.to_yaml({"storage": self.url, "study": self.study_name}))
         if self.sampler_name == "grid":
             size = math.prod(len(v or []) for v in space.grid.values())
             self.n_trials = min(self.n_trials, size)
         return study
+
+    def sampler(self, space: Space, count: int) -> Any:
+        """The sampler for the study's trial number `count`: seeded with seed + count, so a continued study, or a
+        second sweeper on it, draws anew where a sampler seeded once would repeat the same random trials (the
+        model-based samplers read the study's history from the storage, so a fresh one per trial loses nothing). The
+        grid sampler keeps one: the study records which grid points are taken."""
+        seed = None if self.seed is None else self.seed + count
+        return make_sampler(self.sampler_name, seed, self.startup, space, quiet=count > 0)
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         space = search_space(self.s.get("params") or {}, arguments, self.config)
@@ -283,9 +343,13 @@ class Tuner:
         return returns
 
     def ask(self, study: Any, space: Space) -> list[Any]:
+        batch = []
         with storage_lock(self.url):
-            taken = sum(counted(t) for t in study.get_trials(deepcopy=False))
-            batch = [study.ask(space.distributions) for _ in range(min(self.n_jobs, self.n_trials - taken))]
+            trials = study.get_trials(deepcopy=False)
+            for i in range(min(self.n_jobs, self.n_trials - sum(counted(t) for t in trials))):
+                if self.sampler_name != "grid":
+                    study.sampler = self.sampler(space, len(trials) + i)
+                batch.append(study.ask(space.distributions))
         if batch:  # past n_trials in the order the storage numbered them: another sweeper took the last ones
             order = sorted(t.number for t in study.get_trials(deepcopy=False) if counted(t))
             for trial in [t for t in batch if order.index(t.number) >= self.n_trials]:
@@ -302,25 +366,44 @@ class Tuner:
                 name = str(trial.number * self.seeds + s)
                 seed = [f"seed={base_seed + s}"] if self.seeds > 1 else []
                 jobs.append([*space.fixed, *(f"{k}={v}" for k, v in trial.params.items()), *seed,
-                             f"tune.storage={self.url}", f"tune.study={self.study_name}", f"tune.trial={trial.number}",
-                             f"hydra.sweep.subdir={name}"])
+                             f"tune.storage={_quoted(self.url)}", f"tune.study={_quoted(self.study_name)}",
+                             f"tune.trial={trial.number}", f"hydra.sweep.subdir={name}"])
                 names.append(name)
+        per_trial = [names[i * self.seeds:(i + 1) * self.seeds] for i in range(len(batch))]
         try:
+            if self.validate is not None:
+                self.validate(jobs)  # a job that cannot compose (a float for an integer key): one line, no job run
             returns = self.launcher.launch(jobs, initial_job_idx=int(names[0]))
-            for i, trial in enumerate(batch):
-                self.tell(study, trial, names[i * self.seeds:(i + 1) * self.seeds])
-        except BaseException:
-            running = {t.number for t in study.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
-            for trial in batch:
-                if trial.number in running:  # Ctrl-C or a crash: it runs again when the sweep is continued
-                    trial.set_user_attr("interrupted", True)
-                    study.tell(trial, state=_state("FAIL"))
-                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            for trial, trial_names in zip(batch, per_trial, strict=True):
+                self.tell(study, trial, trial_names)
+        except BaseException as exc:
+            self.abandon(study, batch, per_trial, exc)
             raise
         return returns
 
+    def abandon(self, study: Any, batch: list[Any], per_trial: list[list[str]], exc: BaseException) -> None:
+        """A batch cut short. Trials whose jobs all ended are told how; on Ctrl-C (or SIGTERM) the others are
+        recorded as interrupted and queued to run first when the sweep is continued; on any other error they
+        fail with it (queued again, the same error would come back at every continuation)."""
+        stopped = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code in (130, 143))
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(_state("RUNNING"),))}
+        for trial, trial_names in zip(batch, per_trial, strict=True):
+            if trial.number not in running:
+                continue
+            results = [job_result(self.sweep_dir / n, f"tune.trial={trial.number}") for n in trial_names]
+            if all(r.get("status") in ("ok", "pruned", "failed") and "holds another" not in str(r.get("error"))
+                   for r in results) and any((self.sweep_dir / n / "result.json").is_file() for n in trial_names):
+                self.tell(study, trial, trial_names)
+            elif stopped:
+                trial.set_user_attr("interrupted", True)
+                study.tell(trial, state=_state("FAIL"))
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            else:
+                trial.set_user_attr("error", first_line(exc))
+                study.tell(trial, state=_state("FAIL"))
+
     def tell(self, study: Any, trial: Any, names: list[str]) -> None:
-        results = [job_result(self.sweep_dir / n) for n in names]
+        results = [job_result(self.sweep_dir / n, f"tune.trial={trial.number}") for n in names]
         statuses = [r.get("status") for r in results]
         values = [r["objective"] for r in results if r.get("status") == "ok" and r.get("objective") is not None]
         if "pruned" in statuses:

@@ -1,4 +1,4 @@
-"""A sweep job's side of its Optuna trial (hydra/sweeper=ppo_tune, ppo_pbt): each periodic evaluation is reported
+"""A sweep job's side of its Optuna trial (hydra/sweeper=ppo_tune): each periodic evaluation is reported
 to the trial through the study's storage, and the study's pruner says whether to stop.
 
 The job talks to the storage itself, not through the sweeper, so it works under any Hydra launcher (in the
