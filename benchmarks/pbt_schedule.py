@@ -2,7 +2,7 @@
 with hydra/sweeper=ppo_pbt, and the same 8 initial draws trained with their values held constant (ppo_pbt with
 one generation: no exploit, no explore), on each of two seeds.
 
-    python benchmarks/pbt_schedule.py                       # Acrobot-v1, 8 members, 80k steps, 8 generations
+    python benchmarks/pbt_schedule.py                       # Acrobot-v1, 8 members, 81,920 steps, 8 generations
     python benchmarks/pbt_schedule.py --env LunarLander-v3 --steps 300000
 
 Each member's objective is its final evaluation (--episodes episodes, deterministic). The table gives the best
@@ -25,6 +25,7 @@ def population(args: argparse.Namespace, seed: int, interval: int, sweep: Path) 
            f"hydra.sweeper.population={args.population}", f"hydra.sweeper.interval={interval}",
            f"hydra.sweeper.seed={seed}", f"seed={100 * seed + 1}", f"env={args.env}",
            f"algo.total_timesteps={args.steps}", f"eval.episodes={args.episodes}", "eval.every_steps=0",
+           "env.num_envs=4", "algo.n_steps=256", "algo.batch_size=64",  # a rollout of 1,024 steps
            "checkpoint_interval=0", f"hydra.sweep.dir={sweep}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -41,7 +42,7 @@ def population(args: argparse.Namespace, seed: int, interval: int, sweep: Path) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env", default="Acrobot-v1")
-    p.add_argument("--steps", type=int, default=80_000)
+    p.add_argument("--steps", type=int, default=81_920, help="per member; generations must be whole rollouts (1,024)")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--population", type=int, default=8)
     p.add_argument("--episodes", type=int, default=20)
