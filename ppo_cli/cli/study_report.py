@@ -125,11 +125,26 @@ def _population(sweep_dir: Path, lineage: dict[str, Any], console: Console) -> d
             "lineage": lineage}
 
 
+def return_curve(folder: Path) -> tuple[list[int], list[float], str] | None:
+    """A job's return curve from its TensorBoard events: eval/mean_return, else the training episodes' return."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    try:
+        events.Reload()
+    except Exception:  # noqa: BLE001 - an event file being written may end mid-record
+        return None
+    tags = events.Tags().get("scalars", [])
+    for tag in ("eval/mean_return", "charts/episodic_return"):
+        if tag in tags:
+            points = events.Scalars(tag)
+            return [p.step for p in points], [p.value for p in points], tag
+    return None
+
+
 def best_curve(sweep_dir: Path, member: dict[str, Any], path: Path) -> str:
     """The best member's return curve, stitched from the jobs its policy went through (a job's curve from where
     the previous one ended), with the generations marked."""
-    from ppo_cli.cli.sweep_report import Job, _curve
-
     try:
         import matplotlib
     except ImportError:
@@ -141,7 +156,7 @@ def best_curve(sweep_dir: Path, member: dict[str, Any], path: Path) -> str:
     ys: list[float] = []
     tag = None
     for name in member.get("chain") or []:
-        curve = _curve(Job(str(name), sweep_dir / str(name), "ok", []))
+        curve = return_curve(sweep_dir / str(name))
         if curve is None:
             continue
         start = xs[-1] if xs else -1

@@ -145,22 +145,6 @@ def aggregate(jobs: list[Job], keys: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["mean"])
 
 
-def _curve(job: Job) -> tuple[list[int], list[float], str] | None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(job.path), size_guidance={"scalars": 0})
-    try:
-        events.Reload()
-    except Exception:  # noqa: BLE001 - an event file being written may end mid-record
-        return None
-    tags = events.Tags().get("scalars", [])
-    for tag in ("eval/mean_return", "charts/episodic_return"):
-        if tag in tags:
-            points = events.Scalars(tag)
-            return [p.step for p in points], [p.value for p in points], tag
-    return None
-
-
 def plot(jobs: list[Job], keys: list[str], path: Path, top: int) -> str:
     try:
         import matplotlib
@@ -172,7 +156,7 @@ def plot(jobs: list[Job], keys: list[str], path: Path, top: int) -> str:
     fig, ax = plt.subplots(figsize=(8, 5))
     tags = set()
     for job in [j for j in jobs if j.status == "ok"][:top]:
-        curve = _curve(job)
+        curve = study_report.return_curve(job.path)
         if curve is None:
             continue
         steps, values, tag = curve
