@@ -287,3 +287,20 @@ def test_the_fast_path_refuses_a_head_or_observation_part_it_has_no_twin_for():
     policy = ActorCritic(OBS, ACT, [16])
     policy.layout.parts = [Scaled(None, OBS)]
     assert covers(policy) == (None, "the observation parts Scaled have no numpy encoder (fast/observations.py)")
+
+
+def test_ppo_eval_and_ppo_export_answer_help_and_usage_errors_without_torch():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    for tool in ("evaluate", "export"):
+        for args in (["--help"], []):
+            probe = (f"import sys\nsys.argv = ['ppo-{tool}', *{args!r}]\nfrom ppo_cli.cli import launch\n"
+                     f"try:\n    launch.{tool}()\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+                     f"print('torch' in sys.modules)")
+            out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+            code = "exit 0" if args else "exit 2"
+            assert out.stdout.strip().splitlines()[-2:] == [code, "False"], (tool, args, out.stdout, out.stderr)

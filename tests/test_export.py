@@ -22,7 +22,7 @@ from ppo_cli.cli import evaluate as eval_cli
 from ppo_cli.cli import export as export_cli
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.envs.make import make_vec_env
-from ppo_cli.policy import export, exported
+from ppo_cli.policy import export, exported, formats
 from ppo_cli.policy.observations import as_tensors
 from ppo_cli.run import checkpoint
 from ppo_cli.run.runner import Runner
@@ -122,7 +122,7 @@ def _allowed(mask: np.ndarray) -> np.ndarray:
 
 
 def _export(path: Path, fmt: str, *args: str) -> Path:
-    out = path.parent / f"{path.stem}-{'-'.join(a.strip('-') for a in args) or 'plain'}{export.SUFFIXES[fmt]}"
+    out = path.parent / f"{path.stem}-{'-'.join(a.strip('-') for a in args) or 'plain'}{formats.SUFFIXES[fmt]}"
     export_cli.main([str(path), "--format", fmt, "--out", str(out), *args, "--trust-env-code"])  # the user's own envs
     return out
 
@@ -155,7 +155,7 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
     if case == "float64-box":
         assert action.dtype == np.float64 and np.abs(action).max() <= 0.1  # clipped in float64, as the env checks
 
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         deterministic = exported.ExportedModel(_export(ckpt, fmt, "--with-value"), fmt, run_code=True)
         got = deterministic.run(deterministic.feeds(obs, mask, np_state))
         assert got["action"].dtype == action.dtype and got["action"].shape == action.shape, (fmt, got["action"].shape)
@@ -184,8 +184,8 @@ def test_exported_policy_equals_the_checkpoint_policy_and_plays_the_same(case, t
         return json.loads(capsys.readouterr().out)
 
     reference = eval_json(ckpt)
-    for fmt in export.FORMATS:
-        result = eval_json(tmp_path / f"sharp-with-value{export.SUFFIXES[fmt]}")
+    for fmt in formats.FORMATS:
+        result = eval_json(tmp_path / f"sharp-with-value{formats.SUFFIXES[fmt]}")
         assert result["model_format"] == fmt
         assert result["mean_return"] == pytest.approx(reference["mean_return"], abs=ATOL)
         assert result["returns"] == pytest.approx(reference["returns"], abs=ATOL)
@@ -222,7 +222,7 @@ def test_info_masks_need_an_action_mask_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         eval_cli.main([str(_export(ckpt, "onnx")), "--episodes", "3"])
     assert exc.value.code == 2 and "export it with --action-mask" in capsys.readouterr().err
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         model = _export(ckpt, fmt, "--action-mask")
         meta = json.loads(export.sidecar_path(model).read_text())
         assert [p["name"] for p in meta["inputs"]] == ["obs", "action_mask"]
@@ -234,7 +234,7 @@ def test_info_masks_need_an_action_mask_input(tmp_path, capsys):
 def test_any_batch_size_and_the_sidecar_describes_the_model(tmp_path):
     ckpt = _checkpoint(tmp_path, ["env.id=tests.custom_env:Reach-v0", "env.normalize_obs=true"])
     policy, _ = load_policy(checkpoint.load(ckpt))
-    for fmt in export.FORMATS:
+    for fmt in formats.FORMATS:
         path = _export(ckpt, fmt, "--with-value")
         meta = json.loads(export.sidecar_path(path).read_text())
         assert meta["format"] == "ppo-cli-export" and meta["model_format"] == fmt and meta["model_file"] == path.name

@@ -17,11 +17,12 @@ import gymnasium as gym
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_cli.cli.arguments import eval_parser
 from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, env_label, stored_config
 from ppo_cli.envs import recipe
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.spaces import describe_space, same_space
-from ppo_cli.errors import OneLineParser, UserError, extra_hint, one_line_errors
+from ppo_cli.errors import UserError, extra_hint, one_line_errors
 from ppo_cli.policy import exported
 from ppo_cli.policy.actor_critic import ActorCritic, build_policy
 from ppo_cli.run import checkpoint
@@ -52,34 +53,6 @@ def load_policy(data: dict) -> tuple[ActorCritic, DictConfig]:
                         f"checkpoint was written; evaluate an earlier one (best.pt)")
     policy.eval()
     return policy, cfg  # type: ignore[return-value]
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="ppo-eval", description="Evaluate a ppo-cli checkpoint: run whole episodes "
-                                "and report the return, next to a uniformly random policy on the same seeds.")
-    p.add_argument("checkpoint", help="path to a checkpoint.pt written by ppo-train, or to a model written by "
-                   "ppo-export (.onnx, .torchscript.pt: run through onnxruntime / TorchScript)")
-    p.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation envs (default: 0)")
-    p.add_argument("--stochastic", action="store_true",
-                   help="sample actions from the policy instead of taking the most likely one")
-    p.add_argument("--env", metavar="ID", help="evaluate on another env id with the same spaces (replaces the "
-                   "checkpoint's env.id and env.entry_point)")
-    p.add_argument("--trust-env-code", action="store_true",
-                   help="let the file run code: its env recipe's imports and calls beyond ppo-cli's allowlist "
-                        "(env.entry_point, a module:Id id, wrapper targets), its config's interpolations, and a "
-                        "TorchScript model (a program: loading it runs it); without it such a file is refused and "
-                        "nothing runs")
-    p.add_argument("--max-episode-steps", type=int, metavar="N",
-                   help="cut an episode after N steps (default: the run's eval.max_episode_steps); cut episodes "
-                        "are counted and reported")
-    p.add_argument("--num-envs", type=int, default=None,
-                   help="parallel envs (default: min(episodes, the run's env.num_envs))")
-    p.add_argument("--video", metavar="DIR", help="record every episode as mp4 into DIR (created if needed; "
-                   "eval-episode-N.mp4, one env; needs the 'video' extra)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
-    p.add_argument("--no-random-baseline", action="store_true", help="skip the random-policy reference run")
-    return p
 
 
 VIDEO_PREFIX = "eval"
@@ -280,7 +253,7 @@ def _print(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = eval_parser().parse_args(argv)
     with one_line_errors("ppo-eval"):
         result = run(args)
     if args.json:

@@ -9,36 +9,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ppo_cli.cli.arguments import export_parser
 from ppo_cli.cli.evaluate import load_policy
 from ppo_cli.config import env_label, stored_config
 from ppo_cli.envs import recipe
-from ppo_cli.errors import OneLineParser, UserError, one_line_errors
-from ppo_cli.policy.export import FORMATS, SUFFIXES, export_policy, sidecar_path
+from ppo_cli.errors import UserError, one_line_errors
+from ppo_cli.policy.export import export_policy, sidecar_path
+from ppo_cli.policy.formats import FORMATS, SUFFIXES
 from ppo_cli.run import checkpoint
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="ppo-export", description="Export a ppo-cli checkpoint's policy to ONNX or "
-                                "TorchScript: raw observation in, env action out, observation normalization baked "
-                                "in; a <file>.json beside it describes the spaces and the inputs and outputs.")
-    p.add_argument("checkpoint", help="path to a checkpoint.pt (or best.pt) written by ppo-train")
-    p.add_argument("--format", default="onnx", metavar="FORMAT",
-                   help=f"{' or '.join(FORMATS)} (default: onnx; onnx needs the 'export' extra). A TorchScript file "
-                        "is a program: loading it runs it (torch.jit.load has no safe mode), so whoever plays it must "
-                        "trust its source (ppo-eval asks for --trust-env-code); ONNX holds no code")
-    p.add_argument("--trust-env-code", action="store_true",
-                   help="copy into the model a checkpoint env recipe that imports or calls code beyond ppo-cli's "
-                        "allowlist, or a config with interpolations; without it such a checkpoint is refused")
-    p.add_argument("--out", metavar="FILE", help="where to write the model (default: beside the checkpoint, "
-                   f"<name>{SUFFIXES['onnx']} or <name>{SUFFIXES['torchscript']})")
-    p.add_argument("--with-value", action="store_true", help="also output the critic's value V(s)")
-    p.add_argument("--stochastic", action="store_true",
-                   help="output the distribution (logits; a Gaussian's mean and log_std) instead of the action")
-    p.add_argument("--action-mask", action="store_true",
-                   help="take an `action_mask` input (for envs that give masks in info or action_masks(); a Dict "
-                        "observation's action_mask key is read without it)")
-    p.add_argument("--json", action="store_true", help="print the model's description (the sidecar JSON) only")
-    return p
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -66,7 +44,7 @@ def _shape(port: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = export_parser().parse_args(argv)
     with one_line_errors("ppo-export"):
         meta = run(args)
     path = meta.pop("path")

@@ -11,7 +11,12 @@ import sys
 from typing import Any
 
 
-def _launch(module: str, prog: str) -> Any:
+def _launch(module: str, prog: str, light_parser: str | None = None) -> Any:
+    if light_parser is not None and (len(sys.argv) < 2 or any(a in ("-h", "--help") for a in sys.argv[1:])):
+        # Help, or the usage error of no argument: answered from the arguments alone, without torch (seconds).
+        from ppo_cli.cli import arguments
+
+        getattr(arguments, light_parser)().parse_args(sys.argv[1:])
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
@@ -25,7 +30,7 @@ def train() -> Any:
 
 
 def evaluate() -> Any:
-    return _launch("ppo_cli.cli.evaluate", "ppo-eval")
+    return _launch("ppo_cli.cli.evaluate", "ppo-eval", "eval_parser")
 
 
 def sweep_report() -> Any:
@@ -33,4 +38,4 @@ def sweep_report() -> Any:
 
 
 def export() -> Any:
-    return _launch("ppo_cli.cli.export", "ppo-export")
+    return _launch("ppo_cli.cli.export", "ppo-export", "export_parser")

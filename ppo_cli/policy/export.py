@@ -49,12 +49,11 @@ from ppo_cli import __version__
 from ppo_cli.envs.spaces import MASK_KEY, assemble, space_items
 from ppo_cli.errors import UserError, extra_hint
 from ppo_cli.policy.actor_critic import ActorCritic
+from ppo_cli.policy.formats import FORMATS
 from ppo_cli.policy.heads import DiagGaussian
 
 FORMAT = "ppo-cli-export"
 FORMAT_VERSION = 1
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 ONNX_OPSET = 17  # read by onnxruntime >= 1.13 and written by every torch in the pin
 METADATA_KEY = "ppo_cli"  # the ONNX metadata_props key / the TorchScript extra file holding the metadata
 BATCH = "batch"  # the name of the dynamic dimension
