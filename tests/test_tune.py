@@ -177,6 +177,7 @@ def test_grid_sampler_runs_each_combination_once(tmp_path):
     (["hydra.sweeper.storage=postgresql://nobody@127.0.0.1:9/none"], "the study storage 'postgresql://nobody@"),
     (["hydra.sweeper.sampler=grid"], "hydra.sweeper.sampler=grid needs a finite list for every key"),
     (["+hydra.sweeper.n_trails=3"], "hydra.sweeper.n_trails is not a ppo_tune setting (did you mean n_trials?)"),
+    (["hydra.sweeper.n_trails=3"], "hydra.sweeper.n_trails is not a ppo_tune setting (did you mean n_trials?)"),
     (["+hydra.sweeper.params={algo.ent_coef: \"tag(log, interval(0, 0.1))\"}"],
      "the search space of algo.ent_coef (tag(log, interval(0, 0.1))) is not one Optuna can sample"),
     (["hydra.sweeper.n_trials=many"], "hydra.sweeper.n_trials='many': must be an integer"),
@@ -309,6 +310,9 @@ def test_pbt_exploits_explores_and_each_member_retrains_from_its_lineage_bitwise
     (["hydra.sweeper.interval=256", "algo.ent_schedule=linear"], "algo.ent_schedule must be constant under PBT"),
     (["hydra.sweeper.interval=256", "algo.lr_schedule=linear"], "algo.lr_schedule must be constant under PBT"),
     (["+hydra.sweeper.params.algo.clip_rnage='interval(0.1, 0.2)'"], "unknown config key 'algo.clip_rnage'"),
+    (["hydra.sweeper.interval=256", "+hydra.sweeper.params={algo.clip_rnage: \"interval(0.1, 0.2)\"}"],
+     "algo.clip_rnage is not a config key"),
+    (["hydra.sweeper.populaton=2"], "hydra.sweeper.populaton is not a ppo_pbt setting (did you mean population?)"),
 ])
 def test_bad_pbt_input_is_one_line_before_any_job(tmp_path, args, message):
     _refused_before_any_job(tmp_path, "ppo_pbt", args, message)
@@ -336,3 +340,24 @@ def test_a_finished_trial_is_told_nothing_when_its_job_is_resumed_on_its_own(tmp
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     reporter = TrialReporter.from_cfg(make_cfg(f"tune.storage={url}", "tune.study=ppo", f"tune.trial={trial.number}"))
     assert reporter.report(256, 1.0) is False and study.get_trials()[0].intermediate_values == {}
+
+
+def test_pbt_explores_a_choice_among_its_values():
+    from ppo_cli.cli.pbt import PopulationTraining
+
+    pbt = PopulationTraining.__new__(PopulationTraining)
+    pbt.rng, pbt.resample, pbt.perturb = __import__("random").Random(0), 0.0, [0.8, 1.25]
+    space = {"algo.n_steps": optuna.distributions.CategoricalDistribution([256, 512, 1024])}
+    seen = {pbt.explore({"algo.n_steps": 512}, space)["algo.n_steps"] for _ in range(50)}
+    assert seen == {256, 1024}  # a neighbour, never 512 x 0.8
+
+
+def test_a_continued_study_keeps_each_keys_kind_of_range(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = ["hydra/sweeper=ppo_tune", "hydra.sweeper.pruner=none", *SMALL, *JOB, "eval.every_steps=0",
+            f"hydra.sweep.dir={sweep}"]
+    cli("ppo-train", "-m", *base, "hydra.sweeper.n_trials=1", "algo.K_epochs=range(1, 4)", cwd=tmp_path, check=True)
+    proc = cli("ppo-train", "-m", *base, "hydra.sweeper.n_trials=2", "algo.K_epochs=choice(3, 5)", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "sampled algo.K_epochs from IntDistribution, this sweep from CategoricalDistribution" in proc.stderr
+    assert len(_study(f"sqlite:///{sweep / 'study.db'}").get_trials()) == 1  # nothing asked, nothing left running

@@ -25,6 +25,23 @@ SECTIONS = (*GROUPS, "eval")  # keys that hold keys: never the suggestion for a 
 SWEEP_PARAMS = "hydra.sweeper.params."  # the Optuna sweeper's search space: its keys are config keys
 
 
+def _check_sweeper_settings(argv: list[str]) -> None:
+    """hydra.sweeper.<setting> of ppo-cli's own sweepers, checked by name (Hydra's "not in struct" would advise a
+    '+', which only moves the typo into the sweep)."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra/sweeper=ppo_")]
+    if not chosen:
+        return
+    from ppo_cli.cli.pbt import PBT_SETTINGS  # the sweepers' modules, only for their sweeps
+    from ppo_cli.cli.tune import TUNE_SETTINGS, check_settings
+
+    sweeper = chosen[-1]
+    known = PBT_SETTINGS if sweeper == "ppo_pbt" else TUNE_SETTINGS
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("hydra.sweeper.") and not key.startswith(SWEEP_PARAMS):
+            check_settings({key[len("hydra.sweeper."):].split(".", 1)[0]: None}, known, sweeper)
+
+
 def check_overrides(argv: list[str]) -> None:
     """Reject unknown keys and wrong types in one line, with a suggestion, before Hydra composes.
 
@@ -36,6 +53,7 @@ def check_overrides(argv: list[str]) -> None:
     schema = OmegaConf.structured(TrainConfig)
     parser = OverridesParser.create()
     known = _leaf_keys(schema)
+    _check_sweeper_settings(argv)
     for arg in argv:
         prefix = arg[:len(arg) - len(arg.lstrip("+~"))]
         if arg.startswith("-") or ("=" not in arg and prefix != "~"):

@@ -27,6 +27,7 @@ from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_res
 from ppo_cli.config import GROUPS, choice
 from ppo_cli.errors import UserError
 
+_MISSING = object()
 PBT_SETTINGS = ("population", "interval", "quantile", "perturb", "resample_probability", "seed", "params")
 
 
@@ -103,18 +104,19 @@ class PopulationTraining:
         space = {}
         for key, line in params.items():
             (override,) = parser.parse_overrides([line])
-            current = OmegaConf.select(self.config, key, default=None)
+            current = OmegaConf.select(self.config, key, default=_MISSING)
             if not override.is_sweep_override():
                 raise UserError(f"hydra.sweeper.params.{key}={line.split('=', 1)[1]}: a PBT key needs a range to start "
                                 f"from and explore in, e.g. interval(1e-4, 3e-3)")
             dist, _ = _distribution(key, override)
             numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool)
                           for c in getattr(dist, "choices", [0]))
-            if not numeric or isinstance(current, (str, bool)) or (current is None and "." in key and
-                                                                  OmegaConf.select(self.config, key.rsplit(".", 1)[0],
-                                                                                   default=None) is None):
+            if current is _MISSING:
+                raise UserError(f"hydra.sweeper.params.{key}: {key} is not a config key (a typo? "
+                                f"docs/configuration.md lists the keys)")
+            if not numeric or isinstance(current, (str, bool)):
                 raise UserError(f"hydra.sweeper.params.{key}: PBT mutates numbers only, and {key} is "
-                                f"{'not a config key' if current is None else type(current).__name__}")
+                                f"{type(current).__name__}")
             space[key] = dist
         if not space:
             raise UserError("ppo_pbt has no mutable keys: give hydra.sweeper.params.KEY=interval(a, b)")
@@ -131,6 +133,13 @@ class PopulationTraining:
         out = {}
         for key, value in values.items():
             low, high, _, integer = _bounds(space[key])
+            if hasattr(space[key], "choices"):  # a choice stays one of its values: a neighbour, or any with resampling
+                choices = sorted(space[key].choices)
+                i = choices.index(value) + self.rng.choice((-1, 1))
+                new = self.draw(space[key]) if self.rng.random() < self.resample else choices[min(max(i, 0),
+                                                                                                   len(choices) - 1)]
+                out[key] = new
+                continue
             if self.rng.random() < self.resample:
                 new = self.draw(space[key])
             else:

@@ -5,6 +5,7 @@ each surviving member followed), and the best configuration written as an algo p
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def importances(storage: str, name: str) -> dict[str, float] | str:
             evaluator, how = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
         except ImportError:
             evaluator, how = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
-        values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        with warnings.catch_warnings():  # PED-ANOVA warns where few trials make its quantiles coincide
+            warnings.simplefilter("ignore")
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
         return {**{k: float(v) for k, v in values.items()}, "_how": how}  # type: ignore[dict-item]
     except ImportError:
         return 'Optuna is not installed (pip install ".[sweep]")'

@@ -207,11 +207,11 @@ def storage_lock(url: str) -> Iterator[None]:
 
 def counted(trial: Any) -> bool:
     """Whether a trial counts toward n_trials: not one waiting to run, nor one interrupted (it runs again), nor a
-    surplus one."""
+    surplus one, nor one whose jobs could not be composed."""
     from optuna.trial import TrialState
 
-    return trial.state != TrialState.WAITING and not trial.user_attrs.get("interrupted") \
-        and not trial.user_attrs.get("surplus")
+    return trial.state != TrialState.WAITING and not any(trial.user_attrs.get(k) for k in ("interrupted", "surplus",
+                                                                                          "not_run"))
 
 
 def job_result(folder: Path, owner: str | None = None) -> dict[str, Any]:
@@ -256,7 +256,7 @@ def check_settings(settings: dict[str, Any], known: Sequence[str], sweeper: str)
 
 def command_line(fixed: Sequence[str], params: dict[str, Any]) -> str:
     """The command that trains a trial's configuration on its own."""
-    shown = [*fixed, *(f"{k}={v}" for k, v in params.items())]
+    shown = [*(f for f in fixed if not f.startswith("tune.")), *(f"{k}={v}" for k, v in params.items())]
     return "ppo-train " + " ".join(shown)
 
 
@@ -311,11 +311,27 @@ class Tuner:
                                 f"with tune.seeds={seeds}, or start another study (hydra.sweeper.study_name)")
             study.set_user_attr(PRUNER_ATTR, spec)
             study.set_user_attr(SEEDS_ATTR, self.seeds)
+        self.check_space(study, space)
         (self.sweep_dir / TUNE_MARKER).write_text(OmegaConf.to_yaml({"storage": self.url, "study": self.study_name}))
         if self.sampler_name == "grid":
             size = math.prod(len(v or []) for v in space.grid.values())
             self.n_trials = min(self.n_trials, size)
         return study
+
+    def check_space(self, study: Any, space: Space) -> None:
+        """A continued study keeps each key's kind of range (Optuna cannot sample one key from two kinds)."""
+        from optuna.distributions import check_distribution_compatibility
+
+        for trial in study.get_trials(deepcopy=False):
+            for key, before in trial.distributions.items():
+                if key in space.distributions:
+                    try:
+                        check_distribution_compatibility(before, space.distributions[key])
+                    except ValueError:
+                        raise UserError(f"study {self.study_name!r} in {self.url} sampled {key} from "
+                                        f"{type(before).__name__}, this sweep from "
+                                        f"{type(space.distributions[key]).__name__}: continue it with the same kind "
+                                        f"of range, or start another study (hydra.sweeper.study_name)") from None
 
     def sampler(self, space: Space, count: int) -> Any:
         """The sampler for the study's trial number `count`: seeded with seed + count, so a continued study, or a
@@ -372,7 +388,12 @@ class Tuner:
         per_trial = [names[i * self.seeds:(i + 1) * self.seeds] for i in range(len(batch))]
         try:
             if self.validate is not None:
-                self.validate(jobs)  # a job that cannot compose (a float for an integer key): one line, no job run
+                try:  # a job that cannot compose (a float for an integer key): one line, no job run
+                    self.validate(jobs)
+                except Exception:
+                    for trial in batch:  # never ran: they do not use up n_trials
+                        trial.set_user_attr("not_run", True)
+                    raise
             returns = self.launcher.launch(jobs, initial_job_idx=int(names[0]))
             for trial, trial_names in zip(batch, per_trial, strict=True):
                 self.tell(study, trial, trial_names)
