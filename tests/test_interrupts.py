@@ -326,7 +326,8 @@ def test_ctrl_c_while_a_tool_imports_is_one_line(tool, tmp_path):
     or more) is one line and exit 130, not a traceback through the imports. The signal is sent from inside the
     import call, so the test does not depend on timing."""
     # SIGINT as in a terminal: a process started with it ignored (an xdist worker's child) would never see it.
-    code = ("import importlib, os, signal\n"
+    code = ("import importlib, os, signal, sys\n"
+            "sys.argv = [sys.argv[0], 'checkpoint.pt']  # an argument: help and usage errors are answered before\n"
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from ppo_cli.cli import launch\n"
             "real = importlib.import_module\n"
