@@ -97,3 +97,12 @@ def test_the_sweep_report_writes_the_statistics_over_seeds(tmp_path):
     assert pair["x"] == "clip_range=0.2" and pair["y"] == "clip_range=0.1"
     assert float(pair["probability"]) == pytest.approx(20 / 25)  # 4 good seeds beat all 5; the outlier none
     assert (sweep / "aggregate.png").stat().st_size > 1000 and (sweep / "profiles.png").stat().st_size > 1000
+
+
+def test_configurations_are_named_short_where_that_keeps_them_apart():
+    from ppo_cli.cli.seed_report import _names
+
+    tuned = [{"params": {"algo.lr_actor": "0.00012345678912345"}}, {"params": {"algo.lr_actor": "0.1"}}]
+    assert _names(tuned, ["algo.lr_actor"]) == ["lr_actor=0.0001235", "lr_actor=0.1"]
+    close = [{"params": {"algo.lr_actor": "0.00012345678912345"}}, {"params": {"algo.lr_actor": "0.00012345678999"}}]
+    assert _names(close, ["algo.lr_actor"]) == ["lr_actor=0.00012345678912345", "lr_actor=0.00012345678999"]

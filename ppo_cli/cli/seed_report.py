@@ -21,8 +21,23 @@ from ppo_cli.errors import extra_hint
 METRICS = ("iqm", "mean", "median")
 
 
-def _name(params: dict[str, Any], keys: list[str]) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={params.get(k)}" for k in keys) or "all jobs"
+def _name(params: dict[str, Any], keys: list[str], digits: int | None = None) -> str:
+    """A configuration's name: its varying keys, sampled floats at `digits` significant digits (None: as given)."""
+    def shown(value: Any) -> str:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return str(value)
+        return str(value) if digits is None or len(str(value)) <= 8 else f"{number:.{digits}g}"
+
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={shown(params.get(k))}" for k in keys) or "all jobs"
+
+
+def _names(groups: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """The groups' names: short (4 significant digits, as the sweep table shows them) where that keeps them apart,
+    in full otherwise (a tuning sweep's sampled values run to 17 digits)."""
+    short = [_name(g["params"], keys, 4) for g in groups]
+    return short if len(set(short)) == len(short) else [_name(g["params"], keys) for g in groups]
 
 
 def report(groups: list[dict[str, Any]], keys: list[str], out: Path, console: Console, target: float | None = None,
@@ -32,9 +47,10 @@ def report(groups: list[dict[str, Any]], keys: list[str], out: Path, console: Co
     reps = reps or stats.REPS
     metrics = (*METRICS, "optimality_gap") if target is not None else METRICS
     rows = []
-    for g in groups:
+    names = _names(groups, keys)
+    for g, name in zip(groups, names, strict=True):
         scores = np.asarray(g["scores"], dtype=float)[:, None]  # runs x 1 task: a sweep's configuration on its env
-        rows.append({"config": _name(g["params"], keys), **{k: g["params"].get(k) for k in keys},
+        rows.append({"config": name, **{k: g["params"].get(k) for k in keys},
                      "runs": len(g["scores"]), **stats.summary(scores, target, reps)})
     rows.sort(key=lambda r: -r["iqm"])
     console.print(f"over seeds ({len(rows)} configurations; 95% stratified bootstrap intervals over {reps:,} "
@@ -52,7 +68,7 @@ def report(groups: list[dict[str, Any]], keys: list[str], out: Path, console: Co
         writer.writeheader()
         writer.writerows(rows)
     console.print(f"aggregate: {out / 'aggregate.csv'}", soft_wrap=True, markup=False)
-    by_name = {_name(g["params"], keys): np.asarray(g["scores"], dtype=float)[:, None] for g in groups}
+    by_name = {name: np.asarray(g["scores"], dtype=float)[:, None] for g, name in zip(groups, names, strict=True)}
     pairs = []
     for a, b in combinations([r["config"] for r in rows], 2):  # the better IQM first: P(a run of a beats one of b)
         low, high = stats.improvement_interval(by_name[a], by_name[b], reps=min(reps, 2_000))
