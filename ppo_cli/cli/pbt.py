@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.cli.study_report import LINEAGE
-from ppo_cli.cli.tune import _distribution, check_settings, flat_params, job_result, setting
+from ppo_cli.cli.tune import _distribution, check_settings, job_result, setting, split_arguments
 from ppo_cli.config import GROUPS, choice
 from ppo_cli.errors import UserError
 
@@ -86,16 +86,8 @@ class PopulationTraining:
 
     def space(self, arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
         """The mutable keys' initial distributions (every one a number), and the overrides every job gets."""
-        params = {k: f"{k}={v}" for k, v in flat_params(self.s.get("params")).items()}
-        fixed = []
+        params, fixed = split_arguments(self.s.get("params"), arguments)
         parser = OverridesParser.create()
-        for arg in arguments:
-            (override,) = parser.parse_overrides([arg])
-            if override.is_sweep_override():
-                params[override.get_key_element()] = arg
-            else:
-                params.pop(override.get_key_element(), None)
-                fixed.append(arg)
         if any(a.split("=", 1)[0] == "resume" for a in fixed):
             raise UserError("ppo_pbt resumes each member from the checkpoints it chooses: resume= is not for a PBT "
                             "sweep")

@@ -63,9 +63,9 @@ def _study(sweep_dir: Path, summary: dict[str, Any], jobs: list[Any], console: C
     found: dict[str, Any] = {"best_params": summary.get("best_params"), "best_value": summary.get("best_value")}
     if summary.get("best_trial") is None:
         return found
-    seeds = max(1, len([j for j in jobs if j.params.get("tune.trial") == str(summary["best_trial"])]))
-    found["best_job"] = next((j.name for j in jobs if j.params.get("tune.trial") == str(summary["best_trial"])),
-                             None)
+    best_jobs = [j.name for j in jobs if j.params.get("tune.trial") == str(summary["best_trial"])]
+    seeds = max(1, len(best_jobs))
+    found["best_job"] = best_jobs[0] if best_jobs else None
     _say(console, f"best trial {summary['best_trial']}: objective {summary['best_value']:.2f}"
                   + (f" (mean of {seeds} seeds)" if seeds > 1 else "") + f"; alone: {summary.get('best_command')}")
     found["importances"] = importances(str(summary.get("storage")), str(summary.get("name")))

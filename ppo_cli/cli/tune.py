@@ -86,11 +86,11 @@ def flat_params(params: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictConfig) -> Space:
-    """The space from hydra.sweeper.params and the command line's sweep overrides (which win), each key checked
-    against the config before any job starts."""
+def split_arguments(params: Any, arguments: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """The swept keys' override lines (hydra.sweeper.params, with the command line's sweeps winning) and the
+    command line's fixed overrides (a key given one value leaves the sweep)."""
     lines = {k: f"{k}={v}" for k, v in flat_params(params).items()}
-    space = Space()
+    fixed = []
     parser = OverridesParser.create()
     for arg in arguments:
         (override,) = parser.parse_overrides([arg])
@@ -99,7 +99,16 @@ def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictC
             lines[key] = arg
         else:
             lines.pop(key, None)
-            space.fixed.append(arg)
+            fixed.append(arg)
+    return lines, fixed
+
+
+def search_space(params: dict[str, Any], arguments: Sequence[str], config: DictConfig) -> Space:
+    """The space from hydra.sweeper.params and the command line's sweep overrides (which win), each key checked
+    against the config before any job starts."""
+    lines, fixed = split_arguments(params, arguments)
+    space = Space(fixed=fixed)
+    parser = OverridesParser.create()
     for key, line in lines.items():
         try:
             (override,) = parser.parse_overrides([line])
@@ -220,9 +229,9 @@ def job_result(folder: Path, owner: str | None = None) -> dict[str, Any]:
     try:
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
-        return {"status": "failed", "error": "the job wrote no result.json"}
+        return {"status": "missing", "error": "the job wrote no result.json"}
     if owner is not None and owner not in result.get("overrides", []):
-        return {"status": "failed", "error": f"{folder} holds another run's result (the job could not take it)"}
+        return {"status": "foreign", "error": f"{folder} holds another run's result (the job could not take it)"}
     return result
 
 
@@ -412,8 +421,9 @@ class Tuner:
             if trial.number not in running:
                 continue
             results = [job_result(self.sweep_dir / n, f"tune.trial={trial.number}") for n in trial_names]
-            if all(r.get("status") in ("ok", "pruned", "failed") and "holds another" not in str(r.get("error"))
-                   for r in results) and any((self.sweep_dir / n / "result.json").is_file() for n in trial_names):
+            statuses = [r.get("status") for r in results]
+            if all(s in ("ok", "pruned", "failed", "missing") for s in statuses) and statuses.count("missing") < \
+                    len(statuses):  # its jobs ran and ended (one with no result counts as failed)
                 self.tell(study, trial, trial_names)
             elif stopped:
                 trial.set_user_attr("interrupted", True)
@@ -436,7 +446,7 @@ class Tuner:
             what = f"objective {sum(values) / len(values):.2f}" + (f" (mean of {len(values)} seeds)"
                                                                     if len(values) > 1 else "")
         else:
-            error = next((r.get("error") for r in results if r.get("status") == "failed"), "no objective")
+            error = next((r.get("error") for r in results if r.get("status") not in ("ok", "pruned")), "no objective")
             trial.set_user_attr("error", str(error))
             study.tell(trial, state=_state("FAIL"))
             what = f"failed: {error}"
