@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from ppo_cli import distributed
 from ppo_cli.algo.rollout import Collected, choose_actor, collect
-from ppo_cli.algo.storage import RolloutBuffer, check_rollout_fits
+from ppo_cli.algo.storage import Batch, RolloutBuffer, check_rollout_fits
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, Updater, UpdateSettings, explained_variance, make_optimizer
 from ppo_cli.config import choice, env_label
@@ -119,15 +119,24 @@ class PPO:
         """GAE over the collected rollout, then the update, with the learning rates and entropy coefficient
         scheduled at `progress` (0 to 1 of the run's steps). Returns TensorBoard's scalars of the update."""
         a = self.cfg.algo
-        for group in self.optimizer.param_groups:
-            base = a.lr_actor if group["name"] == "actor" else a.lr_critic
-            group["lr"] = schedule_value(base, 0.0, choice(a.lr_schedule), progress)
-        self.settings.ent_coef = schedule_value(a.ent_coef, a.ent_coef_final, choice(a.ent_schedule), progress)
+        self.schedule(progress)
         with self.clock["advantages"], torch.no_grad():
             x = self.policy.prepare(as_tensors(self.obs, self.device))
             batch = self.buffer.advantages(self.policy.value(x, self.actor.state), a.gamma, a.gae_lambda)
         with self.clock["update"]:
             stats = self.updater.update(batch, self.settings)  # type: ignore[union-attr]
+        return self.scalars(stats, batch)
+
+    def schedule(self, progress: float) -> None:
+        """The learning rates and the entropy coefficient at `progress` (0 to 1 of the run's steps)."""
+        a = self.cfg.algo
+        for group in self.optimizer.param_groups:
+            base = a.lr_actor if group["name"] == "actor" else a.lr_critic
+            group["lr"] = schedule_value(base, 0.0, choice(a.lr_schedule), progress)
+        self.settings.ent_coef = schedule_value(a.ent_coef, a.ent_coef_final, choice(a.ent_schedule), progress)
+
+    def scalars(self, stats: dict[str, float], batch: Batch) -> dict[str, float]:
+        """TensorBoard's scalars of an update: its statistics `stats` (Updater.update's) over `batch`."""
         lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         # How large the network's flat input is (the doctor's obs_scale); pixels, scaled inside the encoder, are not.
         image, scale = self.policy.layout.image_part, {}

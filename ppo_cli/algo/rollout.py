@@ -25,9 +25,9 @@ from ppo_cli.policy.observations import as_tensors, batch_size, stack
 class Actor(Protocol):
     """What the rollout acts through: TorchActor, or fast.core.NumpyActor where it covers the policy."""
 
-    def inputs(self, obs: np.ndarray, update_stats: bool = True) -> Any:
-        """The network input for raw observations (what the buffer stores); folds them into the observation
-        statistics when `update_stats`."""
+    def inputs(self, obs: np.ndarray, update_stats: bool = True, rows: np.ndarray | None = None) -> Any:
+        """The network input for raw observations (what the buffer stores): of every env, or of envs `rows`;
+        folds them into the observation statistics when `update_stats`."""
 
     def act(self, x: Any, mask: np.ndarray | None = None) -> tuple[Any, Any, Any]:
         """(sampled actions, their log-probs, values), only among the actions `mask` allows where it is given."""
@@ -62,7 +62,7 @@ class TorchActor:
         self.staging = HostStaging(self.device) if staged else None
         self._sample = step or policy.sample_step
 
-    def inputs(self, obs: Any, update_stats: bool = True) -> torch.Tensor:
+    def inputs(self, obs: Any, update_stats: bool = True, rows: np.ndarray | None = None) -> torch.Tensor:
         # Only the step's own batch is staged; the few rows of a truncation bootstrap are copied plainly.
         staged = self.staging is not None and batch_size(obs) == self.num_envs
         t = self.staging.tensors(obs) if staged else as_tensors(obs, self.device)  # type: ignore[union-attr]
@@ -125,6 +125,7 @@ class Collected:
     complete: bool  # False when `should_stop` cut the rollout short
     returns: list[float]  # returns and lengths of the episodes that ended
     lengths: list[int]
+    ended_in: list[int]  # and the env each ended in
 
 
 def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: Any,
@@ -137,7 +138,7 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
     observation) to bootstrap from; a terminated one nothing (see compute_gae).
     """
     n = envs.num_envs
-    done = Collected(obs, mask, 0, True, [], [])
+    done = Collected(obs, mask, 0, True, [], [], [])
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
         if should_stop():
@@ -158,12 +159,13 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
         buffer.add(x, action, logp, value, reward, terminated, ended, mask, starts)
         cut = np.flatnonzero(truncated & ~terminated)
         if cut.size:  # V(final obs) from the state the episode reached, before end_episodes zeroes it
-            buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False), cut))
+            buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False, cut), cut))
         actor.end_episodes(ended)
         if "_episode" in info:
             finished = info["_episode"]
             done.returns.extend(info["episode"]["r"][finished].tolist())
             done.lengths.extend(info["episode"]["l"][finished].tolist())
+            done.ended_in.extend(np.flatnonzero(finished).tolist())
         obs = next_obs
         done.steps += n
         if masks is not None:

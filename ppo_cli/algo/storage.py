@@ -19,9 +19,10 @@ from ppo_cli.devices import check_fits, stages
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
-                terminated: torch.Tensor, episode_end: torch.Tensor, gamma: float,
-                gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages and returns, all tensors [T, N].
+                terminated: torch.Tensor, episode_end: torch.Tensor, gamma: float | np.ndarray,
+                gae_lambda: float | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns, all tensors [T, N]; gamma and lambda are floats, or [N] float64 arrays (the members
+    of a batched run, each env with its member's).
 
     delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
     A_t     = delta_t + gamma * lambda * (1 - episode_end_t) * A_{t+1}
@@ -32,18 +33,24 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.
     """
     not_term = 1.0 - terminated
     not_end = 1.0 - episode_end
-    deltas = rewards + gamma * next_values * not_term - values
+    # gamma * lambda in float64 first, as for floats, then float32 as torch takes a Python number
+    discount = _coef(gamma * gae_lambda, rewards.device)
+    deltas = rewards + _coef(gamma, rewards.device) * next_values * not_term - values
     advantages = torch.empty_like(rewards)
     # The backward recursion is T small steps over N envs: on the CPU it runs on numpy views of the same
     # memory, where each step costs about a microsecond instead of torch's several.
     on_cpu = rewards.device.type == "cpu"
-    adv, delta, carry = (advantages.numpy(), deltas.numpy(), (gamma * gae_lambda * not_end).numpy()) if on_cpu \
-        else (advantages, deltas, gamma * gae_lambda * not_end)
+    adv, delta, carry = (advantages.numpy(), deltas.numpy(), (discount * not_end).numpy()) if on_cpu \
+        else (advantages, deltas, discount * not_end)
     running = delta[-1] * 0
     for t in range(rewards.shape[0] - 1, -1, -1):
         running = delta[t] + carry[t] * running
         adv[t] = running
     return advantages, advantages + values
+
+
+def _coef(value: float | np.ndarray, device: torch.device) -> float | torch.Tensor:
+    return value if np.ndim(value) == 0 else torch.as_tensor(np.asarray(value).astype(np.float32), device=device)
 
 
 @dataclass
@@ -209,7 +216,8 @@ class RolloutBuffer:
     def full(self) -> bool:
         return self.step == self.n_steps
 
-    def advantages(self, last_values: torch.Tensor, gamma: float, gae_lambda: float) -> Batch:
+    def advantages(self, last_values: torch.Tensor, gamma: float | np.ndarray,
+                   gae_lambda: float | np.ndarray) -> Batch:
         """GAE over the full buffer, then flatten to [T*N, ...]; `last_values` = V(obs after the last step)."""
         if self.staged:  # the envs' side of the rollout, in one copy per field
             for tensor, host in self._uploads:

@@ -53,8 +53,9 @@ LIVE_SECONDS = 10.0  # a plain console's longest silence while a rollout runs
 class Logger:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, config_yaml: str,
                  log_interval: int = 1, purge_step: int | None = None, rich_progress: bool | None = None,
-                 cfg: Any = None) -> None:
+                 cfg: Any = None, label: str = "") -> None:
         _quiet_writer_thread_errors()
+        self.prefix = f"[{label}] " if label else ""  # a batch's member: which one a console line is about
         self.run_dir = Path(run_dir)
         self.failed = False
         with self._writing():
@@ -120,7 +121,7 @@ class Logger:
         elif update % self.log_interval == 0:
             done = max(step - self.start_step, 1)
             eta = (time.perf_counter() - self.started) * max(self.total - step, 0) / done
-            print(f"step {step:>9,}/{self.total:,} | update {update} | SPS {sps:,.0f} | "
+            print(f"{self.prefix}step {step:>9,}/{self.total:,} | update {update} | SPS {sps:,.0f} | "
                   f"mean return {ret} | ETA {_fmt_duration(eta)}", flush=True)
             self.last_line = time.perf_counter()
 
@@ -158,7 +159,7 @@ class Logger:
         if self.progress is not None:
             self.progress.console.print(text, markup=False, highlight=False)
         else:
-            print(text, flush=True)
+            print(self.prefix + text, flush=True)
             self.last_line = time.perf_counter()
 
     def close(self) -> None:

@@ -72,6 +72,20 @@ class Boundary:
 
 
 @dataclass
+class Member:
+    """What a run trained as a member of a batch (run/batched.py) takes from the batch instead of building it: the
+    batch's envs (its own are a slice of them), its first observations, the batch's clock and stop signals, and a
+    label for its console lines."""
+
+    envs: Any
+    obs: Any
+    info: dict[str, Any]
+    clock: Stopwatch
+    stops: StopSignals
+    label: str
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     checkpoint: Path
@@ -119,8 +133,8 @@ def check_finite(scalars: dict[str, float], step: int, envs: Any, normalize_rewa
 
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
-                 rich_progress: bool | None = None) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+                 rich_progress: bool | None = None, member: Member | None = None) -> None:
+        self.cfg, self.run_dir, self.member = cfg, Path(run_dir), member
         settle_network(cfg)  # network=auto decided first: the threads and the device depend on the encoder
         threads = torch_threads(cfg)
         if threads:
@@ -134,27 +148,26 @@ class Runner:
         self.ranks = distributed.setup(self.device)
         torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
         self.env_seed = cfg.seed + self.ranks.rank * cfg.env.num_envs  # each rank's envs are seeded apart
-        self.stops = StopSignals(self.ranks, self._stop_notice, self._stop_at_once)
+        self.stops = StopSignals(self.ranks, self._stop_notice, self._stop_at_once) if member is None else member.stops
         self._saved: tuple[Path, int] | None = None  # the last checkpoint.pt written (or resumed from), its step
         check_rollout_fits(cfg.algo.n_steps, cfg.env.num_envs, self.device)  # before a billion envs are built
         # Sync envs run in this process: a Ctrl-C while they are built is a KeyboardInterrupt, as anywhere outside
         # run(). Async workers must not see it (held_from_workers); it then stops the run at its first boundary.
         async_workers = cfg.env.vectorization == "async"
         with held_from_workers(self.stops.remember) if async_workers else nullcontext():
-            self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True)
-        self.stalls = Stalls(lambda: (self.envs, getattr(getattr(self, "evaluator", None), "envs", None)),
-                             tick=self._tick)
+            self.envs = make_vec_env(cfg.env, seed=self.env_seed, training=True) if member is None else member.envs
+        self.stalls = None if member is not None else Stalls(
+            lambda: (self.envs, getattr(getattr(self, "evaluator", None), "envs", None)), tick=self._tick)
         try:
             self._build(cfg, resume, rich_progress)
         except BaseException:  # what was opened so far is closed; the error goes on to the user
-            self.stalls.close()
-            self.envs.close()
-            distributed.teardown()
+            self.close(own_only=True)
             raise
 
     def _build(self, cfg: DictConfig, resume: dict[str, Any] | None, rich_progress: bool | None) -> None:
-        self.clock = Stopwatch(STAGES)
-        obs, info = self.envs.reset(seed=self.env_seed)
+        m = self.member
+        self.clock = Stopwatch(STAGES) if m is None else m.clock
+        obs, info = self.envs.reset(seed=self.env_seed) if m is None else (m.obs, m.info)
         self.algo = PPO(cfg, self.envs, obs, info, self.device, self.ranks, self.clock, self._message)
         self.global_step, self.update_idx, self.trained_before = 0, 0, 0.0
         self.recent_returns: deque[float] = deque(maxlen=cfg.eval.train_window)
@@ -169,11 +182,13 @@ class Runner:
                 self._saved = (Path(cfg.resume), self.global_step)
         count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the step as the run counts it
         self._first_update = self.update_idx
-        self.notes += self.algo.prepare()
+        if m is None:  # a batch prepares its members together (algo/batched.py)
+            self.notes += self.algo.prepare()
         if self.ranks.main:
             self.logger = Logger(self.run_dir, cfg.algo.total_timesteps, self.global_step, self.config_yaml,
                                  cfg.log_interval, purge_step=self.global_step if resume else None,
-                                 rich_progress=rich_progress, cfg=cfg)
+                                 rich_progress=rich_progress if m is None else False, cfg=cfg,
+                                 label="" if m is None else m.label)
         else:
             self.logger = QuietLogger()
 
@@ -208,32 +223,40 @@ class Runner:
                     if stops.requested():  # one process, a signal: the rollout is dropped, its start saved
                         raise Interrupted(stops.signal, step0, self.save(at=start))  # type: ignore[arg-type]
                     stops.phase = "update"
-                    self.global_step += rollout.steps * self.ranks.world
-                    returns, lengths = episodes(rollout, self.ranks)
                     scalars = self.algo.learn(progress=step0 / total)
-                    check_finite(scalars, self.global_step, self.envs, self.cfg.env.normalize_reward)
-                    self.update_idx += 1
-                    self.recent_returns.extend(returns)
-                    stops.phase = None
-                    with self.clock["log_checkpoint"]:
-                        self._log(scalars, (self.global_step - step0) / max(self.clock.total() - time0, 1e-9),
-                                  returns, lengths)
-                    with kept_on_env_fault(self, None, self.global_step):  # an evaluation env that breaks
-                        due = self._evaluate_due(step0)
-                    if due:
+                    if self.record(step0, time0, rollout, scalars):
                         stopped_at = (self.global_step, self.wall_time)
                         break
-                    # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
-                    if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
-                        with self.clock["log_checkpoint"]:
-                            self.save()
                 path = self.save()
                 if stops.agreed():  # asked during the last update: the run is trained, the evaluation waits
                     raise Interrupted(stops.signal or signal.SIGTERM, self.global_step, path)
-                final_eval = self._final_evaluation(path)
-            return self._finish(path, final_eval, stopped_at)
+                return self.conclude(path, stopped_at)
         finally:
             self.logger.close()
+
+    def record(self, step0: int, time0: float, rollout: Any, scalars: dict[str, float]) -> bool:
+        """Count, log, evaluate and checkpoint an update from step `step0` (begun at `time0` on the clock) that
+        collected `rollout`; True where the run stops here (eval.stop_at_return reached, or a pruned trial)."""
+        self.global_step += rollout.steps * self.ranks.world
+        returns, lengths = episodes(rollout, self.ranks)
+        check_finite(scalars, self.global_step, self.envs, self.cfg.env.normalize_reward)
+        self.update_idx += 1
+        self.recent_returns.extend(returns)
+        self.stops.phase = None
+        with self.clock["log_checkpoint"]:
+            self._log(scalars, (self.global_step - step0) / max(self.clock.total() - time0, 1e-9), returns, lengths)
+        with kept_on_env_fault(self, None, self.global_step):  # an evaluation env that breaks
+            if self._evaluate_due(step0):
+                return True
+        # After the evaluation, so the checkpoint's best_eval is never older than best.pt.
+        if self.cfg.checkpoint_interval and self.update_idx % self.cfg.checkpoint_interval == 0:
+            with self.clock["log_checkpoint"]:
+                self.save()
+        return False
+
+    def conclude(self, path: Path, stopped_at: tuple[int, float] | None) -> TrainResult:
+        """The final evaluation of the run saved at `path`, and its result."""
+        return self._finish(path, self._final_evaluation(path), stopped_at)
 
     def _log(self, scalars: dict[str, float], sps: float, returns: list[float], lengths: list[int]) -> None:
         scalars = {**scalars, "charts/SPS": sps}
@@ -312,7 +335,8 @@ class Runner:
     # --- checkpoint state -------------------------------------------------------------------------------
     def _own_state(self) -> dict[str, Any]:
         """This process's own part of the state: the algorithm's and the envs' (checkpoint.STATE_KEYS)."""
-        return {**self.algo.own_state(), "env_state": snapshot(self.envs)[0]}
+        # A batch's member: its envs are a slice of the batch's, which a run of its own could not continue.
+        return {**self.algo.own_state(), "env_state": None if self.member else snapshot(self.envs)[0]}
 
     def _boundary(self) -> Boundary:
         """The state a rollout is about to change, for a stop that drops the rollout (Boundary)."""
@@ -403,10 +427,14 @@ class Runner:
             kill_workers(envs)
         os._exit(128 + signum)
 
-    def close(self) -> None:
-        self.stalls.close()
-        self.envs.close()
-        self.evaluator.close()
+    def close(self, own_only: bool = False) -> None:
+        """Close what the run opened (a batch's member: not the batch's envs)."""
+        if self.stalls is not None:
+            self.stalls.close()
+        if self.member is None:
+            self.envs.close()
+        if not own_only:
+            self.evaluator.close()
         distributed.teardown()
 
 

@@ -92,10 +92,14 @@ class NumpyMLP:
     """Linear layers with one activation between them (and after the last, for a shared trunk), on numpy views
     of the torch parameters."""
 
-    def __init__(self, layers: list[nn.Linear], activation: str, activate_last: bool = False) -> None:
+    def __init__(self, layers: list[nn.Linear], activation: str, activate_last: bool = False,
+                 weights: list[np.ndarray] | None = None, biases: list[np.ndarray] | None = None) -> None:
         self.layers = layers
-        self.weights = [_view(layer.weight) for layer in layers]  # [out, in], as torch stores them
-        self.biases = [_view(layer.bias) for layer in layers]
+        # [out, in], as torch stores them; or, for the members of a batch (stacked.py), [members, out, in] with
+        # biases [members, 1, out], every operation below then running on each member's slice.
+        self.weights = [_view(layer.weight) for layer in layers] if weights is None else weights
+        self.biases = [_view(layer.bias) for layer in layers] if biases is None else biases
+        self._transposed = [w.swapaxes(-1, -2) for w in self.weights]
         self.activation = activation
         self.activate_last = activate_last
 
@@ -122,11 +126,11 @@ class NumpyMLP:
         """Every layer's output, the network's output last; written into `outs` when given."""
         h, result = x, []
         last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+        for i, (w_t, b) in enumerate(zip(self._transposed, self.biases, strict=True)):
             if outs is None:
-                h = h @ w.T
+                h = h @ w_t
             else:
-                h = np.matmul(h, w.T, out=outs[i])
+                h = np.matmul(h, w_t, out=outs[i])
             h += b
             if i < last or self.activate_last:
                 self._activate(h)
@@ -145,8 +149,8 @@ class NumpyMLP:
         for i in range(last, -1, -1):
             inp = outs[i - 1] if i else x
             grad_w, grad_b = grads[i]
-            np.matmul(g.T, inp, out=grad_w)
-            np.sum(g, axis=0, out=grad_b)
+            np.matmul(g.swapaxes(-1, -2), inp, out=grad_w)
+            np.sum(g, axis=-2, out=grad_b)
             if i:
                 g_in, tmp = scratch[i - 1]
                 np.matmul(g, self.weights[i], out=g_in)
@@ -172,6 +176,9 @@ class NumpyLoss:
     With separate encoders, `actor` and `critic` are whole MLPs on the input; with a shared trunk, `trunk`
     maps the input to the hidden output both heads read, and `actor` and `critic` are the single output
     layers, whose input gradients add up on the way back into the trunk.
+
+    The members of a batched run (stacked.py) use the same loss on stacked arrays: every input gains a leading
+    member axis, the settings are per-member columns, and each member's slice is computed as one run's.
     """
 
     def __init__(self, policy: ActorCritic, activation: str) -> None:
@@ -183,6 +190,7 @@ class NumpyLoss:
         self.grads = {name: [(_view(m.weight.grad), _view(m.bias.grad)) for m in net.layers]  # type: ignore[arg-type]
                       for name, net in self._networks().items() if net is not None}
         self.dist_grads = [_view(p.grad) for p in self.dist.own_parameters()]  # type: ignore[arg-type]
+        self.lead: tuple[int, ...] = ()  # the member axis of a batch: (members,)
         self._buffers: dict[int, dict[str, Any]] = {}
 
     def _networks(self) -> dict[str, NumpyMLP | None]:
@@ -194,26 +202,28 @@ class NumpyLoss:
             def alloc(net: NumpyMLP | None) -> tuple[list, list]:
                 if net is None:
                     return [], []
-                widths = [w.shape[0] for w in net.weights]
-                outs = [np.empty((n, w), np.float32) for w in widths]
-                scratch = [(np.empty((n, w), np.float32), np.empty((n, w), np.float32))
+                widths = [w.shape[-2] for w in net.weights]
+                outs = [np.empty((*self.lead, n, w), np.float32) for w in widths]
+                scratch = [(np.empty((*self.lead, n, w), np.float32), np.empty((*self.lead, n, w), np.float32))
                            for w in (widths if net.activate_last else widths[:-1])]
                 return outs, scratch
 
             b = {name: alloc(net) for name, net in self._networks().items()}
             if self.trunk is not None:  # dL/d(trunk output) from each head
-                width = self.trunk.weights[-1].shape[0]
-                b["head_grads"] = (np.empty((n, width), np.float32), np.empty((n, width), np.float32))
+                width = self.trunk.weights[-1].shape[-2]
+                b["head_grads"] = (np.empty((*self.lead, n, width), np.float32),
+                                   np.empty((*self.lead, n, width), np.float32))
             self._buffers[n] = b
         return self._buffers[n]
 
     def loss_and_grads(self, x: np.ndarray, actions: np.ndarray, old_logp: np.ndarray, old_values: np.ndarray,
-                       adv: np.ndarray, returns: np.ndarray, clip_range: float, clip_range_vf: float | None,
-                       ent_coef: float, vf_coef: float, normalize_advantage: bool,
+                       adv: np.ndarray, returns: np.ndarray, clip_range: Any, clip_range_vf: Any,
+                       ent_coef: Any, vf_coef: Any, normalize_advantage: bool,
                        mask: np.ndarray | None = None) -> np.ndarray:
         """Overwrite .grad of every parameter with d(loss)/d(param) and return [policy_loss, value_loss,
-        entropy, approx_kl, clip_fraction], as ppo.minibatch_loss does."""
-        n = x.shape[0]
+        entropy, approx_kl, clip_fraction], as ppo.minibatch_loss does (for a batch: per member, [members, 5],
+        with the settings given as float64 [members, 1] columns)."""
+        n = x.shape[-2]
         buf = self._buffers_for(n)
         (a_outs, a_scratch), (c_outs, c_scratch) = buf["actor"], buf["critic"]
         a_in_grad = c_in_grad = None
@@ -223,53 +233,84 @@ class NumpyLoss:
             a_in_grad, c_in_grad = buf["head_grads"]
         out = self.actor.forward(features, a_outs)[-1]
         if normalize_advantage and n > 1:  # unbiased std, as torch's; ndarray.mean/std cost ~10 us each here
-            centred = adv - np.add.reduce(adv) / np.float32(n)
-            adv = centred / (np.sqrt(np.dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
+            centred = adv - _total(adv) / np.float32(n)
+            adv = centred / (np.sqrt(_dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
 
         logp, entropy, cache = self.head.log_prob_entropy(out, actions, mask)
         log_ratio = logp - old_logp
         ratio = np.exp(log_ratio)
         surr1 = ratio * adv
-        clipped = np.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
+        clipped = np.clip(ratio, _f32(1.0 - clip_range), _f32(1.0 + clip_range))
         surr2 = clipped * adv
-        policy_loss = -np.add.reduce(np.minimum(surr1, surr2)) / n
+        policy_loss = -_total(np.minimum(surr1, surr2)) / n
         # d policy_loss / d logp = -(1/n) * r * A where the unclipped term counts, else 0 (see the module doc)
         counts = (surr1 <= surr2) | (clipped == ratio)
         g_logp = surr1 * counts * np.float32(-1.0 / n)
-        g_out, g_dist = self.head.grad(cache, actions, g_logp, np.float32(ent_coef / n))
+        g_out, g_dist = self.head.grad(cache, actions, g_logp, _per(ent_coef, n))
         for view, g in zip(self.dist_grads, g_dist, strict=True):
             view[...] = g
         self.actor.backward(features, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
 
-        values = self.critic.forward(features, c_outs)[-1][:, 0]
+        values = self.critic.forward(features, c_outs)[-1][..., 0]
         value_loss, g_values = self._value_loss(values, old_values, returns, clip_range_vf)
-        g_value = (g_values * np.float32(vf_coef / n))[:, None]
+        g_value = (g_values * _per(vf_coef, n))[..., None]
         self.critic.backward(features, c_outs, g_value, self.grads["critic"], c_scratch, c_in_grad)
         if self.trunk is not None:
             a_in_grad += c_in_grad
             self.trunk.backward(x, buf["trunk"][0], a_in_grad, self.grads["trunk"], buf["trunk"][1])
 
         ratio_m1 = ratio - 1.0
-        approx_kl = np.add.reduce(ratio_m1 - log_ratio) / n
-        clip_frac = np.count_nonzero(np.abs(ratio_m1) > clip_range) / n
-        return np.array([policy_loss, value_loss, np.add.reduce(entropy) / n, approx_kl, clip_frac])
+        approx_kl = _total(ratio_m1 - log_ratio) / n
+        clip_frac = np.count_nonzero(np.abs(ratio_m1) > _f32(clip_range), axis=-1) / n
+        stats = [policy_loss, value_loss, _total(entropy) / n, approx_kl, clip_frac]
+        return np.array(stats) if x.ndim == 2 else np.stack([np.reshape(v, self.lead) for v in stats], axis=-1)
 
     @staticmethod
     def _value_loss(values: np.ndarray, old_values: np.ndarray, returns: np.ndarray,
-                    clip_range_vf: float | None) -> tuple[float, np.ndarray]:
+                    clip_range_vf: Any) -> tuple[Any, np.ndarray]:
         """ppo.value_loss and its gradient times n: 2 (V - R), or for the clipped form the gradient of the
         larger error (half of each where they tie, as autograd splits torch.max) with clamp's zero gradient
         outside the clip range."""
         err = values - returns
-        n = len(values)
+        n = values.shape[-1]
         if clip_range_vf is None:
-            return float(np.dot(err, err)) / n, 2.0 * err
+            return _loss(_dot(err, err), n), 2.0 * err
         delta = values - old_values
+        clip_range_vf = _f32(clip_range_vf)
         err_c = old_values + np.clip(delta, -clip_range_vf, clip_range_vf) - returns
         sq, sq_c = err * err, err_c * err_c
         g, g_c = 2.0 * err, 2.0 * err_c * (np.abs(delta) <= clip_range_vf)
         grad = np.where(sq > sq_c, g, np.where(sq < sq_c, g_c, 0.5 * (g + g_c)))
-        return float(np.add.reduce(np.maximum(sq, sq_c))) / n, grad.astype(np.float32, copy=False)
+        return _loss(_total(np.maximum(sq, sq_c)), n), grad.astype(np.float32, copy=False)
+
+
+def _total(a: np.ndarray) -> Any:
+    """The sum over the last axis: a scalar for one run's [n], [members, 1] for a batch's [members, n]."""
+    return np.add.reduce(a) if a.ndim == 1 else np.add.reduce(a, axis=-1, keepdims=True)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> Any:
+    """a . b over the last axis, each member by BLAS's dot as one run computes it (so a member's loss is that run's
+    to the bit): a scalar, or [members, 1]."""
+    if a.ndim == 1:
+        return np.dot(a, b)
+    return np.array([np.dot(x, y) for x, y in zip(a, b, strict=True)], np.float32)[:, None]
+
+
+def _loss(total: Any, n: int) -> Any:
+    """A loss's mean from its sum: a float for one run (the statistic it logs), [members, 1] for a batch."""
+    return float(total) / n if np.ndim(total) == 0 else total.astype(np.float64) / n
+
+
+def _f32(value: Any) -> Any:
+    """A setting as numpy takes a Python float next to float32 arrays: a float as it is, a [members, 1] column of
+    float64 (a batch's) rounded to float32 (an array of float64 would make the results float64)."""
+    return value if np.ndim(value) == 0 else np.asarray(value).astype(np.float32)
+
+
+def _per(coef: Any, n: int) -> Any:
+    """coef / n as float32: a scalar for one run, a [members, 1] column for a batch."""
+    return np.float32(coef / n) if np.ndim(coef) == 0 else (np.asarray(coef, np.float64) / n).astype(np.float32)
 
 
 def clip_flat_grad(flat: np.ndarray, max_norm: float) -> float:
@@ -327,7 +368,7 @@ class NumpyActor:
         self.dist, self.head = policy.dist, numpy_head(policy.dist)
         self.input = NumpyInput(policy.layout, policy.obs_norm)
 
-    def inputs(self, obs: Any, update_stats: bool = True) -> np.ndarray:
+    def inputs(self, obs: Any, update_stats: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
         """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
         return self.input.prepare(obs, update_stats)
 

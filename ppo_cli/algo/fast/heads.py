@@ -18,22 +18,59 @@ from ppo_cli.policy.heads import LOG_2PI, ActionHead, Bernoulli, Categorical, Di
 class NumpyHead:
     """The interface: `sample` (actions and their log-probs, as head.sample then head.log_prob_entropy give),
     `log_prob_entropy` (with what `grad` needs), and `grad`: dL/d(out) for dL/d logp = g_logp plus the entropy
-    bonus -ent_coef * mean(H) (c = ent_coef / n), and dL/d(each of head.own_parameters())."""
+    bonus -ent_coef * mean(H) (c = ent_coef / n), and dL/d(each of head.own_parameters()).
+
+    The members of a batched run (algo/fast/stacked.py) pass arrays with a leading member axis, [members, n, ...],
+    and c as a [members, 1] column. A head whose maths is row by row (no parameters of its own) computes them as
+    [members * n, ...] rows; one with parameters (`per_member`) takes them whole, its parameters [members, 1, ...].
+    """
+
+    per_member = False
 
     def __init__(self, head: ActionHead) -> None:
         self.head = head
 
     def sample(self, out: np.ndarray, noise: np.ndarray,
                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        if out.ndim > 2 and not self.per_member:
+            lead = out.shape[:-1]
+            actions, logp = self._sample(_rows(out), _rows(noise), None if mask is None else _rows(mask))
+            return actions.reshape(*lead, *actions.shape[1:]), logp.reshape(lead)
+        return self._sample(out, noise, mask)
 
     def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        raise NotImplementedError
+        if out.ndim > 2 and not self.per_member:
+            lead = out.shape[:-1]
+            logp, entropy, cache = self._log_prob_entropy(_rows(out), actions.reshape(-1, *actions.shape[len(lead):]),
+                                                          None if mask is None else _rows(mask))
+            return logp.reshape(lead), entropy.reshape(lead), cache
+        return self._log_prob_entropy(out, actions, mask)
 
     def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+             c: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+        if g_logp.ndim > 1 and not self.per_member:
+            lead = g_logp.shape
+            g_out, g_params = self._grad(cache, actions.reshape(-1, *actions.shape[len(lead):]), g_logp.reshape(-1),
+                                         np.broadcast_to(c, lead).reshape(-1, 1))
+            return g_out.reshape(*lead, -1), g_params
+        return self._grad(cache, actions, g_logp, c)
+
+    def _sample(self, out: np.ndarray, noise: np.ndarray,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        raise NotImplementedError
+
+    def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+              c: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1])
 
 
 class NumpyMultiCategorical(NumpyHead):
@@ -56,7 +93,7 @@ class NumpyMultiCategorical(NumpyHead):
     def _stack(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.stack(parts, axis=1)
 
-    def sample(self, out: np.ndarray, noise: np.ndarray,
+    def _sample(self, out: np.ndarray, noise: np.ndarray,
                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(out.shape[0])
         actions, logp = [], None
@@ -76,7 +113,7 @@ class NumpyMultiCategorical(NumpyHead):
             actions.append(action)
         return self._stack(actions), logp.astype(np.float32, copy=False)  # type: ignore[union-attr]
 
-    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+    def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         n = out.shape[0]
         cols = self._columns(actions)
@@ -93,7 +130,7 @@ class NumpyMultiCategorical(NumpyHead):
             parts.append((p, logp_all, h))
         return logp, entropy, (parts, mask)
 
-    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+    def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
              c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
         # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
         col = g_logp[:, None]
@@ -122,13 +159,13 @@ class NumpyCategorical(NumpyMultiCategorical):
 
 
 class NumpyBernoulli(NumpyHead):
-    def sample(self, out: np.ndarray, noise: np.ndarray,
+    def _sample(self, out: np.ndarray, noise: np.ndarray,
                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
         actions = (noise < p1).astype(np.float32)
-        return actions, self.log_prob_entropy(out, actions)[0]
+        return actions, self._log_prob_entropy(out, actions)[0]
 
-    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+    def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
         log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
@@ -138,7 +175,7 @@ class NumpyBernoulli(NumpyHead):
         entropy = -(p1 * log_p1 + (1.0 - p1) * log_p0).sum(axis=1)
         return logp, entropy, (p1, out)
 
-    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+    def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
              c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
         # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
         p1, logits = cache
@@ -147,31 +184,34 @@ class NumpyBernoulli(NumpyHead):
 
 class NumpyDiagGaussian(NumpyHead):
     head: DiagGaussian
+    per_member = True
 
-    def _log_std(self) -> np.ndarray:
-        return self.head.log_std.detach().numpy()
+    def __init__(self, head: DiagGaussian, log_std: np.ndarray | None = None) -> None:
+        super().__init__(head)
+        # [A], a view of the parameter; for a batch's members a [members, 1, A] view of their stacked copies.
+        self.log_std = head.log_std.detach().numpy() if log_std is None else log_std
 
-    def sample(self, out: np.ndarray, noise: np.ndarray,
-               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        log_std = self._log_std()
+    def _sample(self, out: np.ndarray, noise: np.ndarray,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        log_std = self.log_std
         actions = out + noise * np.exp(log_std)
-        logp = (-0.5 * noise * noise).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
+        logp = (-0.5 * noise * noise).sum(axis=-1) - (log_std.sum(axis=-1) + np.float32(0.5 * LOG_2PI * out.shape[-1]))
         return actions, logp.astype(np.float32, copy=False)
 
-    def log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
-        log_std = self._log_std()
+    def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
+                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+        log_std = self.log_std
         inv_std = np.exp(-log_std)
         z = (actions - out) * inv_std
-        logp = (-0.5 * z * z).sum(axis=1) - (log_std.sum() + np.float32(0.5 * LOG_2PI * out.shape[1]))
-        entropy = np.full(out.shape[0], (0.5 + 0.5 * LOG_2PI + log_std).sum(), np.float32)
+        logp = (-0.5 * z * z).sum(axis=-1) - (log_std.sum(axis=-1) + np.float32(0.5 * LOG_2PI * out.shape[-1]))
+        entropy = np.full(out.shape[:-1], (0.5 + 0.5 * LOG_2PI + log_std).sum(axis=-1), np.float32)
         return logp, entropy, (z, inv_std)
 
-    def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
+              c: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         z, inv_std = cache
-        col = g_logp[:, None]
-        g_log_std = (col * (z * z - 1.0)).sum(axis=0) - c * len(g_logp)
+        col = g_logp[..., None]
+        g_log_std = (col * (z * z - 1.0)).sum(axis=-2) - c * g_logp.shape[-1]
         return col * z * inv_std, [g_log_std]
 
 
