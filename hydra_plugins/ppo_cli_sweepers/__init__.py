@@ -1,12 +1,14 @@
 """ppo-cli's Hydra sweepers: hydra/sweeper=ppo_tune (Optuna search with pruning) and hydra/sweeper=ppo_pbt
-(population-based training). Hydra finds plugins only in the hydra_plugins namespace and imports every module
+(population-based training); and its launcher, hydra/launcher=ppo_batched (many runs in one process). Hydra finds plugins only in the hydra_plugins namespace and imports every module
 there at each start, so this module stays light: the work is in ppo_cli.cli.tune and ppo_cli.cli.pbt, imported
 when a sweep starts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -42,3 +44,20 @@ class PPOPBTSweeper(_PPOSweeper):
 
         assert self.config is not None
         return PopulationTraining(self.settings, self.config, self.launcher).sweep(arguments)
+
+
+class PPOBatchedLauncher(Launcher):
+    """hydra/launcher=ppo_batched: the jobs of a sweep trained as batches in this process (ppo_cli.cli.batch_launch)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.config: DictConfig | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+        from ppo_cli.cli.batch_launch import launch
+
+        assert self.config is not None
+        return launch(self.hydra_context, self.config, job_overrides, initial_job_idx, self.settings)

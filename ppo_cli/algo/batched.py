@@ -29,7 +29,6 @@ from ppo_cli.algo.rollout import Collected, collect
 from ppo_cli.algo.storage import Batch, RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, FusedAdamStep
-from ppo_cli.policy.observations import as_arrays
 
 # The settings members may differ in (everything else of their configs must be equal): the continuous knobs of
 # the update, and the seed.
@@ -158,7 +157,7 @@ class BatchedPPO:
 
     def _split_obs(self) -> None:
         for k, m in enumerate(self.members):  # each member's last observation, for its checkpoint
-            m.obs = as_arrays(self.actor._member(self.obs, k))
+            m.obs = self.actor._member(self.obs, k)
 
     # --- one iteration ----------------------------------------------------------------------------------
     def collect(self, envs: gym.vector.VectorEnv, stop: Callable[[], bool], step: int) -> list[Collected]:

@@ -80,7 +80,8 @@ def _env_text(cfg: DictConfig) -> str:
     return f"{preset} ({text})" if preset and preset != text else text
 
 
-def report(result: TrainResult, run_dir: Path, cfg: DictConfig) -> float:
+def report(result: TrainResult, run_dir: Path, cfg: DictConfig, extra: dict | None = None) -> float:
+    """Print how the run went and write its result.json (with `extra`'s fields); its objective."""
     ev = result.final_eval
     m, s = divmod(int(result.wall_time), 60)
     print(f"done: {result.global_step:,} steps in {m}m{s:02d}s of training ({result.sps:,.0f} SPS)"
@@ -113,6 +114,7 @@ def report(result: TrainResult, run_dir: Path, cfg: DictConfig) -> float:
         "recent_train_return": result.recent_return,
         "checkpoint": str(result.checkpoint),
         "warnings": result.warnings,
+        **(extra or {}),
     })
     if cfg.get("logger") is not None:
         from ppo_cli.run import trackers  # torch: imported once a run ran

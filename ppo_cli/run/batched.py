@@ -1,0 +1,146 @@
+"""Several runs trained in one process as one batch (`hydra/launcher=ppo_batched`): one vector env of all their
+envs, one batched rollout and update (algo/batched.py), and for each member a Runner of its own (its folder,
+TensorBoard, console lines, evaluations, checkpoints, result) that records what the batch computed for it.
+
+A member that diverges stops alone (its result is the error); a stop signal saves every member still training at
+the same update boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from ppo_cli.algo.batched import BatchedPPO, refusal
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.distributed import Ranks
+from ppo_cli.envs.faults import kill_workers
+from ppo_cli.envs.make import make_vec_env
+from ppo_cli.errors import UserError
+from ppo_cli.policy.actor_critic import settle_network
+from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
+from ppo_cli.run.signals import Interrupted, StopSignals, notice, say, stop_signals
+from ppo_cli.run.stalls import Stalls
+
+Outcome = TrainResult | UserError | Interrupted
+
+
+class NotBatchable(Exception):
+    """These runs cannot be trained as one batch (the reason); the launcher trains them one after another."""
+
+
+class BatchedRunner:
+    """The members' runs, `jobs` (config, run folder), trained together. Their configs differ at most in
+    algo.batched.MEMBER_KEYS (the launcher groups them so)."""
+
+    def __init__(self, jobs: list[tuple[DictConfig, Path]]) -> None:
+        cfgs = [cfg for cfg, _ in jobs]
+        for cfg in cfgs:
+            settle_network(cfg)
+        first = cfgs[0]
+        if first.env.get("backend", "gymnasium") != "gymnasium":
+            raise NotBatchable("a batch steps its members' envs as one gymnasium vector env (env.backend=gymnasium)")
+        each = first.env.num_envs
+        # Member k's envs are seeded as its single run seeds its own: seed, seed + 1, ...
+        self.seeds = [int(cfg.seed) + i for cfg in cfgs for i in range(each)]
+        self.clock = Stopwatch(STAGES)
+        self.stops = StopSignals(Ranks(), self._notice, self._stop_at_once)
+        self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True)
+        self.stalls = Stalls(lambda: (self.envs,))
+        self.runners: list[Runner] = []
+        try:
+            obs, info = self.envs.reset(seed=self.seeds)
+            for k, (cfg, run_dir) in enumerate(jobs):
+                member = Member(self.envs, obs, info, self.clock, self.stops, f"{k}: {run_dir.name}")
+                self.runners.append(Runner(cfg, run_dir, member=member))
+            why = refusal(self.runners[0].algo)
+            if why:
+                raise NotBatchable(why)
+            self.algo = BatchedPPO([r.algo for r in self.runners], obs, self.clock)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> list[Outcome]:
+        """Train every member to its algo.total_timesteps; each member's result, or the error that stopped it
+        (Diverged), or the Interrupted of a stop signal (every member still training saved at one boundary)."""
+        count = len(self.runners)
+        outcomes: list[Outcome | None] = [None] * count
+        active = np.ones(count, dtype=bool)
+        for k, r in enumerate(self.runners):
+            for note in r.notes:
+                r.logger.message(note)
+            if r.global_step >= r.cfg.algo.total_timesteps:
+                outcomes[k] = r.conclude(r.save(), None)
+                active[k] = False
+        stops = self.stops
+        try:
+            with stop_signals(stops.handle):
+                while active.any():
+                    training = [self.runners[k] for k in np.flatnonzero(active)]
+                    if stops.agreed():
+                        self._interrupted(outcomes, active, None)
+                        break
+                    step0, time0 = [r.global_step for r in self.runners], self.clock.total()
+                    starts = {id(r): r._boundary() for r in training}
+                    stops.phase = "rollout"
+                    rollouts = self.algo.collect(self.envs, stops.requested, step0[0])
+                    if stops.requested():  # the rollout is dropped; every member saved where it started
+                        self._interrupted(outcomes, active, starts)
+                        break
+                    stops.phase = "update"
+                    progress = [r.global_step / r.cfg.algo.total_timesteps for r in self.runners]
+                    scalars = self.algo.learn(progress, active)
+                    for k in np.flatnonzero(active):
+                        outcomes[k] = self._record(self.runners[k], step0[k], time0, rollouts[k], scalars[k])
+                        active[k] = outcomes[k] is None
+        finally:
+            for r in self.runners:
+                r.logger.close()
+        return outcomes  # type: ignore[return-value]
+
+    def _record(self, r: Runner, step0: int, time0: float, rollout: Any,
+                scalars: dict[str, float] | None) -> Outcome | None:
+        """The member's update recorded; its outcome where it is done, else None."""
+        try:
+            stopped = r.record(step0, time0, rollout, scalars)  # type: ignore[arg-type]
+        except Diverged as exc:  # this member alone: the others go on
+            r.logger.message(f"ppo-train: error: {exc}")
+            return exc
+        if stopped or r.global_step >= r.cfg.algo.total_timesteps:
+            return r.conclude(r.save(), (r.global_step, r.wall_time) if stopped else None)
+        return None
+
+    def _interrupted(self, outcomes: list[Outcome | None], active: np.ndarray, starts: dict | None) -> None:
+        signum = self.stops.signal or signal.SIGTERM
+        for k in np.flatnonzero(active):
+            r = self.runners[k]
+            at = None if starts is None else starts[id(r)]
+            outcomes[k] = Interrupted(signum, r.global_step, r.save(at=at))
+
+    # --- signals ----------------------------------------------------------------------------------------
+    def _notice(self, signum: int) -> str:
+        r = self.runners[0] if self.runners else None
+        step = 0 if r is None else r.global_step
+        seconds = self.clock.seconds["advantages"] + self.clock.seconds["update"]
+        updates = 0 if r is None else r.update_idx - r._first_update
+        return notice(signum, self.stops.phase, False, step, updates, seconds) + " (every member of the batch)"
+
+    def _stop_at_once(self, signum: int) -> None:
+        say(f"ppo-train: stopped at once by a second {signal.Signals(signum).name}; each member's last checkpoint "
+            f"is kept")
+        kill_workers(self.envs)
+        for r in self.runners:
+            kill_workers(r.evaluator.envs)
+        os._exit(128 + signum)
+
+    def close(self) -> None:
+        for r in self.runners:
+            r.close()
+        self.stalls.close()
+        self.envs.close()
