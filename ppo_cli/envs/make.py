@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli.config import env_label
 from ppo_cli.envs import atari, envpool_backend
 from ppo_cli.envs.faults import EnvFaults, ReportCalls
+from ppo_cli.envs.native import make_native
 from ppo_cli.envs.spaces import check_spaces
 from ppo_cli.envs.step_cap import StepCap
 from ppo_cli.errors import UserError, extra_hint
@@ -152,19 +153,52 @@ def env_spaces(env_cfg: DictConfig) -> tuple[gym.Space, gym.Space]:
         probe.close()
 
 
-def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, render_mode: str | None = None,
+def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | None = None, render_mode: str | None = None,
                  wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False,
                  step_cap: int | None = None) -> gym.vector.VectorEnv:
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
     the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither).
     `step_cap`: cut episodes at this many steps and say so (step_cap.py; evaluation). `wrappers`: more of ours
-    around each env (video recording; gymnasium's backend only)."""
+    around each env (video recording; gymnasium's backend only). `seed` may list every sub-env's seed (a batch of
+    runs, each with its own)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     if env_cfg.get("backend", "gymnasium") == "envpool":
         if render_mode is None:
             return envpool_backend.make_vec_env(env_cfg, seed, n, wrappers, training, step_cap)
         # Recording (ppo-eval --video) plays on gymnasium's envs, which render one env per frame.
         env_cfg = envpool_backend.on_gymnasium(env_cfg)
+    if env_cfg.vectorization == "native" and render_mode is None and step_cap is None and not wrappers:
+        envs = _native(env_cfg, n)
+    else:  # evaluation envs (a step cap, video) step one env at a time: native means sync for them
+        envs = _vector(env_cfg, n, render_mode, wrappers, training, step_cap)
+    # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
+    envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
+    try:
+        envs.reset(seed=seed)
+    except BaseException:  # async workers would outlive the error
+        envs.close()
+        raise
+    return envs
+
+
+def _native(env_cfg: DictConfig, n: int) -> gym.vector.VectorEnv:
+    """env.vectorization=native (native.py): the env's own vector entry point, in blocks of env.num_envs."""
+    label = env_label(env_cfg)
+    for key in ("wrappers", "obs_keys", "entry_point", "atari"):
+        if env_cfg.get(key):
+            raise UserError(f"env.vectorization=native steps the env's own vector entry point, which env.{key} "
+                            f"cannot wrap; use env.vectorization=sync")
+    kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
+    if env_cfg.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = env_cfg.max_episode_steps
+    spec = resolve_env_id(env_cfg.id)
+    native = make_native(label, spec, n, env_cfg.num_envs, kwargs)
+    check_spaces(native.single_observation_space, native.single_action_space, label)
+    return EnvFaults(native, label, evaluation=False, step_timeout=None)
+
+
+def _vector(env_cfg: DictConfig, n: int, render_mode: str | None, wrappers: Sequence[Callable[[gym.Env], gym.Env]],
+            training: bool, step_cap: int | None) -> gym.vector.VectorEnv:
     is_async = env_cfg.vectorization == "async"
     ours = [*([partial(StepCap, max_steps=step_cap)] if step_cap is not None else []), *wrappers]
     # In async workers ReportCalls says which call of a sub-env failed (faults.py); EnvFaults does the rest.
@@ -174,16 +208,8 @@ def make_vec_env(env_cfg: DictConfig, seed: int, num_envs: int | None = None, re
     vec_cls = gym.vector.AsyncVectorEnv if is_async else gym.vector.SyncVectorEnv
     # EnvFaults sits under the episode statistics, so a NaN reward is reported before anything adds it up; and the
     # statistics stay the outermost layer, which snapshot() saves.
-    envs = EnvFaults(vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP), label, evaluation=not training,
+    return EnvFaults(vec_cls([fn] * n, autoreset_mode=AutoresetMode.SAME_STEP), label, evaluation=not training,
                      step_timeout=env_cfg.get("step_timeout"))
-    # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
-    envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
-    try:
-        envs.reset(seed=seed)
-    except BaseException:  # async workers would outlive the error
-        envs.close()
-        raise
-    return envs
 
 
 def _missing_extra(message: str) -> str:
