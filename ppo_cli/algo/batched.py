@@ -23,7 +23,7 @@ import torch
 
 from ppo_cli.algo.fast.core import NumpyActor, covers
 from ppo_cli.algo.fast.observations import NumpyInput
-from ppo_cli.algo.fast.stacked import StackedAdamStep, StackedParameters
+from ppo_cli.algo.fast.stacked import StackedParameters
 from ppo_cli.algo.ppo import PPO
 from ppo_cli.algo.rollout import Collected, collect
 from ppo_cli.algo.storage import Batch, RolloutBuffer
@@ -44,6 +44,8 @@ def refusal(member: PPO) -> str | None:
         return f"the batched update covers what the numpy fast path does ({why})"
     if member.masks is not None:
         return "the batched rollout does not cover action masks"
+    if FusedAdamStep.build(member.optimizer) is None:
+        return "the batched update steps fused Adam / AdamW optimizers only"
     return None
 
 
@@ -134,12 +136,11 @@ class BatchedPPO:
         first = members[0]
         self.envs_each, self.n_steps = first.cfg.env.num_envs, first.cfg.algo.n_steps
         activation = covers(first.policy)[0]
-        self.params = StackedParameters([m.policy for m in members])
+        self.params = StackedParameters([m.policy for m in members], [m.optimizer for m in members])
         for m in members:  # each member's own actor: for its truncation bootstraps and its checkpoint
             m.actor = NumpyActor(m.policy, activation, m.np_rng)  # type: ignore[arg-type]
         self.actor = StackedActor(members, self.params, activation)
         self.loss = self.params.loss(first.policy, activation)
-        self.adam = StackedAdamStep([FusedAdamStep(m.optimizer) for m in members])
         layout = first.policy.layout
         self.buffer = RolloutBuffer(self.n_steps, self.count * self.envs_each, layout.stored_shape,
                                     layout.stored_dtype, first.policy.action_shape, first.policy.action_dtype,
@@ -238,7 +239,7 @@ class BatchedPPO:
                 norms = self.params.clip(max_norm, going)
                 for k in np.flatnonzero(going):
                     taken[k].append(np.append(stats[k], [norms[k], float(norms[k] > max_norm[k])]))
-                self.adam(going)
+                self.params.adam_step(going)
             epochs += ~stopped
         out = []
         for k in members:

@@ -77,6 +77,18 @@ def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
                                 f"is kept")
 
 
+def _compact(obj: Any) -> Any:
+    """`obj` with every tensor that views a larger storage replaced by a copy of itself: torch.save writes whole
+    storages, so a batch member's parameters (views of all members': algo/fast/stacked.py) would carry the others'."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
 def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write atomically: a temporary file in the same folder, fsync, then os.replace over `path`.
 
@@ -85,7 +97,7 @@ def save(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     file in place.
     """
     path = Path(path)
-    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__, **payload}
+    data = _compact({"format": FORMAT, "format_version": FORMAT_VERSION, "ppo_cli_version": __version__, **payload})
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

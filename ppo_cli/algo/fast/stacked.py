@@ -20,29 +20,79 @@ from ppo_cli.policy.actor_critic import ActorCritic
 
 
 class StackedParameters:
-    """Every member's parameters re-pointed (`.data`) at views of one [members, total] float32 tensor, and their
-    .grad at views of another. The optimizers keep the same Parameter objects, so each member's optimizer and
-    state_dict are what its single run's would be."""
+    """Every member's parameters re-pointed (`.data`) at views of one [members, total] float32 tensor, their .grad
+    at views of another, and their Adam state (exp_avg, exp_avg_sq) at views of two more. The optimizers keep the
+    same Parameter objects, so each member's optimizer and state_dict are what its single run's would be.
 
-    def __init__(self, policies: list[ActorCritic]) -> None:
-        params = [list(p.parameters()) for p in policies]
-        members, total = len(params), sum(p.numel() for p in params[0])
-        self.data = torch.empty(members, total)
-        self.grad = torch.zeros(members, total)
+    A member's parameters are laid out by optimizer group (the actor's, then the critic's), so each group of each
+    member is one contiguous slice: the optimizer step is the fused Adam kernel on one slice per member and group
+    (`adam_step`), not on every parameter tensor of every member, which costs about twice as much on small networks.
+    """
+
+    def __init__(self, policies: list[ActorCritic], optimizers: list[torch.optim.Optimizer]) -> None:
+        members = len(policies)
+        groups = [[list(g["params"]) for g in opt.param_groups] for opt in optimizers]
+        total = sum(p.numel() for g in groups[0] for p in g)
+        self.data, self.grad = torch.empty(members, total), torch.zeros(members, total)
+        self.exp_avg, self.exp_avg_sq = torch.zeros(members, total), torch.zeros(members, total)
+        # Adam's step count of each parameter (a float32 scalar in its state): an element each, counted together.
+        self.counts = torch.zeros(members, sum(len(g) for g in groups[0]))
         self.where: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(member 0's parameter) -> (offset, shape)
-        for k, plist in enumerate(params):
-            offset = 0
-            for p in plist:
-                n = p.numel()
-                view = self.data[k, offset:offset + n].view_as(p)
-                view.copy_(p.data)
-                p.data = view
-                p.grad = self.grad[k, offset:offset + n].view_as(p)
+        self.slices: list[tuple[int, int, int]] = []  # per optimizer group: (offset, size, its first count)
+        for k, (member_groups, opt) in enumerate(zip(groups, optimizers, strict=True)):
+            offset = j = 0
+            for group in member_groups:
                 if k == 0:
-                    self.where[id(p)] = (offset, tuple(p.shape))
-                offset += n
+                    self.slices.append((offset, sum(p.numel() for p in group), j))
+                for p in group:
+                    state, rows = opt.state.get(p, {}), (k, slice(offset, offset + p.numel()))
+                    p.data = _view(self.data, rows, p, p.data)
+                    p.grad = _view(self.grad, rows, p)
+                    self.counts[k, j] = float(state.get("step", 0.0))
+                    opt.state[p] = {"step": self.counts[k, j],
+                                    "exp_avg": _view(self.exp_avg, rows, p, state.get("exp_avg")),
+                                    "exp_avg_sq": _view(self.exp_avg_sq, rows, p, state.get("exp_avg_sq"))}
+                    if k == 0:
+                        self.where[id(p)] = (offset, tuple(p.shape))
+                    offset, j = offset + p.numel(), j + 1
+        self.optimizers = optimizers
+        self._cached: tuple[list, list] | None = None
         self._data, self._grad = self.data.numpy(), self.grad.numpy()
         self.members = members
+
+    def adam_step(self, active: np.ndarray) -> None:
+        """update.FusedAdamStep for the active members: each member and group's slice through the fused kernel,
+        in one call for all the slices that share their settings."""
+        rows = np.flatnonzero(active)
+        if len(rows) == self.members:
+            self.counts += 1
+        else:
+            self.counts[torch.from_numpy(rows)] += 1
+        for (lr, beta1, beta2, weight_decay, eps, decoupled), (params, grads, m, v, counts) in self._calls(active):
+            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            kernel(params, grads, m, v, [], counts, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                   weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+
+    def _calls(self, active: np.ndarray) -> list:
+        """The kernel calls' settings and tensor lists, kept while the active members and their settings stay (an
+        update's minibatch steps): indexing out the slices costs more than the kernel."""
+        settings = []
+        for k in np.flatnonzero(active):
+            opt = self.optimizers[k]
+            for group in opt.param_groups:
+                decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+                settings.append((k, (group["lr"], *group["betas"], group["weight_decay"], group["eps"], decoupled)))
+        if self._cached is not None and self._cached[0] == settings:
+            return self._cached[1]
+        calls: dict[tuple, list[list[torch.Tensor]]] = {}
+        for i, (k, setting) in enumerate(settings):
+            offset, size, first = self.slices[i % len(self.slices)]
+            lists = calls.setdefault(setting, [[], [], [], [], []])
+            for target, t in zip(lists, (self.data, self.grad, self.exp_avg, self.exp_avg_sq), strict=False):
+                target.append(t[k, offset:offset + size])
+            lists[4].append(self.counts[k, first])
+        self._cached = (settings, list(calls.items()))
+        return self._cached[1]
 
     def _stacked(self, flat: np.ndarray, param: torch.Tensor) -> np.ndarray:
         offset, shape = self.where[id(param)]
@@ -100,56 +150,10 @@ class StackedParameters:
         return norms
 
 
-class StackedAdamStep:
-    """update.FusedAdamStep for the members' optimizers together: one call of the fused kernel for all the
-    parameter groups (of all active members) that share their settings, each member's state its own.
-
-    Each parameter's step count (Adam's state["step"], a float32 scalar) becomes an element of one [members,
-    parameters] tensor, so counting a step is one add for the batch, not a foreach over every member's tensors
-    (which costs more than the kernel on small networks); a member's state_dict still holds a count per parameter.
-    """
-
-    def __init__(self, steps: list[Any]) -> None:
-        self.steps = steps  # FusedAdamStep per member
-        for step in steps:
-            step._create_state()
-            step.groups = step._state_lists()
-        counts = [[c for _, (_, _, _, cs) in step.groups for c in cs] for step in steps]
-        self.counts = torch.tensor([[float(c) for c in member] for member in counts], dtype=torch.float32)
-        for k, step in enumerate(steps):
-            j = 0
-            for _, (params, _, _, cs) in step.groups:
-                for i, p in enumerate(params):
-                    view = self.counts[k, j]
-                    step.optimizer.state[p]["step"] = view
-                    cs[i] = view
-                    j += 1
-        self._buckets: tuple[Any, list] | None = None
-
-    def _bucket(self, active: np.ndarray) -> list:
-        key = (active.tobytes(), tuple(g["lr"] for s in self.steps for g in s.optimizer.param_groups))
-        if self._buckets is not None and self._buckets[0] == key:
-            return self._buckets[1]
-        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
-        for k in np.flatnonzero(active):
-            step = self.steps[k]
-            decoupled = isinstance(step.optimizer, torch.optim.AdamW)
-            for group, (params, exp_avgs, exp_avg_sqs, counts) in step.groups:
-                kind = decoupled or bool(group.get("decoupled_weight_decay"))
-                setting = (group["lr"], *group["betas"], group["weight_decay"], group["eps"], kind)
-                lists = buckets.setdefault(setting, [[], [], [], [], []])
-                for target, items in zip(lists, (params, [p.grad for p in params], exp_avgs, exp_avg_sqs, counts),
-                                         strict=True):
-                    target.extend(items)
-        self._buckets = (key, list(buckets.items()))
-        return self._buckets[1]
-
-    def __call__(self, active: np.ndarray) -> None:
-        if active.all():
-            self.counts += 1
-        else:
-            self.counts[torch.from_numpy(active)] += 1
-        for (lr, beta1, beta2, weight_decay, eps, decoupled), (params, grads, m, v, counts) in self._bucket(active):
-            kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-            kernel(params, grads, m, v, [], counts, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-                   weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+def _view(stacked: torch.Tensor, rows: tuple[int, slice], like: torch.Tensor,
+          value: torch.Tensor | None = None) -> torch.Tensor:
+    """stacked[rows] shaped like `like`, holding `value` where given."""
+    view = stacked[rows].view_as(like)
+    if value is not None:
+        view.copy_(value)
+    return view
