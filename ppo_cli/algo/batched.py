@@ -29,6 +29,7 @@ from ppo_cli.algo.rollout import Collected, collect
 from ppo_cli.algo.storage import Batch, RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, FusedAdamStep
+from ppo_cli.policy.observations import batch_size
 
 # The settings members may differ in (everything else of their configs must be equal): the continuous knobs of
 # the update, and the seed.
@@ -62,7 +63,8 @@ class StackedActor:
         self.normalized = members[0].policy.obs_norm is not None
 
     def _member(self, obs: Any, k: int) -> Any:
-        rows = slice(k * self.envs, (k + 1) * self.envs)
+        each = batch_size(obs) // self.count  # the training envs' env.num_envs, or an evaluation's envs
+        rows = slice(k * each, (k + 1) * each)
         return {key: v[rows] for key, v in obs.items()} if isinstance(obs, dict) else obs[rows]
 
     def inputs(self, obs: Any, update_stats: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
@@ -74,6 +76,11 @@ class StackedActor:
             return np.concatenate(out)
         return np.concatenate([self.inputs_of[k].prepare(self._member(obs, k), update_stats)
                                for k in range(self.count)])
+
+    def mode(self, x: np.ndarray) -> np.ndarray:
+        """The most likely actions (head.mode) of every member's rows: deterministic evaluation."""
+        action = self.head.mode(self.actor.forward(self._features(x))[-1])
+        return action.reshape(-1, *action.shape[2:])
 
     @staticmethod
     def _pick(obs: Any, where: np.ndarray) -> Any:
@@ -135,7 +142,7 @@ class BatchedPPO:
         self.members, self.clock, self.count = members, clock, len(members)
         first = members[0]
         self.envs_each, self.n_steps = first.cfg.env.num_envs, first.cfg.algo.n_steps
-        activation = covers(first.policy)[0]
+        self.activation = activation = covers(first.policy)[0]
         self.params = StackedParameters([m.policy for m in members], [m.optimizer for m in members])
         for m in members:  # each member's own actor: for its truncation bootstraps and its checkpoint
             m.actor = NumpyActor(m.policy, activation, m.np_rng)  # type: ignore[arg-type]
@@ -155,6 +162,10 @@ class BatchedPPO:
 
     def _per_env(self, key: str) -> np.ndarray:
         return np.repeat([float(m.cfg.algo[key]) for m in self.members], self.envs_each)
+
+    def evaluation_actor(self, rows: list[int]) -> StackedActor:
+        """A StackedActor of members `rows` as their parameters are now, for their evaluation."""
+        return StackedActor([self.members[k] for k in rows], self.params.subset(rows), self.activation)
 
     def _split_obs(self) -> None:
         for k, m in enumerate(self.members):  # each member's last observation, for its checkpoint

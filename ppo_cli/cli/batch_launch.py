@@ -93,6 +93,9 @@ def _batch(jobs: list[Job]) -> Interrupted | None:
         return None
     try:
         outcomes = runner.run()
+    except Exception as exc:  # noqa: BLE001 - what stops the batch stops each member: each says so
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        outcomes = [exc if isinstance(exc, UserError) else UserError(reason)] * len(jobs)
     finally:
         runner.close()
     stopped = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ from omegaconf import DictConfig
 from ppo_cli.algo.batched import BatchedPPO, refusal
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.distributed import Ranks
-from ppo_cli.envs.faults import kill_workers
+from ppo_cli.envs.faults import close_at_once, kill_workers
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
-from ppo_cli.run.signals import Interrupted, StopSignals, notice, say, stop_signals
+from ppo_cli.run.evaluation import EVAL_SEED_OFFSET, run_episodes
+from ppo_cli.run.signals import EvaluationStopped, Interrupted, StopSignals, notice, say, stop_signals
 from ppo_cli.run.stalls import Stalls
 
 Outcome = TrainResult | UserError | Interrupted
@@ -53,6 +55,7 @@ class BatchedRunner:
         self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True)
         self.stalls = Stalls(lambda: (self.envs,))
         self.runners: list[Runner] = []
+        self._eval: tuple[list[int], Any] | None = None  # the members evaluated together last, and their envs
         try:
             obs, info = self.envs.reset(seed=self.seeds)
             for k, (cfg, run_dir) in enumerate(jobs):
@@ -96,6 +99,7 @@ class BatchedRunner:
                     stops.phase = "update"
                     progress = [r.global_step / r.cfg.algo.total_timesteps for r in self.runners]
                     scalars = self.algo.learn(progress, active)
+                    self._evaluate_together(active, step0, rollouts)
                     for k in np.flatnonzero(active):
                         outcomes[k] = self._record(self.runners[k], step0[k], time0, rollouts[k], scalars[k])
                         active[k] = outcomes[k] is None
@@ -103,6 +107,47 @@ class BatchedRunner:
             for r in self.runners:
                 r.logger.close()
         return outcomes  # type: ignore[return-value]
+
+    def _evaluate_together(self, active: np.ndarray, step0: list[int], rollouts: list[Any]) -> None:
+        """The periodic and final evaluations the members are due after this update, played together: their
+        evaluation envs as one vector env (each member's seeded as its run seeds its own), their policies in one
+        stacked pass. Each member's evaluator takes its share (PeriodicEvaluator.take) and plays none of its own.
+        Stochastic evaluations (eval.deterministic=false) draw from each run's own stream: each member plays its own."""
+        due, after = [], {}
+        for k in np.flatnonzero(active):
+            r = self.runners[k]
+            after[k] = step0[k] + rollouts[k].steps
+            ends = after[k] >= r.cfg.algo.total_timesteps and r.cfg.eval.final
+            if r.evaluator.due(step0[k], after[k]) or ends:
+                due.append(int(k))
+        first = self.runners[due[0]].cfg if due else None
+        if first is None or not first.eval.deterministic or self.stops.requested():
+            return
+        each = min(first.eval.episodes, first.env.num_envs)
+        seeds = [int(self.runners[k].cfg.seed) + EVAL_SEED_OFFSET + i for k in due for i in range(each)]
+        started = time.perf_counter()
+        if self._eval is None or self._eval[0] != due:
+            self._close_evaluation()
+            self._eval = (due, make_vec_env(first.env, seed=seeds, num_envs=len(seeds),
+                                            step_cap=first.eval.max_episode_steps))
+        actor = self.algo.evaluation_actor(due)
+        envs = self._eval[1]
+        try:
+            with self.stops.evaluation():
+                result = run_episodes(envs, lambda obs, _mask, _starts: actor.env_action(actor.mode(
+                    actor.inputs(obs, False))), first.eval.episodes, seeds, blocks=len(due))
+        except EvaluationStopped:  # the members skip their evaluations: a stop was asked for
+            close_at_once(envs)
+            self._eval = None
+            return
+        seconds = (time.perf_counter() - started) / len(due)
+        for j, k in enumerate(due):
+            self.runners[k].evaluator.take(after[k], result.part(j * each, each), seconds)
+
+    def _close_evaluation(self) -> None:
+        if self._eval is not None:
+            self._eval[1].close()
+            self._eval = None
 
     def _record(self, r: Runner, step0: int, time0: float, rollout: Any,
                 scalars: dict[str, float] | None) -> Outcome | None:
@@ -135,11 +180,14 @@ class BatchedRunner:
         say(f"ppo-train: stopped at once by a second {signal.Signals(signum).name}; each member's last checkpoint "
             f"is kept")
         kill_workers(self.envs)
+        if self._eval is not None:
+            kill_workers(self._eval[1])
         for r in self.runners:
             kill_workers(r.evaluator.envs)
         os._exit(128 + signum)
 
     def close(self) -> None:
+        self._close_evaluation()
         for r in self.runners:
             r.close()
         self.stalls.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -36,6 +36,16 @@ class EvalResult:
     returns: list[float]
     lengths: list[int]
     cut: int = 0  # episodes that StepCap cut: their returns are partial
+    # Per episode, the env it was played in and whether it was cut (run_episodes fills them; `part` reads them).
+    played_in: list[int] = field(default_factory=list, repr=False)
+    was_cut: list[bool] = field(default_factory=list, repr=False)
+
+    def part(self, first: int, count: int) -> EvalResult:
+        """The episodes played in envs first to first + count - 1 (a batch's member's share: run/batched.py)."""
+        mine = [i for i, env in enumerate(self.played_in) if first <= env < first + count]
+        cuts = [self.was_cut[i] for i in mine]
+        return EvalResult([self.returns[i] for i in mine], [self.lengths[i] for i in mine], sum(cuts),
+                          [self.played_in[i] - first for i in mine], cuts)
 
     @property
     def mean_return(self) -> float:
@@ -56,19 +66,19 @@ class EvalResult:
 
 
 def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray],
-                 episodes: int, seed: int, label: str = "evaluation env",
-                 on_episode: Callable[[float, int], None] | None = None) -> EvalResult:
+                 episodes: int, seed: int | list[int], label: str = "evaluation env",
+                 on_episode: Callable[[float, int], None] | None = None, blocks: int = 1) -> EvalResult:
     """Play `episodes` episodes with `act(obs batch, action masks or None, episode starts) -> action batch`;
     envs must record episode statistics (and carry a `StepCap`, or episodes that never end hang this). Where the
     env gives action masks (masks.py), `act` gets them; the starts (true where an env's episode begins at this
     observation) let a recurrent policy reset its state. `on_episode(return, length)` hears of each episode
-    counted, as it ends (ppo-eval's progress)."""
+    counted, as it ends (ppo-eval's progress). `blocks`: the envs are that many runs' evaluation envs side by side
+    (a batch's members, each with its own seeds in `seed`), each block playing `episodes` as one run would."""
+    n = envs.num_envs // blocks
+    quota = np.tile([(episodes + i) // n for i in range(n)], blocks)
     n = envs.num_envs
-    quota = np.array([(episodes + i) // n for i in range(n)])
     done = np.zeros(n, dtype=int)
-    returns: list[float] = []
-    lengths: list[int] = []
-    cut = 0
+    result = EvalResult([], [])
     none = np.zeros(n, dtype=bool)
     obs, info = envs.reset(seed=seed)
     masks = ActionMasks.detect(envs, describe_space(envs.single_observation_space),
@@ -87,13 +97,15 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
         for i in np.flatnonzero(cuts | np.asarray(info.get("_episode", none), dtype=bool)):
             if done[i] < quota[i]:
                 stats = final[CUT_KEY] if cuts[i] else info["episode"]
-                returns.append(float(stats["r"][i]))
-                lengths.append(int(stats["l"][i]))
+                result.returns.append(float(stats["r"][i]))
+                result.lengths.append(int(stats["l"][i]))
+                result.played_in.append(int(i))
+                result.was_cut.append(bool(cuts[i]))
                 done[i] += 1
-                cut += int(cuts[i])
+                result.cut += int(cuts[i])
                 if on_episode is not None:
-                    on_episode(returns[-1], lengths[-1])
-    return EvalResult(returns, lengths, cut)
+                    on_episode(result.returns[-1], result.lengths[-1])
+    return result
 
 
 def evaluate(policy: ActorCritic, envs: gym.vector.VectorEnv, episodes: int, seed: int,
@@ -176,12 +188,17 @@ class PeriodicEvaluator:
                                      step_cap=ev.max_episode_steps)
         result = evaluate(self.policy, self.envs, ev.episodes, seed=seed, deterministic=ev.deterministic,
                           device=self.device)
-        self.seconds += time.perf_counter() - t0
+        self.take(step, result, time.perf_counter() - t0)
+        return result
+
+    def take(self, step: int, result: EvalResult, seconds: float) -> None:
+        """The evaluation at `step` is `result`, which took `seconds` (evaluate's, or a batch's: run/batched.py)."""
+        ev = self.cfg.eval
+        self.seconds += seconds
         self.last = (step, result)
         if result.cut:  # said for every evaluation, periodic and final, as their returns are partial
             self.message(f"eval @ {step:,}: "
                          f"{cut_note(result.cut, len(result.returns), ev.max_episode_steps, 'eval.max_episode_steps')}")
-        return result
 
     def periodic(self, step: int) -> tuple[EvalResult, bool]:
         """Evaluate; (the result, whether it is the best so far: the runner then saves best.pt and `report`s)."""

@@ -47,6 +47,13 @@ class NumpyHead:
             return logp.reshape(lead), entropy.reshape(lead), cache
         return self._log_prob_entropy(out, actions, mask)
 
+    def mode(self, out: np.ndarray) -> np.ndarray:
+        """head.mode: the most likely actions (a Gaussian's mean), for deterministic evaluation."""
+        if out.ndim > 2 and not self.per_member:
+            actions = self._mode(_rows(out))
+            return actions.reshape(*out.shape[:-1], *actions.shape[1:])
+        return self._mode(out)
+
     def grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
              c: Any) -> tuple[np.ndarray, list[np.ndarray]]:
         if g_logp.ndim > 1 and not self.per_member:
@@ -58,6 +65,9 @@ class NumpyHead:
 
     def _sample(self, out: np.ndarray, noise: np.ndarray,
                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _mode(self, out: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
@@ -94,7 +104,7 @@ class NumpyMultiCategorical(NumpyHead):
         return np.stack(parts, axis=1)
 
     def _sample(self, out: np.ndarray, noise: np.ndarray,
-               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(out.shape[0])
         actions, logp = [], None
         masks = self._segments(mask) if mask is not None else [None] * len(self.head.nvec)
@@ -113,8 +123,11 @@ class NumpyMultiCategorical(NumpyHead):
             actions.append(action)
         return self._stack(actions), logp.astype(np.float32, copy=False)  # type: ignore[union-attr]
 
+    def _mode(self, out: np.ndarray) -> np.ndarray:
+        return self._stack([logits.argmax(axis=1) for logits in self._segments(out)])
+
     def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         n = out.shape[0]
         cols = self._columns(actions)
         logp, entropy, parts = np.zeros(n, np.float32), np.zeros(n, np.float32), []
@@ -131,7 +144,7 @@ class NumpyMultiCategorical(NumpyHead):
         return logp, entropy, (parts, mask)
 
     def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+              c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
         # d logp / d logits = onehot(a) - p;  d(-c sum H)/d logits = c p (log p + H), per categorical
         col = g_logp[:, None]
         cols = self._columns(actions)
@@ -159,14 +172,17 @@ class NumpyCategorical(NumpyMultiCategorical):
 
 
 class NumpyBernoulli(NumpyHead):
+    def _mode(self, out: np.ndarray) -> np.ndarray:
+        return (out > 0).astype(np.float32)
+
     def _sample(self, out: np.ndarray, noise: np.ndarray,
-               mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         p1 = np.exp(-np.logaddexp(0.0, -out, dtype=np.float32))
         actions = (noise < p1).astype(np.float32)
         return actions, self._log_prob_entropy(out, actions)[0]
 
     def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
-                         mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
+                          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:
         # log sigmoid(l) = -softplus(-l), computed without overflow for large |l|
         log_p1 = -np.logaddexp(0.0, -out, dtype=np.float32)
         log_p0 = log_p1 - out
@@ -176,7 +192,7 @@ class NumpyBernoulli(NumpyHead):
         return logp, entropy, (p1, out)
 
     def _grad(self, cache: Any, actions: np.ndarray, g_logp: np.ndarray,
-             c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
+              c: np.float32) -> tuple[np.ndarray, list[np.ndarray]]:
         # d logp / d l = a - p;  H = softplus(l) - p l, so d(-c sum H)/d l = c p (1 - p) l
         p1, logits = cache
         return g_logp[:, None] * (actions - p1) + c * p1 * (1.0 - p1) * logits, []
@@ -197,6 +213,9 @@ class NumpyDiagGaussian(NumpyHead):
         actions = out + noise * np.exp(log_std)
         logp = (-0.5 * noise * noise).sum(axis=-1) - (log_std.sum(axis=-1) + np.float32(0.5 * LOG_2PI * out.shape[-1]))
         return actions, logp.astype(np.float32, copy=False)
+
+    def _mode(self, out: np.ndarray) -> np.ndarray:
+        return out
 
     def _log_prob_entropy(self, out: np.ndarray, actions: np.ndarray,
                           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, Any]:

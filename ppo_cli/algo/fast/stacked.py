@@ -9,6 +9,7 @@ core._total). tests/test_batched.py checks a member against its single run.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,13 @@ class StackedParameters:
             lists[4].append(self.counts[k, first])
         self._cached = (settings, list(calls.items()))
         return self._cached[1]
+
+    def subset(self, rows: list[int]) -> StackedParameters:
+        """Copies of the parameters of members `rows` alone (for an evaluation of some members: they go stale at
+        the next optimizer step)."""
+        part = copy.copy(self)
+        part._data, part._grad, part.members = self._data[rows], self._grad[rows], len(rows)
+        return part
 
     def _stacked(self, flat: np.ndarray, param: torch.Tensor) -> np.ndarray:
         offset, shape = self.where[id(param)]
