@@ -94,11 +94,10 @@ def tolerance(updates: int) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import make_cfg
-    from tests.test_batched import CASES, QUIET
-
     from ppo_cli.run.batched import BatchedRunner
     from ppo_cli.run.runner import Runner
+    from tests.conftest import make_cfg
+    from tests.test_batched import CASES, QUIET
 
     for case, overrides in CASES.items():
         work = Path(tempfile.mkdtemp())

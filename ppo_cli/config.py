@@ -60,8 +60,8 @@ class Init(str, Enum):
 # `async` is a Python keyword, so the members are named through Enum's functional form: OmegaConf matches a
 # config value to an enum member by its name, and the name users write (README, presets) is `async`.
 # `async_`, the member's name before, stays an alias: configs stored in older checkpoints say `async_`.
-Vectorization = Enum("Vectorization", {"sync": "sync", "async": "async", "async_": "async", "native": "native"},
-                     type=str)
+Vectorization = Enum("Vectorization", {"auto": "auto", "sync": "sync", "async": "async", "async_": "async",
+                                       "native": "native"}, type=str)
 
 
 class Backend(str, Enum):
@@ -168,9 +168,11 @@ class EnvConfig:
     id: str = key("CartPole-v1", "any registered gymnasium id, or `module:Id-v0` (the module is imported to "
                                  "register it)")
     num_envs: int = key(8, "parallel envs")
-    vectorization: Vectorization = key(Vectorization.sync, "sync (one process) / async (a process per env; pays "
-                                                           "off for slow envs) / native (the env's own numpy "
-                                                           "vector env: CartPole; envs/native.py)")
+    vectorization: Vectorization = key(Vectorization.auto, "auto (native where the env has a native vector env "
+                                                           "ppo-cli runs and nothing wraps each env, else sync) / "
+                                                           "sync (one process) / async (a process per env; pays off "
+                                                           "for slow envs) / native (the env's own numpy vector env: "
+                                                           "CartPole; envs/native.py)")
     entry_point: str | None = key(None, "`module:ClassOrFactory` of an unregistered env; when set, it is built "
                                         "instead of env.id")
     kwargs: dict[str, Any] = key({}, "keyword arguments for the env (`env.kwargs.continuous=true` adds or sets "

@@ -61,7 +61,7 @@ def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
     (["-m", "algo.clip_rang=0.1,0.2"], "unknown config key 'algo.clip_rang' (did you mean 'algo.clip_range'?)"),
     (["-m", "hydra/sweeper=ppo_random", "hydra.sweeper.params.algo.lr=interval(0.1,0.2)"],
      "unknown config key 'algo.lr' in hydra.sweeper.params"),
-    (["env.vectorization=asynch"], "env.vectorization=asynch: expected one of [sync, async]"),
+    (["env.vectorization=asynch"], "env.vectorization=asynch: expected one of [auto, sync, async, native]"),
     (["--config-dir", "no_such_folder"], "--config-dir no_such_folder: no such folder"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_overrides_are_one_line_exit_2(monkeypatch, capsys, tmp_path, args, fragment):

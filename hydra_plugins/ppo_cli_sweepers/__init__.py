@@ -1,7 +1,8 @@
 """ppo-cli's Hydra sweepers: hydra/sweeper=ppo_tune (Optuna search with pruning) and hydra/sweeper=ppo_pbt
-(population-based training); and its launcher, hydra/launcher=ppo_batched (many runs in one process). Hydra finds plugins only in the hydra_plugins namespace and imports every module
-there at each start, so this module stays light: the work is in ppo_cli.cli.tune and ppo_cli.cli.pbt, imported
-when a sweep starts."""
+(population-based training); and its launcher, hydra/launcher=ppo_batched (many runs in one process). Hydra finds
+plugins only in the hydra_plugins namespace and imports every module there at each start, so this module stays
+light: the work is in ppo_cli.cli.tune, ppo_cli.cli.pbt and ppo_cli.cli.batch_launch, imported when a sweep
+starts."""
 
 from __future__ import annotations
 

@@ -39,7 +39,11 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0, why: str = "") -
     if end != a.total_timesteps and updates:
         steps += (f" (algo.total_timesteps={a.total_timesteps:,} is not a whole number of rollouts: the run stops "
                   f"after the update that reaches it)")
+    from ppo_cli.envs.make import native_vectorization
+
     vectorized = "envpool" if choice(e.backend) == "envpool" else choice(e.vectorization)
+    if vectorized == "auto":
+        vectorized = "native" if native_vectorization(e) else "sync"
     n_threads = torch_threads(cfg)
     threads = "" if device.device.type != "cpu" or not n_threads else (
         f", {n_threads} torch thread{'s' if n_threads > 1 else ''}")

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ppo_cli.config import env_label
 from ppo_cli.envs import atari, envpool_backend
 from ppo_cli.envs.faults import EnvFaults, ReportCalls
-from ppo_cli.envs.native import make_native
+from ppo_cli.envs.native import PER_ENV_KEYS, make_native, runs_native
 from ppo_cli.envs.spaces import check_spaces
 from ppo_cli.envs.step_cap import StepCap
 from ppo_cli.errors import UserError, extra_hint
@@ -153,22 +153,22 @@ def env_spaces(env_cfg: DictConfig) -> tuple[gym.Space, gym.Space]:
         probe.close()
 
 
-def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | None = None, render_mode: str | None = None,
-                 wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False,
-                 step_cap: int | None = None) -> gym.vector.VectorEnv:
+def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | None = None,
+                 render_mode: str | None = None, wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (),
+                 training: bool = False, step_cap: int | None = None, block: int | None = None) -> gym.vector.VectorEnv:
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
     the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither).
     `step_cap`: cut episodes at this many steps and say so (step_cap.py; evaluation). `wrappers`: more of ours
-    around each env (video recording; gymnasium's backend only). `seed` may list every sub-env's seed (a batch of
-    runs, each with its own)."""
+    around each env (video recording; gymnasium's backend only). `seed` may list every sub-env's seed, and `block`
+    say how many envs each run of a batch has (run/batched.py: env.vectorization=native draws per block)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     if env_cfg.get("backend", "gymnasium") == "envpool":
         if render_mode is None:
             return envpool_backend.make_vec_env(env_cfg, seed, n, wrappers, training, step_cap)
         # Recording (ppo-eval --video) plays on gymnasium's envs, which render one env per frame.
         env_cfg = envpool_backend.on_gymnasium(env_cfg)
-    if env_cfg.vectorization == "native" and render_mode is None and step_cap is None and not wrappers:
-        envs = _native(env_cfg, n)
+    if native_vectorization(env_cfg) and render_mode is None and step_cap is None and not wrappers:
+        envs = _native(env_cfg, n, block or n)
     else:  # evaluation envs (a step cap, video) step one env at a time: native means sync for them
         envs = _vector(env_cfg, n, render_mode, wrappers, training, step_cap)
     # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
@@ -181,10 +181,25 @@ def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | Non
     return envs
 
 
-def _native(env_cfg: DictConfig, n: int) -> gym.vector.VectorEnv:
-    """env.vectorization=native (native.py): the env's own vector entry point, in blocks of env.num_envs."""
+def native_vectorization(env_cfg: DictConfig) -> bool:
+    """Whether the training envs run natively (native.py): env.vectorization=native, or auto where the env has a
+    native vector env ppo-cli runs and nothing wraps each env."""
+    mode = env_cfg.vectorization
+    if mode == "auto":
+        if env_cfg.get("backend", "gymnasium") != "gymnasium" or env_cfg.get("entry_point"):
+            return False
+        try:
+            spec = resolve_env_id(env_cfg.id)
+        except UserError:
+            return False
+        return runs_native(env_cfg, spec)
+    return mode == "native"
+
+
+def _native(env_cfg: DictConfig, n: int, block: int) -> gym.vector.VectorEnv:
+    """env.vectorization=native (native.py): the env's own vector entry point, in blocks of `block` envs."""
     label = env_label(env_cfg)
-    for key in ("wrappers", "obs_keys", "entry_point", "atari"):
+    for key in PER_ENV_KEYS:
         if env_cfg.get(key):
             raise UserError(f"env.vectorization=native steps the env's own vector entry point, which env.{key} "
                             f"cannot wrap; use env.vectorization=sync")
@@ -192,7 +207,7 @@ def _native(env_cfg: DictConfig, n: int) -> gym.vector.VectorEnv:
     if env_cfg.max_episode_steps is not None:
         kwargs["max_episode_steps"] = env_cfg.max_episode_steps
     spec = resolve_env_id(env_cfg.id)
-    native = make_native(label, spec, n, env_cfg.num_envs, kwargs)
+    native = make_native(label, spec, n, block, kwargs)
     check_spaces(native.single_observation_space, native.single_action_space, label)
     return EnvFaults(native, label, evaluation=False, step_timeout=None)
 
@@ -309,6 +324,9 @@ def _snapshot_obj(obj: Any) -> dict[str, Any]:
 
 def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
     """(state, None) for envs whose full state is plain data, else (None, reason)."""
+    native = getattr(envs.unwrapped, "snapshot_state", None)
+    if native is not None:  # a native vector env (native.py) saves its own state
+        return [_snapshot_obj(envs), {"native": _plain(native())}], None
     if not isinstance(envs.unwrapped, gym.vector.SyncVectorEnv):
         # A backend's own vector env says why where it knows better (envpool_backend.SameStepPool).
         return None, getattr(envs.unwrapped, "unsaved_because", "only sync vector envs can be saved")
@@ -323,8 +341,11 @@ def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
 def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
     pairs = [(envs, stats)]
-    for env, layers in zip(envs.unwrapped.envs, per_env, strict=True):
-        pairs += list(zip(_layers(env), layers, strict=True))
+    if isinstance(per_env, dict):  # a native vector env's own state
+        envs.unwrapped.restore_state(_unplain(per_env["native"]))
+    else:
+        for env, layers in zip(envs.unwrapped.envs, per_env, strict=True):
+            pairs += list(zip(_layers(env), layers, strict=True))
     for obj, saved in pairs:
         for key, value in saved.items():
             if key == "_np_random":

@@ -23,7 +23,6 @@ from ppo_cli.errors import UserError
 
 
 class SameStepCartPole(gym.vector.VectorEnv):
-    unsaved_because = "env.vectorization=native envs are not saved in checkpoints"
 
     def __init__(self, env: CartPoleVectorEnv, block: int) -> None:
         self.env, self.block = env, block
@@ -59,10 +58,16 @@ class SameStepCartPole(gym.vector.VectorEnv):
         self.bounds = (self.env.low, self.env.high)
         self._blocks(seed)
         self._draw(np.arange(self.num_envs))
-        return self.env.state.T.astype(np.float32), {}
+        return self._observations(), {}
+
+    def _observations(self) -> np.ndarray:
+        # Row-major, as a sync vector env's: the torch policy's matmuls then read rows as a single run's do (a
+        # column-major batch takes another BLAS path, with other rounding).
+        return np.ascontiguousarray(self.env.state.T, dtype=np.float32)
 
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-        obs, reward, terminated, truncated, _ = self.env.step(actions)
+        _, reward, terminated, truncated, _ = self.env.step(actions)
+        obs = self._observations()
         done = terminated | truncated
         info: dict[str, Any] = {}
         if done.any():
@@ -77,11 +82,33 @@ class SameStepCartPole(gym.vector.VectorEnv):
             obs[rows] = self.env.state[:, rows].T
         return obs, reward, terminated, truncated, info
 
+    def snapshot_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue the episodes in progress (envs/make.py's snapshot)."""
+        return {"state": self.env.state.copy(), "steps": self.env.steps.copy(), "bounds": list(self.bounds),
+                "rngs": [rng.bit_generator.state for rng in self.rngs]}
+
+    def restore_state(self, saved: dict[str, Any]) -> None:
+        self.env.state, self.env.steps = saved["state"].copy(), saved["steps"].copy()
+        self.env.prev_done = np.zeros(self.num_envs, dtype=bool)
+        self.bounds = tuple(saved["bounds"])
+        self._blocks(0)
+        for rng, state in zip(self.rngs, saved["rngs"], strict=True):
+            rng.bit_generator.state = state
+
     def close_extras(self, **kwargs: Any) -> None:
         self.env.close()
 
 
 NATIVE = {CartPoleVectorEnv: SameStepCartPole}
+# What env.vectorization=auto runs natively: the registered vector entry points that NATIVE adapts.
+NATIVE_ENTRY_POINTS = {"gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"}
+PER_ENV_KEYS = ("wrappers", "obs_keys", "entry_point", "atari")  # settings that wrap each env: no native env then
+
+
+def runs_native(env_cfg: Any, spec: gym.envs.registration.EnvSpec | None) -> bool:
+    """Whether env.vectorization=auto steps these envs natively."""
+    return (spec is not None and spec.vector_entry_point in NATIVE_ENTRY_POINTS
+            and not any(env_cfg.get(key) for key in PER_ENV_KEYS))
 
 
 def make_native(env_id: str, spec: gym.envs.registration.EnvSpec, num_envs: int, block: int,

@@ -24,8 +24,8 @@ from ppo_cli.envs.faults import close_at_once, kill_workers
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
-from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
 from ppo_cli.run.evaluation import EVAL_SEED_OFFSET, run_episodes
+from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
 from ppo_cli.run.signals import EvaluationStopped, Interrupted, StopSignals, notice, say, stop_signals
 from ppo_cli.run.stalls import Stalls
 
@@ -52,7 +52,7 @@ class BatchedRunner:
         self.seeds = [int(cfg.seed) + i for cfg in cfgs for i in range(each)]
         self.clock = Stopwatch(STAGES)
         self.stops = StopSignals(Ranks(), self._notice, self._stop_at_once)
-        self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True)
+        self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True, block=each)
         self.stalls = Stalls(lambda: (self.envs,))
         self.runners: list[Runner] = []
         self._eval: tuple[list[int], Any] | None = None  # the members evaluated together last, and their envs
@@ -129,7 +129,7 @@ class BatchedRunner:
         if self._eval is None or self._eval[0] != due:
             self._close_evaluation()
             self._eval = (due, make_vec_env(first.env, seed=seeds, num_envs=len(seeds),
-                                            step_cap=first.eval.max_episode_steps))
+                                            step_cap=first.eval.max_episode_steps, block=each))
         actor = self.algo.evaluation_actor(due)
         envs = self._eval[1]
         try:

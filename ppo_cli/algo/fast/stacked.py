@@ -10,7 +10,6 @@ core._total). tests/test_batched.py checks a member against its single run.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
