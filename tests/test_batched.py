@@ -119,7 +119,7 @@ def test_a_member_checkpoint_is_a_run_of_its_own(tmp_path):
     assert "384" in resumed.stdout
 
 
-def test_batches_refuse_resume_and_split_what_cannot_batch(tmp_path):
+def test_what_cannot_batch_trains_one_by_one_and_says_why(tmp_path):
     sweep = tmp_path / "sw"
     # Two env counts: two batches of one, each trained as a plain run.
     proc = cli("ppo-train", "-m", "env.num_envs=1,2", "algo.n_steps=64", "algo.batch_size=32",
@@ -132,10 +132,32 @@ def test_batches_refuse_resume_and_split_what_cannot_batch(tmp_path):
                "env.num_envs=2", "algo.total_timesteps=64", "hydra/launcher=ppo_batched",
                f"hydra.sweep.dir={tmp_path / 'lstm'}", cwd=tmp_path, check=True)
     assert "train one after another" in proc.stdout and "numpy fast path" in proc.stdout
-    ckpt = sweep / "0" / "checkpoints" / "checkpoint.pt"
-    proc = cli("ppo-train", "-m", f"resume={ckpt}", "hydra/launcher=ppo_batched",
-               f"hydra.sweep.dir={tmp_path / 'r'}", cwd=tmp_path)
-    assert "resume a member on its own" in proc.stderr
+
+
+def test_resumed_members_train_as_a_batch_as_each_resumes_alone(tmp_path):
+    first = tmp_path / "first"
+    cli("ppo-train", "-m", "seed=1,2", *SMALL, *QUIET, "algo.total_timesteps=256", "hydra/launcher=ppo_batched",
+        f"hydra.sweep.dir={first}", cwd=tmp_path, check=True)
+    ckpts = [first / j / "checkpoints" / "checkpoint.pt" for j in "01"]
+    more = ["algo.total_timesteps=512", "algo.lr_actor=1e-3", *QUIET]
+    proc = cli("ppo-train", "-m", f"resume={ckpts[0]},{ckpts[1]}", *more, "hydra/launcher=ppo_batched",
+               f"hydra.sweep.dir={tmp_path / 'again'}", cwd=tmp_path, check=True)
+    assert "batch: 2 runs in one process" in proc.stdout
+    alone = tmp_path / "alone"
+    cli("ppo-train", f"resume={ckpts[1]}", *more, f"hydra.run.dir={alone}", cwd=tmp_path, check=True)
+    batched, single = _params(tmp_path / "again" / "1"), _params(alone)
+    assert max(float((batched[k] - single[k]).abs().max()) for k in single) <= TOLERANCE
+    assert torch.load(alone / "checkpoints" / "checkpoint.pt", weights_only=False)["global_step"] == 512
+
+
+def test_population_based_training_runs_its_population_in_one_process(tmp_path):
+    sweep = tmp_path / "pbt"
+    proc = cli("ppo-train", "-m", "hydra/sweeper=ppo_pbt", "hydra.sweeper.population=3", "hydra.sweeper.interval=256",
+               *SMALL, "algo.total_timesteps=768", "eval.episodes=2", "hydra/launcher=ppo_batched",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=True)
+    assert proc.stdout.count("batch: 3 runs in one process") == 3  # one batch per generation
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
+    assert len(results) == 9 and {r["batched_with"] for r in results} == {3}
 
 
 def test_ctrl_c_saves_every_member_at_the_same_boundary(tmp_path):

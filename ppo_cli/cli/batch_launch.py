@@ -37,6 +37,7 @@ class Job:
     cfg: DictConfig
     run_dir: Path
     started: float
+    resume: dict | None = None  # a resumed job's checkpoint (cli/train.py resumed)
 
 
 def _register(into: dict, cfg: DictConfig) -> None:
@@ -82,9 +83,9 @@ def _batch(jobs: list[Job]) -> Interrupted | None:
     print(f"batch: {len(jobs)} runs in one process (hydra/launcher=ppo_batched)", flush=True)
     for job in jobs:
         _set_hydra(job)
-        banner(job.cfg, job.run_dir)
+        banner(job.cfg, job.run_dir, int(job.resume["global_step"]) if job.resume else 0)
     try:
-        runner = BatchedRunner([(j.cfg, j.run_dir) for j in jobs])
+        runner = BatchedRunner([(j.cfg, j.run_dir) for j in jobs], [j.resume for j in jobs])
     except NotBatchable as exc:
         print(f"note: these {len(jobs)} runs train one after another: {exc}", flush=True)
         for job in jobs:
@@ -134,11 +135,11 @@ def _guarded(job: Job, work: Any) -> bool:
 
 
 def _prepare(job: Job) -> None:
-    claim(job.run_dir, resuming=False, multirun=True)
-    if job.cfg.resume:
-        raise UserError("hydra/launcher=ppo_batched starts new runs; resume a member on its own: "
-                        f"ppo-train resume={job.cfg.resume}")
+    from ppo_cli.cli.train import resumed
     from ppo_cli.policy.actor_critic import settle_network
+
+    claim(job.run_dir, resuming=bool(job.cfg.resume), multirun=True)
+    job.cfg, job.resume = resumed(job.cfg)
 
     validate(job.cfg)
     settle_network(job.cfg)

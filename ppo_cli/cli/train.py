@@ -78,26 +78,34 @@ def _overridden_keys() -> list[str]:
     return keys
 
 
+def resumed(cfg: DictConfig) -> tuple[DictConfig, dict | None]:
+    """The config to train and, for `resume=PATH`, the checkpoint's state: its config with the keys set on this
+    command line (config_for_resume), after the checks a resume needs. A new run: (cfg, None)."""
+    if not cfg.resume:
+        return cfg, None
+    from ppo_cli.run import checkpoint  # torch: imported once a run starts
+
+    data = checkpoint.load(cfg.resume)
+    overridden = _overridden_keys()
+    # The user's word on this command line, never the checkpoint's; the keys they set are theirs.
+    recipe.check(stored_config(data["config_yaml"]), trusted=bool(cfg.trust_env_code), what="checkpoint",
+                 source=str(cfg.resume), how="trust_env_code=true (or set those keys on the command line)",
+                 named=overridden)
+    cfg = config_for_resume(data, cfg, overridden)
+    if int(data["global_step"]) >= cfg.algo.total_timesteps:
+        raise UserError(f"{cfg.resume} is at step {int(data['global_step']):,}, already at or past "
+                        f"algo.total_timesteps={cfg.algo.total_timesteps:,}: nothing to train; set a larger "
+                        f"algo.total_timesteps to train on (ppo-eval {cfg.resume} evaluates it as it is)")
+    return cfg, data
+
+
 def run(cfg: DictConfig, run_dir: Path) -> tuple[TrainResult, DictConfig]:
     """Train; the result, and the config trained (a resume's is the checkpoint's, with the keys set here)."""
     from ppo_cli.envs.make import check_env  # the stages that need torch, imported once a run starts
     from ppo_cli.policy.actor_critic import settle_network
-    from ppo_cli.run import checkpoint
     from ppo_cli.run.runner import Runner
 
-    data = None
-    if cfg.resume:
-        data = checkpoint.load(cfg.resume)
-        overridden = _overridden_keys()
-        # The user's word on this command line, never the checkpoint's; the keys they set are theirs.
-        recipe.check(stored_config(data["config_yaml"]), trusted=bool(cfg.trust_env_code), what="checkpoint",
-                     source=str(cfg.resume), how="trust_env_code=true (or set those keys on the command line)",
-                     named=overridden)
-        cfg = config_for_resume(data, cfg, overridden)
-        if int(data["global_step"]) >= cfg.algo.total_timesteps:
-            raise UserError(f"{cfg.resume} is at step {int(data['global_step']):,}, already at or past "
-                            f"algo.total_timesteps={cfg.algo.total_timesteps:,}: nothing to train; set a larger "
-                            f"algo.total_timesteps to train on (ppo-eval {cfg.resume} evaluates it as it is)")
+    cfg, data = resumed(cfg)
     validate(cfg)
     why = settle_network(cfg)  # network=auto decided before the banner, which names the encoder
     validate(cfg)  # again, on what was decided: network.precision=bfloat16 needs an image encoder

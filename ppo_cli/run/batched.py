@@ -37,10 +37,12 @@ class NotBatchable(Exception):
 
 
 class BatchedRunner:
-    """The members' runs, `jobs` (config, run folder), trained together. Their configs differ at most in
-    algo.batched.MEMBER_KEYS (the launcher groups them so)."""
+    """The members' runs, `jobs` (config, run folder), trained together; `resume`: each one's checkpoint state to
+    resume from, or None. Their configs differ at most in algo.batched.MEMBER_KEYS (the launcher groups them so).
+    A resumed member starts its episodes anew (its envs are the batch's), its envs seeded as its run resumed alone
+    would seed them."""
 
-    def __init__(self, jobs: list[tuple[DictConfig, Path]]) -> None:
+    def __init__(self, jobs: list[tuple[DictConfig, Path]], resume: list[dict | None] | None = None) -> None:
         cfgs = [cfg for cfg, _ in jobs]
         for cfg in cfgs:
             settle_network(cfg)
@@ -60,10 +62,15 @@ class BatchedRunner:
             obs, info = self.envs.reset(seed=self.seeds)
             for k, (cfg, run_dir) in enumerate(jobs):
                 member = Member(self.envs, obs, info, self.clock, self.stops, f"{k}: {run_dir.name}")
-                self.runners.append(Runner(cfg, run_dir, member=member))
+                self.runners.append(Runner(cfg, run_dir, None if resume is None else resume[k], member=member))
             why = refusal(self.runners[0].algo)
             if why:
                 raise NotBatchable(why)
+            if any(r.global_step for r in self.runners):  # as Runner._restore reseeds a run's envs on a resume
+                self.seeds = [int(r.cfg.seed) + r.global_step + i for r in self.runners for i in range(each)]
+                obs, info = self.envs.reset(seed=self.seeds)
+                for k, r in enumerate(self.runners):
+                    r.algo.start(self.envs, obs[k * each:(k + 1) * each], {}, r.global_step)
             self.algo = BatchedPPO([r.algo for r in self.runners], obs, self.clock)
         except BaseException:
             self.close()

@@ -131,19 +131,25 @@ def check_finite(scalars: dict[str, float], step: int, envs: Any, normalize_rewa
         raise Diverged(divergence_message(step, bad, largest_reward(envs), normalize_reward))
 
 
+def process_setup(cfg: DictConfig) -> torch.device:
+    """The process's threads and the run's device (network=auto decided first: both depend on the encoder)."""
+    settle_network(cfg)
+    threads = torch_threads(cfg)
+    if threads:
+        torch.set_num_threads(threads)
+        # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
+        threadpool_limits(threads)
+    device = choose_device(cfg).device
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: dict[str, Any] | None = None,
                  rich_progress: bool | None = None, member: Member | None = None) -> None:
         self.cfg, self.run_dir, self.member = cfg, Path(run_dir), member
-        settle_network(cfg)  # network=auto decided first: the threads and the device depend on the encoder
-        threads = torch_threads(cfg)
-        if threads:
-            torch.set_num_threads(threads)
-            # numpy's BLAS pool too: N sweep jobs on N cores must not each start a thread per core.
-            threadpool_limits(threads)
-        self.device = choose_device(cfg).device
-        if self.device.type == "cpu":
-            keep_freed_memory()
+        self.device = process_setup(cfg)
         # Under torchrun: this process's rank; rank 0 alone evaluates and writes files (distributed.py).
         self.ranks = distributed.setup(self.device)
         torch.manual_seed(cfg.seed)  # the same initial parameters on every rank
@@ -375,21 +381,24 @@ class Runner:
         self.doctor.load(data.get("doctor"))
         env_state, last_obs = data.get("env_state"), data.get("last_obs")
         saved_envs = None if last_obs is None else batch_size(last_obs)
-        continues = (env_state is not None and saved_envs == self.cfg.env.num_envs
+        continues = (env_state is not None and saved_envs == self.cfg.env.num_envs and self.member is None
                      and (self.algo.masks is None) == (data.get("last_mask") is None))
         self.notes += self.algo.load_state_dict(data, continues)
         if continues:
             restore(self.envs, env_state)
             return
-        if saved_envs is not None and saved_envs != self.cfg.env.num_envs:
+        if self.member is not None:
+            why = "a batch's member plays in the batch's envs, which its batch resets"
+        elif saved_envs is not None and saved_envs != self.cfg.env.num_envs:
             why = f"env.num_envs is {self.cfg.env.num_envs}, the checkpoint's {saved_envs}"
         else:
             why = snapshot(self.envs)[1] or "the checkpoint holds no env state"
         scaler = ("; env.normalize_reward keeps its statistics and restarts its per-env discounted returns"
                   if self.algo.reward_scaler is not None else "")
         self.notes.append(f"note: episodes in progress at the checkpoint restart from a reset ({why}){scaler}")
-        obs, info = self.envs.reset(seed=self.env_seed + self.global_step)
-        self.algo.start(self.envs, obs, info, self.global_step)
+        if self.member is None:
+            obs, info = self.envs.reset(seed=self.env_seed + self.global_step)
+            self.algo.start(self.envs, obs, info, self.global_step)
 
     def save(self, name: str = CHECKPOINT_NAME, at: Boundary | None = None) -> Path:
         """Write a checkpoint (rank 0; the other ranks give it their state): every rank calls this together.
