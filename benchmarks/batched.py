@@ -108,7 +108,7 @@ def tolerance(updates: int) -> None:
                    for s in (3, 4, 5, 6)]
         diffs = []
         for _ in range(updates):
-            batch.algo.collect(batch.envs, lambda: False, 0)
+            batch.algo.collect(batch.envs, lambda: False, np.ones(4, dtype=bool))
             for s in singles:
                 s.algo.collect(s.envs, lambda: False, 0)
                 s.algo.learn(0.0)

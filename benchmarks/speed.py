@@ -95,7 +95,7 @@ def timed_training(cfg: DictConfig) -> dict:
         wall = time.perf_counter() - t0
         trainer.close()
     return {"sps": result.global_step / wall, "steps": result.global_step, "wall": wall,
-            "stages": trainer.stage_seconds, "rss_mb": _peak_rss_mb(), "stopped_at": result.stopped_at}
+            "stages": trainer.clock.seconds, "rss_mb": _peak_rss_mb(), "stopped_at": result.stopped_at}
 
 
 def _sb3_model(s: dict, log_dir: str, seed: int = 1, device: str = "cpu"):

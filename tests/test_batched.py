@@ -16,17 +16,18 @@ import torch
 
 from ppo_cli.run.batched import BatchedRunner
 from ppo_cli.run.runner import Runner
+from ppo_cli.run.signals import Interrupted
 from tests.conftest import ROOT, cli, make_cfg
 
 QUIET = ["eval.final=false", "eval.objective=train", "eval.every_steps=0", "log_interval=1000"]
 SMALL = ["env.num_envs=2", "algo.n_steps=64", "algo.batch_size=32"]
-# Measured over all 4 members and the first updates of the cases below (/tmp-free: benchmarks/batched.py
-# --tolerance): CartPole at most 6e-8 of parameter difference between a member and its single run over 10 updates;
-# Pendulum with both normalizations 6e-8 after 1 update, 4e-7 after 3, then growing as any two runs one rounding
-# apart do (1e-6 after 4, 4e-3 after 10). The actions of the first rollout are identical.
+# Measured over all 4 members and their first 10 updates (python benchmarks/batched.py --tolerance): CartPole
+# members equal their single runs to the bit for the first 4 updates (2 on the native envs), then differ by at most
+# 6e-8; Pendulum with both normalizations by 6e-8 after 1 update and 6e-7 after 3, then growing as any two runs one
+# rounding apart do (1e-5 after 5, 4e-3 after 10). The actions of the first rollout are identical.
 TOLERANCE = 1e-5
 CASES = {
-    "discrete": ["env=CartPole-v1", *SMALL],
+    "discrete": ["env=CartPole-v1", "env.vectorization=sync", *SMALL],
     "continuous-normalized": ["env=Pendulum-v1", "algo=ppo_pendulum", *SMALL],
     "discrete-native-env": ["env=CartPole-v1", "env.vectorization=native", *SMALL],
 }
@@ -47,13 +48,16 @@ def test_a_member_of_a_batch_of_4_computes_what_its_single_run_computes(case, tm
     try:
         e = cfgs[0].env.num_envs
         for update in range(3):
-            batch.algo.collect(batch.envs, _never, 0)
+            batch.algo.collect(batch.envs, _never, np.ones(4, dtype=bool))
             single.algo.collect(single.envs, _never, 0)
             if update == 0:
                 mine = batch.algo.buffer.actions[:, e:2 * e]
                 assert torch.equal(mine, single.algo.buffer.actions)
             batch.algo.learn([0.0] * 4, np.ones(4, dtype=bool))
             single.algo.learn(0.0)
+            if update == 0 and case.startswith("discrete"):  # to the bit
+                mine = batch.runners[1].algo.policy.state_dict()
+                assert all(torch.equal(mine[n], v) for n, v in single.algo.policy.state_dict().items())
         member = batch.runners[1].algo
         for name, value in single.algo.policy.state_dict().items():
             assert float((member.policy.state_dict()[name] - value).abs().max()) <= TOLERANCE, name
@@ -80,6 +84,57 @@ def test_a_member_that_diverges_stops_alone_and_the_others_finish(tmp_path):
     assert "training diverged" in str(outcomes[1])
     assert [o.global_step for o in (outcomes[0], outcomes[2])] == [512, 512]
     assert (tmp_path / "1" / "checkpoints" / "checkpoint.pt").is_file()
+
+
+def test_a_continuous_member_that_diverges_stops_alone_and_never_acts_nan(tmp_path):
+    # Its NaN parameters would send NaN actions into the shared envs (a NaN observation fault for all) and into the
+    # evaluation: a member that diverged acts 0 and is evaluated no more.
+    jobs = [(make_cfg("env=Pendulum-v1", "algo=ppo_pendulum", *SMALL, "eval.every_steps=128", "eval.episodes=2",
+                      "eval.final=true", "algo.total_timesteps=768", f"seed={s}", f"algo.vf_coef={vf}"),
+             tmp_path / str(s)) for s, vf in ((1, 0.5), (2, 1e38))]
+    runner = BatchedRunner(jobs)
+    try:
+        outcomes = runner.run()
+    finally:
+        runner.close()
+    assert "training diverged" in str(outcomes[1])
+    assert outcomes[0].global_step == 768 and outcomes[0].final_eval is not None
+
+
+def test_an_env_that_breaks_saves_every_member_where_the_rollout_began(tmp_path):
+    # Each sub-env raises at its 100th step: in the second rollout (2 envs x 64 steps per member and update).
+    jobs = [(make_cfg("env.entry_point=tests.custom_env:Faulty", "+env.kwargs.fault=raise_step", "+env.kwargs.at=100",
+                      *SMALL, *QUIET, f"seed={s}", "algo.total_timesteps=1024"), tmp_path / str(s)) for s in (1, 2)]
+    runner = BatchedRunner(jobs)
+    try:
+        outcomes = runner.run()
+    finally:
+        runner.close()
+    for s, outcome in zip((1, 2), outcomes, strict=True):
+        assert "the simulator lost its connection" in str(outcome) and "is saved: ppo-train resume=" in str(outcome)
+        saved = torch.load(tmp_path / str(s) / "checkpoints" / "checkpoint.pt", weights_only=False)
+        assert saved["global_step"] == 128
+
+
+def test_a_stop_during_the_last_update_saves_every_member_as_interrupted(tmp_path):
+    jobs = [(make_cfg(*SMALL, *QUIET, f"seed={s}", "algo.total_timesteps=256"), tmp_path / str(s)) for s in (1, 2)]
+    runner = BatchedRunner(jobs)
+    learn = runner.algo.learn
+
+    def learn_then_signal(progress, active):
+        out = learn(progress, active)
+        if runner.runners[0].global_step == 128:  # the last update: a Ctrl-C arrives while it runs
+            runner.stops.handle(signal.SIGINT, None)
+        return out
+
+    runner.algo.learn = learn_then_signal
+    try:
+        outcomes = runner.run()
+    finally:
+        runner.close()
+    assert all(isinstance(o, Interrupted) and o.step == 256 for o in outcomes), outcomes
+    for s in (1, 2):
+        assert torch.load(tmp_path / str(s) / "checkpoints" / "checkpoint.pt", weights_only=False)["global_step"] == 256
 
 
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:

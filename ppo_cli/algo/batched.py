@@ -29,7 +29,7 @@ from ppo_cli.algo.rollout import Collected, collect
 from ppo_cli.algo.storage import Batch, RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, FusedAdamStep
-from ppo_cli.policy.observations import batch_size
+from ppo_cli.policy.observations import as_tensors, batch_size
 
 # The settings members may differ in (everything else of their configs must be equal): the continuous knobs of
 # the update, and the seed.
@@ -40,6 +40,9 @@ MEMBER_KEYS = ("seed", "algo.lr_actor", "algo.lr_critic", "algo.clip_range", "al
 
 def refusal(member: PPO) -> str | None:
     """Why members like `member` cannot be trained as a batch (None: they can)."""
+    cfg = member.cfg
+    if not (cfg.fast_update and cfg.fast_rollout) or cfg.torch_compile:
+        return "fast_update=false, fast_rollout=false and torch_compile=true ask for torch's path, which batches skip"
     activation, why = covers(member.policy)
     if activation is None:
         return f"the batched update covers what the numpy fast path does ({why})"
@@ -61,6 +64,7 @@ class StackedActor:
         self.dists = [m.policy.dist for m in members]
         self.inputs_of = [NumpyInput(m.policy.layout, m.policy.obs_norm) for m in members]
         self.normalized = members[0].policy.obs_norm is not None
+        self.active = np.ones(self.count, dtype=bool)  # the members still training
 
     def _member(self, obs: Any, k: int) -> Any:
         each = batch_size(obs) // self.count  # the training envs' env.num_envs, or an evaluation's envs
@@ -95,6 +99,8 @@ class StackedActor:
         out = self.actor.forward(h)[-1]
         noise = np.stack([m.policy.dist.noise(m.np_rng, self.envs) for m in self.members])
         action, logp = self.head.sample(out, noise)
+        if not self.active.all():  # members done (finished, diverged) act 0 in their envs, never a NaN
+            action[~self.active] = 0
         value = self.critic.forward(h)[-1][..., 0]
         return action.reshape(-1, *action.shape[2:]), logp.reshape(-1), value.reshape(-1)
 
@@ -136,9 +142,6 @@ class BatchedPPO:
     on `envs`, the vector env of all their envs, from its first observations `obs`."""
 
     def __init__(self, members: list[PPO], obs: Any, clock: Stopwatch) -> None:
-        why = refusal(members[0])
-        if why:
-            raise ValueError(why)
         self.members, self.clock, self.count = members, clock, len(members)
         first = members[0]
         self.envs_each, self.n_steps = first.cfg.env.num_envs, first.cfg.algo.n_steps
@@ -153,6 +156,8 @@ class BatchedPPO:
                                     layout.stored_dtype, first.policy.action_shape, first.policy.action_dtype,
                                     torch.device("cpu"))
         self.reward_scaler = StackedRewardScaler(members) if first.reward_scaler is not None else None
+        for m in members:  # the batch's storage holds their rollouts
+            m.buffer = None  # type: ignore[assignment]
         self.obs = obs
         self._split_obs()
 
@@ -172,9 +177,10 @@ class BatchedPPO:
             m.obs = self.actor._member(self.obs, k)
 
     # --- one iteration ----------------------------------------------------------------------------------
-    def collect(self, envs: gym.vector.VectorEnv, stop: Callable[[], bool], step: int) -> list[Collected]:
-        """n_steps steps of every member's envs; what each member collected (its share of the steps and the
-        episodes that ended in its envs)."""
+    def collect(self, envs: gym.vector.VectorEnv, stop: Callable[[], bool], active: np.ndarray) -> list[Collected]:
+        """n_steps steps of every member's envs (the `active` members' policies act; the others' envs get action 0);
+        what each member collected (its share of the steps and the episodes that ended in its envs)."""
+        self.actor.active = active
         with self.clock["storage"]:
             rollout = collect(envs, self.actor, self.buffer, self.obs, self.reward_scaler, stop, self.clock)
         if not stop():
@@ -193,9 +199,10 @@ class BatchedPPO:
         for the members not active)."""
         for m, p in zip(self.members, progress, strict=True):
             m.schedule(p)
-        with self.clock["advantages"]:
-            last = self.actor.value(self.actor.inputs(self.obs, False))
-            batch = self.buffer.advantages(torch.from_numpy(last), self._per_env("gamma"), self._per_env("gae_lambda"))
+        with self.clock["advantages"], torch.no_grad():
+            # V(last observation) by each member's torch policy, as its single run computes it (PPO.learn)
+            last = torch.cat([m.policy.value(m.policy.prepare(as_tensors(m.obs)), None) for m in self.members])
+            batch = self.buffer.advantages(last, self._per_env("gamma"), self._per_env("gae_lambda"))
             members = self._by_member(batch)
         with self.clock["update"], np.errstate(all="ignore"):
             stats = self._update(members, active.copy())

@@ -80,58 +80,69 @@ def _batch(jobs: list[Job]) -> Interrupted | None:
     stopped them."""
     from ppo_cli.run.batched import BatchedRunner, NotBatchable
 
-    print(f"batch: {len(jobs)} runs in one process (hydra/launcher=ppo_batched)", flush=True)
-    for job in jobs:
-        _set_hydra(job)
-        banner(job.cfg, job.run_dir, int(job.resume["global_step"]) if job.resume else 0)
     try:
         runner = BatchedRunner([(j.cfg, j.run_dir) for j in jobs], [j.resume for j in jobs])
     except NotBatchable as exc:
         print(f"note: these {len(jobs)} runs train one after another: {exc}", flush=True)
         for job in jobs:
             _set_hydra(job)
-            _guarded(job, partial(_single, job))
+            stopped = _guarded(job, partial(_single, job))
+            if stopped is not None:
+                return stopped
         return None
+    except Exception as exc:  # noqa: BLE001 - a batch that cannot be built fails its members, not the sweep
+        for job in jobs:
+            _set_hydra(job)
+            _failed(job, exc, len(jobs))
+        return None
+    print(f"batch: {len(jobs)} runs in one process (hydra/launcher=ppo_batched)", flush=True)
+    for job in jobs:
+        _set_hydra(job)
+        banner(job.cfg, job.run_dir, int(job.resume["global_step"]) if job.resume else 0)
     try:
-        outcomes = runner.run()
-    except Exception as exc:  # noqa: BLE001 - what stops the batch stops each member: each says so
-        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        outcomes = [exc if isinstance(exc, UserError) else UserError(reason)] * len(jobs)
+        outcomes: list[Any] = runner.run()
+    except Exception as exc:  # noqa: BLE001 - what stops the batch stops the members still training: each says so
+        outcomes = [exc if o is None else o for o in runner.outcomes]
     finally:
         runner.close()
     stopped = None
     for job, outcome in zip(jobs, outcomes, strict=True):
         _set_hydra(job)
         if isinstance(outcome, Interrupted):
-            print(f"ppo-train: [{job.run_dir.name}] {outcome}", file=sys.stderr, flush=True)
-            write_result(job.run_dir, {"status": "interrupted", "error": str(outcome), "objective": None,
-                                       "global_step": outcome.step, "checkpoint": str(outcome.path),
-                                       "batched_with": len(jobs)})
+            _interrupted(job, outcome, len(jobs))
             stopped = stopped or outcome
-        elif isinstance(outcome, UserError):
-            print(f"ppo-train: error: [{job.run_dir.name}] {outcome}", file=sys.stderr, flush=True)
-            failed(job.run_dir, str(outcome), job.started)
+        elif isinstance(outcome, Exception):
+            _failed(job, outcome, len(jobs))
         else:
             job.ret.return_value = report(outcome, job.run_dir, job.cfg, {"batched_with": len(jobs)})
     return stopped
 
 
-def _guarded(job: Job, work: Any) -> bool:
-    """Run `work` for `job`; a UserError or a crash is recorded as the job's failure (False), as a sweep does."""
+def _failed(job: Job, exc: Exception, batched_with: int) -> None:
+    reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    print(f"ppo-train: error: [{job.run_dir.name}] {reason}", file=sys.stderr, flush=True)
+    failed(job.run_dir, reason, job.started, {"batched_with": batched_with})
+
+
+def _interrupted(job: Job, exc: Interrupted, batched_with: int) -> None:
+    print(f"ppo-train: [{job.run_dir.name}] {exc}", file=sys.stderr, flush=True)
+    write_result(job.run_dir, {"status": "interrupted", "error": str(exc), "objective": None,
+                               "global_step": exc.step, "checkpoint": str(exc.path), "batched_with": batched_with})
+
+
+def _guarded(job: Job, work: Any) -> Interrupted | None:
+    """Run `work` for `job`: a UserError or a crash is recorded as the job's failure, as a sweep does; a stop signal
+    as its interruption (returned)."""
     try:
         work()
-        return True
     except RunFolderTaken as exc:
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
-    except UserError as exc:
-        print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
-        failed(job.run_dir, str(exc), job.started)
-    except Interrupted:
-        raise
-    except Exception as exc:  # noqa: BLE001 - one job's crash must not end the sweep
-        print(f"ppo-train: job failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        failed(job.run_dir, f"{type(exc).__name__}: {exc}", job.started)
-    return False
+    except Interrupted as exc:
+        _interrupted(job, exc, 1)
+        return exc
+    except Exception as exc:  # noqa: BLE001 - one job's failure or crash must not end the sweep
+        _failed(job, exc, 1)
+    return None
 
 
 def _prepare(job: Job) -> None:
@@ -166,15 +177,22 @@ def launch(hydra_context: HydraContext, config: DictConfig, job_overrides: Seque
     try:
         for job in jobs:
             _set_hydra(job)
-            if _guarded(job, partial(_prepare, job)):
-                groups.setdefault(batch_key(job.cfg), []).append(job)
+            try:
+                _prepare(job)
+            except Exception as exc:  # noqa: BLE001 - as _guarded: the job fails, the sweep goes on
+                if not isinstance(exc, RunFolderTaken):
+                    _failed(job, exc, 1)
+                else:
+                    print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
+                continue
+            groups.setdefault(batch_key(job.cfg), []).append(job)
         stopped = None
         for group in groups.values():
             for start in range(0, len(group), max_members):
                 batch = group[start:start + max_members]
                 if len(batch) == 1:
                     _set_hydra(batch[0])
-                    _guarded(batch[0], partial(_single, batch[0]))
+                    stopped = _guarded(batch[0], partial(_single, batch[0]))
                 else:
                     stopped = _batch(batch)
                 if stopped is not None:

@@ -144,11 +144,11 @@ def write_result(run_dir: Path, fields: dict) -> None:
         raise UserError(f"cannot write {run_dir / 'result.json'} ({reason(exc)})") from None
 
 
-def failed(run_dir: Path, reason: str, started: float) -> None:
+def failed(run_dir: Path, reason: str, started: float, extra: dict | None = None) -> None:
     """Record a failed sweep job. It returns None, not NaN: the Optuna sweeper (with optuna 2.x) crashes on a
     NaN objective, while None makes it record the trial as failed; the grid sweeper ignores what jobs return."""
     write_result(run_dir, {"status": "failed", "error": reason, "objective": None,
-                            "wall_time": time.perf_counter() - started})
+                            "wall_time": time.perf_counter() - started, **(extra or {})})
 
 
 def sweep_summary(sweep_dir: Path) -> bool:

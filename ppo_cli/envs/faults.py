@@ -355,9 +355,10 @@ def largest_reward(envs: gym.vector.VectorEnv) -> float | None:
     return None if faults is None else faults.largest_reward
 
 
-def count_steps(envs: gym.vector.VectorEnv, start: int, world: int = 1) -> None:
+def count_steps(envs: gym.vector.VectorEnv, start: int, world: int = 1, stride: int | None = None) -> None:
     """Number the steps of `envs`' fault messages as the trainer counts them: from `start` (a resumed run's global
-    step), by num_envs * `world` per step (a distributed run counts the steps of all its processes)."""
+    step), by num_envs * `world` per step (a distributed run counts the steps of all its processes), or by `stride`
+    (a batch of runs: one run's envs)."""
     faults = _faults(envs)
     if faults is not None:
-        faults.steps, faults.stride = start, faults.num_envs * world
+        faults.steps, faults.stride = start, stride or faults.num_envs * world

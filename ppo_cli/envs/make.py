@@ -338,6 +338,15 @@ def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
     return [stats, per_env], None
 
 
+def restorable(envs: gym.vector.VectorEnv, state: list[Any] | None) -> bool:
+    """Whether `state` (a snapshot) is of envs like `envs`: a native vector env's of a native one, sync envs' of sync
+    envs (a checkpoint of one kind resumed with env.vectorization of another restarts its episodes)."""
+    if state is None:
+        return False
+    native = hasattr(envs.unwrapped, "restore_state")
+    return isinstance(state[1], dict) == native and (native or isinstance(envs.unwrapped, gym.vector.SyncVectorEnv))
+
+
 def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
     pairs = [(envs, stats)]

@@ -8,9 +8,11 @@ the same update boundary.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,21 @@ from omegaconf import DictConfig
 from ppo_cli.algo.batched import BatchedPPO, refusal
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.distributed import Ranks
-from ppo_cli.envs.faults import close_at_once, kill_workers
+from ppo_cli.envs.faults import EnvFault, close_at_once, count_steps, kill_workers
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.run.evaluation import EVAL_SEED_OFFSET, run_episodes
 from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
-from ppo_cli.run.signals import EvaluationStopped, Interrupted, StopSignals, notice, say, stop_signals
+from ppo_cli.run.signals import (
+    EvaluationStopped,
+    Interrupted,
+    StopSignals,
+    held_from_workers,
+    notice,
+    say,
+    stop_signals,
+)
 from ppo_cli.run.stalls import Stalls
 
 Outcome = TrainResult | UserError | Interrupted
@@ -49,15 +59,19 @@ class BatchedRunner:
         first = cfgs[0]
         if first.env.get("backend", "gymnasium") != "gymnasium":
             raise NotBatchable("a batch steps its members' envs as one gymnasium vector env (env.backend=gymnasium)")
-        each = first.env.num_envs
+        self.each = each = first.env.num_envs
         # Member k's envs are seeded as its single run seeds its own: seed, seed + 1, ...
         self.seeds = [int(cfg.seed) + i for cfg in cfgs for i in range(each)]
         self.clock = Stopwatch(STAGES)
         self.stops = StopSignals(Ranks(), self._notice, self._stop_at_once)
-        self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True, block=each)
-        self.stalls = Stalls(lambda: (self.envs,))
         self.runners: list[Runner] = []
+        self.outcomes: list[Outcome | None] = [None] * len(jobs)  # each member's, as it is decided
         self._eval: tuple[list[int], Any] | None = None  # the members evaluated together last, and their envs
+        # Async workers must not see a Ctrl-C (run/signals.py): the batch stops at its next boundary instead.
+        with held_from_workers(self.stops.remember) if first.env.vectorization == "async" else nullcontext():
+            self.envs = make_vec_env(first.env, seed=self.seeds, num_envs=len(cfgs) * each, training=True,
+                                     block=each)
+        self.stalls = Stalls(lambda: (self.envs,))
         try:
             obs, info = self.envs.reset(seed=self.seeds)
             for k, (cfg, run_dir) in enumerate(jobs):
@@ -69,59 +83,60 @@ class BatchedRunner:
             if any(r.global_step for r in self.runners):  # as Runner._restore reseeds a run's envs on a resume
                 self.seeds = [int(r.cfg.seed) + r.global_step + i for r in self.runners for i in range(each)]
                 obs, info = self.envs.reset(seed=self.seeds)
-                for k, r in enumerate(self.runners):
-                    r.algo.start(self.envs, obs[k * each:(k + 1) * each], {}, r.global_step)
             self.algo = BatchedPPO([r.algo for r in self.runners], obs, self.clock)
+            # Env faults name the step as the members count theirs (they all step together).
+            count_steps(self.envs, self.runners[0].global_step, stride=each)
+            for r in self.runners:
+                r.open_logger(resumed=r.global_step > 0)
         except BaseException:
             self.close()
             raise
 
     def run(self) -> list[Outcome]:
         """Train every member to its algo.total_timesteps; each member's result, or the error that stopped it
-        (Diverged), or the Interrupted of a stop signal (every member still training saved at one boundary)."""
-        count = len(self.runners)
-        outcomes: list[Outcome | None] = [None] * count
-        active = np.ones(count, dtype=bool)
-        for k, r in enumerate(self.runners):
+        (Diverged, an env fault), or the Interrupted of a stop signal (every member still training saved at one
+        boundary). `outcomes` holds each as it is decided, for a caller that sees this raise."""
+        outcomes, stops = self.outcomes, self.stops
+        for r in self.runners:
             for note in r.notes:
                 r.logger.message(note)
-            if r.global_step >= r.cfg.algo.total_timesteps:
-                outcomes[k] = r.conclude(r.save(), None)
-                active[k] = False
-        stops = self.stops
         try:
             with stop_signals(stops.handle):
-                while active.any():
+                while (active := np.array([o is None for o in outcomes])).any():
                     training = [self.runners[k] for k in np.flatnonzero(active)]
                     if stops.agreed():
-                        self._interrupted(outcomes, active, None)
+                        self._interrupted(active, None)
                         break
                     step0, time0 = [r.global_step for r in self.runners], self.clock.total()
                     starts = {id(r): r._boundary() for r in training}
                     stops.phase = "rollout"
-                    rollouts = self.algo.collect(self.envs, stops.requested, step0[0])
+                    try:
+                        rollouts = self.algo.collect(self.envs, stops.requested, active)
+                    except EnvFault as exc:  # every member still training is saved where the rollout began
+                        self._env_fault(exc, active, starts)
+                        break
                     if stops.requested():  # the rollout is dropped; every member saved where it started
-                        self._interrupted(outcomes, active, starts)
+                        self._interrupted(active, starts)
                         break
                     stops.phase = "update"
                     progress = [r.global_step / r.cfg.algo.total_timesteps for r in self.runners]
                     scalars = self.algo.learn(progress, active)
-                    self._evaluate_together(active, step0, rollouts)
+                    finite = [k for k in np.flatnonzero(active) if all(map(math.isfinite, scalars[k].values()))]
+                    self._evaluate_together(finite, step0, rollouts)
                     for k in np.flatnonzero(active):
                         outcomes[k] = self._record(self.runners[k], step0[k], time0, rollouts[k], scalars[k])
-                        active[k] = outcomes[k] is None
         finally:
             for r in self.runners:
                 r.logger.close()
         return outcomes  # type: ignore[return-value]
 
-    def _evaluate_together(self, active: np.ndarray, step0: list[int], rollouts: list[Any]) -> None:
+    def _evaluate_together(self, members: list[int], step0: list[int], rollouts: list[Any]) -> None:
         """The periodic and final evaluations the members are due after this update, played together: their
         evaluation envs as one vector env (each member's seeded as its run seeds its own), their policies in one
         stacked pass. Each member's evaluator takes its share (PeriodicEvaluator.take) and plays none of its own.
         Stochastic evaluations (eval.deterministic=false) draw from each run's own stream: each member plays its own."""
         due, after = [], {}
-        for k in np.flatnonzero(active):
+        for k in members:
             r = self.runners[k]
             after[k] = step0[k] + rollouts[k].steps
             ends = after[k] >= r.cfg.algo.total_timesteps and r.cfg.eval.final
@@ -164,16 +179,31 @@ class BatchedRunner:
         except Diverged as exc:  # this member alone: the others go on
             r.logger.message(f"ppo-train: error: {exc}")
             return exc
-        if stopped or r.global_step >= r.cfg.algo.total_timesteps:
-            return r.conclude(r.save(), (r.global_step, r.wall_time) if stopped else None)
-        return None
+        if not (stopped or r.global_step >= r.cfg.algo.total_timesteps):
+            return None
+        path = r.save()
+        if self.stops.agreed():  # asked during the last update: the member is trained, its evaluation waits
+            return Interrupted(self.stops.signal or signal.SIGTERM, r.global_step, path)
+        try:
+            return r.conclude(path, (r.global_step, r.wall_time) if stopped else None)
+        except Interrupted as exc:  # a stop in its final evaluation: the others are saved at the next boundary
+            return exc
 
-    def _interrupted(self, outcomes: list[Outcome | None], active: np.ndarray, starts: dict | None) -> None:
+    def _interrupted(self, active: np.ndarray, starts: dict | None) -> None:
         signum = self.stops.signal or signal.SIGTERM
         for k in np.flatnonzero(active):
             r = self.runners[k]
-            at = None if starts is None else starts[id(r)]
-            outcomes[k] = Interrupted(signum, r.global_step, r.save(at=at))
+            self.outcomes[k] = Interrupted(signum, r.global_step, r.save(at=None if starts is None else starts[id(r)]))
+
+    def _env_fault(self, exc: EnvFault, active: np.ndarray, starts: dict) -> None:
+        for k in np.flatnonzero(active):
+            r = self.runners[k]
+            if r.update_idx == r._first_update:  # nothing trained yet: nothing to save
+                self.outcomes[k] = exc
+                continue
+            path = r.save(at=starts[id(r)])
+            self.outcomes[k] = EnvFault(f"{exc}; the run until step {r.global_step:,} is saved: "
+                                        f"ppo-train resume={path} continues")
 
     # --- signals ----------------------------------------------------------------------------------------
     def _notice(self, signum: int) -> str:
@@ -196,6 +226,7 @@ class BatchedRunner:
     def close(self) -> None:
         self._close_evaluation()
         for r in self.runners:
+            r.logger.close()
             r.close()
         self.stalls.close()
         self.envs.close()

@@ -8,6 +8,7 @@ evaluation that made it the best).
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import pickle
@@ -79,13 +80,20 @@ def _write_failure(path: Path, exc: BaseException) -> CheckpointWriteError:
 
 def _compact(obj: Any) -> Any:
     """`obj` with every tensor that views a larger storage replaced by a copy of itself: torch.save writes whole
-    storages, so a batch member's parameters (views of all members': algo/fast/stacked.py) would carry the others'."""
+    storages, so a batch member's parameters (views of all members': algo/fast/stacked.py) would carry the others'.
+    Containers keep their type and attributes (a state_dict's OrderedDict and its _metadata)."""
     if isinstance(obj, torch.Tensor):
         return obj.clone() if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size() else obj
     if isinstance(obj, dict):
-        return {k: _compact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_compact(v) for v in obj)
+        out = copy.copy(obj)
+        for key, value in obj.items():
+            out[key] = _compact(value)
+        return out
+    if isinstance(obj, list):
+        return [_compact(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_compact(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return obj
 
 

@@ -32,7 +32,7 @@ from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice, env_label
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
 from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward, steps_taken
-from ppo_cli.envs.make import make_vec_env, restore, snapshot
+from ppo_cli.envs.make import make_vec_env, restorable, restore, snapshot
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.policy.observations import batch_size
@@ -186,26 +186,24 @@ class Runner:
             self._restore(resume)
             if cfg.get("resume"):
                 self._saved = (Path(cfg.resume), self.global_step)
-        count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the step as the run counts it
         self._first_update = self.update_idx
-        if m is None:  # a batch prepares its members together (algo/batched.py)
+        if m is None:  # a batch's member: its batch counts the steps, prepares the members, opens their loggers
+            count_steps(self.envs, self.global_step, self.ranks.world)  # env faults name the steps as the run does
             self.notes += self.algo.prepare()
-        if self.ranks.main:
-            self.logger = Logger(self.run_dir, cfg.algo.total_timesteps, self.global_step, self.config_yaml,
-                                 cfg.log_interval, purge_step=self.global_step if resume else None,
-                                 rich_progress=rich_progress if m is None else False, cfg=cfg,
-                                 label="" if m is None else m.label)
+            self.open_logger(resume is not None, rich_progress)
         else:
             self.logger = QuietLogger()
 
-    @property
-    def wall_time(self) -> float:
-        """Seconds of training (evaluation excluded), including before a resume."""
-        return self.trained_before + self.clock.total()
+    def open_logger(self, resumed: bool, rich_progress: bool | None = None) -> None:
+        """TensorBoard and the console (rank 0's; a batch's member's once its batch is built)."""
+        self.logger = QuietLogger() if not self.ranks.main else Logger(
+            self.run_dir, self.cfg.algo.total_timesteps, self.global_step, self.config_yaml, self.cfg.log_interval,
+            self.global_step if resumed else None, rich_progress if self.member is None else False, self.cfg,
+            "" if self.member is None else self.member.label)
 
     @property
-    def stage_seconds(self) -> dict[str, float]:
-        return self.clock.seconds
+    def wall_time(self) -> float:  # seconds of training (evaluation excluded), including before a resume
+        return self.trained_before + self.clock.total()
 
     def _message(self, text: str) -> None:
         self.logger.message(text)
@@ -381,7 +379,7 @@ class Runner:
         self.doctor.load(data.get("doctor"))
         env_state, last_obs = data.get("env_state"), data.get("last_obs")
         saved_envs = None if last_obs is None else batch_size(last_obs)
-        continues = (env_state is not None and saved_envs == self.cfg.env.num_envs and self.member is None
+        continues = (restorable(self.envs, env_state) and saved_envs == self.cfg.env.num_envs and self.member is None
                      and (self.algo.masks is None) == (data.get("last_mask") is None))
         self.notes += self.algo.load_state_dict(data, continues)
         if continues:
@@ -391,6 +389,8 @@ class Runner:
             why = "a batch's member plays in the batch's envs, which its batch resets"
         elif saved_envs is not None and saved_envs != self.cfg.env.num_envs:
             why = f"env.num_envs is {self.cfg.env.num_envs}, the checkpoint's {saved_envs}"
+        elif env_state is not None and not restorable(self.envs, env_state):
+            why = "the checkpoint's envs were vectorized otherwise (env.vectorization)"
         else:
             why = snapshot(self.envs)[1] or "the checkpoint holds no env state"
         scaler = ("; env.normalize_reward keeps its statistics and restarts its per-env discounted returns"

@@ -56,6 +56,10 @@ class StackedParameters:
                         self.where[id(p)] = (offset, tuple(p.shape))
                     offset, j = offset + p.numel(), j + 1
         self.optimizers = optimizers
+        # The gradient norm sums the squares in the order the single run's flat buffer holds them, the policy's
+        # parameter order (core.flat_grads), not this layout's: the same sum to the last bit.
+        self.norm_order = np.concatenate([np.arange(self.where[id(p)][0], self.where[id(p)][0] + p.numel())
+                                          for p in policies[0].parameters()])
         self._cached: tuple[list, list] | None = None
         self._data, self._grad = self.data.numpy(), self.grad.numpy()
         self.members = members
@@ -148,8 +152,8 @@ class StackedParameters:
         """core.clip_flat_grad for each active member's gradients; the norms before clipping (0 where inactive)."""
         norms = np.zeros(self.members)
         for k in np.flatnonzero(active):
-            flat = self._grad[k]
-            norm = float(np.sqrt(np.dot(flat, flat)))
+            flat, ordered = self._grad[k], self._grad[k][self.norm_order]
+            norm = float(np.sqrt(np.dot(ordered, ordered)))
             coef = float(max_norm[k]) / (norm + 1e-6)
             if coef < 1.0:
                 flat *= np.float32(coef)
