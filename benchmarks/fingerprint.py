@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--tree", default=".", help="the source tree to run (put first on PYTHONPATH)")
     p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (e.g. env.vectorization=sync: "
+                                                          "a default that changed, held at its old value)")
     args = p.parse_args()
     tree = str(Path(args.tree).resolve())
     env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore"}
@@ -77,10 +79,10 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix=f"fp-{name}-"))
         run = work / "run"
         # Later overrides win: a run's own eval settings replace QUIET's.
-        cmd = [sys.executable, "-m", "ppo_cli.cli.train", *QUIET, *RUNS[name], f"hydra.run.dir={run}"]
+        cmd = [sys.executable, "-m", "ppo_cli.cli.train", *QUIET, *RUNS[name], *args.extra, f"hydra.run.dir={run}"]
         if name.startswith("torchrun"):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "ppo_cli.cli.train", *QUIET, *RUNS[name], f"hydra.run.dir={run}"]
+                   "-m", "ppo_cli.cli.train", *QUIET, *RUNS[name], *args.extra, f"hydra.run.dir={run}"]
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             result[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
