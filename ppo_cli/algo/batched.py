@@ -29,6 +29,7 @@ from ppo_cli.algo.rollout import Collected, collect
 from ppo_cli.algo.storage import Batch, RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, FusedAdamStep
+from ppo_cli.policy.normalize import StackedObsStats
 from ppo_cli.policy.observations import as_tensors, batch_size
 
 # The settings members may differ in (everything else of their configs must be equal): the continuous knobs of
@@ -57,13 +58,16 @@ class StackedActor:
     """rollout.Actor for every member at once: the network input of each member's envs with its own observation
     statistics, then one stacked forward pass, each member's noise from its own stream."""
 
-    def __init__(self, members: list[PPO], params: StackedParameters, activation: str) -> None:
+    def __init__(self, members: list[PPO], params: StackedParameters, activation: str,
+                 stats: StackedObsStats | None = None) -> None:
         self.members, self.count, self.envs = members, len(members), members[0].cfg.env.num_envs
         self.trunk, self.actor, self.critic = params.networks(members[0].policy, activation)
         self.head = params.head(members[0].policy)
         self.dists = [m.policy.dist for m in members]
         self.inputs_of = [NumpyInput(m.policy.layout, m.policy.obs_norm) for m in members]
         self.normalized = members[0].policy.obs_norm is not None
+        # The members' observation statistics, stacked (or given: an evaluation's copies of some members')
+        self.stats = stats or (StackedObsStats([m.policy.obs_norm for m in members]) if self.normalized else None)
         self.active = np.ones(self.count, dtype=bool)  # the members still training
 
     def _member(self, obs: Any, k: int) -> Any:
@@ -78,8 +82,16 @@ class StackedActor:
             owner = rows // self.envs
             out = [self.inputs_of[k].prepare(self._pick(obs, owner == k), False) for k in np.unique(owner)]
             return np.concatenate(out)
-        return np.concatenate([self.inputs_of[k].prepare(self._member(obs, k), update_stats)
-                               for k in range(self.count)])
+        return self.inputs_of[0].prepare(obs, update_stats, self._normalized)
+
+    def _normalized(self, box: np.ndarray, update_stats: bool) -> np.ndarray:
+        """NumpyInput.normalized for every member's rows at once, each by its own statistics."""
+        stacked = box.reshape(self.count, -1, box.shape[-1])
+        if update_stats:
+            self.stats.update(torch.from_numpy(stacked))  # type: ignore[union-attr]
+        clip = self.members[0].policy.obs_norm.clip  # type: ignore[union-attr]
+        shift, scale = self.stats.shift.numpy()[:, None], self.stats.scale.numpy()[:, None]  # type: ignore[union-attr]
+        return np.clip((stacked - shift) * scale, -clip, clip).reshape(box.shape)
 
     def mode(self, x: np.ndarray) -> np.ndarray:
         """The most likely actions (head.mode) of every member's rows: deterministic evaluation."""
@@ -126,15 +138,36 @@ class StackedActor:
 
 
 class StackedRewardScaler:
-    """Each member's reward scaler on its own envs' rewards."""
+    """normalize.RewardScaler of every member at once, over [members, envs] arrays (each member's statistics in
+    float64, computed as its own scaler computes them), written back to the members' scalers for their
+    checkpoints."""
 
     def __init__(self, members: list[PPO]) -> None:
-        self.scalers, self.envs = [m.reward_scaler for m in members], members[0].cfg.env.num_envs
+        self.scalers = [m.reward_scaler for m in members]
+        self.count_each = members[0].cfg.env.num_envs
+        self.returns = np.stack([s.returns for s in self.scalers])  # type: ignore[union-attr]
+        for k, s in enumerate(self.scalers):
+            s.returns = self.returns[k]  # type: ignore[union-attr]
+        self.gamma = np.array([[s.gamma] for s in self.scalers])  # type: ignore[union-attr]
+        self.stats = np.array([[s.mean, s.var, s.count] for s in self.scalers])  # type: ignore[union-attr]
+        first = self.scalers[0]
+        self.clip, self.eps = first.clip, first.eps  # type: ignore[union-attr]
 
-    def __call__(self, reward: np.ndarray, ended: np.ndarray) -> np.ndarray:
-        e = self.envs
-        return np.concatenate([s(reward[k * e:(k + 1) * e], ended[k * e:(k + 1) * e])  # type: ignore[misc]
-                               for k, s in enumerate(self.scalers)])
+    def __call__(self, rewards: np.ndarray, episode_end: np.ndarray) -> np.ndarray:
+        members = len(self.scalers)
+        r, end = rewards.reshape(members, -1), episode_end.reshape(members, -1)
+        self.returns[...] = self.returns * self.gamma + r
+        b_mean, b_var, b_count = self.returns.mean(axis=1), self.returns.var(axis=1), r.shape[1]
+        mean, var, count = self.stats.T
+        delta, total = b_mean - mean, count + b_count
+        mean = mean + delta * b_count / total
+        var = (var * count + b_var * b_count + delta * delta * count * b_count / total) / total
+        self.stats = np.stack([mean, var, total], axis=1)
+        for s, (m, v, c) in zip(self.scalers, self.stats.tolist(), strict=True):
+            s.mean, s.var, s.count = m, v, c  # type: ignore[union-attr]
+        self.returns[end] = 0.0
+        scaled = r / np.sqrt(var + self.eps)[:, None]
+        return np.clip(scaled, -self.clip, self.clip).astype(np.float32).reshape(rewards.shape)
 
 
 class BatchedPPO:
@@ -170,7 +203,8 @@ class BatchedPPO:
 
     def evaluation_actor(self, rows: list[int]) -> StackedActor:
         """A StackedActor of members `rows` as their parameters are now, for their evaluation."""
-        return StackedActor([self.members[k] for k in rows], self.params.subset(rows), self.activation)
+        stats = None if self.actor.stats is None else self.actor.stats.subset(rows)
+        return StackedActor([self.members[k] for k in rows], self.params.subset(rows), self.activation, stats)
 
     def _split_obs(self) -> None:
         for k, m in enumerate(self.members):  # each member's last observation, for its checkpoint

@@ -167,9 +167,9 @@ def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | Non
             return envpool_backend.make_vec_env(env_cfg, seed, n, wrappers, training, step_cap)
         # Recording (ppo-eval --video) plays on gymnasium's envs, which render one env per frame.
         env_cfg = envpool_backend.on_gymnasium(env_cfg)
-    if native_vectorization(env_cfg) and render_mode is None and step_cap is None and not wrappers:
+    if native_vectorization(env_cfg) and render_mode is None and not wrappers and _never_cut(env_cfg, step_cap):
         envs = _native(env_cfg, n, block or n)
-    else:  # evaluation envs (a step cap, video) step one env at a time: native means sync for them
+    else:  # video, or a step cap that can cut an episode (StepCap wraps each env): native means sync here
         envs = _vector(env_cfg, n, render_mode, wrappers, training, step_cap)
     # Atari: episodes report whole games with their raw scores (atari.GameStatistics), whatever PPO trains on.
     envs = atari.GameStatistics(envs) if env_cfg.get("atari") else RecordEpisodeStatistics(envs)
@@ -179,6 +179,15 @@ def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | Non
         envs.close()
         raise
     return envs
+
+
+def _never_cut(env_cfg: DictConfig, step_cap: int | None) -> bool:
+    """Whether a step cap (evaluation's eval.max_episode_steps) can never cut an episode: the env's own time limit
+    ends every episode first."""
+    if step_cap is None:
+        return True
+    limit = env_cfg.max_episode_steps or resolve_env_id(env_cfg.id).max_episode_steps
+    return limit is not None and limit <= step_cap
 
 
 def native_vectorization(env_cfg: DictConfig) -> bool:

@@ -10,6 +10,7 @@ every checkpoint, restored on resume, frozen whenever nobody calls `update`.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,46 @@ class ObsNormalizer(nn.Module):
         super()._apply(fn, recurse)
         self._refresh()
         return self
+
+
+class StackedObsStats:
+    """The observation statistics of several runs (a batch's members: algo/batched.py) updated together: each
+    member's ObsNormalizer buffers (and the float32 copies it applies) re-pointed at its row of stacked tensors, and
+    `update` doing ObsNormalizer.update for every member's [envs, dim] block of a [members, envs, dim] batch."""
+
+    def __init__(self, norms: list[ObsNormalizer]) -> None:
+        self.mean, self.var = torch.stack([n.mean for n in norms]), torch.stack([n.var for n in norms])
+        self.count = torch.stack([n.count for n in norms])
+        self.shift, self.scale = torch.empty(self.mean.shape), torch.empty(self.mean.shape)
+        self.eps = norms[0].eps
+        for k, n in enumerate(norms):
+            n.mean, n.var, n.count = self.mean[k], self.var[k], self.count[k]
+            n._shift, n._scale = self.shift[k], self.scale[k]
+        self._refresh()
+
+    def subset(self, rows: list[int]) -> StackedObsStats:
+        """Copies of members `rows`' statistics (for their evaluation: nothing updates them)."""
+        part = copy.copy(self)
+        part.mean, part.var, part.count = self.mean[rows], self.var[rows], self.count[rows]
+        part.shift, part.scale = self.shift[rows], self.scale[rows]
+        return part
+
+    def _refresh(self) -> None:
+        self.shift.copy_(self.mean.float())
+        self.scale.copy_(torch.rsqrt(self.var + self.eps).float())
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """ObsNormalizer.update of member k with x[k], for every k (x: [members, B, dim])."""
+        x = x.double()
+        b_mean, b_var, b_count = x.mean(1), x.var(1, unbiased=False), x.shape[1]
+        count = self.count[:, None]
+        delta = b_mean - self.mean
+        total = count + b_count
+        self.mean += delta * b_count / total
+        self.var.copy_((self.var * count + b_var * b_count + delta.square() * count * b_count / total) / total)
+        self.count.copy_(total[:, 0])
+        self._refresh()
 
 
 class RewardScaler:

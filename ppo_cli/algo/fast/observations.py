@@ -70,14 +70,24 @@ class NumpyInput:
     def _encode(self, obs: Any, part: Part) -> np.ndarray:
         return self.encoders[id(part)](obs[part.key] if self.layout.structured else obs)
 
+    def normalized(self, box: np.ndarray, update_stats: bool) -> np.ndarray:
+        """The Box columns by the policy's statistics (folded in first when `update_stats`), as its torch `prepare`
+        normalizes them."""
+        if update_stats:
+            self.norm.update(torch.from_numpy(box))  # type: ignore[union-attr]
+        shift, scale = self.norm.affine()  # type: ignore[union-attr]
+        return np.clip((box - shift.numpy()) * scale.numpy(), -self.norm.clip, self.norm.clip)  # type: ignore[union-attr]
+
     def box_input(self, obs: Any) -> np.ndarray | None:
         if not self.layout.box_parts:
             return None
         cols = [self._encode(obs, p) for p in self.layout.box_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
-    def prepare(self, obs: Any, update_stats: bool) -> np.ndarray:
-        """layout.prepare in numpy; folds the Box parts into the statistics first when `update_stats`."""
+    def prepare(self, obs: Any, update_stats: bool,
+                normalize: Callable[[np.ndarray, bool], np.ndarray] | None = None) -> np.ndarray:
+        """layout.prepare in numpy; folds the Box parts into the statistics first when `update_stats`. `normalize`
+        replaces `normalized` (a batch of runs: each member's rows by its own statistics, algo/batched.py)."""
         layout, cols = self.layout, []
         if layout.image_part is not None:
             image = self._encode(obs, layout.image_part)
@@ -86,9 +96,6 @@ class NumpyInput:
             cols.append(image.reshape(image.shape[0], -1).astype(np.float32))
         box = self.box_input(obs)
         if box is not None and self.norm is not None:
-            if update_stats:
-                self.norm.update(torch.from_numpy(box))
-            shift, scale = self.norm.affine()
-            box = np.clip((box - shift.numpy()) * scale.numpy(), -self.norm.clip, self.norm.clip)
+            box = (normalize or self.normalized)(box, update_stats)
         cols += ([box] if box is not None else []) + [self._encode(obs, p) for p in layout.other_parts]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
