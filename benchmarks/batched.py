@@ -33,7 +33,9 @@ TASKS = {
     "cartpole": ["env=CartPole-v1"],  # env.vectorization=auto: gymnasium's native vector CartPole
     "cartpole-sync": ["env=CartPole-v1", "env.vectorization=sync"],
     "pendulum": ["env=Pendulum-v1", "algo=ppo_pendulum"],
-    "breakout": ["env=Breakout", "algo=ppo_atari"],
+    # Training alone: a policy this young, played deterministically, may never serve and play to the evaluation's
+    # step cap of 108,000 steps per episode.
+    "breakout": ["env=Breakout", "algo=ppo_atari", "eval.every_steps=0", "eval.final=false", "eval.objective=train"],
 }
 # CartPole: the seed defaults' 1M steps; the others shorter, to fit a session.
 DEFAULT_STEPS = {"cartpole": 1_000_000, "cartpole-sync": 200_000, "pendulum": 200_000, "breakout": 8_192}
