@@ -72,15 +72,19 @@ def test_a_member_of_a_batch_of_4_computes_what_its_single_run_computes(case, tm
         single.close()
 
 
+def _run_batch(jobs: list) -> list:
+    runner = BatchedRunner(jobs)
+    try:
+        return runner.run()
+    finally:
+        runner.close()
+
+
 def test_a_member_that_diverges_stops_alone_and_the_others_finish(tmp_path):
     # vf_coef 1e38 overflows member 2's value gradients to inf; the clip then makes them NaN
     jobs = [(make_cfg(*SMALL, *QUIET, f"seed={s}", "algo.total_timesteps=512", f"algo.vf_coef={vf}"),
              tmp_path / str(s)) for s, vf in ((1, 0.5), (2, 1e38), (3, 0.5))]
-    runner = BatchedRunner(jobs)
-    try:
-        outcomes = runner.run()
-    finally:
-        runner.close()
+    outcomes = _run_batch(jobs)
     assert "training diverged" in str(outcomes[1])
     assert [o.global_step for o in (outcomes[0], outcomes[2])] == [512, 512]
     assert (tmp_path / "1" / "checkpoints" / "checkpoint.pt").is_file()
@@ -92,11 +96,7 @@ def test_a_continuous_member_that_diverges_stops_alone_and_never_acts_nan(tmp_pa
     jobs = [(make_cfg("env=Pendulum-v1", "algo=ppo_pendulum", *SMALL, "eval.every_steps=128", "eval.episodes=2",
                       "eval.final=true", "algo.total_timesteps=768", f"seed={s}", f"algo.vf_coef={vf}"),
              tmp_path / str(s)) for s, vf in ((1, 0.5), (2, 1e38))]
-    runner = BatchedRunner(jobs)
-    try:
-        outcomes = runner.run()
-    finally:
-        runner.close()
+    outcomes = _run_batch(jobs)
     assert "training diverged" in str(outcomes[1])
     assert outcomes[0].global_step == 768 and outcomes[0].final_eval is not None
 
@@ -105,11 +105,7 @@ def test_an_env_that_breaks_saves_every_member_where_the_rollout_began(tmp_path)
     # Each sub-env raises at its 100th step: in the second rollout (2 envs x 64 steps per member and update).
     jobs = [(make_cfg("env.entry_point=tests.custom_env:Faulty", "+env.kwargs.fault=raise_step", "+env.kwargs.at=100",
                       *SMALL, *QUIET, f"seed={s}", "algo.total_timesteps=1024"), tmp_path / str(s)) for s in (1, 2)]
-    runner = BatchedRunner(jobs)
-    try:
-        outcomes = runner.run()
-    finally:
-        runner.close()
+    outcomes = _run_batch(jobs)
     for s, outcome in zip((1, 2), outcomes, strict=True):
         assert "the simulator lost its connection" in str(outcome) and "is saved: ppo-train resume=" in str(outcome)
         saved = torch.load(tmp_path / str(s) / "checkpoints" / "checkpoint.pt", weights_only=False)
