@@ -268,7 +268,7 @@ class BatchedPPO:
         clip_vf = None if first.clip_range_vf is None else self._column("clip_range_vf")
         ent, vf, max_norm = self._column("ent_coef"), self._column("vf_coef"), self._column("max_grad_norm")[:, 0]
         target_kl = None if first.target_kl is None else self._column("target_kl")[:, 0]
-        taken: list[list[np.ndarray]] = [[] for _ in members]
+        taken: list[tuple[np.ndarray, np.ndarray]] = []  # per minibatch step: every member's row, who took it
         epochs = np.zeros(self.count)
         stopped, kl_stopped = ~active, np.zeros(self.count, dtype=bool)
         for _ in range(first.K_epochs):
@@ -289,15 +289,16 @@ class BatchedPPO:
                 if not going.any():
                     break
                 norms = self.params.clip(max_norm, going)
-                for k in np.flatnonzero(going):
-                    taken[k].append(np.append(stats[k], [norms[k], float(norms[k] > max_norm[k])]))
+                # each member's row as its single run's: the 5 statistics, the norm, whether it was clipped
+                taken.append((np.concatenate([stats, norms[:, None], (norms > max_norm)[:, None]], axis=1), going))
                 self.params.adam_step(going)
             epochs += ~stopped
         out = []
         for k in members:
-            means = np.mean(taken[k], axis=0).tolist() if taken[k] else [0.0] * len(STAT_NAMES)
+            rows = [row[k] for row, going in taken if going[k]]
+            means = np.mean(rows, axis=0).tolist() if rows else [0.0] * len(STAT_NAMES)
             row = dict(zip(STAT_NAMES, means, strict=True))
-            row.update(minibatch_steps=float(len(taken[k])), epochs=float(epochs[k]),
+            row.update(minibatch_steps=float(len(rows)), epochs=float(epochs[k]),
                        stopped_early=float(kl_stopped[k]))
             out.append(row)
         return out

@@ -151,12 +151,13 @@ class StackedParameters:
     def clip(self, max_norm: np.ndarray, active: np.ndarray) -> np.ndarray:
         """core.clip_flat_grad for each active member's gradients; the norms before clipping (0 where inactive)."""
         norms = np.zeros(self.members)
-        for k in np.flatnonzero(active):
-            flat, ordered = self._grad[k], self._grad[k][self.norm_order]
-            norm = float(np.sqrt(np.dot(ordered, ordered)))
+        rows = np.flatnonzero(active)
+        ordered = self._grad[np.ix_(rows, self.norm_order)]  # one gather for all the members
+        for k, grads in zip(rows, ordered, strict=True):
+            norm = float(np.sqrt(np.dot(grads, grads)))
             coef = float(max_norm[k]) / (norm + 1e-6)
             if coef < 1.0:
-                flat *= np.float32(coef)
+                self._grad[k] *= np.float32(coef)
             norms[k] = norm
         return norms
 
