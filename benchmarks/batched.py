@@ -78,9 +78,11 @@ def compare(task: str, seeds: int, steps: int, work: Path) -> None:
         folders.append(folder)
     separate = _results(folders)
     total = sum(r["global_step"] for r in batched)
-    train_b = max(r["wall_time"] for r in batched)
-    train_s = sum(r["wall_time"] for r in separate)
     with_batch = batched[0].get("batched_with", 1)
+    # Members of a batch train side by side (each one's wall_time is the batch's); members a batch could not take
+    # (batched_with 1: a CNN, say) train one after another in its process.
+    train_b = max(r["wall_time"] for r in batched) if with_batch > 1 else sum(r["wall_time"] for r in batched)
+    train_s = sum(r["wall_time"] for r in separate)
     print(f"\n{task}: {seeds} seeds x {steps:,} steps ({' '.join(TASKS[task])}); batch of {with_batch}")
     print(f"  {'':<22} {'wall to all done':>17} {'aggregate SPS':>14} {'training SPS':>13} {'peak MB/run':>12} "
           f"{'final return':>16}")
