@@ -63,7 +63,6 @@ class StackedActor:
         self.members, self.count, self.envs = members, len(members), members[0].cfg.env.num_envs
         self.trunk, self.actor, self.critic = params.networks(members[0].policy, activation)
         self.head = params.head(members[0].policy)
-        self.dists = [m.policy.dist for m in members]
         self.inputs_of = [NumpyInput(m.policy.layout, m.policy.obs_norm) for m in members]
         self.normalized = members[0].policy.obs_norm is not None
         # The members' observation statistics, stacked (or given: an evaluation's copies of some members')
@@ -129,7 +128,7 @@ class StackedActor:
         return np.concatenate(out)
 
     def env_action(self, action: np.ndarray) -> np.ndarray:
-        return self.dists[0].env_action(action)
+        return self.members[0].policy.dist.env_action(action)
 
     state = starts = None
 
@@ -144,7 +143,6 @@ class StackedRewardScaler:
 
     def __init__(self, members: list[PPO]) -> None:
         self.scalers = [m.reward_scaler for m in members]
-        self.count_each = members[0].cfg.env.num_envs
         self.returns = np.stack([s.returns for s in self.scalers])  # type: ignore[union-attr]
         for k, s in enumerate(self.scalers):
             s.returns = self.returns[k]  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ class Job:
     run_dir: Path
     started: float
     resume: dict | None = None  # a resumed job's checkpoint (cli/train.py resumed)
+    failed: bool = False  # recorded as failed (or its folder is another run's): nothing more to do for it
 
 
 def _register(into: dict, cfg: DictConfig) -> None:
@@ -119,6 +120,7 @@ def _batch(jobs: list[Job]) -> Interrupted | None:
 
 
 def _failed(job: Job, exc: Exception, batched_with: int) -> None:
+    job.failed = True
     reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     print(f"ppo-train: error: [{job.run_dir.name}] {reason}", file=sys.stderr, flush=True)
     failed(job.run_dir, reason, job.started, {"batched_with": batched_with})
@@ -136,6 +138,7 @@ def _guarded(job: Job, work: Any) -> Interrupted | None:
     try:
         work()
     except RunFolderTaken as exc:
+        job.failed = True
         print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
     except Interrupted as exc:
         _interrupted(job, exc, 1)
@@ -177,15 +180,9 @@ def launch(hydra_context: HydraContext, config: DictConfig, job_overrides: Seque
     try:
         for job in jobs:
             _set_hydra(job)
-            try:
-                _prepare(job)
-            except Exception as exc:  # noqa: BLE001 - as _guarded: the job fails, the sweep goes on
-                if not isinstance(exc, RunFolderTaken):
-                    _failed(job, exc, 1)
-                else:
-                    print(f"ppo-train: error: {exc}", file=sys.stderr, flush=True)
-                continue
-            groups.setdefault(batch_key(job.cfg), []).append(job)
+            _guarded(job, partial(_prepare, job))
+            if not job.failed:
+                groups.setdefault(batch_key(job.cfg), []).append(job)
         stopped = None
         for group in groups.values():
             for start in range(0, len(group), max_members):

@@ -8,7 +8,6 @@ the same update boundary.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from ppo_cli.envs.make import make_vec_env
 from ppo_cli.errors import UserError
 from ppo_cli.policy.actor_critic import settle_network
 from ppo_cli.run.evaluation import EVAL_SEED_OFFSET, run_episodes
-from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult
+from ppo_cli.run.runner import STAGES, Diverged, Member, Runner, TrainResult, nonfinite
 from ppo_cli.run.signals import (
     EvaluationStopped,
     Interrupted,
@@ -59,7 +58,7 @@ class BatchedRunner:
         first = cfgs[0]
         if first.env.get("backend", "gymnasium") != "gymnasium":
             raise NotBatchable("a batch steps its members' envs as one gymnasium vector env (env.backend=gymnasium)")
-        self.each = each = first.env.num_envs
+        each = first.env.num_envs
         # Member k's envs are seeded as its single run seeds its own: seed, seed + 1, ...
         self.seeds = [int(cfg.seed) + i for cfg in cfgs for i in range(each)]
         self.clock = Stopwatch(STAGES)
@@ -121,7 +120,7 @@ class BatchedRunner:
                     stops.phase = "update"
                     progress = [r.global_step / r.cfg.algo.total_timesteps for r in self.runners]
                     scalars = self.algo.learn(progress, active)
-                    finite = [k for k in np.flatnonzero(active) if all(map(math.isfinite, scalars[k].values()))]
+                    finite = [k for k in np.flatnonzero(active) if not nonfinite(scalars[k])]  # not diverged
                     self._evaluate_together(finite, step0, rollouts)
                     for k in np.flatnonzero(active):
                         outcomes[k] = self._record(self.runners[k], step0[k], time0, rollouts[k], scalars[k])

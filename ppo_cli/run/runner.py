@@ -124,9 +124,14 @@ def episodes(rollout: Any, ranks: distributed.Ranks) -> tuple[list[float], list[
     return [r for rs, _ in gathered for r in rs], [n for _, ns in gathered for n in ns]
 
 
+def nonfinite(scalars: dict[str, float]) -> list[str]:
+    """The update statistics (STAT_NAMES) that are not finite."""
+    return [k for k in STAT_NAMES if not math.isfinite(scalars[f"losses/{k}"])]
+
+
 def check_finite(scalars: dict[str, float], step: int, envs: Any, normalize_reward: bool) -> None:
     """Diverged, in one line, where an update's statistics are not finite."""
-    bad = [k for k in STAT_NAMES if not math.isfinite(scalars[f"losses/{k}"])]
+    bad = nonfinite(scalars)
     if bad:
         raise Diverged(divergence_message(step, bad, largest_reward(envs), normalize_reward))
 
