@@ -266,6 +266,7 @@ class BatchedPPO:
         clip_vf = None if first.clip_range_vf is None else self._column("clip_range_vf")
         ent, vf, max_norm = self._column("ent_coef"), self._column("vf_coef"), self._column("max_grad_norm")[:, 0]
         target_kl = None if first.target_kl is None else self._column("target_kl")[:, 0]
+        self.params.forget_settings()  # the schedules have just set this update's learning rates
         taken: list[tuple[np.ndarray, np.ndarray]] = []  # per minibatch step: every member's row, who took it
         epochs = np.zeros(self.count)
         stopped, kl_stopped = ~active, np.zeros(self.count, dtype=bool)

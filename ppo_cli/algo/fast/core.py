@@ -185,8 +185,10 @@ class NumpyLoss:
         self.trunk, self.actor, self.critic = _networks(policy, activation)
         self.dist, self.head = policy.dist, numpy_head(policy.dist)
         # Every gradient is a view of one flat buffer: the loss writes into the views, the optimizer reads the
-        # parameters' .grad, and the gradient clip is one norm and one scale over the buffer.
-        self.flat_grad = flat_grads(list(policy.parameters())).numpy()
+        # parameters' .grad, and the gradient clip is one norm and one scale over the buffer. The buffer is in the
+        # optimizer groups' order, the layout of a batch's stacked members (stacked.py), so that a member's norm
+        # sums the same numbers in the same order without a gather.
+        self.flat_grad = flat_grads([*policy.actor_parameters(), *policy.critic_parameters()]).numpy()
         self.grads = {name: [(_view(m.weight.grad), _view(m.bias.grad)) for m in net.layers]  # type: ignore[arg-type]
                       for name, net in self._networks().items() if net is not None}
         self.dist_grads = [_view(p.grad) for p in self.dist.own_parameters()]  # type: ignore[arg-type]

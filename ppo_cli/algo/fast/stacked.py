@@ -56,11 +56,12 @@ class StackedParameters:
                         self.where[id(p)] = (offset, tuple(p.shape))
                     offset, j = offset + p.numel(), j + 1
         self.optimizers = optimizers
-        # The gradient norm sums the squares in the order the single run's flat buffer holds them, the policy's
-        # parameter order (core.flat_grads), not this layout's: the same sum to the last bit.
-        self.norm_order = np.concatenate([np.arange(self.where[id(p)][0], self.where[id(p)][0] + p.numel())
-                                          for p in policies[0].parameters()])
-        self._cached: tuple[list, list] | None = None
+        # The gradient norm sums a member's row in this layout's order, the order of the single run's flat buffer
+        # (NumpyLoss.flat_grad): the same sum to the last bit.
+        if [id(p) for g in groups[0] for p in g] != [id(p) for p in (*policies[0].actor_parameters(),
+                                                                     *policies[0].critic_parameters())]:
+            raise AssertionError("the optimizer's groups are not the policy's actor and critic parameters")
+        self._cached: dict[bytes, list] = {}
         self._data, self._grad = self.data.numpy(), self.grad.numpy()
         self.members = members
 
@@ -77,26 +78,30 @@ class StackedParameters:
             kernel(params, grads, m, v, [], counts, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
                    weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
 
+    def forget_settings(self) -> None:
+        """The members' optimizer settings may have changed (a schedule, before each update): the kernel calls are
+        built again at the next step."""
+        self._cached = {}
+
     def _calls(self, active: np.ndarray) -> list:
-        """The kernel calls' settings and tensor lists, kept while the active members and their settings stay (an
-        update's minibatch steps): indexing out the slices costs more than the kernel."""
-        settings = []
+        """The kernel calls' settings and tensor lists, kept for each set of active members until forget_settings
+        (through an update's minibatch steps): indexing out the slices costs more than the kernel."""
+        key = active.tobytes()
+        if key in self._cached:
+            return self._cached[key]
+        calls: dict[tuple, list[list[torch.Tensor]]] = {}
         for k in np.flatnonzero(active):
             opt = self.optimizers[k]
-            for group in opt.param_groups:
-                decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
-                settings.append((k, (group["lr"], *group["betas"], group["weight_decay"], group["eps"], decoupled)))
-        if self._cached is not None and self._cached[0] == settings:
-            return self._cached[1]
-        calls: dict[tuple, list[list[torch.Tensor]]] = {}
-        for i, (k, setting) in enumerate(settings):
-            offset, size, first = self.slices[i % len(self.slices)]
-            lists = calls.setdefault(setting, [[], [], [], [], []])
-            for target, t in zip(lists, (self.data, self.grad, self.exp_avg, self.exp_avg_sq), strict=False):
-                target.append(t[k, offset:offset + size])
-            lists[4].append(self.counts[k, first])
-        self._cached = (settings, list(calls.items()))
-        return self._cached[1]
+            decoupled = isinstance(opt, torch.optim.AdamW)
+            for (offset, size, first), group in zip(self.slices, opt.param_groups, strict=True):
+                setting = (group["lr"], *group["betas"], group["weight_decay"], group["eps"],
+                           decoupled or bool(group.get("decoupled_weight_decay")))
+                lists = calls.setdefault(setting, [[], [], [], [], []])
+                for target, t in zip(lists, (self.data, self.grad, self.exp_avg, self.exp_avg_sq), strict=False):
+                    target.append(t[k, offset:offset + size])
+                lists[4].append(self.counts[k, first])
+        self._cached[key] = list(calls.items())
+        return self._cached[key]
 
     def subset(self, rows: list[int]) -> StackedParameters:
         """Copies of the parameters of members `rows` alone (for an evaluation of some members: they go stale at
@@ -151,13 +156,12 @@ class StackedParameters:
     def clip(self, max_norm: np.ndarray, active: np.ndarray) -> np.ndarray:
         """core.clip_flat_grad for each active member's gradients; the norms before clipping (0 where inactive)."""
         norms = np.zeros(self.members)
-        rows = np.flatnonzero(active)
-        ordered = self._grad[np.ix_(rows, self.norm_order)]  # one gather for all the members
-        for k, grads in zip(rows, ordered, strict=True):
+        for k in np.flatnonzero(active):
+            grads = self._grad[k]
             norm = float(np.sqrt(np.dot(grads, grads)))
             coef = float(max_norm[k]) / (norm + 1e-6)
             if coef < 1.0:
-                self._grad[k] *= np.float32(coef)
+                grads *= np.float32(coef)
             norms[k] = norm
         return norms
 
