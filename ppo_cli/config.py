@@ -51,6 +51,12 @@ class Precision(str, Enum):
     bfloat16 = "bfloat16"
 
 
+class MultiAgent(str, Enum):
+    ippo = "ippo"
+    mappo = "mappo"
+    selfplay = "selfplay"
+
+
 class Init(str, Enum):
     orthogonal = "orthogonal"
     xavier = "xavier"
@@ -115,6 +121,12 @@ class AlgoConfig:
                                     "algo.batch_size; null replays each env's whole rollout (algo.n_steps)")
     clip_range_vf: float | None = key(None, "clip the value update around the old value (PPO2's pessimistic max "
                                             "form)")
+    multi_agent: MultiAgent | None = key(None, "PettingZoo envs (docs/multi-agent.md): ippo (actor and critic read "
+                                               "the agent's own observation) / mappo (the critic also reads the "
+                                               "global state) / selfplay (two-player turn-based games, against its "
+                                               "own past policies); null: one gymnasium agent")
+    selfplay_pool: int = key(10, "algo=selfplay: past policies kept as opponents (one snapshot per update, the "
+                                 "oldest dropped)")
 
 
 # The encoders a config may name (network.type); policy/encoders.py builds each (ENCODERS, in this order).
@@ -161,6 +173,8 @@ class NetworkConfig:
     channels_last: bool | None = key(None, "image observations: true if they are (height, width, channels), false "
                                            "if (channels, height, width); null tells from the shape (last dim <= 4: "
                                            "channels last, else first dim <= 4: channels first)")
+    agent_id: bool = key(False, "algo=ippo / mappo: actor and critic also read the one-hot of the agent's index, so "
+                                "the shared parameters can act differently per agent")
 
 
 @dataclass
@@ -519,6 +533,12 @@ def _problems(cfg: DictConfig) -> list[str]:
             out.append(f"algo.batch_size={a.batch_size}: with network.recurrent={choice(n.recurrent)} a minibatch is "
                        f"whole sequences of {what} steps, so algo.batch_size must be a multiple of it (or set "
                        f"algo.seq_len to a divisor of both: truncated back-propagation through time)")
+    need(a.selfplay_pool >= 1, "algo.selfplay_pool", "must be >= 1")
+    need(not n.agent_id or a.multi_agent in ("ippo", "mappo"), "network.agent_id",
+         "applies to algo=ippo / mappo (the agents of a PettingZoo parallel env)")
+    if a.multi_agent == "mappo" and n.shared_trunk:
+        out.append("network.shared_trunk=true: algo=mappo's critic reads the global state, which the actor must not "
+                   "see, so the two need encoders of their own (network.shared_trunk=false)")
     if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
         rollout = a.n_steps * e.num_envs
         if a.batch_size > rollout:

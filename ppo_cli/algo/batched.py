@@ -47,6 +47,8 @@ def refusal(member: PPO) -> str | None:
     activation, why = covers(member.policy)
     if activation is None:
         return f"the batched update covers what the numpy fast path does ({why})"
+    if cfg.algo.get("multi_agent") is not None:
+        return "the batched runs cover one-agent envs (algo.multi_agent=null)"
     if member.masks is not None:
         return "the batched rollout does not cover action masks"
     if FusedAdamStep.build(member.optimizer) is None:

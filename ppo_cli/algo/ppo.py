@@ -13,6 +13,7 @@ gradients, optimizer step), fast/ (the numpy twins).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,20 @@ def schedule_value(start: float, end: float, kind: str, progress: float) -> floa
     return start if kind == "constant" else start + (end - start) * min(max(progress, 0.0), 1.0)
 
 
+def policy_player(policy: ActorCritic) -> Callable[[Any, np.ndarray, np.random.Generator], int]:
+    """A frozen copy of `policy` as a two-player game's opponent (envs/selfplay.py): it samples its move among
+    the legal ones with the game's random stream."""
+    frozen = copy.deepcopy(policy).to("cpu").eval()
+
+    def play(obs: Any, mask: np.ndarray, rng: np.random.Generator) -> int:
+        with torch.no_grad():
+            x = frozen.prepare(as_tensors({k: np.asarray(v)[None] for k, v in obs.items()}))
+            action, _, _ = frozen.act(x, rng, mask=torch.as_tensor(mask[None], dtype=torch.bool))
+        return int(frozen.env_action(action)[0])
+
+    return play
+
+
 class PPO:
     """Build it on the envs and their first observations; `load_state_dict` to resume; then `prepare()` once."""
 
@@ -63,18 +78,25 @@ class PPO:
         self.start(envs, obs, info, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
         layout = self.policy.layout
-        check_rollout_fits(a.n_steps, cfg.env.num_envs, device, layout.stored_shape, layout.stored_dtype,
+        rows = envs.num_envs  # env.num_envs, or its copies x agents of a PettingZoo env (envs/agents.py)
+        check_rollout_fits(a.n_steps, rows, device, layout.stored_shape, layout.stored_dtype,
                            self.policy.action_shape, self.policy.action_dtype,
                            None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
                            a.seq_len)
-        self.buffer = RolloutBuffer(a.n_steps, cfg.env.num_envs, layout.stored_shape, layout.stored_dtype,
+        self.buffer = RolloutBuffer(a.n_steps, rows, layout.stored_shape, layout.stored_dtype,
                                     self.policy.action_shape, self.policy.action_dtype, device,
                                     None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
-                                    obs_channels_last=layout.stored_channels_last, seq_len=a.seq_len)
-        self.reward_scaler = (RewardScaler(cfg.env.num_envs, a.gamma, cfg.env.clip_reward)
+                                    obs_channels_last=layout.stored_channels_last, seq_len=a.seq_len,
+                                    idle_rows=hasattr(envs.unwrapped, "alive"))
+        self.reward_scaler = (RewardScaler(rows, a.gamma, cfg.env.clip_reward)
                               if cfg.env.normalize_reward else None)
         self.settings = UpdateSettings(a.clip_range, a.clip_range_vf, a.ent_coef, a.vf_coef, a.max_grad_norm,
                                        a.K_epochs, a.batch_size, a.normalize_advantage, a.target_kl)
+        # algo=selfplay: the envs' shared opponents (envs/selfplay.py), joined by a snapshot of the policy each update
+        self.opponents = getattr(envs.unwrapped, "opponents", None)
+        if self.opponents is not None:
+            self.opponents.size = a.selfplay_pool
+        self.agent_means: dict[str, float] = {}  # a PettingZoo env's per-agent returns in the last rollout
         self._restored_recurrent: dict[str, torch.Tensor] | None = None
         self.actor: Any = None
         self.updater: Updater | None = None
@@ -88,7 +110,7 @@ class PPO:
         """Build the actor and the updater, after any load_state_dict (the fast paths take views of the
         parameters and of the optimizer's state); the notes to print where a fast path was asked for and not taken."""
         cfg = self.cfg
-        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, cfg.env.num_envs,
+        self.actor, note = choose_actor(self.policy, self.np_rng, self.device, cfg.fast_rollout, self.buffer.num_envs,
                                         cfg.torch_compile, self.say)
         if self._restored_recurrent is not None:
             self.actor.state = self._restored_recurrent["state"].to(self.device)
@@ -111,6 +133,7 @@ class PPO:
         if stop():
             return rollout
         self.obs, self.mask = rollout.obs, rollout.mask
+        self.agent_means = rollout.agent_scalars(getattr(envs.unwrapped, "agent_names", None))
         if before is not None:
             distributed.merge_obs_stats(norm, before, self.ranks)
         return rollout
@@ -125,7 +148,9 @@ class PPO:
             batch = self.buffer.advantages(self.policy.value(x, self.actor.state), a.gamma, a.gae_lambda)
         with self.clock["update"]:
             stats = self.updater.update(batch, self.settings)  # type: ignore[union-attr]
-        return self.scalars(stats, batch)
+        if self.opponents is not None:
+            self.opponents.add(policy_player(self.policy))
+        return {**self.scalars(stats, batch), **self.agent_means}
 
     def schedule(self, progress: float) -> None:
         """The learning rates and the entropy coefficient at `progress` (0 to 1 of the run's steps)."""

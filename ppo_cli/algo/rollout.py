@@ -4,7 +4,7 @@ and writes the rollout storage (storage.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import gymnasium as gym
@@ -126,6 +126,18 @@ class Collected:
     returns: list[float]  # returns and lengths of the episodes that ended
     lengths: list[int]
     ended_in: list[int]  # and the env each ended in
+    # A PettingZoo env's (envs/agents.py): `returns` and `lengths` are its copies' team episodes (the return summed
+    # over the agents), and this their agents' own returns, in the env's agent order.
+    agent_returns: list[list[float]] = field(default_factory=list)
+
+    def agent_scalars(self, names: list[str] | None) -> dict[str, float]:
+        """The mean return of each agent (charts/agent_return/NAME) and their mean over the agents
+        (charts/agent_return_mean, BenchMARL's episode_reward_mean) in the team episodes that ended."""
+        if not self.agent_returns or names is None:
+            return {}
+        means = np.mean(np.asarray(self.agent_returns), axis=0)
+        return {"charts/agent_return_mean": float(means.mean()),
+                **{f"charts/agent_return/{name}": float(m) for name, m in zip(names, means, strict=True)}}
 
 
 def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: Any,
@@ -138,6 +150,9 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
     observation) to bootstrap from; a terminated one nothing (see compute_gae).
     """
     n = envs.num_envs
+    # A step of a PettingZoo env's copies counts once however many agents (rows) act in each.
+    frames = getattr(envs.unwrapped, "frames_per_step", n)
+    idle = getattr(envs.unwrapped, "alive", None)  # which rows hold an agent (agents.py), else None
     done = Collected(obs, mask, 0, True, [], [], [])
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
@@ -151,23 +166,27 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
             x = actor.inputs(obs)
             action, logp, value = actor.act(x, mask)
             env_action = actor.env_action(action)
+        alive = None if idle is None else envs.unwrapped.alive.copy()  # of the observations acted on
         with env_time:
             next_obs, reward, terminated, truncated, info = envs.step(env_action)
         ended = terminated | truncated
         if reward_scaler is not None:
             reward = reward_scaler(reward, ended)
-        buffer.add(x, action, logp, value, reward, terminated, ended, mask, starts)
+        buffer.add(x, action, logp, value, reward, terminated, ended, mask, starts, alive)
         cut = np.flatnonzero(truncated & ~terminated)
         if cut.size:  # V(final obs) from the state the episode reached, before end_episodes zeroes it
             buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False, cut), cut))
         actor.end_episodes(ended)
-        if "_episode" in info:
-            finished = info["_episode"]
-            done.returns.extend(info["episode"]["r"][finished].tolist())
-            done.lengths.extend(info["episode"]["l"][finished].tolist())
+        key = "episode" if idle is None else "team"
+        if "_" + key in info:
+            finished = info["_" + key]
+            done.returns.extend(info[key]["r"][finished].tolist())
+            done.lengths.extend(info[key]["l"][finished].tolist())
             done.ended_in.extend(np.flatnonzero(finished).tolist())
+            if idle is not None:
+                done.agent_returns.extend(info[key]["a"][finished].tolist())
         obs = next_obs
-        done.steps += n
+        done.steps += frames
         if masks is not None:
             mask = masks(obs, info, envs, step0 + done.steps)
     done.obs, done.mask = obs, mask

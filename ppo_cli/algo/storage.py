@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ppo_cli.devices import check_fits, stages
+from ppo_cli.errors import UserError
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
@@ -132,7 +133,7 @@ class RolloutBuffer:
     def __init__(self, n_steps: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype: torch.dtype,
                  action_shape: tuple[int, ...], action_dtype: torch.dtype, device: torch.device,
                  mask_size: int | None = None, state_size: int = 0, staged: bool | None = None,
-                 obs_channels_last: bool = False, seq_len: int | None = None) -> None:
+                 obs_channels_last: bool = False, seq_len: int | None = None, idle_rows: bool = False) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros((n_steps, num_envs, *shape), dtype=dtype, device=device)
 
@@ -154,6 +155,9 @@ class RolloutBuffer:
         self.final_values = zeros()  # V(final obs) at truncated steps, else 0
         self.masks = None if mask_size is None else zeros(mask_size, dtype=torch.bool)
         self.starts = zeros(dtype=torch.bool) if state_size else None
+        # `idle_rows`: envs whose rows may hold no agent for a while (an agent of a PettingZoo env that finished
+        # early or has not joined: envs/agents.py); those steps are stored as not alive and left out of the update.
+        self.alive = zeros(dtype=torch.bool) if idle_rows else None
         # Recurrent policies: the update replays chunks of seq_len steps (the whole rollout by default), each from
         # the state its env's policy had as the chunk began (truncated back-propagation through time).
         self.seq_len = seq_len or n_steps
@@ -161,7 +165,7 @@ class RolloutBuffer:
                              if state_size else None)
         self.step = 0
         self.staged = stages(self.device) if staged is None else staged
-        env_fields = [getattr(self, f) for f in self.ENV_FIELDS] + [t for t in (self.masks, self.starts)
+        env_fields = [getattr(self, f) for f in self.ENV_FIELDS] + [t for t in (self.masks, self.starts, self.alive)
                                                                       if t is not None]
         # (device tensor, its host twin) for each env field; on the CPU unstaged, the twin is the tensor itself.
         pin = self.device.type == "cuda"
@@ -171,6 +175,7 @@ class RolloutBuffer:
         self._env_rows = [next(host) for _ in self.ENV_FIELDS]
         self._masks = None if self.masks is None else next(host)
         self._starts = None if self.starts is None else next(host)
+        self._alive = None if self.alive is None else next(host)
         # On the CPU, the policy's outputs are written through numpy views too: a numpy row assignment costs about
         # a microsecond, a torch one several, and the rollout writes eight per step. Elsewhere, device copies.
         self._policy_rows = [getattr(self, f) if self.staged else getattr(self, f).numpy()
@@ -180,7 +185,7 @@ class RolloutBuffer:
     def add(self, obs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
             logp: torch.Tensor | np.ndarray, values: torch.Tensor | np.ndarray, rewards: np.ndarray,
             terminated: np.ndarray, episode_end: np.ndarray, masks: np.ndarray | None = None,
-            starts: np.ndarray | None = None) -> None:
+            starts: np.ndarray | None = None, alive: np.ndarray | None = None) -> None:
         """Store one step of every env: the policy's outputs as it gave them (tensors on its device, or the numpy
         actor's arrays on the CPU), the envs' as numpy arrays."""
         t = self.step
@@ -193,6 +198,8 @@ class RolloutBuffer:
             self._masks[t] = masks
         if self._starts is not None:
             self._starts[t] = starts
+        if self._alive is not None:
+            self._alive[t] = alive
         r_obs, r_act, r_logp, r_val = self._policy_rows
         if self.staged:
             obs, actions, logp, values = (torch.as_tensor(v, device=self.device)
@@ -234,8 +241,14 @@ class RolloutBuffer:
         self.step = 0
         masks = None if self.masks is None else self.masks.flatten(0, 1)
         if self.chunk_states is None:
-            return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
-                         self.values.flatten(), adv.flatten(), ret.flatten(), masks)
+            batch = Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(),
+                          self.values.flatten(), adv.flatten(), ret.flatten(), masks)
+            if self.alive is not None and not bool(self.alive.all()):
+                batch = batch[torch.nonzero(self.alive.flatten()).squeeze(1)]
+            return batch
+        if self.alive is not None and not bool(self.alive.all()):
+            raise UserError("network.recurrent replays whole rows of the rollout, and an agent of this env left "
+                            "early or joined late (an idle row): use a policy without a recurrent core")
         states = self.chunk_states.repeat_interleave(self.seq_len, dim=0).flatten(0, 1)  # each row: its chunk's
         return Batch(self.obs.flatten(0, 1), self.actions.flatten(0, 1), self.logp.flatten(), self.values.flatten(),
                      adv.flatten(), ret.flatten(), masks, self.starts.flatten(), states,  # type: ignore[union-attr]

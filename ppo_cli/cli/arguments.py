@@ -33,6 +33,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", metavar="DIR", help="record every episode as mp4 into DIR (created if needed; "
                    "eval-episode-N.mp4, one env; needs the 'video' extra)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    p.add_argument("--opponent", metavar="random|CHECKPOINT", default=None,
+                   help="algo=selfplay checkpoints: play against the uniformly random player (the default) or the "
+                        "policy of another checkpoint.pt; prints win / draw / loss rates, overall and per seat")
     p.add_argument("--no-random-baseline", action="store_true", help="skip the random-policy reference run")
     return p
 

@@ -17,10 +17,12 @@ import gymnasium as gym
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_cli.algo.ppo import policy_player
 from ppo_cli.cli.arguments import eval_parser
-from ppo_cli.config import EnvConfig, EvalConfig, config_from_yaml, env_label, stored_config
+from ppo_cli.config import EnvConfig, EvalConfig, choice, config_from_yaml, env_label, stored_config
 from ppo_cli.envs import recipe
 from ppo_cli.envs.make import make_vec_env
+from ppo_cli.envs.selfplay import OpponentPool
 from ppo_cli.envs.spaces import describe_space, same_space
 from ppo_cli.errors import UserError, extra_hint, one_line_errors
 from ppo_cli.policy import exported
@@ -132,12 +134,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_episode_steps is not None and args.max_episode_steps < 1:
         raise UserError(f"--max-episode-steps={args.max_episode_steps}: must be >= 1")
     fmt = exported.detect(args.checkpoint)
+    opponents: OpponentPool | None = None
     play: Callable[[gym.vector.VectorEnv, Callable[[float, int], None] | None], EvalResult]
     if fmt is None:
         data = checkpoint.load(args.checkpoint)
         _file_env(stored_config(data["config_yaml"]), args, "checkpoint")
         policy, cfg = load_policy(data)
         env_cfg = _with_env_arg(cfg.env.copy(), args)
+        opponents = _opponents(args, cfg)
         max_steps = int(cfg.eval.max_episode_steps)
         expected, global_step = (data["observation_space"], data["action_space"]), int(data["global_step"])
 
@@ -146,6 +150,8 @@ def run(args: argparse.Namespace) -> dict:
                 return evaluate(policy, envs, args.episodes, args.seed, deterministic=not args.stochastic,
                                 on_episode=tick)
     else:
+        if args.opponent is not None:
+            raise UserError("--opponent plays the policy of a checkpoint.pt trained with algo=selfplay, not an export")
         model = exported.ExportedModel(args.checkpoint, fmt, run_code=args.trust_env_code)
         _file_env(model.metadata.get("env") or {}, args, "model", env_only=True)
         model.load()
@@ -170,7 +176,8 @@ def run(args: argparse.Namespace) -> dict:
     wrappers = _video_wrappers(args.video, args.episodes) if args.video else []
     try:
         envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs,
-                            render_mode="rgb_array" if args.video else None, wrappers=wrappers, step_cap=max_steps)
+                            render_mode="rgb_array" if args.video else None, wrappers=wrappers, step_cap=max_steps,
+                            opponents=opponents)
         try:
             spaces = (describe_space(envs.single_observation_space),
                       describe_space(envs.single_action_space, bounds=True))
@@ -179,6 +186,7 @@ def run(args: argparse.Namespace) -> dict:
                                 f"trained for {expected[0]} / {expected[1]}")
             with progress(args.episodes) as tick:
                 result = play(envs, tick)
+            games = {} if opponents is None else outcomes(envs, result, args.opponent or "random")
         finally:
             with warnings.catch_warnings():  # a failed recording warns about zero frames; the error says more
                 warnings.simplefilter("ignore")
@@ -196,12 +204,12 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--video: {label!r} could not render ({type(exc).__name__}: {first}){hint}") from None
     baseline: EvalResult | None = None
     if not args.no_random_baseline:
-        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs, step_cap=max_steps)
+        rand_envs = make_vec_env(env_cfg, seed=args.seed, num_envs=num_envs, step_cap=max_steps, opponents=opponents)
         try:
             baseline = evaluate_random(rand_envs, args.episodes, args.seed)
         finally:
             rand_envs.close()
-    extra: dict = {} if fmt is None else {"model_format": fmt}
+    extra: dict = {**games, **({} if fmt is None else {"model_format": fmt})}
     if args.video:
         extra.update(video_dir=str(Path(args.video).resolve()),
                      videos=[str(f) for f in _video_files(args.video, args.episodes) if f.exists()],
@@ -213,6 +221,43 @@ def run(args: argparse.Namespace) -> dict:
             "random_std_return": baseline.std_return if baseline else None,
             "random_cut_episodes": baseline.cut if baseline else None,
             "checkpoint": str(args.checkpoint), **extra}
+
+
+def _opponents(args: argparse.Namespace, cfg: DictConfig) -> OpponentPool | None:
+    """algo=selfplay: the opponent --opponent names (the random player, or another checkpoint's policy)."""
+    if choice(cfg.algo.get("multi_agent")) != "selfplay":
+        if args.opponent is not None:
+            raise UserError("--opponent applies to checkpoints of two-player games trained with algo=selfplay")
+        return None
+    if args.opponent in (None, "random"):
+        return OpponentPool(1)
+    other, other_cfg = load_policy(checkpoint.load(args.opponent))
+    if choice(other_cfg.algo.get("multi_agent")) != "selfplay" or other_cfg.env.id != cfg.env.id:
+        raise UserError(f"--opponent={args.opponent}: a checkpoint of {other_cfg.env.id!r}, not a self-play policy "
+                        f"of {cfg.env.id!r}")
+    pool = OpponentPool(1, keep_random=False)
+    pool.add(policy_player(other))
+    return pool
+
+
+def outcomes(envs: gym.vector.VectorEnv, result: EvalResult, opponent: str) -> dict[str, Any]:
+    """Win / draw / loss rates of the counted games, overall and from each seat (envs/selfplay.py: every env's
+    games alternate seats, the first seat first, and keep their outcomes in order)."""
+    games = [env.outcomes for env in envs.unwrapped.envs]
+    seen = [0] * len(games)
+    by_seat: dict[int, list[float]] = {0: [], 1: []}
+    for env_index, ret in zip(result.played_in, result.returns, strict=True):
+        seat, _ = games[env_index][seen[env_index]]
+        seen[env_index] += 1
+        by_seat[seat].append(ret)
+
+    def rates(returns: list[float]) -> dict[str, float]:
+        n = max(len(returns), 1)
+        return {"win_rate": sum(r > 0 for r in returns) / n, "draw_rate": sum(r == 0 for r in returns) / n,
+                "loss_rate": sum(r < 0 for r in returns) / n, "games": len(returns)}
+
+    return {**{k: v for k, v in rates(result.returns).items() if k != "games"}, "opponent": opponent,
+            "first_player": rates(by_seat[0]), "second_player": rates(by_seat[1])}
 
 
 def _exported_env(model: exported.ExportedModel) -> DictConfig:
@@ -243,6 +288,16 @@ def _print(r: dict) -> None:
     if r["random_mean_return"] is not None:
         cut = f"; {r['random_cut_episodes']} cut at {cap:,} steps" if r["random_cut_episodes"] else ""
         print(f"random policy: {r['random_mean_return']:.2f} +/- {r['random_std_return']:.2f} (same seeds{cut})")
+    if "win_rate" in r:
+        print(f"games:        against {r['opponent']}: won {r['win_rate']:.0%}, drew {r['draw_rate']:.0%}, lost "
+              f"{r['loss_rate']:.0%}")
+        for seat in ("first_player", "second_player"):
+            s = r[seat]
+            print(f"  as {seat.replace('_', ' ')}: {s['games']} games, won {s['win_rate']:.0%}, drew "
+                  f"{s['draw_rate']:.0%}, lost {s['loss_rate']:.0%}")
+    if "agent_returns" in r:
+        shown = ", ".join(f"{name} {v:.2f}" for name, v in r["agent_returns"].items())
+        print(f"agents:       {shown} (team return above: their sum)")
     if "video_dir" in r:
         names = [Path(v).name for v in r["videos"]]
         notes = [f"{names[0]} to {names[-1]}" if len(names) > 1 else names[0]] if names else []

@@ -28,8 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_cli.config import env_label
 from ppo_cli.envs import atari, envpool_backend
+from ppo_cli.envs.agents import ParallelVectorEnv, env_kind, is_multi_agent, parallel_factory
 from ppo_cli.envs.faults import EnvFaults, ReportCalls
 from ppo_cli.envs.native import PER_ENV_KEYS, make_native, runs_native
+from ppo_cli.envs.selfplay import OpponentPool, TwoPlayerEnv
 from ppo_cli.envs.spaces import check_spaces
 from ppo_cli.envs.step_cap import StepCap
 from ppo_cli.errors import UserError, extra_hint
@@ -133,6 +135,10 @@ def env_spaces(env_cfg: DictConfig) -> tuple[gym.Space, gym.Space]:
     """The observation and action spaces of one env as a run sees them, checked (spaces.check_spaces): one env is
     built and closed (envpool: a pool of one)."""
     label = env_label(env_cfg)
+    if is_multi_agent(env_cfg):  # one copy of a PettingZoo env: its rows' spaces (agents.py, selfplay.py)
+        probe_ma = _multi_agent(env_cfg, 1, OpponentPool(1))
+        probe_ma.close()
+        return probe_ma.single_observation_space, probe_ma.single_action_space
     if env_cfg.get("backend", "gymnasium") == "envpool":
         pool = envpool_backend.make_vec_env(env_cfg, 0, 1, (), True, None)
         pool.close()
@@ -155,13 +161,27 @@ def env_spaces(env_cfg: DictConfig) -> tuple[gym.Space, gym.Space]:
 
 def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | None = None,
                  render_mode: str | None = None, wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (),
-                 training: bool = False, step_cap: int | None = None, block: int | None = None) -> gym.vector.VectorEnv:
+                 training: bool = False, step_cap: int | None = None, block: int | None = None,
+                 opponents: OpponentPool | None = None) -> gym.vector.VectorEnv:
     """Build the vector env described by `env_cfg`, reset with seeds seed, seed+1, ... per sub-env. `training`:
     the envs PPO trains on (Atari: with episodic life and clipped rewards; evaluation envs have neither).
     `step_cap`: cut episodes at this many steps and say so (step_cap.py; evaluation). `wrappers`: more of ours
     around each env (video recording; gymnasium's backend only). `seed` may list every sub-env's seed, and `block`
-    say how many envs each run of a batch has (run/batched.py: env.vectorization=native draws per block)."""
+    say how many envs each run of a batch has (run/batched.py: env.vectorization=native draws per block).
+    `opponents`: a two-player game's (selfplay.py; its envs share the pool, reachable as envs.unwrapped.opponents;
+    by default the random player alone)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
+    if is_multi_agent(env_cfg):  # copies x agents rows with statistics of their own (agents.py), or a game's seat
+        envs = EnvFaults(_multi_agent(env_cfg, n, opponents), env_label(env_cfg), evaluation=not training,
+                         step_timeout=None)
+        if not isinstance(envs.unwrapped, ParallelVectorEnv):
+            envs = RecordEpisodeStatistics(envs)
+        try:
+            envs.reset(seed=seed)
+        except BaseException:
+            envs.close()
+            raise
+        return envs
     if env_cfg.get("backend", "gymnasium") == "envpool":
         if render_mode is None:
             return envpool_backend.make_vec_env(env_cfg, seed, n, wrappers, training, step_cap)
@@ -219,6 +239,28 @@ def _native(env_cfg: DictConfig, n: int, block: int) -> gym.vector.VectorEnv:
     native = make_native(label, spec, n, block, kwargs)
     check_spaces(native.single_observation_space, native.single_action_space, label)
     return EnvFaults(native, label, evaluation=False, step_timeout=None)
+
+
+def _multi_agent(env_cfg: DictConfig, copies: int, opponents: OpponentPool | None) -> gym.vector.VectorEnv:
+    label = env_label(env_cfg)
+    for key in ("wrappers", "obs_keys", "max_episode_steps"):
+        if env_cfg.get(key):
+            raise UserError(f"env.{key} applies to gymnasium envs; {label!r} is a PettingZoo env (set its episode "
+                            f"length through its own env.kwargs, such as max_cycles)")
+    if env_cfg.get("backend", "gymnasium") != "gymnasium" or env_cfg.vectorization not in ("auto", "sync"):
+        raise UserError(f"{label!r} is a PettingZoo env: its copies step in this process (env.backend=gymnasium, "
+                        f"env.vectorization=auto or sync)")
+    kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
+    factory, kind = env_kind(str(env_cfg.id), kwargs)
+    if kind == "aec":  # a two-player game from the learner's seat (algo=selfplay)
+        pool = opponents or OpponentPool(1)
+        envs = gym.vector.SyncVectorEnv([partial(TwoPlayerEnv, partial(factory, **kwargs), pool, label)] * copies,
+                                        autoreset_mode=AutoresetMode.SAME_STEP)
+        envs.opponents = pool
+    else:
+        envs = ParallelVectorEnv(parallel_factory(str(env_cfg.id), kwargs), copies, label)
+    check_spaces(envs.single_observation_space, envs.single_action_space, label)
+    return envs
 
 
 def _vector(env_cfg: DictConfig, n: int, render_mode: str | None, wrappers: Sequence[Callable[[gym.Env], gym.Env]],
@@ -289,6 +331,8 @@ def _plain(value: Any) -> Any:
         return {"__seq__": [_plain(v) for v in value], "tuple": isinstance(value, tuple)}
     if isinstance(value, deque):
         return {"__deque__": [_plain(v) for v in value], "maxlen": value.maxlen}
+    if isinstance(value, np.random.Generator):  # its bit generator's state: plain numbers
+        return {"__rng__": _plain(value.bit_generator.state)}
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {"__dict__": {k: _plain(v) for k, v in value.items()}}
     raise TypeError(type(value).__name__)
@@ -302,6 +346,14 @@ def _unplain(value: Any) -> Any:
     if isinstance(value, dict) and "__seq__" in value:
         items = [_unplain(v) for v in value["__seq__"]]
         return tuple(items) if value["tuple"] else items
+    if isinstance(value, dict) and "__rng__" in value:
+        state = _unplain(value["__rng__"])
+        kind = getattr(np.random, str(state["bit_generator"]), None)
+        if not (isinstance(kind, type) and issubclass(kind, np.random.BitGenerator)):
+            raise TypeError(f"an unknown bit generator {state['bit_generator']!r}")
+        bits = kind()
+        bits.state = state
+        return np.random.Generator(bits)
     if isinstance(value, dict) and "__deque__" in value:
         return deque((_unplain(v) for v in value["__deque__"]), maxlen=value["maxlen"])
     if isinstance(value, dict) and "__dict__" in value:
@@ -333,6 +385,11 @@ def _snapshot_obj(obj: Any) -> dict[str, Any]:
 
 def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
     """(state, None) for envs whose full state is plain data, else (None, reason)."""
+    if isinstance(envs.unwrapped, ParallelVectorEnv):  # each copy's state, and the rows' own counts
+        try:
+            return [{}, {"native": envs.unwrapped.snapshot_state(_snapshot_obj, _plain)}], None
+        except TypeError as exc:
+            return None, f"the PettingZoo env holds state that cannot be saved: {exc}"
     native = getattr(envs.unwrapped, "snapshot_state", None)
     if native is not None:  # a native vector env (native.py) saves its own state
         return [_snapshot_obj(envs), {"native": _plain(native())}], None
@@ -359,6 +416,9 @@ def restorable(envs: gym.vector.VectorEnv, state: list[Any] | None) -> bool:
 def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
     pairs = [(envs, stats)]
+    if isinstance(envs.unwrapped, ParallelVectorEnv):
+        envs.unwrapped.restore_state(per_env["native"], _unplain)
+        return
     if isinstance(per_env, dict):  # a native vector env's own state
         envs.unwrapped.restore_state(_unplain(per_env["native"]))
     else:

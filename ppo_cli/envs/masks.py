@@ -98,6 +98,6 @@ class ActionMasks:
 def _has_method(envs: gym.vector.VectorEnv) -> bool:
     try:
         envs.call("action_masks")
-    except (AttributeError, NotImplementedError):
+    except (AttributeError, NotImplementedError, TypeError):  # TypeError: a wrapper whose `call` is not a method
         return False
     return True

@@ -39,6 +39,10 @@ ALLOWED_ENTRY_POINTS = ("ppo_cli.example_envs:MaskedGrid", "ppo_cli.example_envs
 # Modules a file's `module:Id` env id may import: importing each only registers its envs.
 ENV_MODULES = ("ppo_cli.example_envs", "gymnasium_robotics", "ale_py", "minigrid", "popgym")
 
+# PettingZoo packages whose `PACKAGE:ENV_MODULE` ids a file may name: the id imports PACKAGE.ENV_MODULE, one of the
+# package's env modules, and builds its env (agents.pettingzoo_source takes nothing else of these packages).
+PETTINGZOO_PACKAGES = ("pettingzoo.classic", "pettingzoo.butterfly", "pettingzoo.sisl", "pettingzoo.atari", "mpe2")
+
 MAX_SHOWN = 80  # characters of a value read from a file that a refusal echoes
 
 
@@ -144,8 +148,8 @@ def code_in_recipe(env: Mapping[str, Any], named: Sequence[str] = ()) -> list[st
             found.append(f"env.entry_point={show(entry_point)} ({why})")
     env_id = str(env.get("id", ""))
     if ":" in env_id and not _is_named("env.id", named):
-        module = env_id.rpartition(":")[0]
-        if module not in ENV_MODULES:
+        module, _, name = env_id.rpartition(":")
+        if module not in ENV_MODULES and not (module in PETTINGZOO_PACKAGES and name.isidentifier()):
             found.append(f"env.id={show(env_id)} (imports module {show(module)})")
     wrappers = env.get("wrappers") or []
     if not _is_named("env.wrappers", named):

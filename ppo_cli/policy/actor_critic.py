@@ -24,8 +24,9 @@ from torch import nn
 
 from ppo_cli.config import ENCODER_DEFAULTS, choice
 from ppo_cli.devices import resolve_precision
+from ppo_cli.envs.agents import AGENT_ID, STATE
 from ppo_cli.envs.make import env_spaces
-from ppo_cli.envs.spaces import describe_space
+from ppo_cli.envs.spaces import describe_space, space_items
 from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, NatureCNN, RecurrentCore, build_encoder
 from ppo_cli.policy.heads import HEADS, build_head
 from ppo_cli.policy.normalize import ObsNormalizer
@@ -49,14 +50,22 @@ class ActorCritic(nn.Module):
                  shared_trunk: bool = False, log_std_init: float = 0.0, normalize_obs: bool = False,
                  clip_obs: float = 10.0, encoder: str = "mlp", recurrent: str | None = None, rnn_hidden: int = 128,
                  rnn_shared: bool = False, channels_last: bool | None = None, precision: str = "float32",
-                 image: bool | str = "auto") -> None:
+                 image: bool | str = "auto", skip_keys: tuple[str, ...] = (),
+                 critic_keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.obs_space, self.action_space = obs_space, action_space
         self.dist = build_head(action_space, log_std_init)
         # Images stay uint8 [C, H, W] for an image encoder (observations.py); `check` refuses a mismatch.
-        self.layout = InputLayout(obs_space, masked=self.dist.maskable, channels_last=channels_last, image=image)
+        # `skip_keys`: Dict keys neither network reads; `critic_keys`: keys only the critic reads (algo=mappo's
+        # global state: envs/agents.py), so the actor encoder reads the other columns alone (`actor_columns`).
+        self.layout = InputLayout(obs_space, masked=self.dist.maskable, channels_last=channels_last, image=image,
+                                  skip=tuple(skip_keys))
         self.layout.check(encoder, normalize_obs)
         in_dim = self.layout.dim
+        cols = self.layout.columns(tuple(critic_keys)) if critic_keys else None
+        self.actor_columns: torch.Tensor | None = None if cols is None else torch.tensor(cols)
+        if critic_keys and (shared_trunk or self.layout.image is not None and not self.layout.extra_dim):
+            raise ValueError("a critic that reads more than the actor needs separate flat encoders")
         # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
         self.shared_trunk = shared_trunk or (recurrent is not None and rnn_shared)
         image = self.layout.image
@@ -71,7 +80,8 @@ class ActorCritic(nn.Module):
         # parameters().
         # Construction order is initialization order (each layer draws from torch's global generator): actor
         # encoder, critic encoder, then the two output layers.
-        self.actor_encoder = build_encoder(encoder, in_dim, settings)
+        actor_settings = settings if cols is None else SimpleNamespace(**{**vars(settings), "extra_dim": 0})
+        self.actor_encoder = build_encoder(encoder, in_dim if cols is None else len(cols), actor_settings)
         self.critic_encoder = (self.actor_encoder if self.shared_trunk
                                else build_encoder(encoder, in_dim, settings))
         features = self.actor_encoder.features_dim
@@ -125,9 +135,17 @@ class ActorCritic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(action head outputs, values) for a batch of network inputs (policies without a recurrent core)."""
-        h = self.actor_encoder(x)
+        h = self.actor_encoder(self.actor_input(x))
         hv = h if self.shared_trunk else self.critic_encoder(x)
         return self.policy_head(h), self.value_head(hv).squeeze(-1)
+
+    def actor_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The columns of the network input the actor reads (all, but where the critic reads more)."""
+        if self.actor_columns is None:
+            return x
+        if self.actor_columns.device != x.device:
+            self.actor_columns = self.actor_columns.to(x.device)
+        return x.index_select(-1, self.actor_columns)
 
     # --- recurrent state: one tensor [n, state_size] per batch of envs (encoders.RecurrentCore) --------------
     @property
@@ -149,7 +167,7 @@ class ActorCritic(nn.Module):
             return out, value, None
         if state is None:
             raise ValueError("a recurrent policy needs its state: see initial_state")
-        h = self.actor_encoder(x)
+        h = self.actor_encoder(self.actor_input(x))
         hv = h if self.shared_trunk else self.critic_encoder(x)
         size = self.actor_core.state_size
         h, new_state = self.actor_core.step(h, state[:, :size])
@@ -167,7 +185,7 @@ class ActorCritic(nn.Module):
         n = x.shape[0]
         b = n // seq_len
         starts, state0 = starts.reshape(b, seq_len), states[::seq_len]
-        h = self.actor_encoder(x)
+        h = self.actor_encoder(self.actor_input(x))
         hv = h if self.shared_trunk else self.critic_encoder(x)
         size = self.actor_core.state_size  # type: ignore[union-attr]
         h = self.actor_core.sequences(h.reshape(b, seq_len, -1), starts, state0[:, :size]).reshape(n, -1)  # type: ignore[union-attr]
@@ -269,7 +287,20 @@ def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: A
     return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
                        float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
                        float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision, e.get("image", "auto"))
+                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision, e.get("image", "auto"),
+                       *agent_keys(obs_space, cfg))
+
+
+def agent_keys(obs_space: dict[str, Any], cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(keys no network reads, keys only the critic reads) of a PettingZoo env's rows (envs/agents.py): IPPO reads
+    the agent's own observation, MAPPO's critic the global state too, and network.agent_id adds the agent id."""
+    keys = {k for k, _ in space_items(obs_space)} if obs_space["type"] == "Dict" else set()
+    if not {AGENT_ID, STATE} <= keys:
+        return (), ()
+    skip = () if cfg.network.get("agent_id") else (AGENT_ID,)
+    if choice(cfg.algo.get("multi_agent")) == "mappo":
+        return skip, (STATE,)
+    return (*skip, STATE), ()
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

@@ -137,7 +137,8 @@ PARTS: dict[str, type[Part]] = {"Box": BoxPart, "Discrete": DiscretePart, "Multi
                                 "MultiDiscrete": MultiDiscretePart}
 
 
-def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None, image_mode: bool | str) -> list[Part]:
+def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None, image_mode: bool | str,
+           skip: tuple[str, ...] = ()) -> list[Part]:
     structure = space["type"]
     if structure not in ("Dict", "Tuple"):
         if structure not in PARTS:
@@ -147,7 +148,7 @@ def _parts(space: dict[str, Any], masked: bool, channels_last: bool | None, imag
         return [ImagePart(None, space, image) if image is not None else PARTS[structure](None, space)]
     parts: list[Part] = []
     for key, sub in space_items(space):
-        if masked and key == MASK_KEY:
+        if (masked and key == MASK_KEY) or key in skip:
             continue
         if sub["type"] not in PARTS:
             raise UserError(f"observation key {key!r}: a {sub['type']} space is not supported inside a "
@@ -168,9 +169,9 @@ class InputLayout:
     """How a described observation space becomes the flat network input (see the module doc)."""
 
     def __init__(self, space: dict[str, Any], masked: bool = False, channels_last: bool | None = None,
-                 image: bool | str = "auto") -> None:
+                 image: bool | str = "auto", skip: tuple[str, ...] = ()) -> None:
         self.space, self.image_mode = space, image
-        self.parts = _parts(space, masked, channels_last, image)
+        self.parts = _parts(space, masked, channels_last, image, skip)  # `skip`: Dict keys the policy does not read
         # An image (module doc): kept as uint8 [C, H, W] when it is the whole observation, never normalized.
         self.image_part = next((p for p in self.parts if isinstance(p, ImagePart)), None)
         self.image = None if self.image_part is None else self.image_part.image
@@ -186,6 +187,17 @@ class InputLayout:
         self.stored_shape: tuple[int, ...] = self.image.shape if plain_image else (self.dim,)  # type: ignore[union-attr]
         self.stored_dtype = torch.uint8 if plain_image else torch.float32
         self.stored_channels_last = plain_image  # the order the image encoders convolve in (RolloutBuffer)
+
+    def columns(self, without: tuple[str, ...]) -> list[int]:
+        """The network input's columns of every part but the keys `without` (prepare's order: an image beside
+        other parts first, then the Box parts, then the others)."""
+        order = ([self.image_part] if self.image_part is not None else []) + self.box_parts + self.other_parts
+        out, start = [], 0
+        for part in order:
+            if part.key not in without:
+                out += range(start, start + part.size)
+            start += part.size
+        return out
 
     def _get(self, obs: Any, part: Part) -> Any:
         return obs[part.key] if self.structured else obs

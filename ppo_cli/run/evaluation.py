@@ -39,6 +39,9 @@ class EvalResult:
     # Per episode, the env it was played in and whether it was cut (run_episodes fills them; `part` reads them).
     played_in: list[int] = field(default_factory=list, repr=False)
     was_cut: list[bool] = field(default_factory=list, repr=False)
+    # A PettingZoo env's (envs/agents.py): `returns` are team returns, and these each episode's agents' own.
+    agent_returns: list[list[float]] = field(default_factory=list, repr=False)
+    agent_names: list[str] = field(default_factory=list, repr=False)
 
     def part(self, first: int, count: int) -> EvalResult:
         """The episodes played in envs first to first + count - 1 (a batch's member's share: run/batched.py)."""
@@ -59,10 +62,15 @@ class EvalResult:
     def mean_length(self) -> float:
         return float(np.mean(self.lengths))
 
-    def summary(self) -> dict[str, float | int]:
-        return {"mean_return": self.mean_return, "std_return": self.std_return,
-                "min_return": float(np.min(self.returns)), "max_return": float(np.max(self.returns)),
-                "mean_length": self.mean_length, "episodes": len(self.returns), "cut_episodes": self.cut}
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mean_return": self.mean_return, "std_return": self.std_return,
+                               "min_return": float(np.min(self.returns)), "max_return": float(np.max(self.returns)),
+                               "mean_length": self.mean_length, "episodes": len(self.returns), "cut_episodes": self.cut}
+        if self.agent_returns:
+            means = np.mean(np.asarray(self.agent_returns), axis=0)
+            out["agent_returns"] = {n: float(m) for n, m in zip(self.agent_names, means, strict=True)}
+            out["agent_return_mean"] = float(means.mean())
+        return out
 
 
 def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | None, np.ndarray], np.ndarray],
@@ -74,11 +82,15 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
     observation) let a recurrent policy reset its state. `on_episode(return, length)` hears of each episode
     counted, as it ends (ppo-eval's progress). `blocks`: the envs are that many runs' evaluation envs side by side
     (a batch's members, each with its own seeds in `seed`), each block playing `episodes` as one run would."""
-    n = envs.num_envs // blocks
-    quota = np.tile([(episodes + i) // n for i in range(n)], blocks)
+    # A PettingZoo env's rows are its copies' agents: a copy plays whole team episodes, counted on its first row.
+    agents = getattr(envs.unwrapped, "agents_per_copy", 1)
+    key = "episode" if agents == 1 else "team"
+    n = envs.num_envs // blocks // agents
+    quota = np.zeros(envs.num_envs, dtype=int)
+    quota[::agents] = np.tile([(episodes + i) // n for i in range(n)], blocks)
     n = envs.num_envs
     done = np.zeros(n, dtype=int)
-    result = EvalResult([], [])
+    result = EvalResult([], [], agent_names=list(getattr(envs.unwrapped, "agent_names", [])))
     none = np.zeros(n, dtype=bool)
     obs, info = envs.reset(seed=seed)
     masks = ActionMasks.detect(envs, describe_space(envs.single_observation_space),
@@ -94,9 +106,11 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
             mask = masks(obs, info, envs, steps)
         final = info.get("final_info") or {}  # SAME_STEP: the info of the step that ended an episode
         cuts = np.asarray(final.get("_" + CUT_KEY, none), dtype=bool)
-        for i in np.flatnonzero(cuts | np.asarray(info.get("_episode", none), dtype=bool)):
+        for i in np.flatnonzero(cuts | np.asarray(info.get("_" + key, none), dtype=bool)):
             if done[i] < quota[i]:
-                stats = final[CUT_KEY] if cuts[i] else info["episode"]
+                stats = final[CUT_KEY] if cuts[i] else info[key]
+                if agents > 1:
+                    result.agent_returns.append(stats["a"][i].tolist())
                 result.returns.append(float(stats["r"][i]))
                 result.lengths.append(int(stats["l"][i]))
                 result.played_in.append(int(i))

@@ -31,6 +31,7 @@ from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.algo.update import STAT_NAMES, divergence_message
 from ppo_cli.config import choice, env_label
 from ppo_cli.devices import choose_device, keep_freed_memory, torch_threads
+from ppo_cli.envs.agents import check_algorithm
 from ppo_cli.envs.faults import EnvFault, count_steps, kill_workers, largest_reward, steps_taken
 from ppo_cli.envs.make import make_vec_env, restorable, restore, snapshot
 from ppo_cli.errors import UserError
@@ -137,7 +138,9 @@ def check_finite(scalars: dict[str, float], step: int, envs: Any, normalize_rewa
 
 
 def process_setup(cfg: DictConfig) -> torch.device:
-    """The process's threads and the run's device (network=auto decided first: both depend on the encoder)."""
+    """The process's threads and the run's device (network=auto decided first: both depend on the encoder), after
+    the check that the env and algo.multi_agent go together."""
+    check_algorithm(cfg.env, None if cfg.algo.multi_agent is None else choice(cfg.algo.multi_agent))
     settle_network(cfg)
     threads = torch_threads(cfg)
     if threads:
@@ -384,7 +387,7 @@ class Runner:
         self.doctor.load(data.get("doctor"))
         env_state, last_obs = data.get("env_state"), data.get("last_obs")
         saved_envs = None if last_obs is None else batch_size(last_obs)
-        continues = (restorable(self.envs, env_state) and saved_envs == self.cfg.env.num_envs and self.member is None
+        continues = (restorable(self.envs, env_state) and saved_envs == self.envs.num_envs and self.member is None
                      and (self.algo.masks is None) == (data.get("last_mask") is None))
         self.notes += self.algo.load_state_dict(data, continues)
         if continues:
@@ -392,8 +395,8 @@ class Runner:
             return
         if self.member is not None:
             why = "a batch's member plays in the batch's envs, which its batch resets"
-        elif saved_envs is not None and saved_envs != self.cfg.env.num_envs:
-            why = f"env.num_envs is {self.cfg.env.num_envs}, the checkpoint's {saved_envs}"
+        elif saved_envs is not None and saved_envs != self.envs.num_envs:
+            why = f"env.num_envs is {self.envs.num_envs}, the checkpoint's {saved_envs}"
         elif env_state is not None and not restorable(self.envs, env_state):
             why = "the checkpoint's envs were vectorized otherwise (env.vectorization)"
         else:

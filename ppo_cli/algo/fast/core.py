@@ -74,6 +74,11 @@ def covers(policy: nn.Module) -> tuple[str | None, str]:
     return acts[0], ""
 
 
+def _columns(policy: ActorCritic) -> np.ndarray | None:
+    """The input columns the actor reads where the critic reads more (ActorCritic.actor_columns), else None."""
+    return None if policy.actor_columns is None else policy.actor_columns.numpy()
+
+
 def _view(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
@@ -150,7 +155,7 @@ class NumpyMLP:
             inp = outs[i - 1] if i else x
             grad_w, grad_b = grads[i]
             np.matmul(g.swapaxes(-1, -2), inp, out=grad_w)
-            np.sum(g, axis=-2, out=grad_b)
+            np.add.reduce(g, axis=-2, out=grad_b)  # np.sum's own call, without its wrapper
             if i:
                 g_in, tmp = scratch[i - 1]
                 np.matmul(g, self.weights[i], out=g_in)
@@ -184,6 +189,7 @@ class NumpyLoss:
     def __init__(self, policy: ActorCritic, activation: str) -> None:
         self.trunk, self.actor, self.critic = _networks(policy, activation)
         self.dist, self.head = policy.dist, numpy_head(policy.dist)
+        self.actor_columns = _columns(policy)
         # Every gradient is a view of one flat buffer: the loss writes into the views, the optimizer reads the
         # parameters' .grad, and the gradient clip is one norm and one scale over the buffer. The buffer is in the
         # optimizer groups' order, the layout of a batch's stacked members (stacked.py), so that a member's norm
@@ -233,7 +239,8 @@ class NumpyLoss:
         if self.trunk is not None:
             features = self.trunk.forward(x, buf["trunk"][0])[-1]
             a_in_grad, c_in_grad = buf["head_grads"]
-        out = self.actor.forward(features, a_outs)[-1]
+        actor_in = features if self.actor_columns is None else np.take(features, self.actor_columns, axis=-1)
+        out = self.actor.forward(actor_in, a_outs)[-1]
         if normalize_advantage and n > 1:  # unbiased std, as torch's; ndarray.mean/std cost ~10 us each here
             centred = adv - _total(adv) / np.float32(n)
             adv = centred / (np.sqrt(_dot(centred, centred) / np.float32(n - 1)) + np.float32(1e-8))
@@ -251,7 +258,7 @@ class NumpyLoss:
         g_out, g_dist = self.head.grad(cache, actions, g_logp, _per(ent_coef, n))
         for view, g in zip(self.dist_grads, g_dist, strict=True):
             view[...] = g
-        self.actor.backward(features, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
+        self.actor.backward(actor_in, a_outs, g_out, self.grads["actor"], a_scratch, a_in_grad)
 
         values = self.critic.forward(features, c_outs)[-1][..., 0]
         value_loss, g_values = self._value_loss(values, old_values, returns, clip_range_vf)
@@ -369,6 +376,7 @@ class NumpyActor:
         self.trunk, self.actor, self.critic = _networks(policy, activation)
         self.dist, self.head = policy.dist, numpy_head(policy.dist)
         self.input = NumpyInput(policy.layout, policy.obs_norm)
+        self.actor_columns = _columns(policy)
 
     def inputs(self, obs: Any, update_stats: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
         """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
@@ -383,7 +391,7 @@ class NumpyActor:
     def act(self, x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sampled actions, their log-probs and the values, for a float32 batch of network inputs."""
         h = self._features(x)
-        out = self.actor.forward(h)[-1]
+        out = self.actor.forward(h if self.actor_columns is None else np.take(h, self.actor_columns, axis=-1))[-1]
         action, logp = self.head.sample(out, self.dist.noise(self.rng, out.shape[0]), mask)
         return action, logp, self.critic.forward(h)[-1][:, 0]
 

@@ -146,6 +146,7 @@ class StackedParameters:
         loss = NumpyLoss.__new__(NumpyLoss)
         loss.trunk, loss.actor, loss.critic = self.networks(policy, activation)
         loss.dist, loss.head = policy.dist, self.head(policy)
+        loss.actor_columns = None  # batched runs are one-agent runs (batched.refusal)
         loss.flat_grad = self._grad
         loss.grads = {name: [(self.gradient(m.weight), self.gradient(m.bias)) for m in net.layers]
                       for name, net in loss._networks().items() if net is not None}

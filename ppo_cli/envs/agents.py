@@ -1,0 +1,343 @@
+"""Several agents in one env: PettingZoo's parallel API as one gymnasium vector env of rows (algo=ippo / mappo).
+
+`env.id=mpe2:simple_spread_v3` names a PettingZoo env the PettingZoo way, PACKAGE:ENV_MODULE (a module holding
+`parallel_env()` and `env()`); `module:callable` names a factory of one. `ParallelVectorEnv` holds env.num_envs
+copies of it and gives each (copy, agent) pair a row: row c * A + i is agent i of copy c, for A =
+len(possible_agents). The one policy (parameters shared by all agents) then acts for every row at once, and GAE,
+truncation bootstraps, masks and episode statistics are per row, so per agent, as for one agent.
+
+Each row's observation is a Dict: the agent's own observation (under "obs", or its own keys where it is a Dict,
+such as PettingZoo classic's "observation" and "action_mask"), "agent_id" (the one-hot of i) and "state" (the
+env's global `state()` where it has one, else every agent's observation flattened and joined). The policy reads
+what its algorithm says (actor_critic.build_policy): IPPO's actor and critic the agent's own observation, MAPPO's
+critic the global state too; network.agent_id adds the agent id to both.
+
+Agents that finish early, or join late, leave their rows idle: an idle row's observation is zeros (an all-true
+action mask where the env masks), its reward 0, and the rollout stores it as not `alive`, so the update drops it
+(storage.RolloutBuffer.alive). An agent's own end is its row's episode end (its return and length in
+info["episode"]); a copy's end (every agent gone) resets the copy in the same step (SAME_STEP) and reports the
+team's return, the sum over its agents, in info["team"].
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.vector import AutoresetMode
+
+from ppo_cli.envs.recipe import PETTINGZOO_PACKAGES
+from ppo_cli.envs.spaces import MASK_KEY
+from ppo_cli.errors import UserError, extra_hint
+
+AGENT_ID, STATE, OBS = "agent_id", "state", "obs"
+RESERVED = (AGENT_ID, STATE)
+
+
+def _module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            return None
+        raise
+
+
+def pettingzoo_source(env_id: str) -> tuple[Callable[..., Any], str] | None:
+    """(factory, "parallel" or "aec") where `env_id` names a PettingZoo env (PACKAGE:ENV_MODULE, or a
+    module:callable returning a PettingZoo env), else None (a gymnasium id)."""
+    package, _, name = env_id.rpartition(":")
+    if not package or not name.isidentifier():
+        return None
+    try:
+        module = _module(f"{package}.{name}")
+    except Exception as exc:  # noqa: BLE001 - a third-party module may fail to import in any way
+        raise UserError(f"env.id={env_id!r}: cannot import {package}.{name} ({type(exc).__name__}: {exc})") from None
+    if module is not None:
+        if hasattr(module, "parallel_env"):
+            return module.parallel_env, "parallel"
+        if hasattr(module, "env"):
+            return module.env, "aec"
+        return None
+    if package in PETTINGZOO_PACKAGES:  # their envs are modules; a file may name these (recipe.py), nothing else
+        return None
+    try:
+        parent = _module(package)
+    except Exception:  # noqa: BLE001
+        return None
+    factory = getattr(parent, name, None) if parent is not None else None
+    if factory is None or not callable(factory) or isinstance(factory, type) and issubclass(factory, gym.Env):
+        return None
+    return factory, "factory"
+
+
+def env_kind(env_id: str, kwargs: dict[str, Any]) -> tuple[Callable[..., Any], str]:
+    """(factory, "parallel" or "aec") of a PettingZoo env id; a module:factory is asked by building one env."""
+    factory, kind = pettingzoo_source(env_id)  # type: ignore[misc]
+    if kind == "factory":
+        try:
+            probe = factory(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - constructing a (third-party) env can fail in any way
+            raise UserError(f"env.id={env_id!r}: the env could not be created with env.kwargs={kwargs} "
+                            f"({type(exc).__name__}: {exc})") from None
+        kind = _kind(probe)
+        if hasattr(probe, "close"):
+            probe.close()
+    return factory, kind
+
+
+def is_multi_agent(env_cfg: Any) -> bool:
+    """Whether env.id names a PettingZoo env (a parallel or AEC one)."""
+    return not env_cfg.get("entry_point") and pettingzoo_source(str(env_cfg.id)) is not None
+
+
+def _kind(env: Any) -> str:
+    from pettingzoo.utils.env import AECEnv, ParallelEnv
+
+    if isinstance(env, ParallelEnv):
+        return "parallel"
+    if isinstance(env, AECEnv):
+        return "aec"
+    # Wrappers and third-party envs that follow the API without the base class
+    return "parallel" if hasattr(env, "possible_agents") and not hasattr(env, "agent_selection") else "aec"
+
+
+def parallel_factory(env_id: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
+    """A factory of the parallel env `env_id` names, or one line saying why it cannot be one."""
+    if pettingzoo_source(env_id) is None:
+        raise UserError(f"env.id={env_id!r}: not a PettingZoo env (PACKAGE:ENV_MODULE with parallel_env(), such "
+                        f"as mpe2:simple_spread_v3, or module:factory)")
+    factory, kind = env_kind(env_id, kwargs)
+
+    def make() -> Any:
+        try:
+            env = factory(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - constructing a (third-party) env can fail in any way
+            raise UserError(f"env.id={env_id!r}: the env could not be created with env.kwargs={kwargs} "
+                            f"({type(exc).__name__}: {exc})") from None
+        if _kind(env) == "aec":
+            raise UserError(f"env.id={env_id!r} is an AEC (turn-based) env, but algo=ippo / mappo step every agent "
+                            f"at once: use algo=selfplay for a two-player turn-based game, or, where its agents "
+                            f"act simultaneously, a factory returning pettingzoo.utils.conversions."
+                            f"aec_to_parallel(env) (env.id=module:factory)")
+        return env
+
+    if kind == "aec":
+        make()  # the message above
+    return make
+
+
+def _zeros(space: gym.Space) -> Any:
+    if isinstance(space, gym.spaces.Dict):
+        return {k: _zeros(s) for k, s in space.spaces.items()}
+    if isinstance(space, gym.spaces.Box):
+        return np.zeros(space.shape, space.dtype)
+    if isinstance(space, gym.spaces.Discrete):
+        return np.asarray(space.start, space.dtype)
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return np.asarray(space.start, space.dtype)
+    return np.zeros(space.shape, space.dtype)
+
+
+class ParallelVectorEnv(gym.vector.VectorEnv):
+    """env.num_envs copies of a PettingZoo parallel env, one row per (copy, agent): see the module doc."""
+
+    def __init__(self, make: Callable[[], Any], copies: int, label: str) -> None:
+        self.copies_ = [make() for _ in range(copies)]
+        first = self.copies_[0]
+        self.agent_names = list(first.possible_agents)
+        self.agents_per_copy = a = len(self.agent_names)
+        self.num_envs, self.frames_per_step, self.label = copies * a, copies, label
+        obs_spaces = {n: first.observation_space(n) for n in self.agent_names}
+        act_spaces = {n: first.action_space(n) for n in self.agent_names}
+        for what, spaces in (("observation", obs_spaces), ("action", act_spaces)):
+            differ = [n for n in self.agent_names if spaces[n] != spaces[self.agent_names[0]]]
+            if differ:
+                raise UserError(f"{label!r}: the agents' {what} spaces differ ({self.agent_names[0]}: "
+                                f"{spaces[self.agent_names[0]]}, {differ[0]}: {spaces[differ[0]]}); one policy "
+                                f"shared by all agents needs one {what} space")
+        first_name = self.agent_names[0]
+        self.agent_obs_space, self.single_action_space = obs_spaces[first_name], act_spaces[first_name]
+        own = (dict(self.agent_obs_space.spaces) if isinstance(self.agent_obs_space, gym.spaces.Dict)
+               else {OBS: self.agent_obs_space})
+        clash = [k for k in own if k in RESERVED]
+        if clash:
+            raise UserError(f"{label!r}: the agents' observation has a key {clash[0]!r}, which ppo-cli adds itself "
+                            f"(the agent id and the global state)")
+        state_space = getattr(first, "state_space", None)
+        self.own_state = isinstance(state_space, gym.spaces.Box)
+        if not self.own_state:
+            size = sum(gym.spaces.flatdim(s) for s in obs_spaces.values())
+            state_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.single_observation_space = gym.spaces.Dict({
+            **own, AGENT_ID: gym.spaces.Box(0.0, 1.0, (a,), np.float32),
+            STATE: gym.spaces.Box(-np.inf, np.inf, state_space.shape, np.float32)})
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        self.metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, **getattr(first, "metadata", {})}
+        self.metadata["autoreset_mode"] = AutoresetMode.SAME_STEP
+        self.render_mode, self.spec = None, None
+        self.alive = np.zeros(self.num_envs, dtype=bool)
+        self.ep_return, self.ep_length = np.zeros(self.num_envs), np.zeros(self.num_envs, dtype=np.int64)
+        self.team_length = np.zeros(copies, dtype=np.int64)
+        self.team_return = np.zeros(self.num_envs)  # each agent's return in its copy's episode so far
+        self.seeds: list[int | None] = [None] * copies
+
+    # --- observations ------------------------------------------------------------------------------------
+    def _state(self, env: Any, obs: dict[str, Any]) -> np.ndarray:
+        if self.own_state:
+            return np.asarray(env.state(), np.float32).reshape(-1)
+        space = self.agent_obs_space
+        return np.concatenate([gym.spaces.flatten(space, obs[n]).astype(np.float32) if n in obs
+                               else np.zeros(gym.spaces.flatdim(space), np.float32) for n in self.agent_names])
+
+    def _rows(self, env: Any, obs: dict[str, Any]) -> list[dict[str, Any]]:
+        """The observation of each agent of one copy as its row sees it (an idle agent's: zeros)."""
+        state = self._state(env, obs)
+        rows = []
+        for i, name in enumerate(self.agent_names):
+            own = obs[name] if name in obs else self._idle()
+            row = dict(own) if isinstance(own, dict) else {OBS: own}
+            row[AGENT_ID] = np.eye(self.agents_per_copy, dtype=np.float32)[i]
+            row[STATE] = state
+            rows.append(row)
+        return rows
+
+    def _idle(self) -> Any:
+        idle = _zeros(self.agent_obs_space)
+        if isinstance(idle, dict) and MASK_KEY in idle:
+            idle[MASK_KEY] = np.ones_like(idle[MASK_KEY])  # no allowed action would be no distribution
+        return idle
+
+    def _batch(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return {k: np.stack([r[k] for r in rows]) for k in self.single_observation_space.spaces}
+
+    # --- the vector env API ------------------------------------------------------------------------------
+    def reset(self, *, seed: int | list[int] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        a = self.agents_per_copy
+        if seed is not None:
+            self.seeds = ([seed + c for c in range(len(self.copies_))] if isinstance(seed, int)
+                          else [seed[c * a] for c in range(len(self.copies_))])
+        rows = []
+        for c, env in enumerate(self.copies_):
+            rows += self._reset_copy(c, env, self.seeds[c], options)
+            self.seeds[c] = None  # a copy's later episodes go on from its own stream
+        self.ep_return[:], self.ep_length[:], self.team_length[:], self.team_return[:] = 0.0, 0, 0, 0.0
+        return self._batch(rows), {}
+
+    def _reset_copy(self, c: int, env: Any, seed: int | None, options: dict[str, Any] | None = None
+                    ) -> list[dict[str, Any]]:
+        obs, _ = env.reset(seed=seed, options=options)
+        a = self.agents_per_copy
+        self.alive[c * a:(c + 1) * a] = [n in obs for n in self.agent_names]
+        return self._rows(env, obs)
+
+    def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        n, a = self.num_envs, self.agents_per_copy
+        rewards = np.zeros(n, np.float64)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        ended_agent, ended_team = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        ep_r, ep_l = np.zeros(n), np.zeros(n, dtype=np.int64)
+        team_r, team_l, team_a = np.zeros(n), np.zeros(n, dtype=np.int64), np.zeros((n, a))
+        final_obs = np.full(n, None, dtype=object)
+        rows: list[dict[str, Any]] = []
+        for c, env in enumerate(self.copies_):
+            base = c * a
+            acting = {name: actions[base + i] for i, name in enumerate(self.agent_names) if self.alive[base + i]}
+            obs, rew, term, trunc, _ = env.step(acting)
+            was_alive = self.alive[base:base + a].copy()
+            copy_rows = self._rows(env, obs)
+            for i, name in enumerate(self.agent_names):
+                r = base + i
+                if was_alive[i]:
+                    rewards[r] = float(rew.get(name, 0.0))
+                    terminated[r], truncated[r] = bool(term.get(name, False)), bool(trunc.get(name, False))
+                    self.ep_return[r] += rewards[r]
+                    self.team_return[r] += rewards[r]
+                    self.ep_length[r] += 1
+                    if terminated[r] or truncated[r]:
+                        final_obs[r] = copy_rows[i]
+                        ended_agent[r], ep_r[r], ep_l[r] = True, self.ep_return[r], self.ep_length[r]
+                        self.ep_return[r], self.ep_length[r] = 0.0, 0
+                # An agent that joins (or rejoins) starts its row's next episode here.
+                self.alive[r] = name in obs and name in env.agents
+            self.team_length[c] += 1
+            if not env.agents:  # the copy's episode is over: a new one at once (SAME_STEP)
+                returns = self.team_return[base:base + a]
+                ended_team[base], team_r[base], team_l[base] = True, returns.sum(), self.team_length[c]
+                team_a[base] = returns
+                self.ep_return[base:base + a], self.ep_length[base:base + a], self.team_length[c] = 0.0, 0, 0
+                self.team_return[base:base + a] = 0.0
+                copy_rows = self._reset_copy(c, env, None)
+            else:
+                for i in range(a):
+                    if not self.alive[base + i]:
+                        copy_rows[i] = self._rows(env, {})[i]
+            rows += copy_rows
+        info: dict[str, Any] = {}
+        if ended_agent.any():
+            info["episode"], info["_episode"] = {"r": ep_r, "l": ep_l}, ended_agent
+            info["final_obs"], info["_final_obs"] = final_obs, ended_agent
+        if ended_team.any():
+            info["team"], info["_team"] = {"r": team_r, "l": team_l, "a": team_a}, ended_team
+        return self._batch(rows), rewards, terminated, truncated, info
+
+    # --- checkpoints (make.snapshot / restore): the copies' own attributes, where they are plain data ---------
+    _COUNTS = ("alive", "ep_return", "ep_length", "team_length", "team_return")
+
+    def snapshot_state(self, snapshot_obj: Callable[[Any], dict], plain: Callable[[Any], Any]) -> dict[str, Any]:
+        """Raises TypeError naming what cannot be saved (MPE's worlds of entity objects, say)."""
+        return {"copies": [snapshot_obj(getattr(env, "unwrapped", env)) for env in self.copies_],
+                "counts": {k: plain(getattr(self, k)) for k in self._COUNTS}}
+
+    def restore_state(self, state: dict[str, Any], unplain: Callable[[Any], Any]) -> None:
+        for env, saved in zip(self.copies_, state["copies"], strict=True):
+            target = getattr(env, "unwrapped", env)
+            for key, value in saved.items():
+                setattr(target, key, unplain(value))
+        for key, value in state["counts"].items():
+            setattr(self, key, unplain(value))
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        # A row is an agent, not an env: per-env methods (masks.py's action_masks) do not apply. Masks come in
+        # each agent's observation.
+        raise AttributeError(name)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.copies_:
+            env.close()
+
+    def render(self) -> Any:
+        return self.copies_[0].render()
+
+
+def check_algorithm(env_cfg: Any, multi_agent: str | None) -> None:
+    """One line where the env and algo.multi_agent do not go together: a PettingZoo env needs algo=ippo / mappo
+    (parallel envs) or algo=selfplay (AEC games), and those need a PettingZoo env."""
+    env_id = str(env_cfg.id)
+    source = None if env_cfg.get("entry_point") else pettingzoo_source(env_id)
+    if source is not None:
+        source = env_kind(env_id, dict(env_cfg.get("kwargs") or {}))
+    if source is None:
+        package = env_id.rpartition(":")[0]
+        if multi_agent is not None and package and importlib.util.find_spec(package.split(".")[0]) is None:
+            raise UserError(f"env.id={env_id!r}: cannot import {package!r}; {extra_hint('multiagent')}")
+        if multi_agent is not None:
+            raise UserError(f"algo={multi_agent} trains the agents of a PettingZoo env (env.id=PACKAGE:ENV_MODULE, "
+                            f"such as mpe2:simple_spread_v3); env.id={env_id!r} is a gymnasium env: use algo=ppo")
+        return
+    kind = source[1]
+    if multi_agent is None:
+        what = ("algo=selfplay (a two-player turn-based game)" if kind == "aec"
+                else "algo=ippo or algo=mappo (its agents act at once)")
+        raise UserError(f"env.id={env_id!r} is a PettingZoo env: train it with {what}")
+    if multi_agent == "selfplay" and kind == "parallel":
+        raise UserError(f"algo=selfplay plays two-player turn-based (AEC) games such as pettingzoo.classic:"
+                        f"tictactoe_v3; env.id={env_id!r} is a parallel env: use algo=ippo or algo=mappo")
+    if multi_agent != "selfplay" and kind == "aec":
+        parallel_factory(env_id, dict(env_cfg.get("kwargs") or {}))  # its one line: use selfplay, or convert it

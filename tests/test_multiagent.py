@@ -1,0 +1,163 @@
+"""Several agents in one env (envs/agents.py, envs/selfplay.py): per-agent GAE and truncation with an agent that
+leaves early, MAPPO's global-state critic against IPPO's, resume, the bad-input lines, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ppo_cli.algo.rollout import collect
+from ppo_cli.algo.storage import RolloutBuffer
+from ppo_cli.algo.timing import Stopwatch
+from ppo_cli.config import EnvConfig
+from ppo_cli.envs.make import make_vec_env
+from ppo_cli.run import checkpoint
+from ppo_cli.run.runner import STAGES, Runner
+from tests.conftest import check_resume_is_bitwise, cli, make_cfg
+
+pytest.importorskip("pettingzoo")
+
+SIGNAL = ["algo=mappo", "env.id=tests.ma_envs:signal_game", "env.num_envs=4", "algo.n_steps=16",
+          "algo.batch_size=64", "algo.K_epochs=4", "algo.lr_actor=3e-3", "algo.lr_critic=3e-3", "eval.every_steps=0",
+          "eval.final=false", "eval.objective=train", "checkpoint_interval=0", "log_interval=1000"]
+
+
+def _env(env_id: str, num_envs: int = 1, **kwargs: object) -> object:
+    cfg = OmegaConf.structured(EnvConfig)
+    cfg.id, cfg.num_envs = env_id, num_envs
+    cfg.kwargs = kwargs
+    return cfg
+
+
+class ScriptedActor:
+    """Always action 0; V(x) = 0.2 + 0.1 x for the row's observation x (its step count)."""
+
+    state = starts = None
+
+    def inputs(self, obs: dict, update_stats: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
+        return obs["obs"].astype(np.float32)
+
+    def act(self, x: np.ndarray, mask: np.ndarray | None = None) -> tuple:
+        n = x.shape[0]
+        return np.zeros(n, np.int64), np.zeros(n, np.float32), self.value(x)
+
+    def value(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        return (0.2 + 0.1 * x[:, 0]).astype(np.float32)
+
+    def env_action(self, action: np.ndarray) -> np.ndarray:
+        return action
+
+    def end_episodes(self, ended: np.ndarray) -> None:
+        pass
+
+
+def test_gae_per_agent_with_an_agent_that_leaves_early():
+    """Rows: "stays" (reward 1, truncated after 4 steps) and "leaves" (reward 2, terminated after 2 steps, its row
+    idle until the copy resets at step 4). gamma 0.9, lambda 0.8, so gamma * lambda = 0.72."""
+    envs = make_vec_env(_env("tests.ma_envs:leaves_early"), seed=0)
+    obs, _ = envs.reset(seed=0)
+    buffer = RolloutBuffer(5, 2, (1,), torch.float32, (), torch.int64, torch.device("cpu"), idle_rows=True)
+    done = collect(envs, ScriptedActor(), buffer, obs, None, lambda: False, Stopwatch(STAGES))
+    batch = buffer.advantages(torch.tensor([0.3, 0.3]), 0.9, 0.8)  # both rows' next observation counts 1 step
+    v = lambda steps: 0.2 + 0.1 * steps  # noqa: E731
+    # stays: steps 0-3 of an episode truncated with final observation 4, then step 0 of the next
+    d = [1 + 0.9 * v(1) - v(0), 1 + 0.9 * v(2) - v(1), 1 + 0.9 * v(3) - v(2), 1 + 0.9 * v(4) - v(3),
+         1 + 0.9 * v(1) - v(0)]
+    stays = [d[0] + 0.72 * (d[1] + 0.72 * (d[2] + 0.72 * d[3])), d[1] + 0.72 * (d[2] + 0.72 * d[3]),
+             d[2] + 0.72 * d[3], d[3], d[4]]
+    # leaves: steps 0-1, terminated (no bootstrap), idle at rollout steps 2 and 3, then step 0 of the next episode
+    leaves = [2 + 0.9 * v(1) - v(0) + 0.72 * (2 - v(1)), 2 - v(1), 2 + 0.9 * v(1) - v(0)]
+    # The batch holds the alive rows only, in order t * rows + row.
+    expected = [stays[0], leaves[0], stays[1], leaves[1], stays[2], stays[3], stays[4], leaves[2]]
+    assert batch.advantages.tolist() == pytest.approx(expected, abs=1e-6)
+    assert batch.returns.tolist() == pytest.approx(
+        [a + v(s) for a, s in zip(expected, [0, 0, 1, 1, 2, 3, 0, 0], strict=True)], abs=1e-6)
+    # The copy's team episode (rollout step 3): 4 x 1 + 2 x 2, and each agent's own return.
+    assert done.returns == [8.0] and done.lengths == [4] and done.agent_returns == [[4.0, 4.0]]
+    envs.close()
+
+
+def test_mappos_global_state_critic_learns_what_ippos_cannot(tmp_path):
+    """SignalGame (tests/ma_envs.py), one step an episode: the team reward carries noise 2 z, z shown only in the
+    global state. At the same budget (768 frames, 3 seeds), MAPPO's critic explains about half of the return's
+    variance and IPPO's none of it: the advantages MAPPO's actor learns from are that much less noisy."""
+    def explained(algo: str, seed: int) -> float:
+        run = Runner(make_cfg(*SIGNAL, f"algo={algo}", f"seed={seed}", "algo.total_timesteps=768",
+                              "+env.kwargs.length=1"), tmp_path / f"{algo}{seed}", rich_progress=False)
+        scalars, learn = [], run.algo.learn
+        run.algo.learn = lambda progress: scalars.append(learn(progress)) or scalars[-1]
+        run.run()
+        run.close()
+        return float(np.mean([s["losses/explained_variance"] for s in scalars[-3:]]))
+
+    ippo = [explained("ippo", s) for s in (1, 2, 3)]
+    mappo = [explained("mappo", s) for s in (1, 2, 3)]
+    print(f"explained variance over the last 3 updates of 768 frames: ippo {ippo}, mappo {mappo}")
+    assert max(ippo) < 0.05 and min(mappo) > 0.3, (ippo, mappo)
+
+
+def test_resume_is_bitwise(tmp_path):
+    check_resume_is_bitwise([*SIGNAL, "checkpoint_interval=1"], tmp_path, total=4 * 64 * 2, split=64 * 2)
+
+
+def test_an_aec_env_under_ippo_gets_the_conversion_to_use(tmp_path):
+    proc = cli("ppo-train", "algo=ippo", "env.id=pettingzoo.classic:tictactoe_v3", f"hydra.run.dir={tmp_path}/r",
+               cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "AEC" in line and "aec_to_parallel" in line and "algo=selfplay" in line, line
+
+
+def test_agents_with_different_spaces_under_one_shared_policy_get_one_line(tmp_path):
+    proc = cli("ppo-train", "algo=ippo", "env.id=tests.ma_envs:mixed", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "small" in line and "large" in line and "(2,)" in line and "(3,)" in line, line
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["env.id=tests.ma_envs:signal_game"], ["PettingZoo env", "algo=ippo"]),
+    (["algo=mappo", "env=CartPole-v1"], ["gymnasium env", "algo=ppo"]),
+    (["algo=selfplay", "env.id=tests.ma_envs:signal_game"], ["parallel env", "algo=mappo"]),
+])
+def test_an_algorithm_that_does_not_fit_the_env_gets_one_line(tmp_path, args, words):
+    proc = cli("ppo-train", *args, f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert all(w in line for w in words), line
+
+
+def test_ippo_on_simple_spread_logs_agents_evaluates_and_exports(tmp_path):
+    pytest.importorskip("mpe2")
+    run = tmp_path / "run"
+    cli("ppo-train", "algo=ippo", "env=simple_spread_v3", "env.num_envs=2", "algo.n_steps=50",
+        "algo.batch_size=100", "algo.total_timesteps=400", "eval.every_steps=0", "eval.episodes=2",
+        "network.agent_id=true", f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    result = json.loads((run / "result.json").read_text())
+    assert result["final_eval"]["episodes"] == 2
+    out = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "2", "--json", cwd=tmp_path,
+              check=True)
+    report = json.loads(out.stdout)
+    assert set(report["agent_returns"]) == {"agent_0", "agent_1", "agent_2"}
+    assert report["mean_return"] == pytest.approx(sum(report["agent_returns"].values()), rel=1e-6)
+    data = checkpoint.load(run / "checkpoints" / "checkpoint.pt")
+    assert data["global_step"] == 400  # frames: steps of the copies, whatever the number of agents
+
+
+def test_selfplay_on_tictactoe_reports_win_draw_loss_per_seat(tmp_path):
+    run = tmp_path / "run"
+    cli("ppo-train", "algo=selfplay", "env=tictactoe_v3", "env.num_envs=2", "algo.n_steps=32", "algo.batch_size=64",
+        "algo.total_timesteps=128", "eval.every_steps=0", "eval.episodes=4", f"hydra.run.dir={run}", cwd=tmp_path,
+        check=True)
+    out = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "20", "--opponent", "random",
+              "--json", cwd=tmp_path, check=True)
+    r = json.loads(out.stdout)
+    assert r["win_rate"] + r["draw_rate"] + r["loss_rate"] == pytest.approx(1.0)
+    assert r["first_player"]["games"] == 10 and r["second_player"]["games"] == 10
+    versus = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "4", "--opponent",
+                 str(run / "checkpoints" / "checkpoint.pt"), "--json", cwd=tmp_path, check=True)
+    assert json.loads(versus.stdout)["opponent"].endswith("checkpoint.pt")
