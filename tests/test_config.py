@@ -159,6 +159,8 @@ def test_presets_list_only_what_they_change():
             data = yaml.safe_load(path.read_text()) or {}
             sections = data if path.read_text().startswith("# @package _global_") else {group: data}
             for section, values in sections.items():
+                if section == "defaults":  # a preset built on another (mappo on ippo)
+                    continue
                 for key, value in values.items():
                     if (section, key) not in (("env", "id"), ("network", "type")):
                         assert value != base[section][key], f"{path.name}: {section}.{key} repeats the default"

@@ -144,6 +144,11 @@ ENV_PRESETS = sorted(p.stem for p in (ROOT / "ppo_cli" / "conf" / "env").glob("*
 def test_every_env_preset_trains_a_few_updates(env, tmp_path):
     discrete = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3", "MaskedGrid-v0", "GoalReach-v0"}
     algo = "ppo_pendulum" if env == "Pendulum-v1" else ("ppo" if env in discrete else "ppo_mujoco")
+    multi_agent = {"simple_spread_v3": "mappo", "simple_reference_v3": "ippo", "tictactoe_v3": "selfplay",
+                   "connect_four_v3": "selfplay"}  # PettingZoo presets (tests/test_multiagent.py has the rest)
+    if env in multi_agent:
+        pytest.importorskip("mpe2" if "simple" in env else "pettingzoo")
+        algo = multi_agent[env]
     pixels = env in atari.GAMES  # the Atari presets (tests/test_pixels.py has the rest)
     if pixels:
         pytest.importorskip("ale_py", reason="the 'atari' extra is not installed")
@@ -161,6 +166,7 @@ def test_every_env_preset_trains_a_few_updates(env, tmp_path):
     data = checkpoint.load(result.checkpoint)
     assert data["update"] == 2
     assert ("obs_norm.mean" in data["policy"]) == bool(cfg.env.normalize_obs)
+    assert (cfg.algo.multi_agent is not None) == (env in multi_agent)
     if algo == "ppo_mujoco":
         assert cfg.algo.K_epochs == 10 and cfg.env.normalize_obs and cfg.env.normalize_reward
 

@@ -78,7 +78,9 @@ class PPO:
         self.start(envs, obs, info, 0)
         # The buffer stores network inputs (what the network saw), not raw observations: see policy.prepare.
         layout = self.policy.layout
-        rows = envs.num_envs  # env.num_envs, or its copies x agents of a PettingZoo env (envs/agents.py)
+        # env.num_envs, or its copies x agents of a PettingZoo env (envs/agents.py); not envs.num_envs, which for a
+        # batch's member (algo/batched.py) counts every member's envs
+        rows = cfg.env.num_envs * getattr(envs.unwrapped, "agents_per_copy", 1)
         check_rollout_fits(a.n_steps, rows, device, layout.stored_shape, layout.stored_dtype,
                            self.policy.action_shape, self.policy.action_dtype,
                            None if self.masks is None else self.masks.n_outputs, self.policy.state_size,
