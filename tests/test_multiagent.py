@@ -161,3 +161,29 @@ def test_selfplay_on_tictactoe_reports_win_draw_loss_per_seat(tmp_path):
     versus = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "4", "--opponent",
                  str(run / "checkpoints" / "checkpoint.pt"), "--json", cwd=tmp_path, check=True)
     assert json.loads(versus.stdout)["opponent"].endswith("checkpoint.pt")
+
+
+def test_export_of_a_mappo_actor_takes_its_own_observation_and_agent_id_alone(tmp_path):
+    """Decentralized execution: the exported actor's inputs are the agent's observation and its id, not the global
+    state its critic read in training; ppo-eval plays the export as the checkpoint."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    cli("ppo-train", *SIGNAL, "network.agent_id=true", "algo.total_timesteps=128", f"hydra.run.dir={run}",
+        cwd=tmp_path, check=True)
+    ckpt = run / "checkpoints" / "checkpoint.pt"
+    out = tmp_path / "actor.pt"
+    proc = subprocess.run([sys.executable, "-m", "ppo_cli.cli.export", str(ckpt), "--format", "torchscript",
+                           "--out", str(out), "--trust-env-code"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "actor.pt.json").read_text())
+    assert [p["name"] for p in meta["inputs"]] == ["obs.agent_id", "obs.obs"]
+    played = cli("ppo-eval", str(out), "--episodes", "4", "--json", "--trust-env-code", "--no-random-baseline",
+                 cwd=tmp_path, check=True)
+    direct = cli("ppo-eval", str(ckpt), "--episodes", "4", "--json", "--trust-env-code", "--no-random-baseline",
+                 cwd=tmp_path, check=True)
+    assert json.loads(played.stdout)["mean_return"] == pytest.approx(json.loads(direct.stdout)["mean_return"])

@@ -62,7 +62,8 @@ class ActorCritic(nn.Module):
                                   skip=tuple(skip_keys))
         self.layout.check(encoder, normalize_obs)
         in_dim = self.layout.dim
-        cols = self.layout.columns(tuple(critic_keys)) if critic_keys else None
+        self.skip_keys, self.critic_keys = tuple(skip_keys), tuple(critic_keys)
+        cols = self.layout.columns(self.critic_keys) if critic_keys else None
         self.actor_columns: torch.Tensor | None = None if cols is None else torch.tensor(cols)
         if critic_keys and (shared_trunk or self.layout.image is not None and not self.layout.extra_dim):
             raise ValueError("a critic that reads more than the actor needs separate flat encoders")

@@ -107,7 +107,10 @@ class DeployedPolicy(nn.Module):
         head = policy.dist
         self.gaussian = isinstance(head, DiagGaussian)
         # The observation's parts, in the order the inputs take them: a Dict's keys, a Tuple's indices, or the whole.
-        self.obs_items = space_items(obs_space)
+        # Decentralized execution (docs/multi-agent.md): the Dict keys no network reads are left out, and so is
+        # algo=mappo's global state, which only the critic reads, unless the value is an output too.
+        self.unread = {*policy.skip_keys, *([] if with_value else policy.critic_keys)}
+        self.obs_items = [(k, sub) for k, sub in space_items(obs_space) if k not in self.unread]
         self.inputs = [_obs_port("obs" if key is None else f"obs.{key}", sub) for key, sub in self.obs_items]
         # A Dict's `action_mask` key is the mask of a maskable head (masks.py), read as the observation gives it.
         self.mask_in_obs = head.maskable and obs_space["type"] == "Dict" and MASK_KEY in obs_space["spaces"]
@@ -142,7 +145,13 @@ class DeployedPolicy(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         n_obs = len(self.obs_items)
-        obs = assemble(self.policy.obs_space, list(inputs[:n_obs]))
+        if self.unread:  # a Dict's: the keys left out that the critic still reads are zeros (its value is unused)
+            obs = {k: v for (k, _), v in zip(self.obs_items, inputs[:n_obs], strict=True)}
+            for key, sub in space_items(self.policy.obs_space):
+                if key in self.policy.critic_keys and key not in obs:
+                    obs[key] = inputs[0].new_zeros((inputs[0].shape[0], *sub["shape"]), dtype=torch.float32)
+        else:
+            obs = assemble(self.policy.obs_space, list(inputs[:n_obs]))
         rest = list(inputs[n_obs:])
         mask = None
         if self.mask_in_obs:
