@@ -172,6 +172,9 @@ def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | Non
     by default the random player alone)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     if is_multi_agent(env_cfg):  # copies x agents rows with statistics of their own (agents.py), or a game's seat
+        if render_mode is not None or wrappers:
+            raise UserError(f"{env_label(env_cfg)!r} is a PettingZoo env: recording its episodes (--video) is not "
+                            f"built yet")
         envs = EnvFaults(_multi_agent(env_cfg, n, opponents), env_label(env_cfg), evaluation=not training,
                          step_timeout=None)
         if not isinstance(envs.unwrapped, ParallelVectorEnv):
