@@ -536,6 +536,12 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.selfplay_pool >= 1, "algo.selfplay_pool", "must be >= 1")
     need(not n.agent_id or a.multi_agent in ("ippo", "mappo"), "network.agent_id",
          "applies to algo=ippo / mappo (the agents of a PettingZoo parallel env)")
+    if a.multi_agent == "selfplay" and n.recurrent is not None:
+        out.append("network.recurrent: algo=selfplay's opponents play the learner's past policies move by move, "
+                   "without a recurrent state; use network.recurrent=null")
+    if a.multi_agent == "mappo" and n.recurrent is not None and n.rnn_shared:
+        out.append("network.rnn_shared=true: algo=mappo's critic reads the global state through its own encoder and "
+                   "core; set network.rnn_shared=false")
     if a.multi_agent == "mappo" and n.shared_trunk:
         out.append("network.shared_trunk=true: algo=mappo's critic reads the global state, which the actor must not "
                    "see, so the two need encoders of their own (network.shared_trunk=false)")

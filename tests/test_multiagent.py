@@ -161,6 +161,15 @@ def test_selfplay_on_tictactoe_reports_win_draw_loss_per_seat(tmp_path):
     versus = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "4", "--opponent",
                  str(run / "checkpoints" / "checkpoint.pt"), "--json", cwd=tmp_path, check=True)
     assert json.loads(versus.stdout)["opponent"].endswith("checkpoint.pt")
+    # An opponent file is a file from elsewhere: its config is checked as the evaluated checkpoint's is.
+    data = checkpoint.load(run / "checkpoints" / "checkpoint.pt")
+    data["config_yaml"] = data["config_yaml"].replace("id: pettingzoo.classic:tictactoe_v3",
+                                                      "id: ${oc.env:HOME}")
+    checkpoint.save(data, tmp_path / "crafted.pt")
+    crafted = cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "2", "--opponent",
+                  str(tmp_path / "crafted.pt"), cwd=tmp_path)
+    assert crafted.returncode != 0 and "Traceback" not in crafted.stderr
+    assert "refused" in crafted.stderr.strip().splitlines()[-1] and "crafted.pt" in crafted.stderr
 
 
 def test_export_of_a_mappo_actor_takes_its_own_observation_and_agent_id_alone(tmp_path):
@@ -187,3 +196,26 @@ def test_export_of_a_mappo_actor_takes_its_own_observation_and_agent_id_alone(tm
     direct = cli("ppo-eval", str(ckpt), "--episodes", "4", "--json", "--trust-env-code", "--no-random-baseline",
                  cwd=tmp_path, check=True)
     assert json.loads(played.stdout)["mean_return"] == pytest.approx(json.loads(direct.stdout)["mean_return"])
+
+
+def test_a_checkpoint_may_import_the_allowlisted_env_modules_but_never_call_what_they_hold():
+    from ppo_cli.envs.agents import pettingzoo_source
+
+    assert pettingzoo_source("gymnasium_robotics:register") is None  # an allowlisted module's callable: no factory
+    assert pettingzoo_source("pettingzoo.classic:tictactoe_v3")[1] == "aec"
+    assert pettingzoo_source("tests.ma_envs:signal_game")[1] == "factory"  # the user's own (the recipe asks)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["algo=selfplay", "env=tictactoe_v3", "network.recurrent=lstm"], ["network.recurrent", "algo=selfplay"]),
+    (["algo=mappo", "env.id=tests.ma_envs:signal_game", "network.recurrent=gru", "network.rnn_shared=true"],
+     ["network.rnn_shared", "algo=mappo"]),
+    (["algo=mappo", "env.id=tests.ma_envs:signal_game", "network.shared_trunk=true"], ["network.shared_trunk"]),
+])
+def test_settings_that_would_defeat_the_algorithm_are_refused(args, words):
+    from ppo_cli.config import validate
+    from ppo_cli.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        validate(make_cfg(*args))
+    assert all(w in str(err.value) for w in words), err.value

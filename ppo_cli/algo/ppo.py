@@ -69,6 +69,9 @@ class PPO:
         # the minibatch shuffles. Each rank has streams of its own.
         self.np_rng = np.random.default_rng(cfg.seed if rank == 0 else [cfg.seed, rank])
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+        if ranks.active and a.multi_agent is not None:
+            # Each rank would drop its own idle rows, and the ranks' minibatch steps would stop matching.
+            raise UserError("algo.multi_agent runs in one process: torchrun is not built for PettingZoo envs")
         self.obs_space = describe_space(envs.single_observation_space)
         self.action_space = describe_space(envs.single_action_space, bounds=True)
         self.policy: ActorCritic = build_policy(self.obs_space, self.action_space, cfg, device).to(device)

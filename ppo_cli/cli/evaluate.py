@@ -231,7 +231,10 @@ def _opponents(args: argparse.Namespace, cfg: DictConfig) -> OpponentPool | None
         return None
     if args.opponent in (None, "random"):
         return OpponentPool(1)
-    other, other_cfg = load_policy(checkpoint.load(args.opponent))
+    data = checkpoint.load(args.opponent)
+    recipe.check(stored_config(data["config_yaml"]), trusted=args.trust_env_code, what="opponent checkpoint",
+                 source=args.opponent, how="--trust-env-code")
+    other, other_cfg = load_policy(data)
     if choice(other_cfg.algo.get("multi_agent")) != "selfplay" or other_cfg.env.id != cfg.env.id:
         raise UserError(f"--opponent={args.opponent}: a checkpoint of {other_cfg.env.id!r}, not a self-play policy "
                         f"of {cfg.env.id!r}")

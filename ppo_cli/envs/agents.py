@@ -30,7 +30,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from ppo_cli.envs.recipe import PETTINGZOO_PACKAGES
+from ppo_cli.envs.recipe import ENV_MODULES, PETTINGZOO_PACKAGES
 from ppo_cli.envs.spaces import MASK_KEY
 from ppo_cli.errors import UserError, extra_hint
 
@@ -63,7 +63,8 @@ def pettingzoo_source(env_id: str) -> tuple[Callable[..., Any], str] | None:
         if hasattr(module, "env"):
             return module.env, "aec"
         return None
-    if package in PETTINGZOO_PACKAGES:  # their envs are modules; a file may name these (recipe.py), nothing else
+    if package in PETTINGZOO_PACKAGES or package in ENV_MODULES:
+        # A file may name these without --trust-env-code (recipe.py) to import them, never to call what they hold.
         return None
     try:
         parent = _module(package)
@@ -300,8 +301,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
             target = getattr(env, "unwrapped", env)
             for key, value in saved.items():
                 setattr(target, key, unplain(value))
-        for key, value in state["counts"].items():
-            setattr(self, key, unplain(value))
+        for key in self._COUNTS:
+            setattr(self, key, unplain(state["counts"][key]))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         # A row is an agent, not an env: per-env methods (masks.py's action_masks) do not apply. Masks come in

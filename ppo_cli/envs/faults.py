@@ -361,4 +361,6 @@ def count_steps(envs: gym.vector.VectorEnv, start: int, world: int = 1, stride: 
     (a batch of runs: one run's envs)."""
     faults = _faults(envs)
     if faults is not None:
-        faults.steps, faults.stride = start, stride or faults.num_envs * world
+        # A PettingZoo env's step counts once for its copies, whatever the agents (its rows: envs/agents.py)
+        per_step = getattr(envs.unwrapped, "frames_per_step", faults.num_envs)
+        faults.steps, faults.stride = start, stride or per_step * world

@@ -53,8 +53,13 @@ class TwoPlayerEnv(gym.Env):
     """One seat of a two-player AEC game, the other played by the pool's opponents (see the module doc)."""
 
     def __init__(self, make: Callable[[], Any], pool: OpponentPool, label: str) -> None:
-        self.game, self.pool, self.label = make(), pool, label
-        names = list(self.game.possible_agents)
+        try:
+            self.game = make()
+        except Exception as exc:  # noqa: BLE001 - constructing a (third-party) env can fail in any way
+            raise UserError(f"{label!r}: the game could not be created ({type(exc).__name__}: {exc}); check "
+                            f"env.kwargs") from None
+        self.pool, self.label = pool, label
+        names = list(getattr(self.game, "possible_agents", None) or [])
         if len(names) != 2:
             raise UserError(f"algo=selfplay plays two-player games; {label!r} has {len(names)} agents ({names})")
         self.names = names

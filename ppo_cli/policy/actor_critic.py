@@ -27,6 +27,7 @@ from ppo_cli.devices import resolve_precision
 from ppo_cli.envs.agents import AGENT_ID, STATE
 from ppo_cli.envs.make import env_spaces
 from ppo_cli.envs.spaces import describe_space, space_items
+from ppo_cli.errors import UserError
 from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, NatureCNN, RecurrentCore, build_encoder
 from ppo_cli.policy.heads import HEADS, build_head
 from ppo_cli.policy.normalize import ObsNormalizer
@@ -65,8 +66,10 @@ class ActorCritic(nn.Module):
         self.skip_keys, self.critic_keys = tuple(skip_keys), tuple(critic_keys)
         cols = self.layout.columns(self.critic_keys) if critic_keys else None
         self.actor_columns: torch.Tensor | None = None if cols is None else torch.tensor(cols)
-        if critic_keys and (shared_trunk or self.layout.image is not None and not self.layout.extra_dim):
-            raise ValueError("a critic that reads more than the actor needs separate flat encoders")
+        if critic_keys and (shared_trunk or self.layout.image is not None):
+            raise UserError("algo=mappo's critic reads the global state beside the agent's observation, which needs "
+                            "separate MLP encoders (network.shared_trunk=false); image observations are not built for "
+                            "it: use algo=ippo")
         # The critic reads the actor's features: a shared trunk, or a recurrent core it shares with the actor.
         self.shared_trunk = shared_trunk or (recurrent is not None and rnn_shared)
         image = self.layout.image
@@ -296,7 +299,7 @@ def agent_keys(obs_space: dict[str, Any], cfg: Any) -> tuple[tuple[str, ...], tu
     """(keys no network reads, keys only the critic reads) of a PettingZoo env's rows (envs/agents.py): IPPO reads
     the agent's own observation, MAPPO's critic the global state too, and network.agent_id adds the agent id."""
     keys = {k for k, _ in space_items(obs_space)} if obs_space["type"] == "Dict" else set()
-    if not {AGENT_ID, STATE} <= keys:
+    if choice(cfg.algo.get("multi_agent")) not in ("ippo", "mappo") or not {AGENT_ID, STATE} <= keys:
         return (), ()
     skip = () if cfg.network.get("agent_id") else (AGENT_ID,)
     if choice(cfg.algo.get("multi_agent")) == "mappo":
