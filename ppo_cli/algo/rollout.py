@@ -16,6 +16,7 @@ from ppo_cli.algo.fast.core import NumpyActor, covers
 from ppo_cli.algo.storage import RolloutBuffer
 from ppo_cli.algo.timing import Stopwatch
 from ppo_cli.devices import HostStaging, stages
+from ppo_cli.envs.agents import agent_means
 from ppo_cli.envs.masks import ActionMasks
 from ppo_cli.policy.actor_critic import ActorCritic
 from ppo_cli.policy.normalize import RewardScaler
@@ -135,9 +136,8 @@ class Collected:
         (charts/agent_return_mean, BenchMARL's episode_reward_mean) in the team episodes that ended."""
         if not self.agent_returns or names is None:
             return {}
-        means = np.mean(np.asarray(self.agent_returns), axis=0)
-        return {"charts/agent_return_mean": float(means.mean()),
-                **{f"charts/agent_return/{name}": float(m) for name, m in zip(names, means, strict=True)}}
+        by_name, mean = agent_means(self.agent_returns, names)
+        return {"charts/agent_return_mean": mean, **{f"charts/agent_return/{n}": m for n, m in by_name.items()}}
 
 
 def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs: Any,

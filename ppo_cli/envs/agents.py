@@ -317,6 +317,13 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         return self.copies_[0].render()
 
 
+def agent_means(returns: list[list[float]], names: list[str]) -> tuple[dict[str, float], float]:
+    """Each agent's mean return over team episodes (`returns`: one list per episode, in the env's agent order),
+    by name, and their mean over the agents (BenchMARL's episode_reward_mean)."""
+    means = np.mean(np.asarray(returns), axis=0)
+    return {name: float(m) for name, m in zip(names, means, strict=True)}, float(means.mean())
+
+
 def check_algorithm(env_cfg: Any, multi_agent: str | None) -> None:
     """One line where the env and algo.multi_agent do not go together: a PettingZoo env needs algo=ippo / mappo
     (parallel envs) or algo=selfplay (AEC games), and those need a PettingZoo env."""

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from ppo_cli.envs.agents import agent_means
 from ppo_cli.envs.faults import close_at_once
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.masks import ActionMasks
@@ -67,9 +68,7 @@ class EvalResult:
                                "min_return": float(np.min(self.returns)), "max_return": float(np.max(self.returns)),
                                "mean_length": self.mean_length, "episodes": len(self.returns), "cut_episodes": self.cut}
         if self.agent_returns:
-            means = np.mean(np.asarray(self.agent_returns), axis=0)
-            out["agent_returns"] = {n: float(m) for n, m in zip(self.agent_names, means, strict=True)}
-            out["agent_return_mean"] = float(means.mean())
+            out["agent_returns"], out["agent_return_mean"] = agent_means(self.agent_returns, self.agent_names)
         return out
 
 
