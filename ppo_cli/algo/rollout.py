@@ -152,7 +152,7 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
     n = envs.num_envs
     # A step of a PettingZoo env's copies counts once however many agents (rows) act in each.
     frames = getattr(envs.unwrapped, "frames_per_step", n)
-    idle = getattr(envs.unwrapped, "alive", None)  # which rows hold an agent (agents.py), else None
+    rows_of_agents = hasattr(envs.unwrapped, "agents_per_copy")  # a PettingZoo env's (agents.py)
     done = Collected(obs, mask, 0, True, [], [], [])
     policy_time, env_time = clock["policy"], clock["env"]
     for _ in range(buffer.n_steps):
@@ -166,7 +166,8 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
             x = actor.inputs(obs)
             action, logp, value = actor.act(x, mask)
             env_action = actor.env_action(action)
-        alive = None if idle is None else envs.unwrapped.alive.copy()  # of the observations acted on
+        # which rows hold an agent in the observations acted on (the others are idle)
+        alive = envs.unwrapped.alive.copy() if rows_of_agents else None
         with env_time:
             next_obs, reward, terminated, truncated, info = envs.step(env_action)
         ended = terminated | truncated
@@ -177,13 +178,13 @@ def collect(envs: gym.vector.VectorEnv, actor: Actor, buffer: RolloutBuffer, obs
         if cut.size:  # V(final obs) from the state the episode reached, before end_episodes zeroes it
             buffer.set_final_values(cut, actor.value(actor.inputs(stack(info["final_obs"][cut]), False, cut), cut))
         actor.end_episodes(ended)
-        key = "episode" if idle is None else "team"
+        key = "team" if rows_of_agents else "episode"
         if "_" + key in info:
             finished = info["_" + key]
             done.returns.extend(info[key]["r"][finished].tolist())
             done.lengths.extend(info[key]["l"][finished].tolist())
             done.ended_in.extend(np.flatnonzero(finished).tolist())
-            if idle is not None:
+            if rows_of_agents:
                 done.agent_returns.extend(info[key]["a"][finished].tolist())
         obs = next_obs
         done.steps += frames

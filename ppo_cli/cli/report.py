@@ -44,7 +44,8 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0, why: str = "") -
     vectorized = "envpool" if choice(e.backend) == "envpool" else choice(e.vectorization)
     if vectorized == "auto":
         vectorized = "native" if native_vectorization(e) else "sync"
-    if choice(a.get("multi_agent")) in ("ippo", "mappo"):  # docs/multi-agent.md: a row per agent of each copy
+    rows_of_agents = choice(a.get("multi_agent")) in ("ippo", "mappo")  # docs/multi-agent.md
+    if rows_of_agents:
         vectorized = "copies, a row per agent: returns are the team's"
     n_threads = torch_threads(cfg)
     threads = "" if device.device.type != "cpu" or not n_threads else (
@@ -55,7 +56,7 @@ def banner(cfg: DictConfig, run_dir: Path, start_step: int = 0, why: str = "") -
           f"device:     {device.device.type} ({device.reason}){threads}{precision_text(cfg, device.device)}\n"
           f"rollout:    algo.n_steps {a.n_steps:,} x env.num_envs {e.num_envs}"
           f"{f' x {world} processes' if world > 1 else ''} = {rollout:,} steps per update"
-          f"{' (a sample per agent each)' if choice(a.get('multi_agent')) in ('ippo', 'mappo') else ''}; "
+          f"{' (a sample per agent each)' if rows_of_agents else ''}; "
           f"algo.batch_size {a.batch_size}{_sequences(cfg)}, algo.K_epochs {a.K_epochs}\n"
           f"training:   {steps}", flush=True)
 

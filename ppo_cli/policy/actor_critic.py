@@ -299,10 +299,11 @@ def agent_keys(obs_space: dict[str, Any], cfg: Any) -> tuple[tuple[str, ...], tu
     """(keys no network reads, keys only the critic reads) of a PettingZoo env's rows (envs/agents.py): IPPO reads
     the agent's own observation, MAPPO's critic the global state too, and network.agent_id adds the agent id."""
     keys = {k for k, _ in space_items(obs_space)} if obs_space["type"] == "Dict" else set()
-    if choice(cfg.algo.get("multi_agent")) not in ("ippo", "mappo") or not {AGENT_ID, STATE} <= keys:
+    algo = choice(cfg.algo.get("multi_agent"))
+    if algo not in ("ippo", "mappo") or not {AGENT_ID, STATE} <= keys:
         return (), ()
     skip = () if cfg.network.get("agent_id") else (AGENT_ID,)
-    if choice(cfg.algo.get("multi_agent")) == "mappo":
+    if algo == "mappo":
         return skip, (STATE,)
     return (*skip, STATE), ()
 

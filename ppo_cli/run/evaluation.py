@@ -82,8 +82,9 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
     counted, as it ends (ppo-eval's progress). `blocks`: the envs are that many runs' evaluation envs side by side
     (a batch's members, each with its own seeds in `seed`), each block playing `episodes` as one run would."""
     # A PettingZoo env's rows are its copies' agents: a copy plays whole team episodes, counted on its first row.
-    agents = getattr(envs.unwrapped, "agents_per_copy", 1)
-    key = "episode" if agents == 1 else "team"
+    rows_of_agents = hasattr(envs.unwrapped, "agents_per_copy")  # as rollout.collect tells them
+    agents = envs.unwrapped.agents_per_copy if rows_of_agents else 1
+    key = "team" if rows_of_agents else "episode"
     n = envs.num_envs // blocks // agents
     quota = np.zeros(envs.num_envs, dtype=int)
     quota[::agents] = np.tile([(episodes + i) // n for i in range(n)], blocks)
@@ -108,7 +109,7 @@ def run_episodes(envs: gym.vector.VectorEnv, act: Callable[[Any, np.ndarray | No
         for i in np.flatnonzero(cuts | np.asarray(info.get("_" + key, none), dtype=bool)):
             if done[i] < quota[i]:
                 stats = final[CUT_KEY] if cuts[i] else info[key]
-                if agents > 1:
+                if rows_of_agents:
                     result.agent_returns.append(stats["a"][i].tolist())
                 result.returns.append(float(stats["r"][i]))
                 result.lengths.append(int(stats["l"][i]))
