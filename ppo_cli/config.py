@@ -175,6 +175,10 @@ class NetworkConfig:
                                            "channels last, else first dim <= 4: channels first)")
     agent_id: bool = key(False, "algo=ippo / mappo: actor and critic also read the one-hot of the agent's index, so "
                                 "the shared parameters can act differently per agent")
+    share: bool = key(True, "algo=ippo / mappo: one policy shared by all agents (true), or one per agent group "
+                            "(false; agents adversary_0 and adversary_1 form the group adversary), which agents "
+                            "whose observation spaces differ need (MPE's simple_tag); MLP policies without a "
+                            "recurrent core")
 
 
 @dataclass
@@ -536,6 +540,12 @@ def _problems(cfg: DictConfig) -> list[str]:
     need(a.selfplay_pool >= 1, "algo.selfplay_pool", "must be >= 1")
     need(not n.agent_id or a.multi_agent in ("ippo", "mappo"), "network.agent_id",
          "applies to algo=ippo / mappo (the agents of a PettingZoo parallel env)")
+    need(n.share or a.multi_agent in ("ippo", "mappo"), "network.share",
+         "a policy per agent group is for the agents of a PettingZoo parallel env: use algo=ippo or "
+         "algo=mappo")
+    need(n.share or n.recurrent is None, "network.share",
+         "a policy per agent group is built for policies without a recurrent core: set "
+         "network.recurrent=null")
     if a.multi_agent == "selfplay" and n.recurrent is not None:
         out.append("network.recurrent: algo=selfplay's opponents play the learner's past policies move by move, "
                    "without a recurrent state; use network.recurrent=null")

@@ -32,7 +32,7 @@ def cli(tool: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None
         check: bool = False) -> subprocess.CompletedProcess:
     """Run `ppo-train` / `ppo-eval` as a user would, in a subprocess, from `cwd`."""
     module = {"ppo-train": "ppo_cli.cli.train", "ppo-eval": "ppo_cli.cli.evaluate",
-              "ppo-sweep-report": "ppo_cli.cli.sweep_report"}[tool]
+              "ppo-sweep-report": "ppo_cli.cli.sweep_report", "ppo-export": "ppo_cli.cli.export"}[tool]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

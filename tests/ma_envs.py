@@ -117,3 +117,48 @@ class Mixed(ParallelEnv):
 
 def mixed() -> Mixed:
     return Mixed()
+
+
+class Roles(ParallelEnv):
+    """Two roles that see the same bit and must answer differently: "copier_N" is right when its action is the bit,
+    "flipper_N" when it is the other one (each its own reward). One shared policy that cannot tell the agents apart
+    is right half the time at best; a policy per group (network.share=false) can learn both roles. `wide` gives the
+    flippers a wider observation (a zero beside the bit), so the groups' spaces differ."""
+
+    metadata = {"name": "roles_v0"}
+
+    def __init__(self, per_role: int = 1, wide: bool = False, length: int = 4) -> None:
+        self.possible_agents = [f"{role}_{i}" for role in ("copier", "flipper") for i in range(per_role)]
+        self.wide, self.length = wide, length
+        self.rng = np.random.default_rng()
+
+    def observation_space(self, agent: str) -> spaces.Space:
+        return spaces.Box(0.0, 1.0, (3 if self.wide and agent.startswith("flipper") else 2,), np.float32)
+
+    def action_space(self, agent: str) -> spaces.Space:
+        return spaces.Discrete(2)
+
+    def _draw(self) -> dict[str, np.ndarray]:
+        self.bit = int(self.rng.integers(0, 2))
+        return {a: np.resize(np.eye(2, dtype=np.float32)[self.bit], self.observation_space(a).shape[0]) *
+                (np.arange(self.observation_space(a).shape[0]) < 2) for a in self.possible_agents}
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.agents, self.t = list(self.possible_agents), 0
+        return self._draw(), {a: {} for a in self.agents}
+
+    def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
+        rewards = {a: float((int(actions[a]) == self.bit) == a.startswith("copier")) for a in self.agents}
+        self.t += 1
+        obs = self._draw()
+        done = self.t >= self.length
+        agents = self.agents
+        if done:
+            self.agents = []
+        return obs, rewards, {a: False for a in agents}, {a: done for a in agents}, {a: {} for a in agents}
+
+
+def roles(**kwargs: Any) -> Roles:
+    return Roles(**kwargs)

@@ -216,6 +216,9 @@ def test_a_checkpoint_may_import_the_allowlisted_env_modules_but_never_call_what
     (["algo=mappo", "env.id=tests.ma_envs:signal_game", "network.recurrent=gru", "network.rnn_shared=true"],
      ["network.rnn_shared", "algo=mappo"]),
     (["algo=mappo", "env.id=tests.ma_envs:signal_game", "network.shared_trunk=true"], ["network.shared_trunk"]),
+    (["network.share=false"], ["network.share", "algo=ippo"]),
+    (["algo=ippo", "env.id=tests.ma_envs:roles", "network.share=false", "network.recurrent=lstm"],
+     ["network.share", "network.recurrent=null"]),
 ])
 def test_settings_that_would_defeat_the_algorithm_are_refused(args, words):
     from ppo_cli.config import validate
@@ -224,3 +227,77 @@ def test_settings_that_would_defeat_the_algorithm_are_refused(args, words):
     with pytest.raises(UserError) as err:
         validate(make_cfg(*args))
     assert all(w in str(err.value) for w in words), err.value
+
+
+ROLES = [*SIGNAL, "algo=ippo", "env.id=tests.ma_envs:roles", "algo.ent_coef=0.0"]
+
+
+def test_a_policy_per_group_learns_two_roles_that_one_shared_policy_cannot(tmp_path):
+    """Roles (tests/ma_envs.py): a copier and a flipper see the same bit and must answer it and its opposite, 4 steps
+    an episode, so a team scores 8 at best. One shared policy without the agent id cannot tell them apart (4 at
+    best); network.share=false gives each group its own policy. 1,536 frames, 2 seeds each."""
+    def score(share: bool, seed: int) -> float:
+        run = Runner(make_cfg(*ROLES, f"network.share={str(share).lower()}", f"seed={seed}",
+                              "algo.total_timesteps=1536", "eval.final=true"), tmp_path / f"{share}{seed}",
+                     rich_progress=False)
+        result = run.run()
+        run.close()
+        return result.final_eval.mean_return
+
+    shared, grouped = [score(True, s) for s in (1, 2)], [score(False, s) for s in (1, 2)]
+    print(f"final team return (8 at best): shared {shared}, a policy per group {grouped}")
+    assert max(shared) <= 4.0 and min(grouped) >= 7.0, (shared, grouped)
+
+
+def test_each_group_reads_its_own_keys_and_its_rows_train_only_its_own_policy():
+    from ppo_cli.envs.spaces import describe_space
+    from ppo_cli.policy.actor_critic import build_policy
+
+    envs = make_vec_env(_env("tests.ma_envs:roles", 2, wide=True), seed=0)
+    obs, _ = envs.reset(seed=0)
+    space = describe_space(envs.single_observation_space)
+    assert set(space["spaces"]) == {"copier/obs", "flipper/obs", "agent_id", "group", "state"}
+    cfg = make_cfg("algo=ippo", "network.share=false", "env.normalize_obs=true")
+    policy = build_policy(space, describe_space(envs.single_action_space, bounds=True), cfg)
+    envs.close()
+    copier, flipper = policy.members
+    assert copier.layout.dim == 2 and flipper.layout.dim == 3  # its own observation alone (no id, group, state)
+    tensors = {k: torch.as_tensor(v) for k, v in obs.items()}
+    group = tensors["group"].argmax(-1)
+    assert group.tolist() == [0, 1, 0, 1]
+    policy.update_obs_stats(tensors)
+    assert copier.obs_norm.count.item() == pytest.approx(2 + 1e-4, rel=1e-3)  # its own two rows, not the flippers'
+    x = policy.prepare(tensors)
+    actions = torch.tensor([1, 0, 0, 1])
+    logp, entropy, value = policy.evaluate(x, actions)
+    for g, member in enumerate(policy.members):
+        a, b = policy.slices[g]
+        own = member.evaluate(x[group == g, a:b], actions[group == g])
+        for got, want in zip((logp, entropy, value), own, strict=True):
+            torch.testing.assert_close(got[group == g], want)  # to rounding: a batch of 4 rows against 2
+    rows = group == 0  # a loss of the copiers' rows alone
+    (logp[rows].sum() + value[rows].sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in copier.actor_encoder.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in flipper.parameters())
+
+
+def test_simple_tag_trains_a_policy_per_group_evaluates_and_exports(tmp_path):
+    """MPE's simple_tag: adversaries and the good agent see observations of different sizes, so one shared policy is
+    refused in one line and network.share=false trains one per group; the export plays as the checkpoint."""
+    pytest.importorskip("mpe2")
+    pytest.importorskip("onnxruntime")
+    refused = cli("ppo-train", "algo=ippo", "env=simple_tag_v3", f"hydra.run.dir={tmp_path}/no", cwd=tmp_path)
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode != 0 and "adversary" in line and "network.share=false" in line, line
+    run = tmp_path / "run"
+    cli("ppo-train", "algo=mappo", "env=simple_tag_v3", "network.share=false", "env.num_envs=2", "algo.n_steps=25",
+        "algo.batch_size=50", "algo.total_timesteps=100", "eval.every_steps=0", "eval.episodes=2",
+        f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+    ckpt = run / "checkpoints" / "checkpoint.pt"
+    cli("ppo-export", str(ckpt), cwd=tmp_path, check=True)
+    meta = json.loads((run / "checkpoints" / "checkpoint.onnx.json").read_text())
+    assert [p["name"] for p in meta["inputs"]] == ["obs.adversary/obs", "obs.agent/obs", "obs.group"]
+    reports = [json.loads(cli("ppo-eval", str(f), "--episodes", "3", "--json", "--no-random-baseline",
+                              cwd=tmp_path, check=True).stdout) for f in (ckpt, ckpt.with_suffix(".onnx"))]
+    assert set(reports[0]["agent_returns"]) == {"adversary_0", "adversary_1", "adversary_2", "agent_0"}
+    assert reports[1]["returns"] == pytest.approx(reports[0]["returns"], abs=1e-4)

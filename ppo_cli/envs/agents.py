@@ -34,8 +34,27 @@ from ppo_cli.envs.recipe import ENV_MODULES, PETTINGZOO_PACKAGES
 from ppo_cli.envs.spaces import MASK_KEY
 from ppo_cli.errors import UserError, extra_hint
 
-AGENT_ID, STATE, OBS = "agent_id", "state", "obs"
-RESERVED = (AGENT_ID, STATE)
+AGENT_ID, STATE, GROUP, OBS = "agent_id", "state", "group", "obs"
+RESERVED = (AGENT_ID, STATE, GROUP)
+
+
+def agent_group(name: str) -> str:
+    """An agent's group: its name without a trailing _N (PettingZoo's adversary_0, adversary_1 -> adversary)."""
+    head, sep, tail = name.rpartition("_")
+    return head if sep and head and tail.isdigit() else name
+
+
+def _same(label: str, what: str, spaces: dict[str, gym.Space], need: str) -> None:
+    names = list(spaces)
+    differ = [n for n in names if spaces[n] != spaces[names[0]]]
+    if differ:
+        raise UserError(f"{label!r}: the agents' {what} spaces differ ({names[0]}: {spaces[names[0]]}, {differ[0]}: "
+                        f"{spaces[differ[0]]}); {need}")
+
+
+def _is_image(space: gym.Space) -> bool:
+    parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else (space,)
+    return any(isinstance(s, gym.spaces.Box) and len(s.shape) >= 2 and s.dtype == np.uint8 for s in parts)
 
 
 def _module(name: str) -> Any:
@@ -155,28 +174,42 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         self.num_envs, self.frames_per_step, self.label = copies * a, copies, label
         obs_spaces = {n: first.observation_space(n) for n in self.agent_names}
         act_spaces = {n: first.action_space(n) for n in self.agent_names}
-        for what, spaces in (("observation", obs_spaces), ("action", act_spaces)):
-            differ = [n for n in self.agent_names if spaces[n] != spaces[self.agent_names[0]]]
-            if differ:
-                raise UserError(f"{label!r}: the agents' {what} spaces differ ({self.agent_names[0]}: "
-                                f"{spaces[self.agent_names[0]]}, {differ[0]}: {spaces[differ[0]]}); one policy "
-                                f"shared by all agents needs one {what} space")
-        first_name = self.agent_names[0]
-        self.agent_obs_space, self.single_action_space = obs_spaces[first_name], act_spaces[first_name]
-        own = (dict(self.agent_obs_space.spaces) if isinstance(self.agent_obs_space, gym.spaces.Dict)
-               else {OBS: self.agent_obs_space})
+        self.group_names = sorted({agent_group(n) for n in self.agent_names})
+        self.agent_groups = [self.group_names.index(agent_group(n)) for n in self.agent_names]
+        for g, group in enumerate(self.group_names):
+            _same(label, "observation", {n: obs_spaces[n] for n, ag in zip(self.agent_names, self.agent_groups,
+                                                                          strict=True) if ag == g},
+                  f"the agents of group {group!r} (a name without its _N) share a policy and need one observation "
+                  f"space")
+        _same(label, "action", act_spaces, "ppo-cli's policies, one shared or one per group (network.share=false), "
+                                           "need one action space")
+        self.single_action_space = act_spaces[self.agent_names[0]]
+        # One space per group: where the groups' spaces differ, each has keys of its own ("adversary/obs"), read by
+        # its own policy (network.share=false; policy/groups.py).
+        self.group_spaces = [obs_spaces[self.agent_names[self.agent_groups.index(g)]]
+                             for g in range(len(self.group_names))]
+        self.grouped = any(s != self.group_spaces[0] for s in self.group_spaces)
+        own: dict[str, gym.Space] = {}
+        for g, space in enumerate(self.group_spaces if self.grouped else self.group_spaces[:1]):
+            own.update(self._own_keys(space, self.group_names[g] if self.grouped else None))
         clash = [k for k in own if k in RESERVED]
         if clash:
             raise UserError(f"{label!r}: the agents' observation has a key {clash[0]!r}, which ppo-cli adds itself "
-                            f"(the agent id and the global state)")
+                            f"(the agent id, group and global state)")
         state_space = getattr(first, "state_space", None)
-        self.own_state = isinstance(state_space, gym.spaces.Box)
+        self.own_state = isinstance(state_space, gym.spaces.Box) and len(state_space.shape) == 1
         if not self.own_state:
-            size = sum(gym.spaces.flatdim(s) for s in obs_spaces.values())
-            state_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        self.single_observation_space = gym.spaces.Dict({
-            **own, AGENT_ID: gym.spaces.Box(0.0, 1.0, (a,), np.float32),
-            STATE: gym.spaces.Box(-np.inf, np.inf, state_space.shape, np.float32)})
+            state_space = (None if any(_is_image(s) for s in obs_spaces.values()) else
+                           gym.spaces.Box(-np.inf, np.inf, (sum(gym.spaces.flatdim(s) for s in obs_spaces.values()),),
+                                          np.float32))
+        # No flat global state (an image's, such as the butterfly envs'): no "state" key, and algo=mappo says so.
+        self.with_state = state_space is not None
+        extra = {AGENT_ID: gym.spaces.Box(0.0, 1.0, (a,), np.float32)}
+        if len(self.group_names) > 1:
+            extra[GROUP] = gym.spaces.Box(0.0, 1.0, (len(self.group_names),), np.float32)
+        if self.with_state:
+            extra[STATE] = gym.spaces.Box(-np.inf, np.inf, state_space.shape, np.float32)
+        self.single_observation_space = gym.spaces.Dict({**own, **extra})
         self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
         self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
         self.metadata = {"autoreset_mode": AutoresetMode.SAME_STEP, **getattr(first, "metadata", {})}
@@ -187,29 +220,54 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         self.team_length = np.zeros(copies, dtype=np.int64)
         self.team_return = np.zeros(self.num_envs)  # each agent's return in its copy's episode so far
         self.seeds: list[int | None] = [None] * copies
+        self.recorder: Callable[[Any, bool], None] | None = None  # ppo-eval --video: copy 0's frames (record_video)
+        # Constant parts of each agent's row: its one-hots, and zeros under the other groups' keys.
+        ids, groups = np.eye(a, dtype=np.float32), np.eye(len(self.group_names), dtype=np.float32)
+        self._fixed = []
+        for i, g in enumerate(self.agent_groups):
+            fixed = {AGENT_ID: ids[i], **({GROUP: groups[g]} if GROUP in extra else {})}
+            if self.grouped:
+                for h, space in enumerate(self.group_spaces):
+                    if h != g:
+                        fixed.update({k: v for k, v in self._own(self._idle(space), h).items() if k != MASK_KEY})
+            self._fixed.append(fixed)
+
+    @staticmethod
+    def _own_keys(space: gym.Space, group: str | None) -> dict[str, gym.Space]:
+        own = dict(space.spaces) if isinstance(space, gym.spaces.Dict) else {OBS: space}
+        return own if group is None else {k if k == MASK_KEY else f"{group}/{k}": s for k, s in own.items()}
 
     # --- observations ------------------------------------------------------------------------------------
     def _state(self, env: Any, obs: dict[str, Any]) -> np.ndarray:
         if self.own_state:
             return np.asarray(env.state(), np.float32).reshape(-1)
-        space = self.agent_obs_space
+        spaces = [self.group_spaces[g] for g in self.agent_groups]
         return np.concatenate([gym.spaces.flatten(space, obs[n]).astype(np.float32) if n in obs
-                               else np.zeros(gym.spaces.flatdim(space), np.float32) for n in self.agent_names])
+                               else np.zeros(gym.spaces.flatdim(space), np.float32)
+                               for n, space in zip(self.agent_names, spaces, strict=True)])
+
+    def _own(self, value: Any, g: int) -> dict[str, Any]:
+        row = dict(value) if isinstance(value, dict) else {OBS: value}
+        if not self.grouped:
+            return row
+        group = self.group_names[g]
+        return {k if k == MASK_KEY else f"{group}/{k}": v for k, v in row.items()}
 
     def _rows(self, env: Any, obs: dict[str, Any]) -> list[dict[str, Any]]:
         """The observation of each agent of one copy as its row sees it (an idle agent's: zeros)."""
-        state = self._state(env, obs)
+        state = self._state(env, obs) if self.with_state else None
         rows = []
         for i, name in enumerate(self.agent_names):
-            own = obs[name] if name in obs else self._idle()
-            row = dict(own) if isinstance(own, dict) else {OBS: own}
-            row[AGENT_ID] = np.eye(self.agents_per_copy, dtype=np.float32)[i]
-            row[STATE] = state
+            g = self.agent_groups[i]
+            row = {**self._fixed[i], **self._own(obs[name] if name in obs else self._idle(self.group_spaces[g]), g)}
+            if state is not None:
+                row[STATE] = state
             rows.append(row)
         return rows
 
-    def _idle(self) -> Any:
-        idle = _zeros(self.agent_obs_space)
+    @staticmethod
+    def _idle(space: gym.Space) -> Any:
+        idle = _zeros(space)
         if isinstance(idle, dict) and MASK_KEY in idle:
             idle[MASK_KEY] = np.ones_like(idle[MASK_KEY])  # no allowed action would be no distribution
         return idle
@@ -236,6 +294,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         obs, _ = env.reset(seed=seed, options=options)
         a = self.agents_per_copy
         self.alive[c * a:(c + 1) * a] = [n in obs for n in self.agent_names]
+        if c == 0 and self.recorder is not None:
+            self.recorder(env.render(), "reset")
         return self._rows(env, obs)
 
     def step(self, actions: Any) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -251,6 +311,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
             base = c * a
             acting = {name: actions[base + i] for i, name in enumerate(self.agent_names) if self.alive[base + i]}
             obs, rew, term, trunc, _ = env.step(acting)
+            if c == 0 and self.recorder is not None:  # the last frame too, before the copy resets
+                self.recorder(env.render(), "step" if env.agents else "end")
             was_alive = self.alive[base:base + a].copy()
             copy_rows = self._rows(env, obs)
             for i, name in enumerate(self.agent_names):

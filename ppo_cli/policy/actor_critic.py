@@ -24,11 +24,12 @@ from torch import nn
 
 from ppo_cli.config import ENCODER_DEFAULTS, choice
 from ppo_cli.devices import resolve_precision
-from ppo_cli.envs.agents import AGENT_ID, STATE
+from ppo_cli.envs.agents import AGENT_ID, GROUP, STATE
 from ppo_cli.envs.make import env_spaces
 from ppo_cli.envs.spaces import describe_space, space_items
 from ppo_cli.errors import UserError
 from ppo_cli.policy.encoders import RECURRENT, ImageEncoder, NatureCNN, RecurrentCore, build_encoder
+from ppo_cli.policy.groups import GroupedActorCritic, check_shared
 from ppo_cli.policy.heads import HEADS, build_head
 from ppo_cli.policy.normalize import ObsNormalizer
 from ppo_cli.policy.observations import InputLayout
@@ -288,24 +289,36 @@ def build_policy(obs_space: dict[str, Any], action_space: dict[str, Any], cfg: A
     settle_network(cfg, obs_space, action_space)
     n, e = cfg.network, cfg.env
     precision = resolve_precision(choice(n.precision), choice(n.type), torch.device(device))
-    return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
-                       float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
-                       float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
-                       int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision, e.get("image", "auto"),
-                       *agent_keys(obs_space, cfg))
+    skip, critic_keys = agent_keys(obs_space, cfg)
+
+    def build(more_skip: tuple[str, ...] = ()) -> ActorCritic:
+        return ActorCritic(obs_space, action_space, list(n.net_arch), choice(n.activation_fn), choice(n.init),
+                           float(n.bias), bool(n.shared_trunk), float(n.log_std_init), bool(e.normalize_obs),
+                           float(e.clip_obs), choice(n.type), None if n.recurrent is None else choice(n.recurrent),
+                           int(n.rnn_hidden), bool(n.rnn_shared), n.channels_last, precision, e.get("image", "auto"),
+                           (*skip, *more_skip), critic_keys)
+
+    if n.get("share", True):
+        check_shared(obs_space)
+        return build()
+    return GroupedActorCritic(obs_space, build)  # type: ignore[return-value]
 
 
 def agent_keys(obs_space: dict[str, Any], cfg: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(keys no network reads, keys only the critic reads) of a PettingZoo env's rows (envs/agents.py): IPPO reads
-    the agent's own observation, MAPPO's critic the global state too, and network.agent_id adds the agent id."""
+    the agent's own observation, MAPPO's critic the global state too, and network.agent_id adds the agent id. The
+    group index only routes rows to their group's policy (policy/groups.py)."""
     keys = {k for k, _ in space_items(obs_space)} if obs_space["type"] == "Dict" else set()
     algo = choice(cfg.algo.get("multi_agent"))
-    if algo not in ("ippo", "mappo") or not {AGENT_ID, STATE} <= keys:
+    if algo not in ("ippo", "mappo") or AGENT_ID not in keys:
         return (), ()
-    skip = () if cfg.network.get("agent_id") else (AGENT_ID,)
+    skip = ([] if cfg.network.get("agent_id") else [AGENT_ID]) + ([GROUP] if GROUP in keys else [])
     if algo == "mappo":
-        return skip, (STATE,)
-    return (*skip, STATE), ()
+        if STATE not in keys:
+            raise UserError("algo=mappo's critic reads the env's global state, and this env has no flat one (its "
+                            "state() or its agents' observations are images): use algo=ippo")
+        return tuple(skip), (STATE,)
+    return (*skip, *([STATE] if STATE in keys else [])), ()
 
 
 # Checkpoints of format version 1 named the encoders "trunks" and kept log_std on the policy itself.

@@ -106,6 +106,10 @@ class DeployedPolicy(nn.Module):
         self.act_space = act_space
         head = policy.dist
         self.gaussian = isinstance(head, DiagGaussian)
+        if self.gaussian and stochastic and hasattr(policy, "members"):
+            raise UserError("--stochastic: the export of a policy per agent group (network.share=false) with "
+                            "continuous actions gives the action alone (each group has its own log-std); leave out "
+                            "--stochastic")
         # The observation's parts, in the order the inputs take them: a Dict's keys, a Tuple's indices, or the whole.
         # Decentralized execution (docs/multi-agent.md): the Dict keys no network reads are left out, and so is
         # algo=mappo's global state, which only the critic reads, unless the value is an output too.

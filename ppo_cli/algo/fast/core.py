@@ -48,6 +48,8 @@ def _linears(encoder: nn.Module, head: nn.Linear | None) -> list[nn.Linear]:
 
 def covers(policy: nn.Module) -> tuple[str | None, str]:
     """(the activation, "") where the numpy path computes exactly what `policy` does, else (None, why not)."""
+    if hasattr(policy, "members"):  # policy/groups.py
+        return None, "the numpy path covers one policy, not one per agent group (network.share=false)"
     if type(policy) is not ActorCritic:
         return None, f"{type(policy).__name__} is not ppo-cli's ActorCritic"
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in policy.parameters()):
