@@ -555,7 +555,8 @@ def _problems(cfg: DictConfig) -> list[str]:
     if a.multi_agent == "mappo" and n.shared_trunk:
         out.append("network.shared_trunk=true: algo=mappo's critic reads the global state, which the actor must not "
                    "see, so the two need encoders of their own (network.shared_trunk=false)")
-    if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1:
+    # A PettingZoo env's rollout has a row per agent, known once the env is built (algo/ppo.py checks it there).
+    if a.n_steps >= 1 and e.num_envs >= 1 and a.batch_size >= 1 and a.multi_agent not in ("ippo", "mappo"):
         rollout = a.n_steps * e.num_envs
         if a.batch_size > rollout:
             out.append(f"algo.batch_size={a.batch_size}: larger than the rollout "

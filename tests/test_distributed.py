@@ -68,6 +68,7 @@ def test_two_ranks_train_as_one_run_and_rank_0_alone_writes(tmp_path):
     assert legacy.returncode != 0 and "holds only rank 0's part of a 2-process run's state" in legacy.stderr
 
 
+@pytest.mark.slow  # two evaluations of over 6 s each by design; the other torchrun runs evaluate too
 def test_the_other_ranks_wait_for_an_evaluation_longer_than_the_collectives_timeout(tmp_path):
     """Issue 30, item 10: rank 0 evaluates alone; with the collectives' timeout cut to 3 s and each evaluation
     taking over 6 s (tests/slow_eval_main.py), rank 1 waits for both evaluations instead of timing out."""

@@ -117,6 +117,7 @@ def test_agents_with_different_spaces_under_one_shared_policy_get_one_line(tmp_p
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "small" in line and "large" in line and "(2,)" in line and "(3,)" in line, line
+    assert "network.share=false" in line, line
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -282,13 +283,11 @@ def test_each_group_reads_its_own_keys_and_its_rows_train_only_its_own_policy():
 
 
 def test_simple_tag_trains_a_policy_per_group_evaluates_and_exports(tmp_path):
-    """MPE's simple_tag: adversaries and the good agent see observations of different sizes, so one shared policy is
-    refused in one line and network.share=false trains one per group; the export plays as the checkpoint."""
+    """MPE's simple_tag: adversaries and the good agent see observations of different sizes (one shared policy is
+    refused in one line: the Mixed case above), network.share=false trains one per group; the export plays as the
+    checkpoint."""
     pytest.importorskip("mpe2")
     pytest.importorskip("onnxruntime")
-    refused = cli("ppo-train", "algo=ippo", "env=simple_tag_v3", f"hydra.run.dir={tmp_path}/no", cwd=tmp_path)
-    line = refused.stderr.strip().splitlines()[-1]
-    assert refused.returncode != 0 and "adversary" in line and "network.share=false" in line, line
     run = tmp_path / "run"
     cli("ppo-train", "algo=mappo", "env=simple_tag_v3", "network.share=false", "env.num_envs=2", "algo.n_steps=25",
         "algo.batch_size=50", "algo.total_timesteps=100", "eval.every_steps=0", "eval.episodes=2",
@@ -301,3 +300,49 @@ def test_simple_tag_trains_a_policy_per_group_evaluates_and_exports(tmp_path):
                               cwd=tmp_path, check=True).stdout) for f in (ckpt, ckpt.with_suffix(".onnx"))]
     assert set(reports[0]["agent_returns"]) == {"adversary_0", "adversary_1", "adversary_2", "agent_0"}
     assert reports[1]["returns"] == pytest.approx(reports[0]["returns"], abs=1e-4)
+
+
+def test_pistonball_trains_with_the_cnn_through_supersuit_and_evaluates_from_the_checkpoint_alone(tmp_path):
+    """The butterfly preset: SuperSuit's wrappers (on the allowlist: a checkpoint naming them evaluates without
+    --trust-env-code) give each piston 84x84x3 frames, network=auto picks the CNN; MAPPO, whose state would be the
+    screen, is refused in one line."""
+    pytest.importorskip("pymunk")
+    pytest.importorskip("supersuit")
+    run = tmp_path / "run"
+    small = ["env=pistonball_v6", "env.kwargs.n_pistons=3", "env.kwargs.max_cycles=10"]
+    proc = cli("ppo-train", "algo=ippo", *small, "algo.n_steps=10", "algo.batch_size=30", "algo.K_epochs=1",
+               "algo.total_timesteps=20", "eval.every_steps=0", "eval.episodes=1", f"hydra.run.dir={run}",
+               cwd=tmp_path, check=True)
+    assert "network:    cnn" in proc.stdout and "84x84 images" in proc.stdout, proc.stdout
+    report = json.loads(cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "1", "--json",
+                            "--no-random-baseline", cwd=tmp_path, check=True).stdout)
+    assert set(report["agent_returns"]) == {"piston_0", "piston_1", "piston_2"}
+    refused = cli("ppo-train", "algo=mappo", *small, "network.shared_trunk=false", f"hydra.run.dir={tmp_path}/m",
+                  cwd=tmp_path)
+    assert refused.returncode != 0 and "algo=ippo" in refused.stderr.strip().splitlines()[-1], refused.stderr
+
+
+def test_video_records_each_evaluated_episode_of_a_parallel_env_and_of_a_game(tmp_path):
+    """ppo-eval --video: copy 0 of a parallel env (all its agents in one frame), and the learner's seat of a
+    self-play game, one mp4 per evaluated episode, every frame of it."""
+    pytest.importorskip("mpe2")
+    pytest.importorskip("moviepy")
+    from moviepy import VideoFileClip
+
+    for name, args, frames in (("spread", ["algo=ippo", "env=simple_spread_v3", "env.kwargs.max_cycles=5",
+                                           "algo.n_steps=5", "algo.batch_size=15"], 6),
+                               ("game", ["algo=selfplay", "env=tictactoe_v3", "algo.n_steps=8",
+                                         "algo.batch_size=8"], None)):
+        run = tmp_path / name
+        cli("ppo-train", *args, "env.num_envs=1", "algo.total_timesteps=10", "eval.every_steps=0", "eval.final=false",
+            "eval.objective=train", f"hydra.run.dir={run}", cwd=tmp_path, check=True)
+        report = json.loads(cli("ppo-eval", str(run / "checkpoints" / "checkpoint.pt"), "--episodes", "2", "--json",
+                                "--no-random-baseline", "--video", str(tmp_path / f"{name}_video"), cwd=tmp_path,
+                                check=True).stdout)
+        files = [tmp_path / f"{name}_video" / f"eval-episode-{e}.mp4" for e in (1, 2)]
+        assert report["videos"] == [str(f) for f in files]
+        for f in files:
+            clip = VideoFileClip(str(f))
+            # The reset's frame and one a step: 5 steps of MPE; a game's learner moves 2 to 5 times.
+            assert clip.n_frames == frames if frames else 3 <= clip.n_frames <= 6, (f, clip.n_frames)
+            clip.close()

@@ -611,6 +611,7 @@ def test_network_auto_is_decided_as_the_run_starts_shown_and_stored_for_eval(tmp
     assert proc.returncode == 0 and "return:" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow  # that MiniGrid's codes are read flat by the MLP is pinned by the network=auto cases above
 def test_minigrid_doorkey_learns_through_img_obs_wrapper_with_the_mlp(tmp_path):
     """MiniGrid's 7x7x3 grid of codes, through ImgObsWrapper: env.image=auto reads it flat, network=auto picks the
     MLP, and PPO solves DoorKey-5x5 (a random policy scores 0; solved is about 0.96)."""

@@ -84,6 +84,10 @@ class PPO:
         # env.num_envs, or its copies x agents of a PettingZoo env (envs/agents.py); not envs.num_envs, which for a
         # batch's member (algo/batched.py) counts every member's envs
         rows = cfg.env.num_envs * getattr(envs.unwrapped, "agents_per_copy", 1)
+        if a.batch_size > a.n_steps * rows:  # config.validate checks one agent's envs; this, a row per agent
+            raise UserError(f"algo.batch_size={a.batch_size}: larger than the rollout (algo.n_steps x env.num_envs x "
+                            f"agents = {a.n_steps} x {cfg.env.num_envs} x {rows // cfg.env.num_envs} = "
+                            f"{a.n_steps * rows})")
         check_rollout_fits(a.n_steps, rows, device, layout.stored_shape, layout.stored_dtype,
                            self.policy.action_shape, self.policy.action_dtype,
                            None if self.masks is None else self.masks.n_outputs, self.policy.state_size,

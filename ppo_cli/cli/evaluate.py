@@ -21,6 +21,7 @@ from ppo_cli.algo.ppo import policy_player
 from ppo_cli.cli.arguments import eval_parser
 from ppo_cli.config import EnvConfig, EvalConfig, choice, config_from_yaml, env_label, stored_config
 from ppo_cli.envs import recipe
+from ppo_cli.envs.agents import ParallelVectorEnv
 from ppo_cli.envs.make import make_vec_env
 from ppo_cli.envs.selfplay import OpponentPool
 from ppo_cli.envs.spaces import describe_space, same_space
@@ -65,6 +66,26 @@ def _video_files(folder: str, episodes: int) -> list[Path]:
     return [Path(folder) / f"{VIDEO_PREFIX}-episode-{e}.mp4" for e in range(1, episodes + 1)]
 
 
+class CopyVideo:
+    """Episodes 1..N of a PettingZoo parallel env's copy 0 (agents.ParallelVectorEnv.recorder calls it with each
+    frame), written as RecordVideo names its files, episode 0 being the seeding reset's as there."""
+
+    def __init__(self, folder: str, episodes: int, fps: float) -> None:
+        self.folder, self.episodes, self.fps = folder, episodes, fps
+        self.episode, self.frames = -1, []
+
+    def __call__(self, frame: Any, event: str) -> None:
+        if event == "reset":
+            self.episode, self.frames = self.episode + 1, [frame]
+            return
+        self.frames.append(frame)
+        if event == "end" and 1 <= self.episode <= self.episodes:
+            from gymnasium.utils.save_video import save_video
+
+            save_video(self.frames, self.folder, episode_trigger=lambda _: True, name_prefix=VIDEO_PREFIX,
+                       episode_index=self.episode, fps=self.fps)
+
+
 def _video_wrappers(folder: str, episodes: int) -> list:
     try:
         import moviepy  # noqa: F401
@@ -83,6 +104,9 @@ def _video_wrappers(folder: str, episodes: int) -> list:
     def wrap(env: gym.Env) -> gym.Env:
         # Recording runs on one env. Its episode 0 is the env factory's seeding reset; episodes 1..N are the
         # evaluated ones; the one the autoreset starts after the last is not recorded.
+        if isinstance(env, ParallelVectorEnv):  # a PettingZoo env's copy 0, every agent in one frame
+            env.recorder = CopyVideo(folder, episodes, env.metadata.get("render_fps") or 30)
+            return env
         with warnings.catch_warnings():  # "Overwriting existing videos" is said of any existing folder: ours
             warnings.filterwarnings("ignore", message=".*Overwriting existing videos")
             return gym.wrappers.RecordVideo(env, folder, episode_trigger=lambda e: 1 <= e <= episodes,
@@ -246,7 +270,7 @@ def _opponents(args: argparse.Namespace, cfg: DictConfig) -> OpponentPool | None
 def outcomes(envs: gym.vector.VectorEnv, result: EvalResult, opponent: str) -> dict[str, Any]:
     """Win / draw / loss rates of the counted games, overall and from each seat (envs/selfplay.py: every env's
     games alternate seats, the first seat first, and keep their outcomes in order)."""
-    games = [env.outcomes for env in envs.unwrapped.envs]
+    games = [env.unwrapped.outcomes for env in envs.unwrapped.envs]
     seen = [0] * len(games)
     by_seat: dict[int, list[float]] = {0: [], 1: []}
     for env_index, ret in zip(result.played_in, result.returns, strict=True):

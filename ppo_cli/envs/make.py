@@ -82,6 +82,20 @@ def _user_wrappers(env_cfg: DictConfig) -> list[Any]:
     return [] if wrappers is None else list(OmegaConf.to_container(wrappers, resolve=True))  # type: ignore[arg-type]
 
 
+def apply_wrappers(env: Any, user_wrappers: list[Any]) -> Any:
+    """env.wrappers around one env, in order (gymnasium wrappers; for a PettingZoo env, PettingZoo ones such as
+    SuperSuit's)."""
+    if user_wrappers:
+        from hydra.utils import instantiate  # only runs with env.wrappers need Hydra's instantiate
+    for i, wrapper_cfg in enumerate(user_wrappers):
+        try:
+            env = instantiate(wrapper_cfg, env=env)
+        except Exception as exc:  # noqa: BLE001 - Hydra wraps any failure of the target
+            raise UserError(f"env.wrappers[{i}]={wrapper_cfg}: cannot apply it "
+                            f"({str(exc).strip().splitlines()[0]})") from None
+    return env
+
+
 def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
             wrappers: Sequence[Callable[[gym.Env], gym.Env]] = (), training: bool = False) -> Callable[[], gym.Env]:
     """A factory of one env: the base env, the Atari pipeline where env.atari is on (atari.py; `training` adds
@@ -106,14 +120,7 @@ def _env_fn(env_cfg: DictConfig, render_mode: str | None = None,
         env = gym.make(spec, **kwargs)
         if is_atari:
             env = atari.wrap(env, training)
-        if user_wrappers:
-            from hydra.utils import instantiate  # only runs with env.wrappers need Hydra's instantiate
-        for i, wrapper_cfg in enumerate(user_wrappers):
-            try:
-                env = instantiate(wrapper_cfg, env=env)
-            except Exception as exc:  # noqa: BLE001 - Hydra wraps any failure of the target
-                raise UserError(f"env.wrappers[{i}]={wrapper_cfg}: cannot apply it "
-                                f"({str(exc).strip().splitlines()[0]})") from None
+        env = apply_wrappers(env, user_wrappers)
         if keys is not None:
             space = env.observation_space
             if not isinstance(space, gym.spaces.Dict):
@@ -172,10 +179,8 @@ def make_vec_env(env_cfg: DictConfig, seed: int | list[int], num_envs: int | Non
     by default the random player alone)."""
     n = env_cfg.num_envs if num_envs is None else num_envs
     if is_multi_agent(env_cfg):  # copies x agents rows with statistics of their own (agents.py), or a game's seat
-        if render_mode is not None or wrappers:
-            raise UserError(f"{env_label(env_cfg)!r} is a PettingZoo env: recording its episodes (--video) is not "
-                            f"built yet")
-        envs = EnvFaults(_multi_agent(env_cfg, n, opponents), env_label(env_cfg), evaluation=not training,
+        envs = EnvFaults(_multi_agent(env_cfg, n, opponents, render_mode, wrappers), env_label(env_cfg),
+                         evaluation=not training,
                          step_timeout=None)
         if not isinstance(envs.unwrapped, ParallelVectorEnv):
             envs = RecordEpisodeStatistics(envs)
@@ -244,9 +249,12 @@ def _native(env_cfg: DictConfig, n: int, block: int) -> gym.vector.VectorEnv:
     return EnvFaults(native, label, evaluation=False, step_timeout=None)
 
 
-def _multi_agent(env_cfg: DictConfig, copies: int, opponents: OpponentPool | None) -> gym.vector.VectorEnv:
+def _multi_agent(env_cfg: DictConfig, copies: int, opponents: OpponentPool | None, render_mode: str | None = None,
+                 wrappers: Sequence[Callable[[Any], Any]] = ()) -> gym.vector.VectorEnv:
+    """A PettingZoo env's copies: env.wrappers (PettingZoo ones, such as SuperSuit's) around each; `wrappers` (ours:
+    video) around each seat of a game, or around the vector env of a parallel env's copies (agents.record)."""
     label = env_label(env_cfg)
-    for key in ("wrappers", "obs_keys", "max_episode_steps"):
+    for key in ("obs_keys", "max_episode_steps"):
         if env_cfg.get(key):
             raise UserError(f"env.{key} applies to gymnasium envs; {label!r} is a PettingZoo env (set its episode "
                             f"length through its own env.kwargs, such as max_cycles)")
@@ -255,13 +263,28 @@ def _multi_agent(env_cfg: DictConfig, copies: int, opponents: OpponentPool | Non
                         f"env.vectorization=auto or sync)")
     kwargs: dict[str, Any] = OmegaConf.to_container(env_cfg.kwargs, resolve=True)  # type: ignore[assignment]
     factory, kind = env_kind(str(env_cfg.id), kwargs)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    user_wrappers = _user_wrappers(env_cfg)
     if kind == "aec":  # a two-player game from the learner's seat (algo=selfplay)
         pool = opponents or OpponentPool(1)
-        envs = gym.vector.SyncVectorEnv([partial(TwoPlayerEnv, partial(factory, **kwargs), pool, label)] * copies,
-                                        autoreset_mode=AutoresetMode.SAME_STEP)
+
+        def game() -> Any:
+            return apply_wrappers(factory(**kwargs), user_wrappers)
+
+        def seat() -> gym.Env:
+            env = TwoPlayerEnv(game, pool, label)
+            for wrap in wrappers:
+                env = wrap(env)
+            return env
+
+        envs = gym.vector.SyncVectorEnv([seat] * copies, autoreset_mode=AutoresetMode.SAME_STEP)
         envs.opponents = pool
     else:
-        envs = ParallelVectorEnv(parallel_factory(str(env_cfg.id), kwargs), copies, label)
+        make = parallel_factory(str(env_cfg.id), kwargs)
+        envs = ParallelVectorEnv(lambda: apply_wrappers(make(), user_wrappers), copies, label)
+        for wrap in wrappers:
+            envs = wrap(envs)
     check_spaces(envs.single_observation_space, envs.single_action_space, label)
     return envs
 

@@ -33,6 +33,11 @@ ALLOWED_WRAPPERS = (
         "FrameStackObservation", "DelayObservation", "MaxAndSkipObservation", "AtariPreprocessing")),
     *(f"minigrid.wrappers.{name}" for name in (
         "ImgObsWrapper", "RGBImgObsWrapper", "RGBImgPartialObsWrapper", "FullyObsWrapper", "ReseedWrapper")),
+    # SuperSuit's, for PettingZoo envs (the pistonball preset)
+    *(f"supersuit.{name}" for name in (
+        "color_reduction_v0", "resize_v1", "frame_stack_v1", "dtype_v0", "flatten_v0", "reshape_v0",
+        "normalize_obs_v0", "clip_reward_v0", "clip_actions_v0", "frame_skip_v0", "sticky_actions_v0",
+        "pad_observations_v0", "pad_action_space_v0", "black_death_v3")),
 )
 # Unregistered envs a file may name as env.entry_point: ppo-cli's examples.
 ALLOWED_ENTRY_POINTS = ("ppo_cli.example_envs:MaskedGrid", "ppo_cli.example_envs:GoalReach")

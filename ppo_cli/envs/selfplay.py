@@ -73,6 +73,8 @@ class TwoPlayerEnv(gym.Env):
                 raise UserError(f"algo=selfplay: the two players' spaces differ ({names[0]}: {space}, {name}: "
                                 f"{self.game.observation_space(name)}); one policy plays both seats")
         self.observation_space, self.action_space = space, self.game.action_space(names[0])
+        self.metadata = dict(getattr(self.game, "metadata", {}))
+        self.render_mode = getattr(self.game, "render_mode", None)
         self.episodes = 0
         self.seat = 0
         self.opponent: Player = random_player
@@ -117,6 +119,9 @@ class TwoPlayerEnv(gym.Env):
         terminated = bool(game.terminations.get(me, True))
         self.outcomes.append((self.seat, reward))
         return game.observe(me), reward, terminated, not terminated, {"seat": self.seat}
+
+    def render(self) -> Any:
+        return self.game.render()
 
     def close(self) -> None:
         self.game.close()
