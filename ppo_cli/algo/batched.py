@@ -70,6 +70,8 @@ class StackedActor:
         # The members' observation statistics, stacked (or given: an evaluation's copies of some members')
         self.stats = stats or (StackedObsStats([m.policy.obs_norm for m in members]) if self.normalized else None)
         self.active = np.ones(self.count, dtype=bool)  # the members still training
+        self.noise: np.ndarray | None = None  # a rollout's noise, drawn ahead (predraw)
+        self.t = 0
 
     def _member(self, obs: Any, k: int) -> Any:
         each = batch_size(obs) // self.count  # the training envs' env.num_envs, or an evaluation's envs
@@ -110,12 +112,24 @@ class StackedActor:
     def act(self, x: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h = self._features(x)
         out = self.actor.forward(h)[-1]
-        noise = np.stack([m.policy.dist.noise(m.np_rng, self.envs) for m in self.members])
+        if self.noise is not None and self.t < len(self.noise):
+            noise, self.t = self.noise[self.t], self.t + 1
+        else:
+            noise = np.stack([m.policy.dist.noise(m.np_rng, self.envs) for m in self.members])
         action, logp = self.head.sample(out, noise)
         if not self.active.all():  # members done (finished, diverged) act 0 in their envs, never a NaN
             action[~self.active] = 0
         value = self.critic.forward(h)[-1][..., 0]
         return action.reshape(-1, *action.shape[2:]), logp.reshape(-1), value.reshape(-1)
+
+    def predraw(self, steps: int | None) -> None:
+        """Draw the noise of the next `steps` act calls now, one draw per member instead of one per member and step
+        (None: stop). Each member's stream gives the same numbers in the same order either way; a rollout that is
+        dropped restores each member's stream from where it began (run/batched.py)."""
+        self.t = 0
+        self.noise = None if steps is None else np.stack(
+            [m.policy.dist.noise(m.np_rng, steps * self.envs).reshape(steps, self.envs, -1) for m in self.members],
+            axis=1)
 
     def value(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         if rows is None:
@@ -215,8 +229,12 @@ class BatchedPPO:
         """n_steps steps of every member's envs (the `active` members' policies act; the others' envs get action 0);
         what each member collected (its share of the steps and the episodes that ended in its envs)."""
         self.actor.active = active
-        with self.clock["storage"]:
-            rollout = collect(envs, self.actor, self.buffer, self.obs, self.reward_scaler, stop, self.clock)
+        self.actor.predraw(self.buffer.n_steps)
+        try:
+            with self.clock["storage"]:
+                rollout = collect(envs, self.actor, self.buffer, self.obs, self.reward_scaler, stop, self.clock)
+        finally:
+            self.actor.predraw(None)
         if not stop():
             self.obs = rollout.obs
             self._split_obs()
