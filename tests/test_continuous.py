@@ -144,16 +144,21 @@ ENV_PRESETS = sorted(p.stem for p in (ROOT / "ppo_cli" / "conf" / "env").glob("*
 def test_every_env_preset_trains_a_few_updates(env, tmp_path):
     discrete = {"CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3", "MaskedGrid-v0", "GoalReach-v0"}
     algo = "ppo_pendulum" if env == "Pendulum-v1" else ("ppo" if env in discrete else "ppo_mujoco")
-    multi_agent = {"simple_spread_v3": "mappo", "simple_reference_v3": "ippo", "tictactoe_v3": "selfplay",
+    multi_agent = {"simple_spread_v3": "mappo", "simple_reference_v3": "ippo", "simple_tag_v3": "mappo",
+                   "pistonball_v6": "ippo", "tictactoe_v3": "selfplay",
                    "connect_four_v3": "selfplay"}  # PettingZoo presets (tests/test_multiagent.py has the rest)
+    more = {"simple_tag_v3": ["network.share=false"], "pistonball_v6": ["env.kwargs.n_pistons=3"]}.get(env, [])
     if env in multi_agent:
         pytest.importorskip("mpe2" if "simple" in env else "pettingzoo")
+        if env == "pistonball_v6":
+            pytest.importorskip("pymunk")
+            pytest.importorskip("supersuit")
         algo = multi_agent[env]
     pixels = env in atari.GAMES  # the Atari presets (tests/test_pixels.py has the rest)
     if pixels:
         pytest.importorskip("ale_py", reason="the 'atari' extra is not installed")
         algo = "ppo_atari"
-    cfg = make_cfg(f"env={env}", f"algo={algo}", *(["network=cnn"] if pixels else []), "env.num_envs=2",
+    cfg = make_cfg(f"env={env}", f"algo={algo}", *(["network=cnn"] if pixels else []), *more, "env.num_envs=2",
                    "algo.n_steps=16", "algo.batch_size=16",
                    "algo.total_timesteps=64", "eval.final=false", "eval.every_steps=0", "eval.objective=train",
                    "checkpoint_interval=0")
