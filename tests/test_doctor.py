@@ -119,6 +119,7 @@ def test_warnings_name_symptom_step_cause_and_knob_and_can_be_turned_off():
     assert _run(_doctor(enabled=False), change=lambda u, s: s.update({"losses/approx_kl": 0.2})) == []
 
 
+@pytest.mark.slow  # each check on its symptom and quiet without it: the stream tests above
 def test_a_healthy_cartpole_run_is_quiet_and_a_broken_one_is_told(tmp_path):
     """The seed defaults say nothing (60k steps); a learning rate of 0.1 is told as it happens, in result.json and in
     TensorBoard."""

@@ -641,6 +641,7 @@ def test_minigrid_doorkey_learns_from_the_dict_observation_minus_its_mission(tmp
     assert result["final_eval"]["mean_return"] > 0.9, result["final_eval"]
 
 
+@pytest.mark.slow  # older files in general: test_architecture.py's format 1 checkpoints
 def test_checkpoints_from_before_env_image_evaluate_and_resume(tmp_path):
     """Files written before every uint8 Box was described as uint8 (a flat one had no dtype) and before env.image
     (a small rank-3 image read by an image encoder) still evaluate and resume."""

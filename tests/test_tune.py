@@ -131,24 +131,32 @@ def test_a_pruned_trial_stops_early_keeps_its_checkpoint_and_the_report_shows_it
     assert [j.status for j in out["ranked"]] == ["pruned"]
 
 
-def test_a_tpe_search_is_reproducible_and_the_report_gives_its_best_and_a_preset(tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        sweep = tmp_path / name
-        cli("ppo-train", "-m", "hydra/sweeper=ppo_tune", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none",
-            "hydra.sweeper.startup_trials=2", *SMALL, *JOB, "eval.every_steps=0", f"hydra.sweep.dir={sweep}",
-            cwd=tmp_path, check=True)
-        runs.append(sweep)
-    params = [[[o for o in r["overrides"] if not o.startswith("tune.")] for _, r in sorted(_results(s).items())]
-              for s in runs]
-    assert params[0] == params[1]  # the sampler's seed makes the search the same
-    summary = yaml.safe_load((runs[0] / "optimization_results.yaml").read_text())
+def _tpe_search(tmp_path, name: str):
+    sweep = tmp_path / name
+    cli("ppo-train", "-m", "hydra/sweeper=ppo_tune", "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none",
+        "hydra.sweeper.startup_trials=2", *SMALL, *JOB, "eval.every_steps=0", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, check=True)
+    return sweep
+
+
+def _searched(sweep) -> list[list[str]]:
+    return [[o for o in r["overrides"] if not o.startswith("tune.")] for _, r in sorted(_results(sweep).items())]
+
+
+@pytest.mark.slow  # a second whole search
+def test_a_tpe_search_is_reproducible(tmp_path):
+    assert _searched(_tpe_search(tmp_path, "a")) == _searched(_tpe_search(tmp_path, "b"))  # the sampler's seed
+
+
+def test_a_tpe_search_report_gives_its_best_and_a_preset(tmp_path):
+    sweep = _tpe_search(tmp_path, "a")
+    summary = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert summary["n_trials"] == 3 and summary["complete"] == 3 and summary["best_params"].keys() == {
         "algo.clip_range", "algo.ent_coef"}
-    assert summary["best_value"] == max(r["objective"] for r in _results(runs[0]).values())
+    assert summary["best_value"] == max(r["objective"] for r in _results(sweep).values())
     assert summary["best_command"].startswith("ppo-train algo.total_timesteps=512 ")
     preset = tmp_path / "my_conf" / "algo" / "tuned.yaml"
-    shown = cli("ppo-sweep-report", str(runs[0]), "--export-preset", str(preset), cwd=tmp_path, check=True)
+    shown = cli("ppo-sweep-report", str(sweep), "--export-preset", str(preset), cwd=tmp_path, check=True)
     assert "parameter importances (Optuna, " in shown.stdout and f"best trial {summary['best_trial']}" in shown.stdout
     written = yaml.safe_load(preset.read_text())
     assert written["algo"]["clip_range"] == summary["best_params"]["algo.clip_range"]
