@@ -14,7 +14,8 @@ Covered: what the numpy fast path covers (fast.core.covers: MLP policies on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import gymnasium as gym
@@ -121,6 +122,19 @@ class StackedActor:
             action[~self.active] = 0
         value = self.critic.forward(h)[-1][..., 0]
         return action.reshape(-1, *action.shape[2:]), logp.reshape(-1), value.reshape(-1)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """A rollout (NumpyActor.frozen): the stacked networks, and each member's own, which a truncated episode's
+        bootstrap value reads, read contiguous copies of the weights."""
+        with ExitStack() as stack:
+            nets = [net for net in (self.trunk, self.actor, self.critic) if net is not None]
+            for net in nets:
+                net.refresh()
+                stack.callback(net.thaw)
+            for m in self.members:
+                stack.enter_context(m.actor.frozen())
+            yield
 
     def predraw(self, steps: int | None) -> None:
         """Draw the noise of the next `steps` act calls now, one draw per member instead of one per member and step
@@ -231,7 +245,7 @@ class BatchedPPO:
         self.actor.active = active
         self.actor.predraw(self.buffer.n_steps)
         try:
-            with self.clock["storage"]:
+            with self.clock["storage"], self.actor.frozen():
                 rollout = collect(envs, self.actor, self.buffer, self.obs, self.reward_scaler, stop, self.clock)
         finally:
             self.actor.predraw(None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import gymnasium as gym
@@ -136,7 +137,8 @@ class PPO:
         norm = self.policy.obs_norm
         before = (None if norm is None or not self.ranks.active
                   else (norm.mean.clone(), norm.var.clone(), norm.count.clone()))
-        with self.clock["storage"]:
+        frozen = getattr(self.actor, "frozen", None)  # the numpy actor's (fast/core.py): weights fixed for a rollout
+        with self.clock["storage"], frozen() if frozen is not None else nullcontext():
             rollout = collect(envs, self.actor, self.buffer, self.obs, self.reward_scaler, stop, self.clock,
                               self.masks, self.mask, step)
         if stop():
