@@ -310,7 +310,9 @@ class BatchedPPO:
             # Only the members still updating draw their shuffle, as their single runs would.
             order = np.stack([torch.randperm(n, generator=m.generator).numpy() if not stopped[k] else np.arange(n)
                               for k, m in enumerate(self.members)])
-            shuffled = [c[members[:, None], order] for c in columns]
+            # np.take on the flattened rows: advanced indexing c[members[:, None], order] gathers the same, slower
+            flat = (order + members[:, None] * n).reshape(-1)
+            shuffled = [np.take(c.reshape(-1, *c.shape[2:]), flat, axis=0).reshape(c.shape) for c in columns]
             for start in range(0, n, size):
                 stats = self.loss.loss_and_grads(*(c[:, start:start + size] for c in shuffled), clip_range, clip_vf,
                                                  ent, vf, first.normalize_advantage)
