@@ -104,6 +104,18 @@ def test_resume_is_bitwise(tmp_path):
     check_resume_is_bitwise([*SIGNAL, "checkpoint_interval=1"], tmp_path, total=4 * 64 * 2, split=64 * 2)
 
 
+def test_resume_of_mpe_is_bitwise_through_its_world_of_objects(tmp_path):
+    """MPE's state lives in objects (the world, its agents and landmarks, their states): the checkpoint saves their
+    plain fields (make._snapshot_tree), so a resumed run continues the episodes in progress, bit for bit. The split
+    falls mid-episode (25 steps an episode, 16 a rollout)."""
+    pytest.importorskip("mpe2")
+    data = check_resume_is_bitwise(["algo=mappo", "env=simple_spread_v3", "env.kwargs.max_cycles=25",
+                                    "env.num_envs=2", "algo.n_steps=16", "algo.batch_size=48", "algo.K_epochs=2",
+                                    "eval.every_steps=0", "eval.final=false", "eval.objective=train",
+                                    "checkpoint_interval=1"], tmp_path, total=16 * 2 * 3, split=16 * 2)
+    assert data["env_state"] is not None
+
+
 def test_an_aec_env_under_ippo_gets_the_conversion_to_use(tmp_path):
     proc = cli("ppo-train", "algo=ippo", "env.id=pettingzoo.classic:tictactoe_v3", f"hydra.run.dir={tmp_path}/r",
                cwd=tmp_path)

@@ -354,15 +354,14 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
     _COUNTS = ("alive", "ep_return", "ep_length", "team_length", "team_return")
 
     def snapshot_state(self, snapshot_obj: Callable[[Any], dict], plain: Callable[[Any], Any]) -> dict[str, Any]:
-        """Raises TypeError naming what cannot be saved (MPE's worlds of entity objects, say)."""
+        """Raises TypeError naming what cannot be saved (a physics engine's objects, say)."""
         return {"copies": [snapshot_obj(getattr(env, "unwrapped", env)) for env in self.copies_],
                 "counts": {k: plain(getattr(self, k)) for k in self._COUNTS}}
 
-    def restore_state(self, state: dict[str, Any], unplain: Callable[[Any], Any]) -> None:
+    def restore_state(self, state: dict[str, Any], restore_obj: Callable[[Any, dict[str, Any]], None],
+                      unplain: Callable[[Any], Any]) -> None:
         for env, saved in zip(self.copies_, state["copies"], strict=True):
-            target = getattr(env, "unwrapped", env)
-            for key, value in saved.items():
-                setattr(target, key, unplain(value))
+            restore_obj(getattr(env, "unwrapped", env), saved)
         for key in self._COUNTS:
             setattr(self, key, unplain(state["counts"][key]))
 

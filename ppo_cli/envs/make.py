@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from enum import Enum
 from functools import partial
+from types import ModuleType
 from typing import Any
 
 import gymnasium as gym
@@ -409,11 +410,69 @@ def _snapshot_obj(obj: Any) -> dict[str, Any]:
     return state
 
 
+def _is_object(value: Any) -> bool:
+    return hasattr(value, "__dict__") and not isinstance(value, (type, ModuleType)) and not callable(value)
+
+
+def _renderer(value: Any) -> bool:
+    # A renderer's objects (pygame's screen and fonts) are drawn from the state, not part of it.
+    return type(value).__module__.split(".")[0] == "pygame"
+
+
+def _snapshot_tree(obj: Any, seen: set[int] | None = None) -> dict[str, Any]:
+    """_snapshot_obj through the env's own objects too (a PettingZoo env's world of agents and landmarks): each
+    attribute plain data, or an object (a list, a dict of them) saved the same way, each object once. Raises
+    TypeError naming what cannot be saved."""
+    seen = set() if seen is None else seen
+    seen.add(id(obj))
+    state: dict[str, Any] = {}
+    for key, value in vars(obj).items():
+        if key in _SKIP_KEYS or isinstance(value, _SKIP_TYPES) or callable(value) or _renderer(value):
+            continue
+        try:
+            state[key] = _plain(value)
+            continue
+        except TypeError:
+            pass
+        items = (list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple))
+                 else None)
+        if _is_object(value):
+            if id(value) not in seen:
+                state[key] = {"__obj__": _snapshot_tree(value, seen)}
+        elif items is not None and all(isinstance(v, _SKIP_TYPES) for v in items):
+            continue  # settings: a dict of spaces
+        elif items is not None and all(_is_object(v) for v in items):
+            kids = value if isinstance(value, (list, tuple)) else value.values()
+            state[key] = {"__objs__": [{} if id(v) in seen else _snapshot_tree(v, seen) for v in kids]}
+        else:
+            raise TypeError(f"{type(obj).__name__}.{key} ({type(value).__name__})")
+    return state
+
+
+def _restore_tree(obj: Any, saved: dict[str, Any]) -> None:
+    """_snapshot_tree's state back into an env of the same build: into its objects, a generator's state in place."""
+    for key, value in saved.items():
+        current = getattr(obj, key, None)
+        if isinstance(value, dict) and "__obj__" in value:
+            _restore_tree(current, value["__obj__"])
+        elif isinstance(value, dict) and "__objs__" in value:
+            kids = list(current.values()) if isinstance(current, dict) else list(current)
+            if len(kids) != len(value["__objs__"]):
+                raise TypeError(f"{type(obj).__name__}.{key} holds {len(kids)} objects, the checkpoint "
+                                f"{len(value['__objs__'])}")
+            for kid, kid_saved in zip(kids, value["__objs__"], strict=True):
+                _restore_tree(kid, kid_saved)
+        elif isinstance(value, dict) and "__rng__" in value and isinstance(current, np.random.Generator):
+            current.bit_generator.state = _unplain(value["__rng__"])  # others may hold the same generator
+        else:
+            setattr(obj, key, _unplain(value))
+
+
 def snapshot(envs: gym.vector.VectorEnv) -> tuple[list[Any] | None, str | None]:
     """(state, None) for envs whose full state is plain data, else (None, reason)."""
     if isinstance(envs.unwrapped, ParallelVectorEnv):  # each copy's state, and the rows' own counts
         try:
-            return [{}, {"native": envs.unwrapped.snapshot_state(_snapshot_obj, _plain)}], None
+            return [{}, {"native": envs.unwrapped.snapshot_state(_snapshot_tree, _plain)}], None
         except TypeError as exc:
             return None, f"the PettingZoo env holds state that cannot be saved: {exc}"
     native = getattr(envs.unwrapped, "snapshot_state", None)
@@ -443,7 +502,7 @@ def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
     pairs = [(envs, stats)]
     if isinstance(envs.unwrapped, ParallelVectorEnv):
-        envs.unwrapped.restore_state(per_env["native"], _unplain)
+        envs.unwrapped.restore_state(per_env["native"], _restore_tree, _unplain)
         return
     if isinstance(per_env, dict):  # a native vector env's own state
         envs.unwrapped.restore_state(_unplain(per_env["native"]))
