@@ -450,9 +450,13 @@ def _snapshot_tree(obj: Any, seen: set[int] | None = None) -> dict[str, Any]:
 
 
 def _restore_tree(obj: Any, saved: dict[str, Any]) -> None:
-    """_snapshot_tree's state back into an env of the same build: into its objects, a generator's state in place."""
+    """_snapshot_tree's state back into an env of the same build: into its objects, a generator's state in place.
+    Only the instance attributes the fresh env already has are written (a file's other names touch nothing)."""
+    own = vars(obj)
     for key, value in saved.items():
-        current = getattr(obj, key, None)
+        if key not in own:
+            raise TypeError(f"{type(obj).__name__} has no attribute {str(key)[:40]!r} to restore")
+        current = own[key]
         if isinstance(value, dict) and "__obj__" in value:
             _restore_tree(current, value["__obj__"])
         elif isinstance(value, dict) and "__objs__" in value:
@@ -502,7 +506,11 @@ def restore(envs: gym.vector.VectorEnv, state: list[Any]) -> None:
     stats, per_env = state
     pairs = [(envs, stats)]
     if isinstance(envs.unwrapped, ParallelVectorEnv):
-        envs.unwrapped.restore_state(per_env["native"], _restore_tree, _unplain)
+        try:
+            envs.unwrapped.restore_state(per_env["native"], _restore_tree, _unplain)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise UserError(f"cannot resume: the checkpoint's env state does not fit these envs ({exc}); the env's "
+                            f"settings (env.kwargs) must be the checkpoint's") from None
         return
     if isinstance(per_env, dict):  # a native vector env's own state
         envs.unwrapped.restore_state(_unplain(per_env["native"]))
