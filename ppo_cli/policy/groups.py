@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ from torch import nn
 from ppo_cli.envs.agents import GROUP
 from ppo_cli.envs.spaces import space_items
 from ppo_cli.errors import UserError
-
-if TYPE_CHECKING:
-    from ppo_cli.policy.actor_critic import ActorCritic
 
 
 @dataclass
@@ -75,7 +72,8 @@ class GroupedActorCritic(nn.Module):
     """An ActorCritic per agent group behind the one policy interface the rollout, update and evaluation call
     (see the module doc)."""
 
-    def __init__(self, obs_space: dict[str, Any], build: Callable[[tuple[str, ...]], ActorCritic]) -> None:
+    def __init__(self, obs_space: dict[str, Any], build: Callable[[tuple[str, ...]], Any]) -> None:
+        # `build(more_skip)`: an ActorCritic (actor_critic.build_policy's) that also leaves out the keys more_skip
         super().__init__()
         spaces = dict(space_items(obs_space))
         self.n_groups = int(spaces[GROUP]["shape"][0]) if GROUP in spaces else 1
