@@ -127,21 +127,30 @@ class Roles(ParallelEnv):
 
     metadata = {"name": "roles_v0"}
 
-    def __init__(self, per_role: int = 1, wide: bool = False, length: int = 4) -> None:
+    def __init__(self, per_role: int = 1, wide: bool = False, length: int = 4, masked: bool = False) -> None:
         self.possible_agents = [f"{role}_{i}" for role in ("copier", "flipper") for i in range(per_role)]
-        self.wide, self.length = wide, length
+        self.wide, self.length, self.masked = wide, length, masked  # masked: the copiers' obs carry a mask
         self.rng = np.random.default_rng()
 
     def observation_space(self, agent: str) -> spaces.Space:
-        return spaces.Box(0.0, 1.0, (3 if self.wide and agent.startswith("flipper") else 2,), np.float32)
+        box = spaces.Box(0.0, 1.0, (3 if self.wide and agent.startswith("flipper") else 2,), np.float32)
+        if self.masked and agent.startswith("copier"):
+            return spaces.Dict({"obs": box, "action_mask": spaces.Box(0, 1, (2,), np.int8)})
+        return box
 
     def action_space(self, agent: str) -> spaces.Space:
         return spaces.Discrete(2)
 
-    def _draw(self) -> dict[str, np.ndarray]:
+    def _draw(self) -> dict[str, Any]:
         self.bit = int(self.rng.integers(0, 2))
-        return {a: np.resize(np.eye(2, dtype=np.float32)[self.bit], self.observation_space(a).shape[0]) *
-                (np.arange(self.observation_space(a).shape[0]) < 2) for a in self.possible_agents}
+        out: dict[str, Any] = {}
+        for a in self.possible_agents:
+            space = self.observation_space(a)
+            box = space["obs"] if isinstance(space, spaces.Dict) else space
+            seen = np.zeros(box.shape, np.float32)
+            seen[self.bit] = 1.0
+            out[a] = {"obs": seen, "action_mask": np.ones(2, np.int8)} if isinstance(space, spaces.Dict) else seen
+        return out
 
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         if seed is not None:

@@ -107,12 +107,12 @@ def test_resume_is_bitwise(tmp_path):
 def test_resume_of_mpe_is_bitwise_through_its_world_of_objects(tmp_path):
     """MPE's state lives in objects (the world, its agents and landmarks, their states): the checkpoint saves their
     plain fields (make._snapshot_tree), so a resumed run continues the episodes in progress, bit for bit. The split
-    falls mid-episode (25 steps an episode, 16 a rollout)."""
+    falls after the first episode's end, in the middle of the second (25 steps an episode, 16 a rollout)."""
     pytest.importorskip("mpe2")
     data = check_resume_is_bitwise(["algo=mappo", "env=simple_spread_v3", "env.kwargs.max_cycles=25",
                                     "env.num_envs=2", "algo.n_steps=16", "algo.batch_size=48", "algo.K_epochs=2",
                                     "eval.every_steps=0", "eval.final=false", "eval.objective=train",
-                                    "checkpoint_interval=1"], tmp_path, total=16 * 2 * 3, split=16 * 2)
+                                    "checkpoint_interval=1"], tmp_path, total=16 * 2 * 3, split=16 * 2 * 2)
     assert data["env_state"] is not None
 
 
@@ -358,3 +358,21 @@ def test_video_records_each_evaluated_episode_of_a_parallel_env_and_of_a_game(tm
             # The reset's frame and one a step: 5 steps of MPE; a game's learner moves 2 to 5 times.
             assert clip.n_frames == frames if frames else 3 <= clip.n_frames <= 6, (f, clip.n_frames)
             clip.close()
+
+
+def test_groups_where_only_some_agents_mask_and_keys_with_a_slash_elsewhere():
+    """Under groups of different spaces, a group whose observation has no action mask gets an all-true one (every
+    action allowed), so the rows stack; and a "/" in a plain env's Dict keys is not taken for a group's key."""
+    import gymnasium as gym
+
+    from ppo_cli.envs.spaces import describe_space
+    from ppo_cli.policy.actor_critic import build_policy
+
+    envs = make_vec_env(_env("tests.ma_envs:roles", 1, wide=True, masked=True), seed=0)
+    obs, _ = envs.reset(seed=0)
+    assert set(obs) == {"copier/obs", "flipper/obs", "action_mask", "agent_id", "group", "state"}
+    assert obs["action_mask"].tolist() == [[1, 1], [1, 1]]
+    envs.close()
+    plain = gym.spaces.Dict({"sensors/pos": gym.spaces.Box(-1, 1, (3,)), "sensors/vel": gym.spaces.Box(-1, 1, (3,))})
+    policy = build_policy(describe_space(plain), describe_space(gym.spaces.Discrete(2), bounds=True), make_cfg())
+    assert policy.layout.dim == 6

@@ -192,6 +192,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         own: dict[str, gym.Space] = {}
         for g, space in enumerate(self.group_spaces if self.grouped else self.group_spaces[:1]):
             own.update(self._own_keys(space, self.group_names[g] if self.grouped else None))
+        mask = own.get(MASK_KEY)
+        self.mask_all = None if mask is None else np.ones(mask.shape, mask.dtype)
         clash = [k for k in own if k in RESERVED]
         if clash:
             raise UserError(f"{label!r}: the agents' observation has a key {clash[0]!r}, which ppo-cli adds itself "
@@ -260,6 +262,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
         for i, name in enumerate(self.agent_names):
             g = self.agent_groups[i]
             row = {**self._fixed[i], **self._own(obs[name] if name in obs else self._idle(self.group_spaces[g]), g)}
+            if self.mask_all is not None and MASK_KEY not in row:  # a group without masks: every action allowed
+                row[MASK_KEY] = self.mask_all
             if state is not None:
                 row[STATE] = state
             rows.append(row)
@@ -324,7 +328,7 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
                     self.team_return[r] += rewards[r]
                     self.ep_length[r] += 1
                     if terminated[r] or truncated[r]:
-                        final_obs[r] = copy_rows[i]
+                        final_obs[r] = {k: np.array(v) for k, v in copy_rows[i].items()}  # no row shares arrays
                         ended_agent[r], ep_r[r], ep_l[r] = True, self.ep_return[r], self.ep_length[r]
                         self.ep_return[r], self.ep_length[r] = 0.0, 0
                 # An agent that joins (or rejoins) starts its row's next episode here.
@@ -355,13 +359,13 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
 
     def snapshot_state(self, snapshot_obj: Callable[[Any], dict], plain: Callable[[Any], Any]) -> dict[str, Any]:
         """Raises TypeError naming what cannot be saved (a physics engine's objects, say)."""
-        return {"copies": [snapshot_obj(getattr(env, "unwrapped", env)) for env in self.copies_],
+        return {"copies": [snapshot_obj(env) for env in self.copies_],  # env.wrappers' state too
                 "counts": {k: plain(getattr(self, k)) for k in self._COUNTS}}
 
     def restore_state(self, state: dict[str, Any], restore_obj: Callable[[Any, dict[str, Any]], None],
                       unplain: Callable[[Any], Any]) -> None:
         for env, saved in zip(self.copies_, state["copies"], strict=True):
-            restore_obj(getattr(env, "unwrapped", env), saved)
+            restore_obj(env, saved)
         for key in self._COUNTS:
             setattr(self, key, unplain(state["counts"][key]))
 

@@ -419,31 +419,42 @@ def _renderer(value: Any) -> bool:
     return type(value).__module__.split(".")[0] == "pygame"
 
 
+def _settings(value: Any) -> bool:
+    """What _snapshot_tree leaves out: settings rather than state (spaces, specs), functions, renderers."""
+    return isinstance(value, _SKIP_TYPES) or callable(value) or _renderer(value)
+
+
+_TREE_SKIP_KEYS = _SKIP_KEYS - {"env", "_np_random"}  # a tree goes through wrappers (env) and their generators
+
+
+def _children(value: Any) -> list[Any] | None:
+    return (list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (list, tuple))
+            else None)
+
+
 def _snapshot_tree(obj: Any, seen: set[int] | None = None) -> dict[str, Any]:
-    """_snapshot_obj through the env's own objects too (a PettingZoo env's world of agents and landmarks): each
-    attribute plain data, or an object (a list, a dict of them) saved the same way, each object once. Raises
-    TypeError naming what cannot be saved."""
+    """_snapshot_obj through the env's own objects too: the wrappers around it (SuperSuit's frame stacks), its world
+    of agents and landmarks (MPE's). Each attribute is plain data, or an object (a list, a dict of them) saved the
+    same way, each object once. Raises TypeError naming what cannot be saved."""
     seen = set() if seen is None else seen
     seen.add(id(obj))
     state: dict[str, Any] = {}
     for key, value in vars(obj).items():
-        if key in _SKIP_KEYS or isinstance(value, _SKIP_TYPES) or callable(value) or _renderer(value):
+        if key in _TREE_SKIP_KEYS or _settings(value):
             continue
         try:
             state[key] = _plain(value)
             continue
         except TypeError:
             pass
-        items = (list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple))
-                 else None)
+        items = _children(value)
         if _is_object(value):
             if id(value) not in seen:
                 state[key] = {"__obj__": _snapshot_tree(value, seen)}
-        elif items is not None and all(isinstance(v, _SKIP_TYPES) for v in items):
+        elif items is not None and all(_settings(v) for v in items):
             continue  # settings: a dict of spaces
         elif items is not None and all(_is_object(v) for v in items):
-            kids = value if isinstance(value, (list, tuple)) else value.values()
-            state[key] = {"__objs__": [{} if id(v) in seen else _snapshot_tree(v, seen) for v in kids]}
+            state[key] = {"__objs__": [{} if id(v) in seen else _snapshot_tree(v, seen) for v in items]}
         else:
             raise TypeError(f"{type(obj).__name__}.{key} ({type(value).__name__})")
     return state
@@ -451,19 +462,25 @@ def _snapshot_tree(obj: Any, seen: set[int] | None = None) -> dict[str, Any]:
 
 def _restore_tree(obj: Any, saved: dict[str, Any]) -> None:
     """_snapshot_tree's state back into an env of the same build: into its objects, a generator's state in place.
-    Only the instance attributes the fresh env already has are written (a file's other names touch nothing)."""
+    It writes only where the snapshot would have read: a file's other names and kinds touch nothing and are refused
+    (TypeError). An attribute the fresh env lacks (one that an env creates as it runs) is set if it is plain data."""
     own = vars(obj)
     for key, value in saved.items():
-        if key not in own:
-            raise TypeError(f"{type(obj).__name__} has no attribute {str(key)[:40]!r} to restore")
-        current = own[key]
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("__") or key in _TREE_SKIP_KEYS:
+            raise TypeError(f"a saved attribute named {str(key)[:40]!r}")
+        current = own.get(key)
+        nested = isinstance(value, dict) and ("__obj__" in value or "__objs__" in value)
+        if key in own and _settings(current) or (nested and key not in own):
+            raise TypeError(f"{type(obj).__name__}.{key} is not state the checkpoint can hold")
         if isinstance(value, dict) and "__obj__" in value:
+            if not _is_object(current):
+                raise TypeError(f"{type(obj).__name__}.{key} is not an object here")
             _restore_tree(current, value["__obj__"])
         elif isinstance(value, dict) and "__objs__" in value:
-            kids = list(current.values()) if isinstance(current, dict) else list(current)
-            if len(kids) != len(value["__objs__"]):
-                raise TypeError(f"{type(obj).__name__}.{key} holds {len(kids)} objects, the checkpoint "
-                                f"{len(value['__objs__'])}")
+            kids = _children(current)
+            if kids is None or len(kids) != len(value["__objs__"]) or not all(_is_object(k) for k in kids):
+                raise TypeError(f"{type(obj).__name__}.{key} does not hold the checkpoint's "
+                                f"{len(value['__objs__'])} objects")
             for kid, kid_saved in zip(kids, value["__objs__"], strict=True):
                 _restore_tree(kid, kid_saved)
         elif isinstance(value, dict) and "__rng__" in value and isinstance(current, np.random.Generator):

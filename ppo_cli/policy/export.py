@@ -210,7 +210,7 @@ def metadata(module: DeployedPolicy, fmt: str, model_file: str, info: dict[str, 
         "observation_space": policy.obs_space, "action_space": policy.action_space,
         "inputs": module.inputs, "outputs": module.outputs,
         "stochastic": module.stochastic, "with_value": module.with_value,
-        "obs_normalization": policy.obs_norm is not None,
+        "obs_normalization": any(m.obs_norm is not None for m in getattr(policy, "members", [policy])),
         "recurrent": ({"kind": policy.recurrent, "state_size": policy.state_size} if module.recurrent else None),
     }
     return {**meta, **(info or {})}

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppo_cli.envs.agents import GROUP
-from ppo_cli.envs.spaces import space_items
+from ppo_cli.envs.agents import GROUP, RESERVED
+from ppo_cli.envs.spaces import MASK_KEY, space_items
 from ppo_cli.errors import UserError
 
 
@@ -45,12 +45,21 @@ class GroupsLayout:
 
 
 def group_keys(obs_space: dict[str, Any]) -> dict[str, list[str]]:
-    """The own keys of each group ("adversary/obs" -> adversary), where the groups' observation spaces differ."""
+    """The own keys of each group ("adversary/obs" -> adversary), where a PettingZoo env's groups see different
+    spaces (envs/agents.py): its rows have a `group` one-hot of one entry per group, and every other key but the
+    ones ppo-cli adds (and a shared action mask) starts with a group's name and "/". Else {}: a "/" in a key of
+    any other observation means nothing here."""
+    spaces = dict(space_items(obs_space)) if obs_space["type"] == "Dict" else {}
+    if GROUP not in spaces:
+        return {}
     keys: dict[str, list[str]] = {}
-    for key, _ in space_items(obs_space):
-        if isinstance(key, str) and "/" in key:
-            keys.setdefault(key.split("/", 1)[0], []).append(key)
-    return keys
+    for key in spaces:
+        if key in RESERVED or key == MASK_KEY:
+            continue
+        if not isinstance(key, str) or "/" not in key:
+            return {}
+        keys.setdefault(key.split("/", 1)[0], []).append(key)
+    return keys if len(keys) == int(spaces[GROUP]["shape"][0]) else {}
 
 
 def check_shared(obs_space: dict[str, Any]) -> None:
@@ -78,8 +87,6 @@ class GroupedActorCritic(nn.Module):
         spaces = dict(space_items(obs_space))
         self.n_groups = int(spaces[GROUP]["shape"][0]) if GROUP in spaces else 1
         own = group_keys(obs_space)
-        if own and len(own) != self.n_groups:
-            raise ValueError(f"{len(own)} groups of keys for {self.n_groups} groups")
         names = sorted(own)
         # Group g reads its own keys, never the others' (nor the group index, which routes its rows).
         self.members = nn.ModuleList(
