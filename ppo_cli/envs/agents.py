@@ -151,6 +151,12 @@ def parallel_factory(env_id: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
     return make
 
 
+def _keyed(parts: dict[str, Any], group: str | None) -> dict[str, Any]:
+    """An agent's own observation keys (or their spaces) as its row names them: "group/key" where the groups' spaces
+    differ, the action mask shared by all groups."""
+    return parts if group is None else {k if k == MASK_KEY else f"{group}/{k}": v for k, v in parts.items()}
+
+
 def _zeros(space: gym.Space) -> Any:
     if isinstance(space, gym.spaces.Dict):
         return {k: _zeros(s) for k, s in space.spaces.items()}
@@ -236,8 +242,7 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
 
     @staticmethod
     def _own_keys(space: gym.Space, group: str | None) -> dict[str, gym.Space]:
-        own = dict(space.spaces) if isinstance(space, gym.spaces.Dict) else {OBS: space}
-        return own if group is None else {k if k == MASK_KEY else f"{group}/{k}": s for k, s in own.items()}
+        return _keyed(dict(space.spaces) if isinstance(space, gym.spaces.Dict) else {OBS: space}, group)
 
     # --- observations ------------------------------------------------------------------------------------
     def _state(self, env: Any, obs: dict[str, Any]) -> np.ndarray:
@@ -249,11 +254,8 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
                                for n, space in zip(self.agent_names, spaces, strict=True)])
 
     def _own(self, value: Any, g: int) -> dict[str, Any]:
-        row = dict(value) if isinstance(value, dict) else {OBS: value}
-        if not self.grouped:
-            return row
-        group = self.group_names[g]
-        return {k if k == MASK_KEY else f"{group}/{k}": v for k, v in row.items()}
+        return _keyed(dict(value) if isinstance(value, dict) else {OBS: value},
+                      self.group_names[g] if self.grouped else None)
 
     def _rows(self, env: Any, obs: dict[str, Any]) -> list[dict[str, Any]]:
         """The observation of each agent of one copy as its row sees it (an idle agent's: zeros)."""
@@ -341,10 +343,9 @@ class ParallelVectorEnv(gym.vector.VectorEnv):
                 self.ep_return[base:base + a], self.ep_length[base:base + a], self.team_length[c] = 0.0, 0, 0
                 self.team_return[base:base + a] = 0.0
                 copy_rows = self._reset_copy(c, env, None)
-            else:
-                for i in range(a):
-                    if not self.alive[base + i]:
-                        copy_rows[i] = self._rows(env, {})[i]
+            elif not self.alive[base:base + a].all():
+                idle = self._rows(env, {})  # once for the copy, not once per idle agent
+                copy_rows = [row if self.alive[base + i] else idle[i] for i, row in enumerate(copy_rows)]
             rows += copy_rows
         info: dict[str, Any] = {}
         if ended_agent.any():

@@ -88,9 +88,10 @@ class GroupedActorCritic(nn.Module):
         self.n_groups = int(spaces[GROUP]["shape"][0]) if GROUP in spaces else 1
         own = group_keys(obs_space)
         names = sorted(own)
-        # Group g reads its own keys, never the others' (nor the group index, which routes its rows).
+        # Group g reads its own keys, never the others' (nor the group index, which routes its rows: agent_keys
+        # leaves it out of every network).
         self.members = nn.ModuleList(
-            build((GROUP, *(k for h in names if h != names[g] for k in own[h]))) for g in range(self.n_groups))
+            build(tuple(k for h in names if h != names[g] for k in own[h])) for g in range(self.n_groups))
         for m in self.members:
             if m.layout.image is not None or m.actor_core is not None:
                 raise UserError("network.share=false (a policy per agent group) is built for MLP policies without "
