@@ -9,7 +9,33 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
 
-class SignalGame(ParallelEnv):
+class Rounds(ParallelEnv):
+    """Episodes of `length` rounds: each round every agent acts on what `_draw` showed it, then the env draws the
+    next; the episode is truncated after the last round."""
+
+    rng: np.random.Generator
+    length: int
+
+    def _draw(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            self.rng = np.random.default_rng(seed)
+        self.agents, self.t = list(self.possible_agents), 0
+        return self._draw(), {a: {} for a in self.agents}
+
+    def _round(self, rewards: dict[str, float]) -> tuple[dict, dict, dict, dict, dict]:
+        self.t += 1
+        obs = self._draw()
+        done = self.t >= self.length
+        agents = self.agents
+        if done:
+            self.agents = []
+        return obs, rewards, {a: False for a in agents}, {a: done for a in agents}, {a: {} for a in agents}
+
+
+class SignalGame(Rounds):
     """Each step every agent sees its own bit (one-hot) and is right when its action equals it; all share the team
     reward: the fraction of agents right plus `noise` x z, where z ~ N(0, 1) is drawn with the bits and shown only in
     the global state. An agent's own observation cannot predict z, so IPPO's critic leaves it in every advantage;
@@ -37,23 +63,10 @@ class SignalGame(ParallelEnv):
     def state(self) -> np.ndarray:
         return np.concatenate([np.eye(2, dtype=np.float32)[self.bits].reshape(-1), [self.z]]).astype(np.float32)
 
-    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        self.agents, self.t = list(self.possible_agents), 0
-        return self._draw(), {a: {} for a in self.agents}
-
     def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
         right = np.mean([int(actions[a]) == b for a, b in zip(self.possible_agents, self.bits, strict=True)])
         reward = float(right + self.noise * self.z)
-        self.t += 1
-        obs = self._draw()
-        done = self.t >= self.length
-        agents = self.agents
-        if done:
-            self.agents = []
-        return (obs, {a: reward for a in agents}, {a: False for a in agents}, {a: done for a in agents},
-                {a: {} for a in agents})
+        return self._round({a: reward for a in self.agents})
 
 
 def signal_game(**kwargs: Any) -> SignalGame:
@@ -119,7 +132,7 @@ def mixed() -> Mixed:
     return Mixed()
 
 
-class Roles(ParallelEnv):
+class Roles(Rounds):
     """Two roles that see the same bit and must answer differently: "copier_N" is right when its action is the bit,
     "flipper_N" when it is the other one (each its own reward). One shared policy that cannot tell the agents apart
     is right half the time at best; a policy per group (network.share=false) can learn both roles. `wide` gives the
@@ -152,21 +165,8 @@ class Roles(ParallelEnv):
             out[a] = {"obs": seen, "action_mask": np.ones(2, np.int8)} if isinstance(space, spaces.Dict) else seen
         return out
 
-    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        self.agents, self.t = list(self.possible_agents), 0
-        return self._draw(), {a: {} for a in self.agents}
-
     def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
-        rewards = {a: float((int(actions[a]) == self.bit) == a.startswith("copier")) for a in self.agents}
-        self.t += 1
-        obs = self._draw()
-        done = self.t >= self.length
-        agents = self.agents
-        if done:
-            self.agents = []
-        return obs, rewards, {a: False for a in agents}, {a: done for a in agents}, {a: {} for a in agents}
+        return self._round({a: float((int(actions[a]) == self.bit) == a.startswith("copier")) for a in self.agents})
 
 
 def roles(**kwargs: Any) -> Roles:
