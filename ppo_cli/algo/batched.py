@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from ppo_cli.algo.fast.core import NumpyActor, covers
+from ppo_cli.algo.fast.core import NumpyActor, contiguous, covers
 from ppo_cli.algo.fast.observations import NumpyInput
 from ppo_cli.algo.fast.stacked import StackedParameters
 from ppo_cli.algo.ppo import PPO
@@ -128,10 +128,7 @@ class StackedActor:
         """A rollout (NumpyActor.frozen): the stacked networks, and each member's own, which a truncated episode's
         bootstrap value reads, read contiguous copies of the weights."""
         with ExitStack() as stack:
-            nets = [net for net in (self.trunk, self.actor, self.critic) if net is not None]
-            for net in nets:
-                net.refresh()
-                stack.callback(net.thaw)
+            stack.enter_context(contiguous((self.trunk, self.actor, self.critic)))
             for m in self.members:
                 stack.enter_context(m.actor.frozen())
             yield

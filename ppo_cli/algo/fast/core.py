@@ -25,8 +25,8 @@ branches, which gives the same total whenever it matters (a tie with r outside t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,19 @@ class NumpyMLP:
                 np.matmul(g, self.weights[0], out=input_grad)
 
 
+@contextmanager
+def contiguous(nets: Iterable[NumpyMLP | None]) -> Iterator[None]:
+    """Within: `nets` read contiguous copies of their weights as they are on entry (NumpyMLP.refresh)."""
+    live = [net for net in nets if net is not None]
+    for net in live:
+        net.refresh()
+    try:
+        yield
+    finally:
+        for net in live:
+            net.thaw()
+
+
 def _networks(policy: ActorCritic, activation: str) -> tuple[NumpyMLP | None, NumpyMLP, NumpyMLP]:
     """(trunk, actor, critic): with separate encoders, no trunk and two whole MLPs on the input; with a shared
     trunk, the trunk (activated output) and the two single output layers on top of it."""
@@ -255,15 +268,9 @@ class NumpyLoss:
         """Overwrite .grad of every parameter with d(loss)/d(param) and return [policy_loss, value_loss,
         entropy, approx_kl, clip_fraction], as ppo.minibatch_loss does (for a batch: per member, [members, 5],
         with the settings given as float64 [members, 1] columns)."""
-        nets = [net for net in self._networks().values() if net is not None]
-        for net in nets:  # this step's weights, which the optimizer changed since the last
-            net.refresh()
-        try:
+        with contiguous(self._networks().values()):  # this step's weights: the optimizer changed them since the last
             return self._loss_and_grads(x, actions, old_logp, old_values, adv, returns, clip_range, clip_range_vf,
                                         ent_coef, vf_coef, normalize_advantage, mask)
-        finally:
-            for net in nets:
-                net.thaw()
 
     def _loss_and_grads(self, x: np.ndarray, actions: np.ndarray, old_logp: np.ndarray, old_values: np.ndarray,
                         adv: np.ndarray, returns: np.ndarray, clip_range: Any, clip_range_vf: Any, ent_coef: Any,
@@ -415,17 +422,9 @@ class NumpyActor:
         self.input = NumpyInput(policy.layout, policy.obs_norm)
         self.actor_columns = _columns(policy)
 
-    @contextmanager
-    def frozen(self) -> Iterator[None]:
+    def frozen(self) -> AbstractContextManager[None]:
         """A rollout: the weights do not change, so the forward passes read contiguous copies (NumpyMLP.refresh)."""
-        nets = [net for net in (self.trunk, self.actor, self.critic) if net is not None]
-        for net in nets:
-            net.refresh()
-        try:
-            yield
-        finally:
-            for net in nets:
-                net.thaw()
+        return contiguous((self.trunk, self.actor, self.critic))
 
     def inputs(self, obs: Any, update_stats: bool = True, rows: np.ndarray | None = None) -> np.ndarray:
         """policy.prepare (and, in training, update_obs_stats) for a raw observation batch."""
